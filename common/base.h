@@ -1,0 +1,73 @@
+/* base.h - error codes, allocation wrappers and small helpers shared by every
+ * ShardPACS component.
+ *
+ * Error convention (see STYLE.md): functions return 0 on success or a
+ * negative code on failure. System errors are returned as -errno; project
+ * errors use the SP_E* codes below, all of which lie below -10000 so they
+ * never collide with an errno. sp_strerror() names either kind.
+ *
+ * The allocation wrappers abort the process on out-of-memory, so callers
+ * never need an error path for allocation. Everything here is thread-safe. */
+#ifndef SP_BASE_H
+#define SP_BASE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    SP_OK = 0,
+    SP_EINVAL = -10001,     /* bad input: malformed value, missing field */
+    SP_ENOTFOUND = -10002,  /* no such object */
+    SP_ECONFLICT = -10003,  /* same SOP Instance UID, different bytes */
+    SP_EDIGEST = -10004,    /* stored or received bytes fail their digest */
+    SP_ETIMEOUT = -10005,   /* deadline passed */
+    SP_EPROTO = -10006,     /* malformed or unexpected message */
+    SP_ETOOBIG = -10007,    /* message or object over the configured limit */
+    SP_EDB = -10008,        /* RocksDB reported an error */
+    SP_ECONFIG = -10009,    /* configuration file problem */
+    SP_EKEY = -10010,       /* key file missing, malformed or unsafe */
+    SP_EUNAVAIL = -10011,   /* peer not reachable */
+    SP_EUNKNOWN = -10012,   /* unknown request type */
+    SP_ELIMIT = -10013,     /* result cap reached */
+    SP_EREMOTE = -10014,    /* peer answered with an error */
+    SP_ENOSPACE = -10015,   /* disk full */
+};
+
+/* Returns a static description of a code from either family. */
+const char *sp_strerror(int code);
+
+/* Allocation wrappers: abort with a message on out-of-memory. */
+void *sp_malloc(size_t n);
+void *sp_calloc(size_t count, size_t n);
+void *sp_realloc(void *p, size_t n);
+char *sp_strdup(const char *s);
+char *sp_strndup(const char *s, size_t n);
+void *sp_memdup(const void *p, size_t n);
+
+/* Monotonic clock in milliseconds, for deadlines and intervals. */
+int64_t sp_now_ms(void);
+/* Wall clock in milliseconds since the epoch, for logs and records. */
+int64_t sp_wall_ms(void);
+
+/* A DICOM UID per PS3.5 9.1: 1..64 characters of digits and dots, no empty
+ * component, no leading zero in a multi-digit component. */
+bool sp_uid_valid(const char *uid);
+
+/* Copies at most dst_size-1 bytes of src into dst and terminates it. */
+void sp_strlcpy(char *dst, const char *src, size_t dst_size);
+
+/* Formats into a caller buffer, always terminated; returns the buffer. */
+char *sp_fmt(char *buf, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Lower-case hex of n bytes into out (2n+1 bytes). */
+void sp_hex(const uint8_t *in, size_t n, char *out);
+
+#define SP_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* BLAKE2b-256 (libsodium crypto_generichash), the digest every stored object
+ * carries. Thread-safe; initialises libsodium on first use. */
+#define SP_DIGEST_LEN 32
+void sp_digest(const void *data, size_t len, uint8_t out[SP_DIGEST_LEN]);
+#endif

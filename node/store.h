@@ -1,0 +1,155 @@
+/* store.h - a storage node's objects and indexes in one RocksDB database.
+ *
+ * Column families:
+ *   objects   key P|study\0series\0sop -> the Part-10 bytes, verbatim
+ *             (integrated BlobDB keeps large values out of the LSM tree)
+ *   index     'T'|P|study                 -> study record (patient+study attrs)
+ *             'R'|P|study\0series         -> series record
+ *             'I'|P|study\0series\0sop    -> instance record (image attrs,
+ *                                            digest, size)
+ *   secondary 'U'|sop -> P|study\0series (locate an instance by SOP UID)
+ *             'S'|study -> P             (locate a study)
+ *             'p'|PatientID\0study, 'n'|folded PatientName\0study,
+ *             'd'|StudyDate\0study, 'a'|AccessionNumber\0study -> P
+ *   conflicts key sop\0hex(digest) -> conflicting copy (record + bytes)
+ *   meta      format version, node metadata
+ * P is the partition number, 2 bytes big-endian, so one partition, one study
+ * and one series are each a contiguous key range in objects and index.
+ *
+ * An object and all its index entries are written in one WriteBatch with
+ * sync=true: when store_put() returns 0 the object survives a crash.
+ * Concurrent store_put() calls from many threads share fsyncs (RocksDB's
+ * group commit); puts of the same SOP Instance UID are serialised by a
+ * striped lock so idempotence and conflict detection hold under races.
+ *
+ * Every function is thread-safe unless noted. */
+#ifndef SP_STORE_H
+#define SP_STORE_H
+
+#include "../common/attrs.h"
+#include "../common/base.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct store store_t;
+
+typedef struct {
+    char *path;                 /* database directory (created if missing) */
+    size_t blob_min_bytes;      /* values this size or more go to blob files; default 16 KiB */
+    size_t write_buffer_bytes;  /* memtable size per column family; default 64 MiB */
+    size_t block_cache_bytes;   /* default 128 MiB */
+    int background_jobs;        /* RocksDB flush/compaction threads; default 2 */
+} store_config_t;
+
+void store_config_defaults(store_config_t *cfg);
+
+/* Opens (creating if needed) the database. Returns 0, or a negative code
+ * with a message in err. */
+int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errlen);
+/* Closes the database; accepts NULL and sets *sp to NULL. */
+void store_close(store_t **sp);
+
+typedef struct {
+    uint32_t partition;         /* < 65536 */
+    const attrs_t *attrs;       /* stored attrs; Study/Series/SOP Instance UIDs required */
+    const uint8_t *data;        /* the Part-10 bytes */
+    size_t len;
+    uint8_t digest[SP_DIGEST_LEN]; /* BLAKE2b-256 of data, as the sender computed it */
+} store_put_t;
+
+typedef enum {
+    STORE_STORED = 0,  /* new instance, now durable */
+    STORE_DUPLICATE,   /* same UID, same bytes: nothing written */
+    STORE_CONFLICT,    /* same UID, different bytes: kept aside, original untouched */
+} store_outcome_t;
+
+/* Stores one instance durably. Verifies the digest (SP_EDIGEST), the UIDs
+ * (SP_EINVAL) and that the study is not already in another partition
+ * (SP_EINVAL). Returns 0 with *outcome set, or a negative code (SP_EDB,
+ * SP_ENOSPACE) after which nothing of the instance was written. */
+int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome);
+
+/* One stored instance as read back. Owned by the caller; release with
+ * store_object_free(). */
+typedef struct {
+    uint32_t partition;
+    attrs_t attrs; /* the instance's stored attrs (study, series and image level) */
+    uint8_t digest[SP_DIGEST_LEN];
+    uint8_t *data;
+    size_t len;
+} store_object_t;
+
+/* Reads an instance by SOP Instance UID and re-checks its digest.
+ * Returns 0, SP_ENOTFOUND, SP_EDIGEST (corrupt: logged, no bytes returned)
+ * or SP_EDB. */
+int store_get(store_t *s, const char *sop_uid, store_object_t *out);
+void store_object_free(store_object_t *o);
+
+/* An instance entry from an index scan; valid only during the callback. */
+typedef struct {
+    uint32_t partition;
+    const char *study_uid;
+    const char *series_uid;
+    const char *sop_uid;
+    const char *sop_class_uid;
+    const char *transfer_syntax_uid;
+    uint64_t size;
+    uint8_t digest[SP_DIGEST_LEN];
+} store_entry_t;
+
+/* Return 0 to continue, non-zero to stop the scan early. */
+typedef int (*store_entry_fn)(void *ctx, const store_entry_t *e);
+
+/* Calls fn for each instance of a study, or of one series when series_uid is
+ * not NULL, in key order. Returns 0 (also when nothing matched), SP_EDB, or
+ * SP_EINVAL for a bad UID. */
+int store_list(store_t *s, const char *study_uid, const char *series_uid, store_entry_fn fn,
+               void *ctx);
+
+/* A C-FIND query. Non-NULL entries of keys are the attributes requested;
+ * those with a non-empty value are also matching keys (PS3.4 C.4.1.1.3).
+ * Results carry the requested attributes of the matched entity at `level`
+ * and the levels above it, plus the unique keys down to `level`. */
+typedef struct {
+    level_t level;
+    const attrs_t *keys;
+    unsigned match_flags; /* MATCH_PN_CASE_INSENSITIVE */
+    size_t limit;         /* stop after this many results; 0 = no limit */
+} store_query_t;
+
+/* Return 0 to continue, non-zero to stop. result is valid only during the call. */
+typedef int (*store_result_fn)(void *ctx, const attrs_t *result);
+
+/* Runs a query. Uses the secondary indexes for StudyInstanceUID (single or
+ * list), PatientID, PatientName prefix, StudyDate range and AccessionNumber
+ * when the query has them, and scans study records otherwise. Returns 0,
+ * SP_ELIMIT when the limit stopped it, SP_EINVAL for a malformed key, or
+ * SP_EDB. */
+int store_find(store_t *s, const store_query_t *q, store_result_fn fn, void *ctx);
+
+/* Per-partition digest for anti-entropy: BLAKE2b-256 over the (SOP UID,
+ * object digest) pairs of the partition in key order, with their count and
+ * total size. An empty partition has count 0 and the digest of nothing. */
+int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIGEST_LEN],
+                           uint64_t *count, uint64_t *bytes);
+
+/* Lists a partition's instances in key order, at most limit (0 = all),
+ * starting after the cursor "study/series/sop" (NULL or "" = from the start).
+ * *next_cursor (caller frees; NULL when the partition is exhausted) resumes. */
+int store_partition_list(store_t *s, uint32_t partition, const char *cursor, size_t limit,
+                         store_entry_fn fn, void *ctx, char **next_cursor);
+
+typedef struct {
+    uint64_t instances;
+    uint64_t bytes;
+    uint64_t studies;
+    uint64_t conflicts;
+    uint64_t corrupt_reads;   /* digest mismatches seen since start */
+    uint64_t db_size_bytes;   /* live SST + blob file size, from RocksDB */
+} store_stats_t;
+
+int store_stats(store_t *s, store_stats_t *out);
+
+#endif
