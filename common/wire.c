@@ -1,0 +1,627 @@
+/* wire.c - protobuf-c encoding and validated decoding of cluster messages
+ * (wire.h). The only file that uses the generated shardpacs.pb-c.h names. */
+#include "wire.h"
+
+#include "shardpacs.pb-c.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+const char *wire_kind_name(wire_kind_t kind)
+{
+    static const char *names[] = {"none", "put", "get", "list", "find", "partition-digest",
+                                  "partition-list", "stats"};
+    return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
+}
+
+/* ---- attribute lists ---------------------------------------------------- */
+
+/* Points pb entries at a record's values (borrowed). Returns how many. */
+static size_t attrs_to_pb(const attrs_t *a, Shardpacs__Attr *cells, Shardpacs__Attr **ptrs)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < ATTR_COUNT; i++) {
+        if (a->v[i] == NULL)
+            continue;
+        shardpacs__attr__init(&cells[n]);
+        cells[n].tag = attr_info((attr_id_t)i)->tag;
+        cells[n].value = a->v[i];
+        ptrs[n] = &cells[n];
+        n++;
+    }
+    return n;
+}
+
+/* Stored: an instance's own attrs. Query: C-FIND keys. Result: a C-FIND
+ * match, which may carry computed attributes too. */
+typedef enum { ATTRS_STORED, ATTRS_QUERY, ATTRS_RESULT } attrs_use_t;
+
+/* Copies a decoded attribute list into a record, refusing unknown or
+ * repeated tags, oversized values, and values whose syntax the use forbids:
+ * stored UIDs must be valid UIDs, query keys must be valid matching keys. */
+static int attrs_from_pb(Shardpacs__Attr **list, size_t n, attrs_use_t use, attrs_t *out, char *err,
+                         size_t errlen)
+{
+    if (n > WIRE_MAX_ATTRS) {
+        sp_fmt(err, errlen, "%zu attributes (at most %d)", n, WIRE_MAX_ATTRS);
+        return SP_EPROTO;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const attr_info_t *info = attr_by_tag(list[i]->tag);
+        const char *value = list[i]->value ? list[i]->value : "";
+        if (info == NULL || (use == ATTRS_STORED && info->id >= ATTR_STORED_COUNT)) {
+            sp_fmt(err, errlen, "attribute tag %08x not accepted here", (unsigned)list[i]->tag);
+            return SP_EPROTO;
+        }
+        if (out->v[info->id] != NULL) {
+            sp_fmt(err, errlen, "attribute %s given twice", info->keyword);
+            return SP_EPROTO;
+        }
+        if (strlen(value) > WIRE_MAX_VALUE) {
+            sp_fmt(err, errlen, "attribute %s longer than %d bytes", info->keyword, WIRE_MAX_VALUE);
+            return SP_EPROTO;
+        }
+        bool ok = use == ATTRS_QUERY ? match_key_valid(info->kind, value) == 0
+                  : info->kind == MATCH_UID && value[0] != '\0' ? sp_uid_valid(value)
+                                                                : true;
+        if (!ok) {
+            sp_fmt(err, errlen, "attribute %s has a malformed value '%.80s'", info->keyword, value);
+            return SP_EPROTO;
+        }
+        attrs_set(out, info->id, value);
+    }
+    return 0;
+}
+
+static int copy_digest(const ProtobufCBinaryData *d, uint8_t out[SP_DIGEST_LEN], char *err,
+                       size_t errlen)
+{
+    if (d->len != SP_DIGEST_LEN) {
+        sp_fmt(err, errlen, "digest of %zu bytes (expected %d)", d->len, SP_DIGEST_LEN);
+        return SP_EPROTO;
+    }
+    memcpy(out, d->data, SP_DIGEST_LEN);
+    return 0;
+}
+
+static int check_uid(const char *uid, const char *what, bool required, char *err, size_t errlen)
+{
+    if ((uid == NULL || uid[0] == '\0') && !required)
+        return 0;
+    if (uid == NULL || !sp_uid_valid(uid)) {
+        sp_fmt(err, errlen, "%s '%.80s' is not a valid UID", what, uid ? uid : "");
+        return SP_EPROTO;
+    }
+    return 0;
+}
+
+static char *dup_or_null(const char *s) { return s && s[0] ? sp_strdup(s) : NULL; }
+
+/* ---- requests ----------------------------------------------------------- */
+
+int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
+{
+    Shardpacs__Request msg = SHARDPACS__REQUEST__INIT;
+    Shardpacs__PutRequest put = SHARDPACS__PUT_REQUEST__INIT;
+    Shardpacs__GetRequest get = SHARDPACS__GET_REQUEST__INIT;
+    Shardpacs__ListRequest list = SHARDPACS__LIST_REQUEST__INIT;
+    Shardpacs__FindRequest find = SHARDPACS__FIND_REQUEST__INIT;
+    Shardpacs__PartitionDigestRequest pdig = SHARDPACS__PARTITION_DIGEST_REQUEST__INIT;
+    Shardpacs__PartitionListRequest plist = SHARDPACS__PARTITION_LIST_REQUEST__INIT;
+    Shardpacs__StatsRequest stats = SHARDPACS__STATS_REQUEST__INIT;
+    Shardpacs__Attr cells[ATTR_COUNT];
+    Shardpacs__Attr *ptrs[ATTR_COUNT];
+
+    switch (req->kind) {
+    case WIRE_PUT:
+        put.partition = req->partition;
+        put.n_attrs = attrs_to_pb(&req->attrs, cells, ptrs);
+        put.attrs = ptrs;
+        put.digest.data = (uint8_t *)req->digest;
+        put.digest.len = SP_DIGEST_LEN;
+        msg.body_case = SHARDPACS__REQUEST__BODY_PUT;
+        msg.put = &put;
+        break;
+    case WIRE_GET:
+        get.sop_instance_uid = req->sop_uid ? req->sop_uid : "";
+        msg.body_case = SHARDPACS__REQUEST__BODY_GET;
+        msg.get = &get;
+        break;
+    case WIRE_LIST:
+        list.study_instance_uid = req->study_uid ? req->study_uid : "";
+        list.series_instance_uid = req->series_uid ? req->series_uid : "";
+        msg.body_case = SHARDPACS__REQUEST__BODY_LIST;
+        msg.list = &list;
+        break;
+    case WIRE_FIND:
+        find.level = (Shardpacs__FindRequest__Level)req->level;
+        find.n_keys = attrs_to_pb(&req->attrs, cells, ptrs);
+        find.keys = ptrs;
+        find.case_insensitive_names = req->case_insensitive_names;
+        find.limit = req->limit;
+        msg.body_case = SHARDPACS__REQUEST__BODY_FIND;
+        msg.find = &find;
+        break;
+    case WIRE_PARTITION_DIGEST:
+        pdig.n_partitions = req->npartitions;
+        pdig.partitions = req->partitions;
+        msg.body_case = SHARDPACS__REQUEST__BODY_PARTITION_DIGEST;
+        msg.partition_digest = &pdig;
+        break;
+    case WIRE_PARTITION_LIST:
+        plist.partition = req->partition;
+        plist.cursor = req->cursor ? req->cursor : "";
+        plist.limit = req->limit;
+        msg.body_case = SHARDPACS__REQUEST__BODY_PARTITION_LIST;
+        msg.partition_list = &plist;
+        break;
+    case WIRE_STATS:
+        msg.body_case = SHARDPACS__REQUEST__BODY_STATS;
+        msg.stats = &stats;
+        break;
+    default:
+        return SP_EINVAL;
+    }
+    *len = shardpacs__request__get_packed_size(&msg);
+    *out = sp_malloc(*len);
+    shardpacs__request__pack(&msg, *out);
+    return 0;
+}
+
+static int decode_put(const Shardpacs__PutRequest *m, wire_request_t *out, char *err, size_t errlen)
+{
+    if (m->partition >= WIRE_PARTITIONS_MAX) {
+        sp_fmt(err, errlen, "partition %u out of range", (unsigned)m->partition);
+        return SP_EPROTO;
+    }
+    out->partition = m->partition;
+    int rc = attrs_from_pb(m->attrs, m->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
+    if (rc == 0)
+        rc = copy_digest(&m->digest, out->digest, err, errlen);
+    static const attr_id_t required[] = {ATTR_STUDY_INSTANCE_UID, ATTR_SERIES_INSTANCE_UID,
+                                         ATTR_SOP_INSTANCE_UID};
+    for (size_t i = 0; rc == 0 && i < SP_ARRAY_LEN(required); i++)
+        rc = check_uid(attrs_get(&out->attrs, required[i]), attr_info(required[i])->keyword, true,
+                       err, errlen);
+    return rc;
+}
+
+static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out, char *err,
+                               size_t errlen)
+{
+    int rc = 0;
+    switch (m->body_case) {
+    case SHARDPACS__REQUEST__BODY_PUT:
+        out->kind = WIRE_PUT;
+        return decode_put(m->put, out, err, errlen);
+    case SHARDPACS__REQUEST__BODY_GET:
+        out->kind = WIRE_GET;
+        rc = check_uid(m->get->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
+        out->sop_uid = rc == 0 ? sp_strdup(m->get->sop_instance_uid) : NULL;
+        return rc;
+    case SHARDPACS__REQUEST__BODY_LIST:
+        out->kind = WIRE_LIST;
+        rc = check_uid(m->list->study_instance_uid, "StudyInstanceUID", true, err, errlen);
+        if (rc == 0)
+            rc = check_uid(m->list->series_instance_uid, "SeriesInstanceUID", false, err, errlen);
+        if (rc == 0) {
+            out->study_uid = sp_strdup(m->list->study_instance_uid);
+            out->series_uid = dup_or_null(m->list->series_instance_uid);
+        }
+        return rc;
+    case SHARDPACS__REQUEST__BODY_FIND:
+        out->kind = WIRE_FIND;
+        if ((unsigned)m->find->level > LEVEL_IMAGE) {
+            sp_fmt(err, errlen, "unknown query level %d", (int)m->find->level);
+            return SP_EPROTO;
+        }
+        out->level = (level_t)m->find->level;
+        out->case_insensitive_names = m->find->case_insensitive_names;
+        out->limit = m->find->limit;
+        return attrs_from_pb(m->find->keys, m->find->n_keys, ATTRS_QUERY, &out->attrs, err, errlen);
+    case SHARDPACS__REQUEST__BODY_PARTITION_DIGEST:
+        out->kind = WIRE_PARTITION_DIGEST;
+        if (m->partition_digest->n_partitions > WIRE_PARTITIONS_MAX) {
+            sp_fmt(err, errlen, "too many partitions");
+            return SP_EPROTO;
+        }
+        for (size_t i = 0; i < m->partition_digest->n_partitions; i++) {
+            if (m->partition_digest->partitions[i] >= WIRE_PARTITIONS_MAX) {
+                sp_fmt(err, errlen, "partition %u out of range",
+                       (unsigned)m->partition_digest->partitions[i]);
+                return SP_EPROTO;
+            }
+        }
+        out->npartitions = m->partition_digest->n_partitions;
+        out->partitions = sp_memdup(m->partition_digest->partitions,
+                                    out->npartitions * sizeof(uint32_t));
+        return 0;
+    case SHARDPACS__REQUEST__BODY_PARTITION_LIST:
+        out->kind = WIRE_PARTITION_LIST;
+        if (m->partition_list->partition >= WIRE_PARTITIONS_MAX ||
+            strlen(m->partition_list->cursor) > 3 * 65) {
+            sp_fmt(err, errlen, "partition or cursor out of range");
+            return SP_EPROTO;
+        }
+        out->partition = m->partition_list->partition;
+        out->limit = m->partition_list->limit;
+        out->cursor = dup_or_null(m->partition_list->cursor);
+        return 0;
+    case SHARDPACS__REQUEST__BODY_STATS:
+        out->kind = WIRE_STATS;
+        return 0;
+    default:
+        sp_fmt(err, errlen, "request of unknown kind %d", (int)m->body_case);
+        return SP_EUNKNOWN;
+    }
+}
+
+int wire_decode_request(const uint8_t *buf, size_t len, wire_request_t *out, char *err,
+                        size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    Shardpacs__Request *m = shardpacs__request__unpack(NULL, len, buf);
+    if (m == NULL) {
+        sp_fmt(err, errlen, "request of %zu bytes is not a valid message", len);
+        return SP_EPROTO;
+    }
+    int rc = decode_request_body(m, out, err, errlen);
+    shardpacs__request__free_unpacked(m, NULL);
+    if (rc != 0)
+        wire_request_free(out);
+    return rc;
+}
+
+void wire_request_free(wire_request_t *req)
+{
+    attrs_clear(&req->attrs);
+    free(req->sop_uid);
+    free(req->study_uid);
+    free(req->series_uid);
+    free(req->partitions);
+    free(req->cursor);
+    memset(req, 0, sizeof *req);
+}
+
+/* ---- replies ------------------------------------------------------------ */
+
+static void instance_to_pb(const wire_instance_t *w, Shardpacs__InstanceRef *p)
+{
+    shardpacs__instance_ref__init(p);
+    p->partition = w->partition;
+    p->study_instance_uid = w->study_uid ? w->study_uid : "";
+    p->series_instance_uid = w->series_uid ? w->series_uid : "";
+    p->sop_instance_uid = w->sop_uid ? w->sop_uid : "";
+    p->sop_class_uid = w->sop_class_uid ? w->sop_class_uid : "";
+    p->transfer_syntax_uid = w->transfer_syntax_uid ? w->transfer_syntax_uid : "";
+    p->size = w->size;
+    p->digest.data = (uint8_t *)w->digest;
+    p->digest.len = SP_DIGEST_LEN;
+}
+
+/* Scratch space an encoded reply borrows until it is packed. */
+typedef struct {
+    Shardpacs__InstanceRef *refs;
+    Shardpacs__InstanceRef **ref_ptrs;
+    Shardpacs__FindMatch *matches;
+    Shardpacs__FindMatch **match_ptrs;
+    Shardpacs__Attr *cells;
+    Shardpacs__Attr **cell_ptrs;
+    Shardpacs__PartitionDigest *digests;
+    Shardpacs__PartitionDigest **digest_ptrs;
+} reply_scratch_t;
+
+static void scratch_instances(reply_scratch_t *s, const wire_reply_t *rep)
+{
+    s->refs = sp_calloc(rep->ninstances, sizeof *s->refs);
+    s->ref_ptrs = sp_calloc(rep->ninstances, sizeof *s->ref_ptrs);
+    for (size_t i = 0; i < rep->ninstances; i++) {
+        instance_to_pb(&rep->instances[i], &s->refs[i]);
+        s->ref_ptrs[i] = &s->refs[i];
+    }
+}
+
+static void scratch_matches(reply_scratch_t *s, const wire_reply_t *rep)
+{
+    s->matches = sp_calloc(rep->nmatches, sizeof *s->matches);
+    s->match_ptrs = sp_calloc(rep->nmatches, sizeof *s->match_ptrs);
+    s->cells = sp_calloc(rep->nmatches * ATTR_COUNT, sizeof *s->cells);
+    s->cell_ptrs = sp_calloc(rep->nmatches * ATTR_COUNT, sizeof *s->cell_ptrs);
+    for (size_t i = 0; i < rep->nmatches; i++) {
+        shardpacs__find_match__init(&s->matches[i]);
+        s->matches[i].attrs = &s->cell_ptrs[i * ATTR_COUNT];
+        s->matches[i].n_attrs = attrs_to_pb(&rep->matches[i], &s->cells[i * ATTR_COUNT],
+                                            &s->cell_ptrs[i * ATTR_COUNT]);
+        s->match_ptrs[i] = &s->matches[i];
+    }
+}
+
+static void scratch_digests(reply_scratch_t *s, const wire_reply_t *rep)
+{
+    s->digests = sp_calloc(rep->ndigests, sizeof *s->digests);
+    s->digest_ptrs = sp_calloc(rep->ndigests, sizeof *s->digest_ptrs);
+    for (size_t i = 0; i < rep->ndigests; i++) {
+        Shardpacs__PartitionDigest *d = &s->digests[i];
+        shardpacs__partition_digest__init(d);
+        d->partition = rep->digests[i].partition;
+        d->count = rep->digests[i].count;
+        d->bytes = rep->digests[i].bytes;
+        d->digest.data = (uint8_t *)rep->digests[i].digest;
+        d->digest.len = SP_DIGEST_LEN;
+        s->digest_ptrs[i] = d;
+    }
+}
+
+static void scratch_free(reply_scratch_t *s)
+{
+    free(s->refs);
+    free(s->ref_ptrs);
+    free(s->matches);
+    free(s->match_ptrs);
+    free(s->cells);
+    free(s->cell_ptrs);
+    free(s->digests);
+    free(s->digest_ptrs);
+}
+
+int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
+{
+    Shardpacs__Reply msg = SHARDPACS__REPLY__INIT;
+    Shardpacs__PutReply put = SHARDPACS__PUT_REPLY__INIT;
+    Shardpacs__GetReply get = SHARDPACS__GET_REPLY__INIT;
+    Shardpacs__ListReply list = SHARDPACS__LIST_REPLY__INIT;
+    Shardpacs__FindReply find = SHARDPACS__FIND_REPLY__INIT;
+    Shardpacs__PartitionDigestReply pdig = SHARDPACS__PARTITION_DIGEST_REPLY__INIT;
+    Shardpacs__PartitionListReply plist = SHARDPACS__PARTITION_LIST_REPLY__INIT;
+    Shardpacs__StatsReply stats = SHARDPACS__STATS_REPLY__INIT;
+    Shardpacs__Attr cells[ATTR_COUNT];
+    Shardpacs__Attr *ptrs[ATTR_COUNT];
+    reply_scratch_t scratch = {0};
+
+    msg.status = rep->status;
+    msg.error = rep->error ? rep->error : "";
+    if (rep->status == 0) {
+        switch (rep->kind) {
+        case WIRE_PUT:
+            put.outcome = (Shardpacs__PutReply__Outcome)rep->outcome;
+            msg.body_case = SHARDPACS__REPLY__BODY_PUT;
+            msg.put = &put;
+            break;
+        case WIRE_GET:
+            get.partition = rep->partition;
+            get.n_attrs = attrs_to_pb(&rep->attrs, cells, ptrs);
+            get.attrs = ptrs;
+            get.digest.data = (uint8_t *)rep->digest;
+            get.digest.len = SP_DIGEST_LEN;
+            msg.body_case = SHARDPACS__REPLY__BODY_GET;
+            msg.get = &get;
+            break;
+        case WIRE_LIST:
+            scratch_instances(&scratch, rep);
+            list.n_instances = rep->ninstances;
+            list.instances = scratch.ref_ptrs;
+            msg.body_case = SHARDPACS__REPLY__BODY_LIST;
+            msg.list = &list;
+            break;
+        case WIRE_PARTITION_LIST:
+            scratch_instances(&scratch, rep);
+            plist.n_instances = rep->ninstances;
+            plist.instances = scratch.ref_ptrs;
+            plist.next_cursor = rep->next_cursor ? rep->next_cursor : "";
+            msg.body_case = SHARDPACS__REPLY__BODY_PARTITION_LIST;
+            msg.partition_list = &plist;
+            break;
+        case WIRE_FIND:
+            scratch_matches(&scratch, rep);
+            find.n_matches = rep->nmatches;
+            find.matches = scratch.match_ptrs;
+            find.truncated = rep->truncated;
+            msg.body_case = SHARDPACS__REPLY__BODY_FIND;
+            msg.find = &find;
+            break;
+        case WIRE_PARTITION_DIGEST:
+            scratch_digests(&scratch, rep);
+            pdig.n_digests = rep->ndigests;
+            pdig.digests = scratch.digest_ptrs;
+            msg.body_case = SHARDPACS__REPLY__BODY_PARTITION_DIGEST;
+            msg.partition_digest = &pdig;
+            break;
+        case WIRE_STATS:
+            stats.node_id = rep->stats.node_id ? rep->stats.node_id : "";
+            stats.instances = rep->stats.instances;
+            stats.bytes = rep->stats.bytes;
+            stats.studies = rep->stats.studies;
+            stats.conflicts = rep->stats.conflicts;
+            stats.corrupt_reads = rep->stats.corrupt_reads;
+            stats.db_size_bytes = rep->stats.db_size_bytes;
+            stats.uptime_ms = rep->stats.uptime_ms;
+            msg.body_case = SHARDPACS__REPLY__BODY_STATS;
+            msg.stats = &stats;
+            break;
+        default:
+            return SP_EINVAL;
+        }
+    }
+    *len = shardpacs__reply__get_packed_size(&msg);
+    *out = sp_malloc(*len);
+    shardpacs__reply__pack(&msg, *out);
+    scratch_free(&scratch);
+    return 0;
+}
+
+static int instance_from_pb(const Shardpacs__InstanceRef *p, wire_instance_t *w, char *err,
+                            size_t errlen)
+{
+    int rc = check_uid(p->study_instance_uid, "StudyInstanceUID", true, err, errlen);
+    if (rc == 0)
+        rc = check_uid(p->series_instance_uid, "SeriesInstanceUID", true, err, errlen);
+    if (rc == 0)
+        rc = check_uid(p->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
+    if (rc == 0)
+        rc = check_uid(p->sop_class_uid, "SOPClassUID", false, err, errlen);
+    if (rc == 0)
+        rc = check_uid(p->transfer_syntax_uid, "TransferSyntaxUID", false, err, errlen);
+    if (rc == 0)
+        rc = copy_digest(&p->digest, w->digest, err, errlen);
+    if (rc != 0)
+        return rc;
+    w->partition = p->partition;
+    w->study_uid = sp_strdup(p->study_instance_uid);
+    w->series_uid = sp_strdup(p->series_instance_uid);
+    w->sop_uid = sp_strdup(p->sop_instance_uid);
+    w->sop_class_uid = sp_strdup(p->sop_class_uid);
+    w->transfer_syntax_uid = sp_strdup(p->transfer_syntax_uid);
+    w->size = p->size;
+    return 0;
+}
+
+static int instances_from_pb(Shardpacs__InstanceRef **list, size_t n, wire_reply_t *out,
+                             char *err, size_t errlen)
+{
+    for (size_t i = 0; i < n; i++) {
+        wire_instance_t *w = wire_reply_add_instance(out);
+        int rc = instance_from_pb(list[i], w, err, errlen);
+        if (rc != 0)
+            return rc;
+    }
+    return 0;
+}
+
+static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char *err,
+                             size_t errlen)
+{
+    int rc = 0;
+    switch (m->body_case) {
+    case SHARDPACS__REPLY__BODY__NOT_SET:
+        if (m->status == 0) {
+            sp_fmt(err, errlen, "success reply without a body");
+            return SP_EPROTO;
+        }
+        return 0;
+    case SHARDPACS__REPLY__BODY_PUT:
+        out->kind = WIRE_PUT;
+        if ((unsigned)m->put->outcome > WIRE_CONFLICT) {
+            sp_fmt(err, errlen, "unknown put outcome %d", (int)m->put->outcome);
+            return SP_EPROTO;
+        }
+        out->outcome = (wire_outcome_t)m->put->outcome;
+        return 0;
+    case SHARDPACS__REPLY__BODY_GET:
+        out->kind = WIRE_GET;
+        out->partition = m->get->partition;
+        rc = attrs_from_pb(m->get->attrs, m->get->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
+        return rc == 0 ? copy_digest(&m->get->digest, out->digest, err, errlen) : rc;
+    case SHARDPACS__REPLY__BODY_LIST:
+        out->kind = WIRE_LIST;
+        return instances_from_pb(m->list->instances, m->list->n_instances, out, err, errlen);
+    case SHARDPACS__REPLY__BODY_PARTITION_LIST:
+        out->kind = WIRE_PARTITION_LIST;
+        out->next_cursor = dup_or_null(m->partition_list->next_cursor);
+        return instances_from_pb(m->partition_list->instances, m->partition_list->n_instances,
+                                 out, err, errlen);
+    case SHARDPACS__REPLY__BODY_FIND:
+        out->kind = WIRE_FIND;
+        out->truncated = m->find->truncated;
+        for (size_t i = 0; i < m->find->n_matches && rc == 0; i++)
+            rc = attrs_from_pb(m->find->matches[i]->attrs, m->find->matches[i]->n_attrs,
+                               ATTRS_RESULT, wire_reply_add_match(out), err, errlen);
+        return rc;
+    case SHARDPACS__REPLY__BODY_PARTITION_DIGEST:
+        out->kind = WIRE_PARTITION_DIGEST;
+        out->ndigests = m->partition_digest->n_digests;
+        out->digests = sp_calloc(out->ndigests, sizeof *out->digests);
+        for (size_t i = 0; i < out->ndigests && rc == 0; i++) {
+            const Shardpacs__PartitionDigest *d = m->partition_digest->digests[i];
+            out->digests[i].partition = d->partition;
+            out->digests[i].count = d->count;
+            out->digests[i].bytes = d->bytes;
+            rc = copy_digest(&d->digest, out->digests[i].digest, err, errlen);
+        }
+        return rc;
+    case SHARDPACS__REPLY__BODY_STATS:
+        out->kind = WIRE_STATS;
+        out->stats.node_id = sp_strdup(m->stats->node_id);
+        out->stats.instances = m->stats->instances;
+        out->stats.bytes = m->stats->bytes;
+        out->stats.studies = m->stats->studies;
+        out->stats.conflicts = m->stats->conflicts;
+        out->stats.corrupt_reads = m->stats->corrupt_reads;
+        out->stats.db_size_bytes = m->stats->db_size_bytes;
+        out->stats.uptime_ms = m->stats->uptime_ms;
+        return 0;
+    default:
+        sp_fmt(err, errlen, "reply of unknown kind %d", (int)m->body_case);
+        return SP_EPROTO;
+    }
+}
+
+int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    Shardpacs__Reply *m = shardpacs__reply__unpack(NULL, len, buf);
+    if (m == NULL) {
+        sp_fmt(err, errlen, "reply of %zu bytes is not a valid message", len);
+        return SP_EPROTO;
+    }
+    out->status = m->status;
+    out->error = dup_or_null(m->error);
+    if (m->status > 0) {
+        sp_fmt(err, errlen, "reply status %d is not a ShardPACS code", (int)m->status);
+        shardpacs__reply__free_unpacked(m, NULL);
+        wire_reply_free(out);
+        return SP_EPROTO;
+    }
+    int rc = decode_reply_body(m, out, err, errlen);
+    shardpacs__reply__free_unpacked(m, NULL);
+    if (rc != 0)
+        wire_reply_free(out);
+    return rc;
+}
+
+static void instance_free(wire_instance_t *w)
+{
+    free(w->study_uid);
+    free(w->series_uid);
+    free(w->sop_uid);
+    free(w->sop_class_uid);
+    free(w->transfer_syntax_uid);
+}
+
+void wire_reply_free(wire_reply_t *rep)
+{
+    free(rep->error);
+    attrs_clear(&rep->attrs);
+    for (size_t i = 0; i < rep->ninstances; i++)
+        instance_free(&rep->instances[i]);
+    free(rep->instances);
+    free(rep->next_cursor);
+    for (size_t i = 0; i < rep->nmatches; i++)
+        attrs_clear(&rep->matches[i]);
+    free(rep->matches);
+    free(rep->digests);
+    free(rep->stats.node_id);
+    memset(rep, 0, sizeof *rep);
+}
+
+/* Grows an array by one zeroed element, doubling capacity at powers of two. */
+static void *grow(void *array, size_t *count, size_t elem)
+{
+    size_t n = *count;
+    if (n == 0 || (n & (n - 1)) == 0)
+        array = sp_realloc(array, (n ? 2 * n : 1) * elem);
+    memset((char *)array + n * elem, 0, elem);
+    *count = n + 1;
+    return array;
+}
+
+wire_instance_t *wire_reply_add_instance(wire_reply_t *rep)
+{
+    rep->instances = grow(rep->instances, &rep->ninstances, sizeof *rep->instances);
+    return &rep->instances[rep->ninstances - 1];
+}
+
+attrs_t *wire_reply_add_match(wire_reply_t *rep)
+{
+    rep->matches = grow(rep->matches, &rep->nmatches, sizeof *rep->matches);
+    return &rep->matches[rep->nmatches - 1];
+}

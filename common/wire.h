@@ -1,0 +1,121 @@
+/* wire.h - the messages cluster members exchange, as plain C structs, and
+ * their protobuf encoding (proto/shardpacs.proto).
+ *
+ * This is the only module that touches the code protoc-c generates. Decoding
+ * validates before anything is used: sizes (each value at most
+ * WIRE_MAX_VALUE bytes, at most WIRE_MAX_ATTRS attributes), required fields
+ * for the request kind, UID syntax, known attribute tags, digest length and
+ * partition range. A message failing any check is SP_EPROTO with a reason.
+ *
+ * A decoded message owns its strings and arrays; free it with
+ * wire_request_free() / wire_reply_free(). Encoding only borrows. All
+ * functions are thread-safe. */
+#ifndef SP_WIRE_H
+#define SP_WIRE_H
+
+#include "attrs.h"
+#include "base.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define WIRE_MAX_VALUE 1024
+#define WIRE_MAX_ATTRS 64
+#define WIRE_PARTITIONS_MAX 65536
+
+typedef enum {
+    WIRE_NONE = 0,
+    WIRE_PUT,
+    WIRE_GET,
+    WIRE_LIST,
+    WIRE_FIND,
+    WIRE_PARTITION_DIGEST,
+    WIRE_PARTITION_LIST,
+    WIRE_STATS,
+} wire_kind_t;
+
+const char *wire_kind_name(wire_kind_t kind);
+
+/* One request; which fields count depends on kind (noted per field). */
+typedef struct {
+    wire_kind_t kind;
+    uint32_t partition;            /* PUT, PARTITION_LIST */
+    attrs_t attrs;                 /* PUT: the instance's attrs; FIND: the keys */
+    uint8_t digest[SP_DIGEST_LEN]; /* PUT */
+    char *sop_uid;                 /* GET */
+    char *study_uid;               /* LIST */
+    char *series_uid;              /* LIST, optional (NULL = whole study) */
+    level_t level;                 /* FIND */
+    bool case_insensitive_names;   /* FIND */
+    uint32_t limit;                /* FIND, PARTITION_LIST (0 = no limit) */
+    uint32_t *partitions;          /* PARTITION_DIGEST */
+    size_t npartitions;
+    char *cursor;                  /* PARTITION_LIST, optional */
+} wire_request_t;
+
+typedef enum { WIRE_STORED = 0, WIRE_DUPLICATE = 1, WIRE_CONFLICT = 2 } wire_outcome_t;
+
+typedef struct {
+    uint32_t partition;
+    char *study_uid;
+    char *series_uid;
+    char *sop_uid;
+    char *sop_class_uid;
+    char *transfer_syntax_uid;
+    uint64_t size;
+    uint8_t digest[SP_DIGEST_LEN];
+} wire_instance_t;
+
+typedef struct {
+    uint32_t partition;
+    uint64_t count;
+    uint64_t bytes;
+    uint8_t digest[SP_DIGEST_LEN];
+} wire_partition_digest_t;
+
+typedef struct {
+    char *node_id;
+    uint64_t instances, bytes, studies, conflicts, corrupt_reads, db_size_bytes, uptime_ms;
+} wire_stats_t;
+
+/* One reply. status 0 means the body fields for kind are valid; otherwise
+ * error explains and kind may be WIRE_NONE. */
+typedef struct {
+    wire_kind_t kind;
+    int status;
+    char *error;
+    wire_outcome_t outcome;        /* PUT */
+    uint32_t partition;            /* GET */
+    attrs_t attrs;                 /* GET */
+    uint8_t digest[SP_DIGEST_LEN]; /* GET */
+    wire_instance_t *instances;    /* LIST, PARTITION_LIST */
+    size_t ninstances;
+    char *next_cursor;             /* PARTITION_LIST, NULL when exhausted */
+    attrs_t *matches;              /* FIND */
+    size_t nmatches;
+    bool truncated;                /* FIND */
+    wire_partition_digest_t *digests; /* PARTITION_DIGEST */
+    size_t ndigests;
+    wire_stats_t stats;            /* STATS */
+} wire_reply_t;
+
+/* Encode into a malloc'd buffer (*out, caller frees). Returns 0. */
+int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len);
+int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len);
+
+/* Decode and validate. On failure returns SP_EPROTO with a reason in err,
+ * and *out holds nothing to free. */
+int wire_decode_request(const uint8_t *buf, size_t len, wire_request_t *out, char *err,
+                        size_t errlen);
+int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *err,
+                      size_t errlen);
+
+void wire_request_free(wire_request_t *req);
+void wire_reply_free(wire_reply_t *rep);
+
+/* Growable arrays for building replies. */
+wire_instance_t *wire_reply_add_instance(wire_reply_t *rep);
+attrs_t *wire_reply_add_match(wire_reply_t *rep);
+
+#endif

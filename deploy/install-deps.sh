@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs every Debian package ShardPACS needs to build, test and benchmark.
+# Idempotent: installs only what is missing and prints nothing when all is
+# there. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+packages=(
+  build-essential cmake pkg-config                # toolchain
+  libzmq3-dev libsodium-dev librocksdb-dev        # transport, crypto, storage
+  libprotobuf-c-dev protobuf-c-compiler           # wire messages
+  libinih-dev                                     # configuration files
+  libdcmtk-dev dcmtk                              # DICOM (router, test clients)
+  libcmocka-dev                                   # unit tests
+  python3-pytest python3-pydicom python3-zmq      # process and cluster tests
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [[ "$status" == "install ok installed" ]] || missing+=("$p")
+done
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+sudo=""
+[[ $(id -u) -eq 0 ]] || sudo="sudo"
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

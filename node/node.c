@@ -1,0 +1,379 @@
+/* node.c - shardpacs-node: a storage node. Loads its configuration and keys,
+ * opens the RocksDB store and answers cluster RPCs (put, get, list, find,
+ * partition digest/list, stats) over the CURVE transport.
+ *
+ * Threads: the main thread sets up, then waits for SIGINT/SIGTERM; the
+ * transport's worker threads run node_handle() concurrently, which is safe
+ * because the store is thread-safe and everything else here is read-only
+ * after start-up. */
+#include "../common/base.h"
+#include "../common/config.h"
+#include "../common/keys.h"
+#include "../common/log.h"
+#include "../common/transport.h"
+#include "../common/wire.h"
+#include "store.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    char *id;
+    char *listen;
+    char *site;
+    char *data_dir;
+    char *key_pair;
+    char *cluster_keys;
+    size_t blob_min_size;
+    size_t write_buffer;
+    size_t block_cache;
+    int background_jobs;
+    int workers;
+    size_t max_object_size;
+    size_t chunk_size;
+    int hwm;
+    int max_find_results;
+    char *log_level;
+} node_settings_t;
+
+#define OPT(sec, key, type, field, def, lo, hi, help)                                            \
+    {sec, key, type, offsetof(node_settings_t, field), def, lo, hi, help}
+
+static const config_option_t node_options[] = {
+    OPT("node", "id", CONFIG_STRING, id, "n1", 0, 0, "Name of this node, unique in the cluster"),
+    OPT("node", "listen", CONFIG_STRING, listen, "tcp://127.0.0.1:7401", 0, 0,
+        "ZeroMQ endpoint for cluster RPCs (tcp://HOST:PORT; PORT * picks a free one)"),
+    OPT("node", "site", CONFIG_STRING, site, "default", 0, 0,
+        "Failure domain (data centre, building) this node is in"),
+    OPT("node", "data_dir", CONFIG_PATH, data_dir, "data", 0, 0,
+        "RocksDB database folder (relative to this file)"),
+    OPT("keys", "key_pair", CONFIG_PATH, key_pair, "node.key", 0, 0,
+        "This node's CURVE key pair file (mode 0600)"),
+    OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
+        "Allow-list of the public keys of every cluster member"),
+    OPT("store", "blob_min_size", CONFIG_SIZE, blob_min_size, "16K", 0, 1 << 30,
+        "Objects this size or larger go to RocksDB blob files"),
+    OPT("store", "write_buffer", CONFIG_SIZE, write_buffer, "64M", 1 << 20, 1LL << 34,
+        "RocksDB memtable size per column family"),
+    OPT("store", "block_cache", CONFIG_SIZE, block_cache, "128M", 0, 1LL << 40,
+        "RocksDB block cache for index records"),
+    OPT("store", "background_jobs", CONFIG_INT, background_jobs, "2", 1, 64,
+        "RocksDB flush and compaction threads"),
+    OPT("transport", "workers", CONFIG_INT, workers, "8", 1, 256,
+        "Threads answering requests; concurrent puts share fsyncs"),
+    OPT("transport", "max_object_size", CONFIG_SIZE, max_object_size, "1G", 1024, 1LL << 34,
+        "Largest object accepted"),
+    OPT("transport", "chunk_size", CONFIG_SIZE, chunk_size, "1M", 4096, 64 << 20,
+        "Objects travel in frames of at most this size"),
+    OPT("transport", "hwm", CONFIG_INT, hwm, "1000", 10, 1000000,
+        "ZeroMQ high-water mark (messages queued per peer)"),
+    OPT("query", "max_results", CONFIG_INT, max_find_results, "10000", 1, 10000000,
+        "Most matches one find request returns"),
+    OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+};
+
+typedef struct {
+    const node_settings_t *settings;
+    store_t *store;
+    int64_t started_ms;
+} node_t;
+
+static void reply_error(wire_reply_t *rep, int code, const char *text)
+{
+    rep->status = code;
+    free(rep->error);
+    rep->error = sp_strdup(text);
+}
+
+static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
+                       wire_reply_t *rep)
+{
+    store_put_t put = {.partition = w->partition, .attrs = &w->attrs, .data = req->body,
+                       .len = req->body_len};
+    memcpy(put.digest, w->digest, SP_DIGEST_LEN);
+    store_outcome_t outcome;
+    int rc = store_put(node->store, &put, &outcome);
+    if (rc != 0) {
+        char text[256];
+        reply_error(rep, rc, sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
+                                    attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID),
+                                    req->peer_name, sp_strerror(rc)));
+        log_error("%s", text);
+        return;
+    }
+    rep->outcome = (wire_outcome_t)outcome;
+}
+
+static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
+                       transport_reply_t *out)
+{
+    store_object_t obj;
+    int rc = store_get(node->store, w->sop_uid, &obj);
+    if (rc != 0) {
+        char text[256];
+        reply_error(rep, rc, sp_fmt(text, sizeof text, "get %s: %s", w->sop_uid, sp_strerror(rc)));
+        return;
+    }
+    rep->partition = obj.partition;
+    attrs_copy(&rep->attrs, &obj.attrs);
+    memcpy(rep->digest, obj.digest, SP_DIGEST_LEN);
+    out->body = obj.data; /* handed to the transport, which frees it */
+    out->body_len = obj.len;
+    obj.data = NULL;
+    store_object_free(&obj);
+}
+
+/* Copies one index entry into a reply (store_list and partition_list callback). */
+static int add_entry(void *ctx, const store_entry_t *e)
+{
+    wire_instance_t *w = wire_reply_add_instance(ctx);
+    w->partition = e->partition;
+    w->study_uid = sp_strdup(e->study_uid);
+    w->series_uid = sp_strdup(e->series_uid);
+    w->sop_uid = sp_strdup(e->sop_uid);
+    w->sop_class_uid = sp_strdup(e->sop_class_uid ? e->sop_class_uid : "");
+    w->transfer_syntax_uid = sp_strdup(e->transfer_syntax_uid ? e->transfer_syntax_uid : "");
+    w->size = e->size;
+    memcpy(w->digest, e->digest, SP_DIGEST_LEN);
+    return 0;
+}
+
+static int add_match(void *ctx, const attrs_t *result)
+{
+    attrs_copy(wire_reply_add_match(ctx), result);
+    return 0;
+}
+
+static void handle_find(node_t *node, const wire_request_t *w, wire_reply_t *rep)
+{
+    size_t cap = (size_t)node->settings->max_find_results;
+    store_query_t q = {.level = w->level, .keys = &w->attrs,
+                       .match_flags = w->case_insensitive_names ? MATCH_PN_CASE_INSENSITIVE : 0,
+                       .limit = w->limit && w->limit < cap ? w->limit : cap};
+    int rc = store_find(node->store, &q, add_match, rep);
+    if (rc == SP_ELIMIT)
+        rep->truncated = true;
+    else if (rc != 0)
+        reply_error(rep, rc, sp_strerror(rc));
+}
+
+static void handle_partition_digest(node_t *node, const wire_request_t *w, wire_reply_t *rep)
+{
+    rep->digests = sp_calloc(w->npartitions, sizeof *rep->digests);
+    rep->ndigests = w->npartitions;
+    for (size_t i = 0; i < w->npartitions; i++) {
+        wire_partition_digest_t *d = &rep->digests[i];
+        d->partition = w->partitions[i];
+        int rc = store_partition_digest(node->store, d->partition, d->digest, &d->count, &d->bytes);
+        if (rc != 0) {
+            reply_error(rep, rc, sp_strerror(rc));
+            return;
+        }
+    }
+}
+
+static void handle_partition_list(node_t *node, const wire_request_t *w, wire_reply_t *rep)
+{
+    size_t limit = w->limit == 0 || w->limit > 10000 ? 10000 : w->limit;
+    int rc = store_partition_list(node->store, w->partition, w->cursor, limit, add_entry, rep,
+                                  &rep->next_cursor);
+    if (rc != 0)
+        reply_error(rep, rc, sp_strerror(rc));
+}
+
+static void handle_stats(node_t *node, wire_reply_t *rep)
+{
+    store_stats_t st;
+    int rc = store_stats(node->store, &st);
+    if (rc != 0) {
+        reply_error(rep, rc, sp_strerror(rc));
+        return;
+    }
+    rep->stats = (wire_stats_t){.node_id = sp_strdup(node->settings->id),
+                                .instances = st.instances, .bytes = st.bytes,
+                                .studies = st.studies, .conflicts = st.conflicts,
+                                .corrupt_reads = st.corrupt_reads,
+                                .db_size_bytes = st.db_size_bytes,
+                                .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
+}
+
+/* The transport handler: decode, dispatch, encode. Runs on worker threads. */
+static void node_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
+{
+    node_t *node = ctx;
+    wire_request_t w;
+    wire_reply_t rep = {0};
+    char err[256];
+    int rc = wire_decode_request(req->head, req->head_len, &w, err, sizeof err);
+    if (rc != 0) {
+        log_warn("refused request %llu from %s (%s): %s", (unsigned long long)req->id,
+                 req->peer_name, req->peer_key, err);
+        reply_error(&rep, rc, err);
+    } else if (w.kind != WIRE_PUT && req->body_len != 0) {
+        reply_error(&rep, SP_EPROTO, "unexpected body");
+    } else {
+        rep.kind = w.kind;
+        switch (w.kind) {
+        case WIRE_PUT: handle_put(node, req, &w, &rep); break;
+        case WIRE_GET: handle_get(node, &w, &rep, out); break;
+        case WIRE_LIST:
+            rc = store_list(node->store, w.study_uid, w.series_uid, add_entry, &rep);
+            if (rc != 0)
+                reply_error(&rep, rc, sp_strerror(rc));
+            break;
+        case WIRE_FIND: handle_find(node, &w, &rep); break;
+        case WIRE_PARTITION_DIGEST: handle_partition_digest(node, &w, &rep); break;
+        case WIRE_PARTITION_LIST: handle_partition_list(node, &w, &rep); break;
+        case WIRE_STATS: handle_stats(node, &rep); break;
+        default: reply_error(&rep, SP_EUNKNOWN, "unknown request"); break;
+        }
+        wire_request_free(&w);
+    }
+    wire_encode_reply(&rep, &out->head, &out->head_len);
+    wire_reply_free(&rep);
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: shardpacs-node --config FILE [--ready-file FILE]\n"
+               "       shardpacs-node --help-config   (print every option with its default)\n");
+}
+
+/* Writes the bound endpoint once the node answers, so scripts and tests that
+ * asked for a free port (tcp://127.0.0.1:*) learn which one it got. */
+static int write_ready_file(const char *path, const char *endpoint)
+{
+    char tmp[4096];
+    sp_fmt(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return -errno;
+    fprintf(f, "%s\n", endpoint);
+    if (fclose(f) != 0 || rename(tmp, path) != 0)
+        return -errno;
+    return 0;
+}
+
+/* Loads keys, opens the store and serves until a signal arrives. */
+static int node_run(const node_settings_t *s, const char *ready_file)
+{
+    char err[512];
+    keys_pair_t self;
+    keys_allowlist_t *allowed = NULL;
+    transport_server_t *srv = NULL;
+    node_t node = {.settings = s, .started_ms = sp_now_ms()};
+    int rc = keys_load_pair(s->key_pair, &self, err, sizeof err);
+    if (rc != 0) {
+        log_error("%s", err);
+        goto out;
+    }
+    allowed = keys_allowlist_load(s->cluster_keys, err, sizeof err);
+    if (allowed == NULL) {
+        log_error("%s", err);
+        rc = SP_EKEY;
+        goto out;
+    }
+    store_config_t sc;
+    store_config_defaults(&sc);
+    sc.path = s->data_dir;
+    sc.blob_min_bytes = s->blob_min_size;
+    sc.write_buffer_bytes = s->write_buffer;
+    sc.block_cache_bytes = s->block_cache;
+    sc.background_jobs = s->background_jobs;
+    rc = store_open(&sc, &node.store, err, sizeof err);
+    if (rc != 0) {
+        log_error("cannot open store %s: %s", s->data_dir, err);
+        goto out;
+    }
+    transport_config_t tc;
+    transport_config_defaults(&tc);
+    tc.workers = s->workers;
+    tc.chunk_bytes = s->chunk_size;
+    tc.max_frame_bytes = s->chunk_size + 65536;
+    tc.max_body_bytes = s->max_object_size;
+    tc.sndhwm = tc.rcvhwm = s->hwm;
+    srv = transport_server_new(&tc, &self, allowed, node_handle, &node);
+    char bound[256];
+    rc = transport_server_start(srv, s->listen, bound, sizeof bound);
+    if (rc != 0) {
+        log_error("cannot listen on %s: %s", s->listen, sp_strerror(rc));
+        goto out;
+    }
+    log_info("node %s (site %s) serving on %s, data in %s, %zu cluster keys", s->id, s->site,
+             bound, s->data_dir, keys_allowlist_count(allowed));
+    if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
+        log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
+        goto out;
+    }
+
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    int sig = 0;
+    sigwait(&set, &sig);
+    log_info("signal %d: shutting down", sig);
+out:
+    transport_server_destroy(&srv);
+    store_close(&node.store);
+    keys_allowlist_destroy(&allowed);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {{"config", required_argument, NULL, 'c'},
+                                             {"ready-file", required_argument, NULL, 'r'},
+                                             {"help-config", no_argument, NULL, 'H'},
+                                             {"help", no_argument, NULL, 'h'},
+                                             {NULL, 0, NULL, 0}};
+    const char *config_path = NULL, *ready_file = NULL;
+    int opt;
+    while ((opt = getopt_long(argc, argv, "c:r:h", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 'c': config_path = optarg; break;
+        case 'r': ready_file = optarg; break;
+        case 'H': config_print_reference(stdout, node_options, SP_ARRAY_LEN(node_options)); return 0;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (config_path == NULL || optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    /* Block the shutdown signals before any thread starts, so every thread
+     * inherits the mask and only sigwait() in the main thread sees them. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    node_settings_t s;
+    memset(&s, 0, sizeof s);
+    char err[512];
+    int rc = config_load(config_path, node_options, SP_ARRAY_LEN(node_options), &s, err, sizeof err);
+    log_level_t level = LOG_INFO;
+    if (rc == 0 && log_parse_level(s.log_level, &level) != 0) {
+        sp_fmt(err, sizeof err, "%s: [log] level '%s' is not debug, info, warn or error",
+               config_path, s.log_level);
+        rc = SP_ECONFIG;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "shardpacs-node: %s\n", err);
+        config_free(node_options, SP_ARRAY_LEN(node_options), &s);
+        return 1;
+    }
+    char component[96];
+    log_init(sp_fmt(component, sizeof component, "node[%s]", s.id), level);
+    rc = node_run(&s, ready_file);
+    config_free(node_options, SP_ARRAY_LEN(node_options), &s);
+    return rc == 0 ? 0 : 1;
+}
