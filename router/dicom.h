@@ -1,0 +1,184 @@
+/* dicom.h - the plain C interface to the DICOM protocol. Everything behind it
+ * is DCMTK (C++) in router/dicom_adapter.cc; nothing else in ShardPACS sees
+ * C++ or DCMTK types. Every exception is caught at this boundary and turned
+ * into an error code and a message in a caller buffer.
+ *
+ * Server model: dicom_server_start() listens on a TCP port (Nagle off, no
+ * reverse DNS), and a pool of worker threads each take an accepted socket,
+ * read its A-ASSOCIATE-RQ (so one silent client never stalls the accept
+ * loop), negotiate, and serve DIMSE requests on it until release or abort,
+ * calling the handlers below on that worker thread. Handlers therefore run
+ * concurrently, one association per thread, and must be thread-safe. Extra
+ * connections wait in a bounded queue; beyond it they are rejected
+ * (A-ASSOCIATE-RJ, transient, local limit exceeded).
+ *
+ * Presentation contexts accepted: Verification; every standard storage SOP
+ * class DCMTK knows with every transfer syntax it knows (uncompressed,
+ * deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, ...);
+ * Patient Root and Study Root FIND, MOVE and GET. For C-GET the storage
+ * classes are also accepted in the SCP/SCU role-selection the requester asks
+ * for.
+ *
+ * Data sets received by C-STORE are kept bit-exact: the adapter receives the
+ * PDV bytes verbatim into memory and only parses a copy to read attributes. */
+#ifndef SP_DICOM_H
+#define SP_DICOM_H
+
+#include "../common/attrs.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* DIMSE status codes the router uses (PS3.4 / PS3.7). */
+#define DICOM_SUCCESS 0x0000
+#define DICOM_PENDING 0xFF00
+#define DICOM_CANCEL 0xFE00
+#define DICOM_WARNING_SUBOPS 0xB000      /* retrieve: some sub-operations failed */
+#define DICOM_OUT_OF_RESOURCES 0xA700    /* store: could not store (retry later) */
+#define DICOM_REFUSED_SUBOPS 0xA702      /* retrieve: out of resources, sub-ops */
+#define DICOM_MOVE_DEST_UNKNOWN 0xA801   /* move destination unknown */
+#define DICOM_DATASET_MISMATCH 0xA900    /* identifier / SOP class mismatch */
+#define DICOM_CANNOT_UNDERSTAND 0xC000   /* store: cannot understand */
+#define DICOM_UNABLE_TO_PROCESS 0xC001   /* query/retrieve: unable to process */
+
+typedef struct {
+    char *ae_title;      /* AE title this server answers to */
+    char *bind_address;  /* e.g. "0.0.0.0" or "127.0.0.1" */
+    int port;            /* 0 picks a free port; see dicom_server_port() */
+    int max_pdu;         /* receive PDU size, bytes (default 116794) */
+    int acse_timeout_s;  /* association negotiation and release (default 10) */
+    int dimse_timeout_s; /* waiting for the next DIMSE message (default 60) */
+    int workers;         /* associations served at once (default 16) */
+    int queue;           /* accepted associations waiting for a worker (default 64) */
+    bool require_called_ae; /* reject associations addressed to another AE title */
+} dicom_config_t;
+
+void dicom_config_defaults(dicom_config_t *cfg); /* strings left NULL */
+
+/* Who is on the other end of an association; valid during a handler call. */
+typedef struct {
+    const char *calling_ae;
+    const char *called_ae;
+    const char *peer_host;
+} dicom_peer_t;
+
+typedef enum { DICOM_MODEL_PATIENT_ROOT, DICOM_MODEL_STUDY_ROOT } dicom_model_t;
+
+/* One received C-STORE. The data set bytes are exactly what the peer sent
+ * (in transfer_syntax_uid); attrs were parsed from them and converted to
+ * UTF-8 from the data set's Specific Character Set. */
+typedef struct {
+    const dicom_peer_t *peer;
+    const char *sop_class_uid;       /* from the C-STORE command */
+    const char *sop_instance_uid;    /* from the C-STORE command */
+    const char *transfer_syntax_uid; /* of the presentation context */
+    const uint8_t *dataset;
+    size_t dataset_len;
+    const attrs_t *attrs;            /* stored attrs incl. TransferSyntaxUID */
+} dicom_store_t;
+
+typedef struct dicom_find dicom_find_t;
+typedef struct dicom_retrieve dicom_retrieve_t;
+
+/* Handlers, called on worker threads. Each returns the final DIMSE status
+ * and may write a short explanation into comment (sent as Error Comment for
+ * failures, and logged by the adapter with calling AE and SOP UID). */
+typedef struct {
+    void *ctx;
+    uint16_t (*store)(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len);
+    uint16_t (*find)(void *ctx, dicom_find_t *q, char *comment, size_t comment_len);
+    uint16_t (*move)(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);
+    uint16_t (*get)(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);
+} dicom_handlers_t;
+
+typedef struct dicom_server dicom_server_t;
+
+/* Starts listening and serving. cfg and handlers are copied. Returns 0, or a
+ * negative code with a message in err. */
+int dicom_server_start(const dicom_config_t *cfg, const dicom_handlers_t *handlers,
+                       dicom_server_t **out, char *err, size_t errlen);
+/* The port actually bound (useful with port 0). */
+int dicom_server_port(const dicom_server_t *srv);
+/* Stops accepting, aborts idle associations, waits for workers, frees. */
+void dicom_server_stop(dicom_server_t **srvp);
+
+/* ---- C-FIND ----------------------------------------------------------- */
+
+/* The query: model, level, the requested keys (non-NULL entries; a non-empty
+ * value is a matching key) converted to UTF-8, and the peer. Valid during the
+ * find handler call. Keys ShardPACS does not index are remembered by the
+ * adapter and returned empty in every response. */
+dicom_model_t dicom_find_model(const dicom_find_t *q);
+level_t dicom_find_level(const dicom_find_t *q);
+const attrs_t *dicom_find_keys(const dicom_find_t *q);
+const dicom_peer_t *dicom_find_peer(const dicom_find_t *q);
+
+/* Sends one pending response carrying the requested keys of match (plus
+ * QueryRetrieveLevel and SpecificCharacterSet "ISO_IR 192"). Returns 0, or
+ * a non-zero value when the requester sent C-CANCEL or the association
+ * failed: the handler should then stop and return DICOM_CANCEL. */
+int dicom_find_emit(dicom_find_t *q, const attrs_t *match);
+/* True once a C-CANCEL for this request has arrived. */
+bool dicom_find_cancelled(dicom_find_t *q);
+
+/* ---- C-MOVE and C-GET --------------------------------------------------- */
+
+dicom_model_t dicom_retrieve_model(const dicom_retrieve_t *r);
+level_t dicom_retrieve_level(const dicom_retrieve_t *r);
+/* The identifier's unique keys (and any other keys it carried). */
+const attrs_t *dicom_retrieve_keys(const dicom_retrieve_t *r);
+const dicom_peer_t *dicom_retrieve_peer(const dicom_retrieve_t *r);
+/* C-MOVE destination AE title; NULL for C-GET. */
+const char *dicom_retrieve_destination(const dicom_retrieve_t *r);
+
+/* What will be sent: one entry per instance, so the adapter can propose
+ * presentation contexts (C-MOVE) or check the requester's (C-GET). */
+typedef struct {
+    const char *sop_class_uid;
+    const char *transfer_syntax_uid;
+} dicom_instance_kind_t;
+
+/* Starts the sub-operations. For C-MOVE, opens an association to host:port
+ * as calling AE our own title and called AE the destination, proposing each
+ * SOP class with its stored transfer syntax and the uncompressed ones.
+ * Returns 0, or a negative code with a message in err (then the handler
+ * returns DICOM_REFUSED_SUBOPS or similar). */
+int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int port,
+                         const dicom_instance_kind_t *kinds, size_t count, char *err,
+                         size_t errlen);
+
+/* Sends one instance as a C-STORE sub-operation: the Part-10 bytes as
+ * stored; the data set goes out verbatim when its transfer syntax was
+ * accepted, otherwise converted by DCMTK to an accepted one, otherwise the
+ * sub-operation counts as failed. Updates the completed/failed/warning
+ * counts and sends a pending response with them. Returns 0 when the
+ * sub-operation succeeded, a positive value when it failed (counted; go on),
+ * or a negative value when the retrieve must stop (cancel, association
+ * lost). */
+int dicom_retrieve_send(dicom_retrieve_t *r, const uint8_t *part10, size_t len);
+
+/* Counts one instance that could not be fetched from any replica. */
+void dicom_retrieve_fail(dicom_retrieve_t *r, const char *sop_instance_uid);
+
+/* ---- Data sets ------------------------------------------------------------ */
+
+/* Parses a data set (no meta header) in the given transfer syntax, reads the
+ * indexed attributes and converts them to UTF-8 from its Specific Character
+ * Set. Returns 0, or SP_EINVAL with a reason (malformed data set, unknown
+ * character set) in err. */
+int dicom_parse_attrs(const uint8_t *dataset, size_t len, const char *transfer_syntax_uid,
+                      attrs_t *out, char *err, size_t errlen);
+
+/* Builds Part-10 bytes: 128-byte preamble, "DICM", a file meta information
+ * group (SOP class, SOP instance, transfer syntax, our implementation UID)
+ * and the data set bytes verbatim. *out is malloc'd; the caller frees it. */
+int dicom_make_part10(const uint8_t *dataset, size_t len, const char *sop_class_uid,
+                      const char *sop_instance_uid, const char *transfer_syntax_uid,
+                      uint8_t **out, size_t *out_len);
+
+/* Finds the data set inside Part-10 bytes: its offset and transfer syntax
+ * (copied into ts, 65 bytes). Returns 0 or SP_EINVAL. */
+int dicom_split_part10(const uint8_t *part10, size_t len, size_t *dataset_offset, char ts[65]);
+
+#endif
