@@ -5,16 +5,23 @@
  *             (integrated BlobDB keeps large values out of the LSM tree)
  *   index     'T'|P|study                 -> study record (patient+study attrs)
  *             'R'|P|study\0series         -> series record
- *             'I'|P|study\0series\0sop    -> instance record (image attrs,
- *                                            digest, size)
+ *             'I'|P|study\0series\0sop    -> instance record (all of the
+ *                                            instance's attrs, digest, size)
  *   secondary 'U'|sop -> P|study\0series (locate an instance by SOP UID)
  *             'S'|study -> P             (locate a study)
  *             'p'|PatientID\0study, 'n'|folded PatientName\0study,
  *             'd'|StudyDate\0study, 'a'|AccessionNumber\0study -> P
- *   conflicts key sop\0hex(digest) -> conflicting copy (record + bytes)
- *   meta      format version, node metadata
+ *             (written with the study record, from the first instance of
+ *             the study; one entry per backslash-separated value; names
+ *             folded by match_fold_name(), dates as YYYYMMDD; every study
+ *             has a 'p' entry, an empty PatientID too)
+ *   conflicts key sop\0hex(digest) -> version, P, varint record length,
+ *             instance record of the conflicting copy, its bytes
+ *   meta      "format" -> "1"; node metadata
  * P is the partition number, 2 bytes big-endian, so one partition, one study
  * and one series are each a contiguous key range in objects and index.
+ * Index records are a versioned, length-prefixed encoding of attrs_t (see
+ * store.c), validated on every read: a malformed record is SP_EDB.
  *
  * An object and all its index entries are written in one WriteBatch with
  * sync=true: when store_put() returns 0 the object survives a crash.
@@ -45,10 +52,14 @@ typedef struct {
 
 void store_config_defaults(store_config_t *cfg);
 
-/* Opens (creating if needed) the database. Returns 0, or a negative code
- * with a message in err. */
+/* Opens (creating if needed) the database; zero fields of cfg take the
+ * defaults. Counts the stored instances, bytes, studies and conflicts for
+ * store_stats() by scanning index keys (time grows with the store). Returns
+ * 0, or a negative code (SP_EDB, SP_ENOSPACE, SP_EINVAL; SP_EDB also for a
+ * database of an unknown format) with a message in err. */
 int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errlen);
-/* Closes the database; accepts NULL and sets *sp to NULL. */
+/* Closes the database; accepts NULL and sets *sp to NULL. No other call may
+ * be running on the store. */
 void store_close(store_t **sp);
 
 typedef struct {
@@ -66,9 +77,12 @@ typedef enum {
 } store_outcome_t;
 
 /* Stores one instance durably. Verifies the digest (SP_EDIGEST), the UIDs
- * (SP_EINVAL) and that the study is not already in another partition
- * (SP_EINVAL). Returns 0 with *outcome set, or a negative code (SP_EDB,
- * SP_ENOSPACE) after which nothing of the instance was written. */
+ * (SP_EINVAL), that len > 0 and no value exceeds 64 KiB (SP_EINVAL), and
+ * that the study is not already in another partition (SP_EINVAL). Returns 0
+ * with *outcome set, or a negative code (SP_EDB, SP_ENOSPACE) after which
+ * nothing of the instance was written. The study and series records keep
+ * the attributes of the first instance stored for them; the instance record
+ * keeps all of this instance's attrs (returned by store_get). */
 int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome);
 
 /* One stored instance as read back. Owned by the caller; release with
@@ -82,12 +96,14 @@ typedef struct {
 } store_object_t;
 
 /* Reads an instance by SOP Instance UID and re-checks its digest.
- * Returns 0, SP_ENOTFOUND, SP_EDIGEST (corrupt: logged, no bytes returned)
- * or SP_EDB. */
+ * Returns 0, SP_ENOTFOUND, SP_EINVAL (malformed UID), SP_EDIGEST (corrupt:
+ * digest mismatch or a RocksDB checksum failure; logged, counted in
+ * corrupt_reads, no bytes returned) or SP_EDB. *out is zeroed on failure. */
 int store_get(store_t *s, const char *sop_uid, store_object_t *out);
 void store_object_free(store_object_t *o);
 
-/* An instance entry from an index scan; valid only during the callback. */
+/* An instance entry from an index scan; valid only during the callback.
+ * sop_class_uid and transfer_syntax_uid are "" when they were not stored. */
 typedef struct {
     uint32_t partition;
     const char *study_uid;
@@ -99,34 +115,48 @@ typedef struct {
     uint8_t digest[SP_DIGEST_LEN];
 } store_entry_t;
 
-/* Return 0 to continue, non-zero to stop the scan early. */
+/* Return 0 to continue, non-zero to stop the scan early; a negative value
+ * is also passed back as the scanning function's result. */
 typedef int (*store_entry_fn)(void *ctx, const store_entry_t *e);
 
 /* Calls fn for each instance of a study, or of one series when series_uid is
- * not NULL, in key order. Returns 0 (also when nothing matched), SP_EDB, or
- * SP_EINVAL for a bad UID. */
+ * not NULL, in key order. Returns 0 (also when nothing matched or fn asked
+ * to stop), SP_EDB (also for a corrupt record), or SP_EINVAL for a bad UID. */
 int store_list(store_t *s, const char *study_uid, const char *series_uid, store_entry_fn fn,
                void *ctx);
 
 /* A C-FIND query. Non-NULL entries of keys are the attributes requested;
  * those with a non-empty value are also matching keys (PS3.4 C.4.1.1.3).
- * Results carry the requested attributes of the matched entity at `level`
- * and the levels above it, plus the unique keys down to `level`. */
+ * Keys of attributes below `level` are ignored. SpecificCharacterSet in keys
+ * is never a matching key (it describes the query, and values reaching a
+ * node are UTF-8). Results carry the requested attributes of the matched
+ * entity at `level` and the levels above it ("" when not stored), the
+ * unique keys down to `level` (PatientID always, then StudyInstanceUID,
+ * SeriesInstanceUID, SOPInstanceUID), and SpecificCharacterSet when the
+ * study record has one. Study level attributes come from the study record
+ * (the first instance stored of the study), series ones from the series
+ * record. PATIENT level results are grouped by the whole PatientID value.
+ * The counts and ModalitiesInStudy are computed only when requested. */
 typedef struct {
     level_t level;
-    const attrs_t *keys;
+    const attrs_t *keys;  /* NULL: no keys (only unique keys come back) */
     unsigned match_flags; /* MATCH_PN_CASE_INSENSITIVE */
     size_t limit;         /* stop after this many results; 0 = no limit */
+    bool no_index;        /* ignore the secondary indexes and scan study
+                           * records (tests and verification); same results */
 } store_query_t;
 
 /* Return 0 to continue, non-zero to stop. result is valid only during the call. */
 typedef int (*store_result_fn)(void *ctx, const attrs_t *result);
 
-/* Runs a query. Uses the secondary indexes for StudyInstanceUID (single or
- * list), PatientID, PatientName prefix, StudyDate range and AccessionNumber
- * when the query has them, and scans study records otherwise. Returns 0,
- * SP_ELIMIT when the limit stopped it, SP_EINVAL for a malformed key, or
- * SP_EDB. */
+/* Runs a query on one snapshot of the database. Uses the secondary indexes
+ * for SOPInstanceUID (image level) and StudyInstanceUID (single or list),
+ * PatientID, PatientName prefix, StudyDate range and AccessionNumber when
+ * the query has them, and scans study records otherwise; every candidate is
+ * re-checked with match_value(). Returns 0 (also when fn asked to stop),
+ * SP_ELIMIT when a result beyond the limit was found (the first `limit`
+ * were delivered), SP_EINVAL for a malformed key (match_key_valid) or level,
+ * or SP_EDB (also for a corrupt record). */
 int store_find(store_t *s, const store_query_t *q, store_result_fn fn, void *ctx);
 
 /* Per-partition digest for anti-entropy: BLAKE2b-256 over the (SOP UID,
@@ -136,8 +166,11 @@ int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIG
                            uint64_t *count, uint64_t *bytes);
 
 /* Lists a partition's instances in key order, at most limit (0 = all),
- * starting after the cursor "study/series/sop" (NULL or "" = from the start).
- * *next_cursor (caller frees; NULL when the partition is exhausted) resumes. */
+ * starting after the cursor "study/series/sop" (NULL or "" = from the start;
+ * the named instance need not exist any more). *next_cursor (caller frees;
+ * NULL when the partition is exhausted) resumes after the last entry passed
+ * to fn, including one for which fn asked to stop. Returns 0, SP_EINVAL for
+ * a malformed cursor or partition, or SP_EDB. */
 int store_partition_list(store_t *s, uint32_t partition, const char *cursor, size_t limit,
                          store_entry_fn fn, void *ctx, char **next_cursor);
 
@@ -147,9 +180,12 @@ typedef struct {
     uint64_t studies;
     uint64_t conflicts;
     uint64_t corrupt_reads;   /* digest mismatches seen since start */
-    uint64_t db_size_bytes;   /* live SST + blob file size, from RocksDB */
+    uint64_t db_size_bytes;   /* SST + blob file size on disk, from RocksDB;
+                               * data still only in the WAL is not counted */
 } store_stats_t;
 
+/* instances, bytes and studies count what store_put() stored (maintained
+ * since open); conflicts counts distinct conflicting copies kept. */
 int store_stats(store_t *s, store_stats_t *out);
 
 #endif

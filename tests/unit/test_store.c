@@ -1,0 +1,1487 @@
+/* test_store.c - unit tests of the storage node's RocksDB store (node/store.c).
+ *
+ * Each test gets a fresh database in its own mkdtemp() directory under /tmp,
+ * removed afterwards. Corruption tests open the database directly with the
+ * RocksDB C API to damage an object behind the store's back. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "../../common/log.h"
+#include "../../node/store.h"
+
+#include <rocksdb/c.h>
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define CT_IMAGE "1.2.840.10008.5.1.4.1.1.2"
+#define EXPLICIT_LE "1.2.840.10008.1.2.1"
+
+/* ---- fixture -------------------------------------------------------- */
+
+typedef struct {
+    char dir[64];
+    store_t *s;
+} fixture_t;
+
+static store_t *open_at(const char *dir)
+{
+    store_config_t cfg;
+    store_config_defaults(&cfg);
+    cfg.path = (char *)dir;
+    cfg.block_cache_bytes = 8u << 20;
+    cfg.write_buffer_bytes = 4u << 20;
+    store_t *s = NULL;
+    char err[256] = "";
+    int rc = store_open(&cfg, &s, err, sizeof err);
+    if (rc != 0)
+        fprintf(stderr, "store_open: %s\n", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(s);
+    return s;
+}
+
+static int setup(void **state)
+{
+    fixture_t *fx = calloc(1, sizeof *fx);
+    strcpy(fx->dir, "/tmp/test_store.XXXXXX");
+    if (!mkdtemp(fx->dir))
+        return -1;
+    fx->s = open_at(fx->dir);
+    *state = fx;
+    return 0;
+}
+
+/* Removes a directory and everything below it. */
+static void rm_tree(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (d) {
+        struct dirent *de;
+        while ((de = readdir(d)) != NULL) {
+            if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+                continue;
+            char path[512];
+            struct stat st;
+            snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+            if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode))
+                rm_tree(path);
+            else
+                unlink(path);
+        }
+        closedir(d);
+    }
+    rmdir(dir);
+}
+
+static int teardown(void **state)
+{
+    fixture_t *fx = *state;
+    store_close(&fx->s);
+    assert_null(fx->s);
+    rm_tree(fx->dir);
+    free(fx);
+    return 0;
+}
+
+static void reopen(fixture_t *fx)
+{
+    store_close(&fx->s);
+    fx->s = open_at(fx->dir);
+}
+
+/* ---- instances ------------------------------------------------------ */
+
+typedef struct {
+    uint32_t part;
+    const char *pid, *pname, *study, *date, *acc, *modality, *series, *sop, *inum;
+} inst_t;
+
+static void inst_attrs(const inst_t *in, attrs_t *a)
+{
+    memset(a, 0, sizeof *a);
+    attrs_set(a, ATTR_SPECIFIC_CHARACTER_SET, "ISO_IR 192");
+    attrs_set(a, ATTR_PATIENT_ID, in->pid);
+    attrs_set(a, ATTR_PATIENT_NAME, in->pname);
+    attrs_set(a, ATTR_PATIENT_SEX, "O");
+    attrs_set(a, ATTR_STUDY_INSTANCE_UID, in->study);
+    attrs_set(a, ATTR_STUDY_DATE, in->date);
+    attrs_set(a, ATTR_STUDY_TIME, "101500");
+    attrs_set(a, ATTR_ACCESSION_NUMBER, in->acc);
+    attrs_set(a, ATTR_STUDY_DESCRIPTION, "Test study");
+    attrs_set(a, ATTR_MODALITY, in->modality);
+    attrs_set(a, ATTR_SERIES_INSTANCE_UID, in->series);
+    attrs_set(a, ATTR_SERIES_NUMBER, "1");
+    attrs_set(a, ATTR_SOP_INSTANCE_UID, in->sop);
+    attrs_set(a, ATTR_SOP_CLASS_UID, CT_IMAGE);
+    attrs_set(a, ATTR_INSTANCE_NUMBER, in->inum);
+    attrs_set(a, ATTR_TRANSFER_SYNTAX_UID, EXPLICIT_LE);
+}
+
+/* Deterministic pseudo-random bytes (xorshift32). */
+static uint8_t *make_bytes(size_t n, uint32_t seed)
+{
+    uint8_t *b = malloc(n ? n : 1);
+    uint32_t x = seed * 2654435761u + 1;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        b[i] = (uint8_t)x;
+    }
+    return b;
+}
+
+static int put_data(store_t *s, const inst_t *in, const uint8_t *data, size_t len,
+                    store_outcome_t *out)
+{
+    attrs_t a;
+    inst_attrs(in, &a);
+    store_put_t p = {.partition = in->part, .attrs = &a, .data = data, .len = len};
+    sp_digest(data, len, p.digest);
+    int rc = store_put(s, &p, out);
+    attrs_clear(&a);
+    return rc;
+}
+
+static void put_ok(store_t *s, const inst_t *in, size_t len, uint32_t seed)
+{
+    uint8_t *b = make_bytes(len, seed);
+    store_outcome_t out = STORE_DUPLICATE;
+    assert_int_equal(put_data(s, in, b, len, &out), 0);
+    assert_int_equal(out, STORE_STORED);
+    free(b);
+}
+
+static inst_t simple(uint32_t part, const char *study, const char *series, const char *sop)
+{
+    inst_t in = {part, "PAT1", "Smith^John", study, "20200115", "A100", "CT", series, sop, "1"};
+    return in;
+}
+
+static store_stats_t stats(store_t *s)
+{
+    store_stats_t st;
+    assert_int_equal(store_stats(s, &st), 0);
+    return st;
+}
+
+/* ---- put / get -------------------------------------------------------- */
+
+static void check_get(store_t *s, const inst_t *in, size_t len, uint32_t seed)
+{
+    uint8_t *want = make_bytes(len, seed);
+    store_object_t o;
+    assert_int_equal(store_get(s, in->sop, &o), 0);
+    assert_int_equal(o.len, len);
+    assert_memory_equal(o.data, want, len);
+    assert_int_equal(o.partition, in->part);
+    uint8_t d[SP_DIGEST_LEN];
+    sp_digest(want, len, d);
+    assert_memory_equal(o.digest, d, SP_DIGEST_LEN);
+    assert_string_equal(attrs_str(&o.attrs, ATTR_STUDY_INSTANCE_UID), in->study);
+    assert_string_equal(attrs_str(&o.attrs, ATTR_SERIES_INSTANCE_UID), in->series);
+    assert_string_equal(attrs_str(&o.attrs, ATTR_PATIENT_NAME), in->pname);
+    assert_string_equal(attrs_str(&o.attrs, ATTR_TRANSFER_SYNTAX_UID), EXPLICIT_LE);
+    assert_null(attrs_get(&o.attrs, ATTR_REFERRING_PHYSICIAN_NAME));
+    store_object_free(&o);
+    assert_null(o.data);
+    free(want);
+}
+
+static void test_put_get_bit_exact(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t small = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.2");
+    inst_t one = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.3");
+    put_ok(fx->s, &small, 300, 1);
+    put_ok(fx->s, &large, 200000, 2); /* over blob_min_bytes: a blob */
+    put_ok(fx->s, &one, 1, 3);
+    check_get(fx->s, &small, 300, 1);
+    check_get(fx->s, &large, 200000, 2);
+    check_get(fx->s, &one, 1, 3);
+
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, "1.2.3.1.99", &o), SP_ENOTFOUND);
+    assert_null(o.data);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, 3);
+    assert_int_equal(st.bytes, 300 + 200000 + 1);
+    assert_int_equal(st.studies, 1);
+    assert_int_equal(st.conflicts, 0);
+}
+
+static void test_duplicate_is_idempotent(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    uint8_t *b = make_bytes(5000, 9);
+    store_outcome_t out;
+    assert_int_equal(put_data(fx->s, &in, b, 5000, &out), 0);
+    assert_int_equal(out, STORE_STORED);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(put_data(fx->s, &in, b, 5000, &out), 0);
+        assert_int_equal(out, STORE_DUPLICATE);
+    }
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, 1);
+    assert_int_equal(st.bytes, 5000);
+    assert_int_equal(st.conflicts, 0);
+    check_get(fx->s, &in, 5000, 9);
+    free(b);
+}
+
+static void test_conflict_is_kept_aside(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    uint8_t *a = make_bytes(4000, 1), *b = make_bytes(4000, 2), *c = make_bytes(50, 3);
+    store_outcome_t out;
+    assert_int_equal(put_data(fx->s, &in, a, 4000, &out), 0);
+    assert_int_equal(out, STORE_STORED);
+    assert_int_equal(put_data(fx->s, &in, b, 4000, &out), 0);
+    assert_int_equal(out, STORE_CONFLICT);
+    assert_int_equal(put_data(fx->s, &in, b, 4000, &out), 0); /* same copy again */
+    assert_int_equal(out, STORE_CONFLICT);
+    assert_int_equal(put_data(fx->s, &in, c, 50, &out), 0);
+    assert_int_equal(out, STORE_CONFLICT);
+    assert_int_equal(put_data(fx->s, &in, a, 4000, &out), 0);
+    assert_int_equal(out, STORE_DUPLICATE);
+
+    check_get(fx->s, &in, 4000, 1); /* the original, untouched */
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, 1);
+    assert_int_equal(st.bytes, 4000);
+    assert_int_equal(st.conflicts, 2);
+
+    reopen(fx);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 2);
+    assert_int_equal(st.instances, 1);
+    check_get(fx->s, &in, 4000, 1);
+    free(a), free(b), free(c);
+}
+
+static int count_entry(void *ctx, const store_entry_t *e)
+{
+    (void)e;
+    (*(int *)ctx)++;
+    return 0;
+}
+
+static void test_wrong_digest_refused(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    attrs_t a;
+    inst_attrs(&in, &a);
+    uint8_t *b = make_bytes(1000, 1);
+    store_put_t p = {.partition = 7, .attrs = &a, .data = b, .len = 1000};
+    sp_digest(b, 999, p.digest); /* not the digest of these bytes */
+    store_outcome_t out;
+    assert_int_equal(store_put(fx->s, &p, &out), SP_EDIGEST);
+    attrs_clear(&a);
+
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, in.sop, &o), SP_ENOTFOUND);
+    int n = 0;
+    assert_int_equal(store_list(fx->s, in.study, NULL, count_entry, &n), 0);
+    assert_int_equal(n, 0);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, 0);
+    assert_int_equal(st.studies, 0);
+    uint64_t count = 9;
+    uint8_t d[SP_DIGEST_LEN];
+    assert_int_equal(store_partition_digest(fx->s, 7, d, &count, NULL), 0);
+    assert_int_equal(count, 0);
+
+    /* The correct digest is then accepted. */
+    put_ok(fx->s, &in, 1000, 1);
+    free(b);
+}
+
+static void expect_refused(store_t *s, inst_t in, size_t len)
+{
+    uint8_t *b = make_bytes(len, 1);
+    store_outcome_t out;
+    assert_int_equal(put_data(s, &in, b, len, &out), SP_EINVAL);
+    free(b);
+}
+
+static void test_bad_input_refused(void **state)
+{
+    fixture_t *fx = *state;
+    expect_refused(fx->s, simple(7, "1.02.3", "1.2.3.1", "1.2.3.1.1"), 10);
+    expect_refused(fx->s, simple(7, "1.2.3", "abc", "1.2.3.1.1"), 10);
+    expect_refused(fx->s, simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1."), 10);
+    expect_refused(fx->s, simple(7, "1.2.3", "1.2.3.1", ""), 10);
+    expect_refused(fx->s, simple(7, "1.2.3", NULL, "1.2.3.1.1"), 10);
+    expect_refused(fx->s,
+                   simple(7, "1.2.3", "1.2.3.1",
+                          "1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17.18.19.20.21.22.23.24.25"),
+                   10);
+    expect_refused(fx->s, simple(65536, "1.2.3", "1.2.3.1", "1.2.3.1.1"), 10);
+    expect_refused(fx->s, simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1"), 0);
+
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, 0);
+    assert_int_equal(st.studies, 0);
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, "1.2.3.1.1", &o), SP_ENOTFOUND);
+    assert_int_equal(store_get(fx->s, "1..2", &o), SP_EINVAL);
+    int n = 0;
+    assert_int_equal(store_list(fx->s, "x", NULL, count_entry, &n), SP_EINVAL);
+    assert_int_equal(store_list(fx->s, "1.2.3", "1.02", count_entry, &n), SP_EINVAL);
+}
+
+static void test_study_in_other_partition_refused(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t a = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    inst_t b = simple(8, "1.2.3", "1.2.3.1", "1.2.3.1.2");
+    put_ok(fx->s, &a, 100, 1);
+    expect_refused(fx->s, b, 100);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, 1);
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, b.sop, &o), SP_ENOTFOUND);
+}
+
+/* ---- corruption ------------------------------------------------------- */
+
+/* Opens the store's database directly, every column family with default
+ * options except blob files on "objects" (so a flush writes blob files). */
+typedef struct {
+    rocksdb_t *db;
+    rocksdb_options_t *opt, *blob;
+    char **names;
+    size_t n;
+    rocksdb_column_family_handle_t *cf[16];
+} raw_db_t;
+
+static void raw_open(raw_db_t *r, const char *dir)
+{
+    char *err = NULL;
+    memset(r, 0, sizeof *r);
+    r->opt = rocksdb_options_create();
+    r->blob = rocksdb_options_create();
+    rocksdb_options_set_enable_blob_files(r->blob, 1);
+    rocksdb_options_set_min_blob_size(r->blob, 16u << 10);
+    r->names = rocksdb_list_column_families(r->opt, dir, &r->n, &err);
+    assert_null(err);
+    assert_true(r->n >= 6 && r->n <= 16);
+    const rocksdb_options_t *opts[16];
+    for (size_t i = 0; i < r->n; i++)
+        opts[i] = strcmp(r->names[i], "objects") == 0 ? r->blob : r->opt;
+    r->db = rocksdb_open_column_families(r->opt, dir, (int)r->n, (const char *const *)r->names,
+                                         opts, r->cf, &err);
+    assert_null(err);
+}
+
+static rocksdb_column_family_handle_t *raw_cf(raw_db_t *r, const char *name)
+{
+    for (size_t i = 0; i < r->n; i++)
+        if (strcmp(r->names[i], name) == 0)
+            return r->cf[i];
+    fail_msg("no column family %s", name);
+    return NULL;
+}
+
+static void raw_close(raw_db_t *r)
+{
+    for (size_t i = 0; i < r->n; i++)
+        rocksdb_column_family_handle_destroy(r->cf[i]);
+    rocksdb_close(r->db);
+    rocksdb_list_column_families_destroy(r->names, r->n);
+    rocksdb_options_destroy(r->opt);
+    rocksdb_options_destroy(r->blob);
+}
+
+/* The objects key of the layout in store.h: P(2, big-endian)|study\0series\0sop. */
+static size_t object_key(const inst_t *in, char *k)
+{
+    size_t n = 0;
+    k[n++] = (char)(in->part >> 8);
+    k[n++] = (char)(in->part & 0xff);
+    const char *parts[3] = {in->study, in->series, in->sop};
+    for (int i = 0; i < 3; i++) {
+        if (i)
+            k[n++] = '\0';
+        memcpy(k + n, parts[i], strlen(parts[i]));
+        n += strlen(parts[i]);
+    }
+    return n;
+}
+
+static void flip_object_byte(raw_db_t *r, const inst_t *in, size_t at)
+{
+    char key[256], *err = NULL;
+    size_t kn = object_key(in, key), vn = 0;
+    rocksdb_readoptions_t *ro = rocksdb_readoptions_create();
+    rocksdb_writeoptions_t *wo = rocksdb_writeoptions_create();
+    char *v = rocksdb_get_cf(r->db, ro, raw_cf(r, "objects"), key, kn, &vn, &err);
+    assert_null(err);
+    assert_non_null(v);
+    assert_true(at < vn);
+    v[at] ^= 0x01;
+    rocksdb_put_cf(r->db, wo, raw_cf(r, "objects"), key, kn, v, vn, &err);
+    assert_null(err);
+    rocksdb_free(v);
+    rocksdb_readoptions_destroy(ro);
+    rocksdb_writeoptions_destroy(wo);
+}
+
+static void expect_corrupt(store_t *s, const char *sop)
+{
+    store_object_t o;
+    memset(&o, 0xab, sizeof o);
+    assert_int_equal(store_get(s, sop, &o), SP_EDIGEST);
+    assert_null(o.data);
+    assert_int_equal(o.len, 0);
+}
+
+static void test_corrupt_object_detected(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t small = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.2");
+    inst_t good = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.3");
+    put_ok(fx->s, &small, 500, 1);
+    put_ok(fx->s, &large, 100000, 2);
+    put_ok(fx->s, &good, 700, 3);
+    store_close(&fx->s);
+
+    raw_db_t r;
+    raw_open(&r, fx->dir);
+    flip_object_byte(&r, &small, 17);
+    flip_object_byte(&r, &large, 99999);
+    raw_close(&r);
+
+    fx->s = open_at(fx->dir);
+    expect_corrupt(fx->s, small.sop);
+    expect_corrupt(fx->s, large.sop);
+    check_get(fx->s, &good, 700, 3);
+    assert_int_equal(stats(fx->s).corrupt_reads, 2);
+    expect_corrupt(fx->s, small.sop);
+    assert_int_equal(stats(fx->s).corrupt_reads, 3);
+}
+
+/* Finds `needle` in a file and flips one bit of it there. */
+static bool flip_in_file(const char *path, const uint8_t *needle, size_t n)
+{
+    FILE *fp = fopen(path, "r+b");
+    if (!fp)
+        return false;
+    fseek(fp, 0, SEEK_END);
+    long size = ftell(fp);
+    rewind(fp);
+    uint8_t *buf = malloc((size_t)size + 1);
+    bool done = fread(buf, 1, (size_t)size, fp) == (size_t)size;
+    for (long i = 0; done && i + (long)n <= size; i++) {
+        if (memcmp(buf + i, needle, n) == 0) {
+            fseek(fp, i + 5, SEEK_SET);
+            fputc(buf[i + 5] ^ 0x80, fp);
+            fclose(fp);
+            free(buf);
+            return true;
+        }
+    }
+    fclose(fp);
+    free(buf);
+    return false;
+}
+
+static void test_corrupt_blob_file_detected(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    put_ok(fx->s, &large, 80000, 5);
+    store_close(&fx->s);
+
+    /* Flush the memtable so the object lands in a blob file on disk. */
+    raw_db_t r;
+    raw_open(&r, fx->dir);
+    rocksdb_flushoptions_t *fo = rocksdb_flushoptions_create();
+    rocksdb_flushoptions_set_wait(fo, 1);
+    char *err = NULL;
+    rocksdb_flush_cf(r.db, fo, raw_cf(&r, "objects"), &err);
+    assert_null(err);
+    rocksdb_flushoptions_destroy(fo);
+    raw_close(&r);
+
+    uint8_t *data = make_bytes(80000, 5);
+    DIR *d = opendir(fx->dir);
+    assert_non_null(d);
+    struct dirent *de;
+    int flipped = 0;
+    while ((de = readdir(d)) != NULL) {
+        size_t len = strlen(de->d_name);
+        if (len > 5 && strcmp(de->d_name + len - 5, ".blob") == 0) {
+            char path[512];
+            snprintf(path, sizeof path, "%s/%s", fx->dir, de->d_name);
+            flipped += flip_in_file(path, data + 40000, 64);
+        }
+    }
+    closedir(d);
+    free(data);
+    assert_int_equal(flipped, 1);
+
+    fx->s = open_at(fx->dir);
+    expect_corrupt(fx->s, large.sop);
+    assert_int_equal(stats(fx->s).corrupt_reads, 1);
+}
+
+/* ---- list ------------------------------------------------------------ */
+
+typedef struct {
+    char sop[32][65];
+    char series[32][65];
+    uint64_t size[32];
+    int n;
+    int stop_after;
+} listing_t;
+
+static int list_entry(void *ctx, const store_entry_t *e)
+{
+    listing_t *l = ctx;
+    assert_true(l->n < 32);
+    strcpy(l->sop[l->n], e->sop_uid);
+    strcpy(l->series[l->n], e->series_uid);
+    l->size[l->n] = e->size;
+    assert_string_equal(e->sop_class_uid, CT_IMAGE);
+    assert_string_equal(e->transfer_syntax_uid, EXPLICIT_LE);
+    assert_string_equal(e->study_uid, "1.2.3");
+    assert_int_equal(e->partition, 7);
+    l->n++;
+    return l->stop_after && l->n >= l->stop_after;
+}
+
+static void test_list_study_and_series(void **state)
+{
+    fixture_t *fx = *state;
+    const char *sops[] = {"1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.10", "1.2.3.2.1", "1.2.3.2.2"};
+    for (int i = 0; i < 5; i++) {
+        inst_t in = simple(7, "1.2.3", i < 3 ? "1.2.3.1" : "1.2.3.2", sops[i]);
+        put_ok(fx->s, &in, 100 + (size_t)i, (uint32_t)i);
+    }
+    inst_t other = simple(7, "1.2.30", "1.2.30.1", "1.2.30.1.1"); /* a study UID prefix */
+    put_ok(fx->s, &other, 10, 99);
+
+    listing_t l = {0};
+    assert_int_equal(store_list(fx->s, "1.2.3", NULL, list_entry, &l), 0);
+    assert_int_equal(l.n, 5);
+    for (int i = 1; i < l.n; i++) { /* key order: series, then SOP, bytewise */
+        int c = strcmp(l.series[i - 1], l.series[i]);
+        assert_true(c < 0 || (c == 0 && strcmp(l.sop[i - 1], l.sop[i]) < 0));
+    }
+    uint64_t total = 0;
+    for (int i = 0; i < l.n; i++)
+        total += l.size[i];
+    assert_int_equal(total, 100 + 101 + 102 + 103 + 104);
+
+    memset(&l, 0, sizeof l);
+    assert_int_equal(store_list(fx->s, "1.2.3", "1.2.3.1", list_entry, &l), 0);
+    assert_int_equal(l.n, 3);
+    assert_string_equal(l.sop[0], "1.2.3.1.1");
+    assert_string_equal(l.sop[1], "1.2.3.1.10");
+    assert_string_equal(l.sop[2], "1.2.3.1.2");
+
+    memset(&l, 0, sizeof l);
+    l.stop_after = 2;
+    assert_int_equal(store_list(fx->s, "1.2.3", NULL, list_entry, &l), 0);
+    assert_int_equal(l.n, 2);
+
+    int n = 0;
+    assert_int_equal(store_list(fx->s, "1.2.4", NULL, count_entry, &n), 0);
+    assert_int_equal(n, 0);
+    assert_int_equal(store_list(fx->s, "1.2.3", "1.2.3.9", count_entry, &n), 0);
+    assert_int_equal(n, 0);
+}
+
+/* ---- find ------------------------------------------------------------ */
+
+/* Patients, studies, series and instances used by the find tests. The
+ * last two studies carry multi-valued values (invalid DICOM for these VM 1
+ * attributes, but possible input) and an ACR-NEMA date. */
+static const struct {
+    uint32_t part;
+    const char *pid, *pname, *study, *date, *acc;
+    const char *series[2], *modality[2];
+    int count[2];
+} find_data[] = {
+    {7,
+     "PAT1",
+     "Smith^John",
+     "1.2.3.1",
+     "20200115",
+     "A100",
+     {"1.2.3.1.1", "1.2.3.1.2"},
+     {"CT", "MR"},
+     {3, 2}},
+    {300,
+     "PAT1",
+     "Smith^John",
+     "1.2.3.2",
+     "20210610",
+     "A200",
+     {"1.2.3.2.1", NULL},
+     {"CT", NULL},
+     {1, 0}},
+    {7,
+     "PAT2",
+     "Smythe^Anna",
+     "1.2.3.3",
+     "20200301",
+     "A300",
+     {"1.2.3.3.1", NULL},
+     {"US", NULL},
+     {2, 0}},
+    {4095,
+     "PAT3",
+     "Jones^Bob",
+     "1.2.3.4",
+     "20191231",
+     "A400",
+     {"1.2.3.4.1", NULL},
+     {"MR", NULL},
+     {1, 0}},
+    {9,
+     "PAT4",
+     "smith^jane",
+     "1.2.3.5",
+     "20200115",
+     "A500",
+     {"1.2.3.5.1", "1.2.3.5.2"},
+     {"CT", "CT"},
+     {1, 1}},
+    {9,
+     "PAT5",
+     "M\xc3\xbcller^J\xc3\xb6rg",
+     "1.2.3.6",
+     "20220202",
+     "B600",
+     {"1.2.3.6.1", NULL},
+     {"MR", NULL},
+     {1, 0}},
+    {10,
+     "PAT6",
+     "Roe^Ann\\Doe^Ann",
+     "1.2.3.7",
+     "2023.03.03",
+     "C700\\C701",
+     {"1.2.3.7.1", NULL},
+     {"OT", NULL},
+     {1, 0}},
+    {10,
+     "PAT7\\PAT8",
+     "Poe^Al",
+     "1.2.3.8",
+     "20230304",
+     "C800",
+     {"1.2.3.8.1", NULL},
+     {"OT", NULL},
+     {1, 0}},
+};
+
+static void load_find_data(store_t *s)
+{
+    uint32_t seed = 100;
+    for (size_t i = 0; i < sizeof find_data / sizeof find_data[0]; i++) {
+        for (int j = 0; j < 2 && find_data[i].series[j]; j++) {
+            for (int k = 1; k <= find_data[i].count[j]; k++) {
+                char sop[96], inum[16];
+                snprintf(sop, sizeof sop, "%s.%d", find_data[i].series[j], k);
+                snprintf(inum, sizeof inum, "%d", k);
+                inst_t in = {find_data[i].part,
+                             find_data[i].pid,
+                             find_data[i].pname,
+                             find_data[i].study,
+                             find_data[i].date,
+                             find_data[i].acc,
+                             find_data[i].modality[j],
+                             find_data[i].series[j],
+                             sop,
+                             inum};
+                put_ok(s, &in, 64 + (size_t)k, seed++);
+            }
+        }
+    }
+}
+
+#define MAX_RESULTS 64
+
+typedef struct {
+    attrs_t r[MAX_RESULTS];
+    size_t n;
+    size_t stop_after;
+} results_t;
+
+static int collect(void *ctx, const attrs_t *res)
+{
+    results_t *rs = ctx;
+    assert_true(rs->n < MAX_RESULTS);
+    memset(&rs->r[rs->n], 0, sizeof rs->r[rs->n]);
+    attrs_copy(&rs->r[rs->n++], res);
+    return rs->stop_after && rs->n >= rs->stop_after;
+}
+
+static void results_clear(results_t *rs)
+{
+    for (size_t i = 0; i < rs->n; i++)
+        attrs_clear(&rs->r[i]);
+    rs->n = 0;
+}
+
+/* A query: level, then keyword=value pairs, NULL-terminated. */
+typedef struct {
+    level_t level;
+    unsigned flags;
+    const char *kv[16];
+} query_t;
+
+static int run(store_t *s, const query_t *qd, size_t limit, bool no_index, results_t *rs)
+{
+    attrs_t keys = {0};
+    for (int i = 0; qd->kv[i]; i += 2) {
+        const attr_info_t *ai = attr_by_keyword(qd->kv[i]);
+        assert_non_null(ai);
+        attrs_set(&keys, ai->id, qd->kv[i + 1]);
+    }
+    store_query_t q = {.level = qd->level,
+                       .keys = &keys,
+                       .match_flags = qd->flags,
+                       .limit = limit,
+                       .no_index = no_index};
+    results_clear(rs);
+    int rc = store_find(s, &q, collect, rs);
+    attrs_clear(&keys);
+    return rc;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The results' identities (PatientID|study|series|sop), sorted, joined by ','. */
+static void ids(const results_t *rs, char *out, size_t size)
+{
+    char *v[MAX_RESULTS];
+    for (size_t i = 0; i < rs->n; i++) {
+        char buf[300];
+        snprintf(buf, sizeof buf, "%s|%s|%s|%s", attrs_str(&rs->r[i], ATTR_PATIENT_ID),
+                 attrs_str(&rs->r[i], ATTR_STUDY_INSTANCE_UID),
+                 attrs_str(&rs->r[i], ATTR_SERIES_INSTANCE_UID),
+                 attrs_str(&rs->r[i], ATTR_SOP_INSTANCE_UID));
+        v[i] = strdup(buf);
+    }
+    qsort(v, rs->n, sizeof v[0], cmp_str);
+    out[0] = '\0';
+    for (size_t i = 0; i < rs->n; i++) {
+        if (i)
+            strncat(out, ",", size - strlen(out) - 1);
+        strncat(out, v[i], size - strlen(out) - 1);
+        free(v[i]);
+    }
+}
+
+/* The results' values of one attribute, sorted, joined by ','. */
+static void values(const results_t *rs, attr_id_t id, char *out, size_t size)
+{
+    char *v[MAX_RESULTS];
+    for (size_t i = 0; i < rs->n; i++)
+        v[i] = strdup(attrs_get(&rs->r[i], id) ? attrs_get(&rs->r[i], id) : "(absent)");
+    qsort(v, rs->n, sizeof v[0], cmp_str);
+    out[0] = '\0';
+    for (size_t i = 0; i < rs->n; i++) {
+        if (i)
+            strncat(out, ",", size - strlen(out) - 1);
+        strncat(out, v[i], size - strlen(out) - 1);
+        free(v[i]);
+    }
+}
+
+/* Runs a query through the indexes and as a full scan, checks both give
+ * the same results, and returns the sorted values of `id`. */
+static void find_values(store_t *s, const query_t *qd, attr_id_t id, char *out, size_t size)
+{
+    static results_t a, b;
+    char ia[4096], ib[4096];
+    assert_int_equal(run(s, qd, 0, false, &a), 0);
+    assert_int_equal(run(s, qd, 0, true, &b), 0);
+    ids(&a, ia, sizeof ia);
+    ids(&b, ib, sizeof ib);
+    assert_string_equal(ia, ib);
+    assert_int_equal(a.n, b.n);
+    values(&a, id, out, size);
+    results_clear(&a);
+    results_clear(&b);
+}
+
+#define EXPECT(s, id, want, ...)                                                                   \
+    do {                                                                                           \
+        query_t q_ = __VA_ARGS__;                                                                  \
+        char got_[4096];                                                                           \
+        find_values((s), &q_, (id), got_, sizeof got_);                                            \
+        assert_string_equal(got_, (want));                                                         \
+    } while (0)
+
+static void test_find_study_level(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    store_t *s = fx->s;
+    const attr_id_t SU = ATTR_STUDY_INSTANCE_UID;
+
+    /* Single value, universal matching. */
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2", {LEVEL_STUDY, 0, {"PatientID", "PAT1", "StudyDate", ""}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.3,1.2.3.4,1.2.3.5,1.2.3.6,1.2.3.7,1.2.3.8",
+           {LEVEL_STUDY, 0, {"PatientName", ""}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.3,1.2.3.4,1.2.3.5,1.2.3.6,1.2.3.7,1.2.3.8",
+           {LEVEL_STUDY, 0, {"PatientName", "*"}});
+    EXPECT(s, SU, "1.2.3.3", {LEVEL_STUDY, 0, {"AccessionNumber", "A300"}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"AccessionNumber", "a300"}});
+    EXPECT(s, SU, "1.2.3.1", {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.1"}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.99"}});
+
+    /* Wildcards, case-insensitive person names when asked. */
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2", {LEVEL_STUDY, 0, {"PatientName", "Smi*"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.5",
+           {LEVEL_STUDY, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "smi*"}});
+    EXPECT(s, SU, "1.2.3.5", {LEVEL_STUDY, 0, {"PatientName", "smith^jane"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.5",
+           {LEVEL_STUDY, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "SMITH^J*"}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"PatientName", "SMITH^J*"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.3", {LEVEL_STUDY, 0, {"PatientName", "Sm?th*"}});
+    EXPECT(s, SU, "1.2.3.6",
+           {LEVEL_STUDY, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "m\xc3\x9cller*"}});
+    EXPECT(s, SU, "1.2.3.6", {LEVEL_STUDY, 0, {"PatientName", "M?ller^J*"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.3,1.2.3.4,1.2.3.5",
+           {LEVEL_STUDY, 0, {"AccessionNumber", "A*"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.2,1.2.3.3,1.2.3.4,1.2.3.5,1.2.3.6,1.2.3.7,1.2.3.8",
+           {LEVEL_STUDY, 0, {"PatientID", "PAT?"}});
+
+    /* Dates: single value and ranges, open at either end. */
+    EXPECT(s, SU, "1.2.3.1,1.2.3.5", {LEVEL_STUDY, 0, {"StudyDate", "20200115"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.3,1.2.3.5", {LEVEL_STUDY, 0, {"StudyDate", "20200101-20201231"}});
+    EXPECT(s, SU, "1.2.3.4", {LEVEL_STUDY, 0, {"StudyDate", "-20191231"}});
+    EXPECT(s, SU, "1.2.3.2,1.2.3.6,1.2.3.7,1.2.3.8", {LEVEL_STUDY, 0, {"StudyDate", "20210101-"}});
+    EXPECT(s, SU, "1.2.3.1,1.2.3.5", {LEVEL_STUDY, 0, {"StudyDate", "20200115-20200115"}});
+
+    /* UID lists (a duplicate in the list gives one result). */
+    EXPECT(s, SU, "1.2.3.1,1.2.3.4",
+           {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.4\\1.2.3.1\\1.2.3.4\\1.2.3.77"}});
+
+    /* Several keys together. */
+    EXPECT(s, SU, "1.2.3.1,1.2.3.5",
+           {LEVEL_STUDY,
+            MATCH_PN_CASE_INSENSITIVE,
+            {"PatientName", "smith*", "StudyDate", "20200115"}});
+    EXPECT(s, SU, "1.2.3.1",
+           {LEVEL_STUDY, 0, {"PatientID", "PAT1", "StudyDate", "20200101-20201231"}});
+
+    /* Multi-valued stored values match on any value, through the indexes too,
+     * and the ACR-NEMA date form is found by the date index. */
+    EXPECT(s, SU, "1.2.3.7", {LEVEL_STUDY, 0, {"PatientName", "Doe*"}});
+    EXPECT(s, SU, "1.2.3.7", {LEVEL_STUDY, 0, {"PatientName", "*^Ann"}});
+    EXPECT(s, SU, "1.2.3.7", {LEVEL_STUDY, 0, {"AccessionNumber", "C701"}});
+    EXPECT(s, SU, "1.2.3.7,1.2.3.8", {LEVEL_STUDY, 0, {"AccessionNumber", "C*"}});
+    EXPECT(s, SU, "1.2.3.7", {LEVEL_STUDY, 0, {"StudyDate", "20230303"}});
+    EXPECT(s, SU, "1.2.3.7,1.2.3.8", {LEVEL_STUDY, 0, {"StudyDate", "20230301-20230331"}});
+    EXPECT(s, SU, "1.2.3.8", {LEVEL_STUDY, 0, {"PatientID", "PAT8"}});
+
+    /* Values come back as stored. */
+    EXPECT(s, ATTR_PATIENT_NAME, "Smith^John,Smith^John",
+           {LEVEL_STUDY, 0, {"PatientID", "PAT1", "PatientName", ""}});
+    EXPECT(s, ATTR_STUDY_DATE, "20191231",
+           {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.4", "StudyDate", ""}});
+}
+
+static void test_find_projection(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    static results_t rs;
+    query_t q = {LEVEL_STUDY,
+                 0,
+                 {"PatientName", "Jones*", "StudyDescription", "", "ReferringPhysicianName", "",
+                  "Modality", "CT", "SOPInstanceUID", "1.2.3.4.1.1"}};
+    assert_int_equal(run(fx->s, &q, 0, false, &rs), 0);
+    assert_int_equal(rs.n, 1);
+    const attrs_t *r = &rs.r[0];
+    for (unsigned id = 0; id < ATTR_COUNT; id++) {
+        switch (id) {
+        case ATTR_PATIENT_NAME: assert_string_equal(r->v[id], "Jones^Bob"); break;
+        case ATTR_STUDY_DESCRIPTION: assert_string_equal(r->v[id], "Test study"); break;
+        case ATTR_REFERRING_PHYSICIAN_NAME: assert_string_equal(r->v[id], ""); break;
+        case ATTR_PATIENT_ID: assert_string_equal(r->v[id], "PAT3"); break;
+        case ATTR_STUDY_INSTANCE_UID: assert_string_equal(r->v[id], "1.2.3.4"); break;
+        case ATTR_SPECIFIC_CHARACTER_SET: assert_string_equal(r->v[id], "ISO_IR 192"); break;
+        default: /* unrequested, and keys below the study level: absent */
+            if (r->v[id])
+                fail_msg("unexpected %s = %s", attr_info((attr_id_t)id)->keyword, r->v[id]);
+        }
+    }
+    results_clear(&rs);
+
+    /* No keys at all: only the unique keys. */
+    store_query_t nq = {.level = LEVEL_SERIES, .keys = NULL};
+    assert_int_equal(store_find(fx->s, &nq, collect, &rs), 0);
+    assert_int_equal(rs.n, 10);
+    for (size_t i = 0; i < rs.n; i++) {
+        assert_non_null(attrs_get(&rs.r[i], ATTR_SERIES_INSTANCE_UID));
+        assert_non_null(attrs_get(&rs.r[i], ATTR_STUDY_INSTANCE_UID));
+        assert_null(attrs_get(&rs.r[i], ATTR_MODALITY));
+        assert_null(attrs_get(&rs.r[i], ATTR_SOP_INSTANCE_UID));
+    }
+    results_clear(&rs);
+}
+
+static void test_find_counts_and_modalities(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    store_t *s = fx->s;
+    EXPECT(s, ATTR_NUM_STUDY_SERIES, "2",
+           {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.1", "NumberOfStudyRelatedSeries", ""}});
+    EXPECT(s, ATTR_NUM_STUDY_INSTANCES, "5",
+           {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.1", "NumberOfStudyRelatedInstances", ""}});
+    EXPECT(s, ATTR_MODALITIES_IN_STUDY, "CT,CT,CT\\MR,MR,MR,OT,OT,US",
+           {LEVEL_STUDY, 0, {"ModalitiesInStudy", ""}});
+    EXPECT(s, ATTR_MODALITIES_IN_STUDY, "CT",
+           {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.5", "ModalitiesInStudy", ""}});
+    EXPECT(s, ATTR_NUM_PATIENT_STUDIES, "2",
+           {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.2", "NumberOfPatientRelatedStudies", ""}});
+    EXPECT(s, ATTR_NUM_PATIENT_INSTANCES, "6,6",
+           {LEVEL_STUDY, 0, {"PatientID", "PAT1", "NumberOfPatientRelatedInstances", ""}});
+
+    /* ModalitiesInStudy as a matching key, single and list. */
+    EXPECT(s, ATTR_STUDY_INSTANCE_UID, "1.2.3.1,1.2.3.4,1.2.3.6",
+           {LEVEL_STUDY, 0, {"ModalitiesInStudy", "MR"}});
+    EXPECT(s, ATTR_STUDY_INSTANCE_UID, "1.2.3.1,1.2.3.3,1.2.3.4,1.2.3.6",
+           {LEVEL_STUDY, 0, {"ModalitiesInStudy", "US\\MR"}});
+
+    /* Series level count; a study count requested at series level. */
+    EXPECT(
+        s, ATTR_NUM_SERIES_INSTANCES, "2,3",
+        {LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.3.1", "NumberOfSeriesRelatedInstances", ""}});
+    EXPECT(s, ATTR_NUM_STUDY_INSTANCES, "5,5",
+           {LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.3.1", "NumberOfStudyRelatedInstances", ""}});
+
+    /* Patient level counts. */
+    EXPECT(s, ATTR_NUM_PATIENT_STUDIES, "2",
+           {LEVEL_PATIENT, 0, {"PatientID", "PAT1", "NumberOfPatientRelatedStudies", ""}});
+    EXPECT(s, ATTR_NUM_PATIENT_SERIES, "3",
+           {LEVEL_PATIENT, 0, {"PatientID", "PAT1", "NumberOfPatientRelatedSeries", ""}});
+    EXPECT(s, ATTR_NUM_PATIENT_INSTANCES, "1,1,1,1,2,2,6",
+           {LEVEL_PATIENT, 0, {"NumberOfPatientRelatedInstances", ""}});
+}
+
+static void test_find_patient_level(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    store_t *s = fx->s;
+    const attr_id_t PI = ATTR_PATIENT_ID;
+    /* One result per patient, PAT1 once although it has two studies. */
+    EXPECT(s, PI, "PAT1,PAT2,PAT3,PAT4,PAT5,PAT6,PAT7\\PAT8",
+           {LEVEL_PATIENT, 0, {"PatientID", ""}});
+    EXPECT(s, PI, "PAT1", {LEVEL_PATIENT, 0, {"PatientID", "PAT1"}});
+    EXPECT(s, PI, "PAT1,PAT2,PAT3,PAT4,PAT5,PAT6,PAT7\\PAT8",
+           {LEVEL_PATIENT, 0, {"PatientID", "PAT*"}});
+    EXPECT(s, PI, "PAT7\\PAT8", {LEVEL_PATIENT, 0, {"PatientID", "PAT8"}});
+    EXPECT(s, PI, "PAT7\\PAT8", {LEVEL_PATIENT, 0, {"PatientID", "PAT7\\PAT9"}});
+    EXPECT(s, PI, "PAT1,PAT4",
+           {LEVEL_PATIENT, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "smith*"}});
+    EXPECT(s, ATTR_PATIENT_NAME, "Smith^John", {LEVEL_PATIENT, 0, {"PatientName", "Smith*"}});
+    /* Study keys are ignored at patient level and not returned. */
+    EXPECT(s, ATTR_STUDY_DATE, "(absent)",
+           {LEVEL_PATIENT, 0, {"PatientID", "PAT3", "StudyDate", "20000101"}});
+    EXPECT(s, ATTR_STUDY_INSTANCE_UID, "(absent)", {LEVEL_PATIENT, 0, {"PatientID", "PAT3"}});
+}
+
+static void test_find_series_level(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    store_t *s = fx->s;
+    const attr_id_t SE = ATTR_SERIES_INSTANCE_UID;
+    EXPECT(s, SE, "1.2.3.1.1,1.2.3.1.2", {LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.3.1"}});
+    EXPECT(s, ATTR_MODALITY, "CT,MR",
+           {LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.3.1", "Modality", ""}});
+    EXPECT(s, SE, "1.2.3.1.1,1.2.3.2.1,1.2.3.5.1,1.2.3.5.2", {LEVEL_SERIES, 0, {"Modality", "CT"}});
+    EXPECT(s, SE, "1.2.3.5.2", {LEVEL_SERIES, 0, {"SeriesInstanceUID", "1.2.3.5.2"}});
+    EXPECT(s, SE, "1.2.3.5.2",
+           {LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.3.5", "SeriesInstanceUID", "1.2.3.5.2"}});
+    EXPECT(s, SE, "1.2.3.1.2,1.2.3.5.1",
+           {LEVEL_SERIES, 0, {"SeriesInstanceUID", "1.2.3.5.1\\1.2.3.1.2"}});
+    EXPECT(s, SE, "1.2.3.1.2", {LEVEL_SERIES, 0, {"PatientName", "Smith^John", "Modality", "MR"}});
+    EXPECT(s, SE, "1.2.3.1.1,1.2.3.5.1,1.2.3.5.2",
+           {LEVEL_SERIES, 0, {"StudyDate", "20200115", "Modality", "CT"}});
+    EXPECT(s, ATTR_STUDY_DATE, "20200115,20200115,20200115",
+           {LEVEL_SERIES, 0, {"StudyDate", "20200115", "Modality", "CT"}});
+}
+
+static void test_find_image_level(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    store_t *s = fx->s;
+    const attr_id_t SO = ATTR_SOP_INSTANCE_UID;
+    EXPECT(
+        s, ATTR_INSTANCE_NUMBER, "1,2,3",
+        {LEVEL_IMAGE,
+         0,
+         {"StudyInstanceUID", "1.2.3.1", "SeriesInstanceUID", "1.2.3.1.1", "InstanceNumber", ""}});
+    EXPECT(s, SO, "1.2.3.1.1.2,1.2.3.1.2.2",
+           {LEVEL_IMAGE, 0, {"StudyInstanceUID", "1.2.3.1", "InstanceNumber", "2"}});
+    EXPECT(s, SO, "1.2.3.1.1.2,1.2.3.4.1.1",
+           {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.4.1.1\\1.2.3.1.1.2\\1.2.3.9.9.9"}});
+    EXPECT(s, SO, "1.2.3.1.1.2",
+           {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.4.1.1\\1.2.3.1.1.2", "Modality", "CT"}});
+    EXPECT(s, SO, "", {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.1.1.2", "PatientID", "PAT2"}});
+    EXPECT(s, ATTR_TRANSFER_SYNTAX_UID, EXPLICIT_LE,
+           {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.6.1.1", "TransferSyntaxUID", ""}});
+    EXPECT(s, ATTR_SOP_CLASS_UID, CT_IMAGE "," CT_IMAGE,
+           {LEVEL_IMAGE, 0, {"PatientID", "PAT4", "SOPClassUID", CT_IMAGE}});
+    EXPECT(s, SO, "1.2.3.3.1.1,1.2.3.3.1.2", {LEVEL_IMAGE, 0, {"PatientName", "Smy*"}});
+}
+
+static void test_find_index_matches_scan(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    /* More studies so index ranges have neighbours on both sides. */
+    for (int i = 0; i < 40; i++) {
+        char study[32], series[48], sop[64], pid[16], name[32], date[16], acc[16];
+        snprintf(study, sizeof study, "1.2.5.%d", i);
+        snprintf(series, sizeof series, "1.2.5.%d.1", i);
+        snprintf(sop, sizeof sop, "1.2.5.%d.1.1", i);
+        snprintf(pid, sizeof pid, "Q%02d", i % 13);
+        snprintf(name, sizeof name, "%s^N%d", i % 3 ? "Smith" : "smyth", i);
+        snprintf(date, sizeof date, "2020%02d%02d", 1 + i % 12, 1 + i % 28);
+        snprintf(acc, sizeof acc, "A%d", 100 + i % 7);
+        inst_t in = {(uint32_t)(i % 5),   pid,    name, study, date, acc,
+                     i % 2 ? "CT" : "MR", series, sop,  "1"};
+        put_ok(fx->s, &in, 32, (uint32_t)(1000 + i));
+    }
+    static const query_t queries[] = {
+        {LEVEL_STUDY, 0, {"PatientID", "Q03"}},
+        {LEVEL_STUDY, 0, {"PatientID", "Q1*"}},
+        {LEVEL_STUDY, 0, {"PatientID", "Q0?"}},
+        {LEVEL_STUDY, 0, {"AccessionNumber", "A100"}},
+        {LEVEL_STUDY, 0, {"AccessionNumber", "A10*"}},
+        {LEVEL_STUDY, 0, {"StudyDate", "20200303"}},
+        {LEVEL_STUDY, 0, {"StudyDate", "20200301-20200630"}},
+        {LEVEL_STUDY, 0, {"StudyDate", "-20200415"}},
+        {LEVEL_STUDY, 0, {"StudyDate", "20201001-"}},
+        {LEVEL_STUDY, 0, {"PatientName", "Smith^N1*"}},
+        {LEVEL_STUDY, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "SMYTH*"}},
+        {LEVEL_STUDY, 0, {"PatientName", "smyth^N3"}},
+        {LEVEL_STUDY, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "SMITH^N4"}},
+        {LEVEL_STUDY, 0, {"PatientName", "Sm*", "StudyDate", "20200101-20200531"}},
+        {LEVEL_STUDY, 0, {"PatientID", "Q03", "AccessionNumber", "A101"}},
+        {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.5.3\\1.2.5.30\\1.2.3.5"}},
+        {LEVEL_SERIES, 0, {"PatientID", "Q05", "Modality", "CT"}},
+        {LEVEL_SERIES, 0, {"SeriesInstanceUID", "1.2.5.7.1"}},
+        {LEVEL_IMAGE, 0, {"StudyDate", "20200202-20200909", "Modality", "MR"}},
+        {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.5.8.1.1\\1.2.5.9.1.1", "PatientID", "Q08"}},
+        {LEVEL_PATIENT, 0, {"PatientID", "Q07"}},
+        {LEVEL_PATIENT, 0, {"PatientID", "Q1*", "NumberOfPatientRelatedStudies", ""}},
+        {LEVEL_PATIENT, MATCH_PN_CASE_INSENSITIVE, {"PatientName", "smyth*"}},
+    };
+    static results_t a, b;
+    for (size_t i = 0; i < sizeof queries / sizeof queries[0]; i++) {
+        char ia[8192], ib[8192];
+        assert_int_equal(run(fx->s, &queries[i], 0, false, &a), 0);
+        assert_int_equal(run(fx->s, &queries[i], 0, true, &b), 0);
+        ids(&a, ia, sizeof ia);
+        ids(&b, ib, sizeof ib);
+        if (strcmp(ia, ib) != 0)
+            fail_msg("query %zu: index gave [%s], scan gave [%s]", i, ia, ib);
+        if (a.n == 0)
+            fail_msg("query %zu matched nothing: not a useful comparison", i);
+    }
+    results_clear(&a);
+    results_clear(&b);
+}
+
+static void test_find_limit_and_errors(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    static results_t rs;
+    query_t all = {LEVEL_STUDY, 0, {"PatientID", ""}};
+    assert_int_equal(run(fx->s, &all, 3, false, &rs), SP_ELIMIT);
+    assert_int_equal(rs.n, 3);
+    assert_int_equal(run(fx->s, &all, 8, false, &rs), 0); /* exactly the number there is */
+    assert_int_equal(rs.n, 8);
+    query_t images = {LEVEL_IMAGE, 0, {"PatientID", "PAT1"}};
+    assert_int_equal(run(fx->s, &images, 5, false, &rs), SP_ELIMIT);
+    assert_int_equal(rs.n, 5);
+    query_t patients = {LEVEL_PATIENT, 0, {"PatientID", ""}};
+    assert_int_equal(run(fx->s, &patients, 2, false, &rs), SP_ELIMIT);
+    assert_int_equal(rs.n, 2);
+
+    /* The callback stopping is not an error. */
+    rs.stop_after = 2;
+    assert_int_equal(run(fx->s, &all, 0, false, &rs), 0);
+    assert_int_equal(rs.n, 2);
+    rs.stop_after = 0;
+
+    static const query_t bad[] = {
+        {LEVEL_STUDY, 0, {"StudyDate", "20201301"}},
+        {LEVEL_STUDY, 0, {"StudyDate", "20200101-20191231"}},
+        {LEVEL_STUDY, 0, {"StudyDate", "2020-01-01"}},
+        {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.02.3"}},
+        {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3*"}},
+        {LEVEL_STUDY, 0, {"StudyTime", "2500"}},
+        {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2\\x"}},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        if (run(fx->s, &bad[i], 0, false, &rs) != SP_EINVAL)
+            fail_msg("bad query %zu accepted", i);
+        assert_int_equal(rs.n, 0);
+    }
+    store_query_t q = {.level = (level_t)7};
+    assert_int_equal(store_find(fx->s, &q, collect, &rs), SP_EINVAL);
+    results_clear(&rs);
+}
+
+/* ---- partitions ------------------------------------------------------ */
+
+static void test_partition_digest(void **state)
+{
+    fixture_t *fx = *state;
+    char dir2[64] = "/tmp/test_store.XXXXXX";
+    assert_non_null(mkdtemp(dir2));
+    store_t *other = open_at(dir2);
+
+    uint8_t d1[SP_DIGEST_LEN], d2[SP_DIGEST_LEN], empty[SP_DIGEST_LEN];
+    uint64_t c1 = 99, c2, b1 = 99, b2;
+    sp_digest("", 0, empty);
+    assert_int_equal(store_partition_digest(fx->s, 42, d1, &c1, &b1), 0);
+    assert_int_equal(c1, 0);
+    assert_int_equal(b1, 0);
+    assert_memory_equal(d1, empty, SP_DIGEST_LEN);
+    assert_int_equal(store_partition_digest(fx->s, 70000, d1, &c1, &b1), SP_EINVAL);
+
+    inst_t in[4] = {
+        simple(42, "1.2.3", "1.2.3.1", "1.2.3.1.1"),
+        simple(42, "1.2.3", "1.2.3.1", "1.2.3.1.2"),
+        simple(42, "1.2.4", "1.2.4.1", "1.2.4.1.1"),
+        simple(43, "1.2.5", "1.2.5.1", "1.2.5.1.1"),
+    };
+    for (int i = 0; i < 4; i++)
+        put_ok(fx->s, &in[i], 100 + (size_t)i, (uint32_t)i);
+    for (int i = 3; i >= 0; i--) /* other order, same content */
+        put_ok(other, &in[i], 100 + (size_t)i, (uint32_t)i);
+
+    assert_int_equal(store_partition_digest(fx->s, 42, d1, &c1, &b1), 0);
+    assert_int_equal(store_partition_digest(other, 42, d2, &c2, &b2), 0);
+    assert_memory_equal(d1, d2, SP_DIGEST_LEN);
+    assert_int_equal(c1, 3);
+    assert_int_equal(c2, 3);
+    assert_int_equal(b1, 100 + 101 + 102);
+    assert_int_equal(b2, b1);
+    assert_memory_not_equal(d1, empty, SP_DIGEST_LEN);
+
+    /* One more instance in one store: the digests differ; other partitions keep theirs. */
+    uint8_t p43[SP_DIGEST_LEN], p43b[SP_DIGEST_LEN];
+    assert_int_equal(store_partition_digest(fx->s, 43, p43, NULL, NULL), 0);
+    inst_t extra = simple(42, "1.2.4", "1.2.4.1", "1.2.4.1.2");
+    put_ok(fx->s, &extra, 10, 77);
+    assert_int_equal(store_partition_digest(fx->s, 42, d1, &c1, &b1), 0);
+    assert_int_equal(c1, 4);
+    assert_memory_not_equal(d1, d2, SP_DIGEST_LEN);
+    assert_int_equal(store_partition_digest(fx->s, 43, p43b, NULL, NULL), 0);
+    assert_memory_equal(p43, p43b, SP_DIGEST_LEN);
+
+    /* Same instance UIDs with different content: digests differ. */
+    put_ok(other, &extra, 10, 78);
+    assert_int_equal(store_partition_digest(other, 42, d2, &c2, &b2), 0);
+    assert_int_equal(c2, 4);
+    assert_memory_not_equal(d1, d2, SP_DIGEST_LEN);
+
+    store_close(&other);
+    rm_tree(dir2);
+}
+
+typedef struct {
+    char seen[64][65];
+    int n;
+    int stop_at;
+} pages_t;
+
+static int page_entry(void *ctx, const store_entry_t *e)
+{
+    pages_t *p = ctx;
+    assert_int_equal(e->partition, 42);
+    assert_true(p->n < 64);
+    for (int i = 0; i < p->n; i++)
+        if (strcmp(p->seen[i], e->sop_uid) == 0)
+            fail_msg("%s visited twice", e->sop_uid);
+    strcpy(p->seen[p->n++], e->sop_uid);
+    return p->stop_at && p->n == p->stop_at;
+}
+
+static void test_partition_list_paging(void **state)
+{
+    fixture_t *fx = *state;
+    for (int i = 0; i < 23; i++) {
+        char study[32], series[48], sop[64];
+        snprintf(study, sizeof study, "1.2.%d", 3 + i % 3);
+        snprintf(series, sizeof series, "%s.%d", study, 1 + i % 2);
+        snprintf(sop, sizeof sop, "%s.%d", series, i);
+        inst_t in = simple(42, study, series, sop);
+        put_ok(fx->s, &in, 20, (uint32_t)i);
+    }
+    inst_t elsewhere = simple(41, "1.2.9", "1.2.9.1", "1.2.9.1.1");
+    put_ok(fx->s, &elsewhere, 20, 99);
+    inst_t after = simple(43, "1.2.8", "1.2.8.1", "1.2.8.1.1");
+    put_ok(fx->s, &after, 20, 98);
+
+    pages_t p = {0};
+    char *cursor = NULL;
+    int pages = 0;
+    do {
+        char *next = NULL;
+        int before = p.n;
+        assert_int_equal(store_partition_list(fx->s, 42, cursor, 5, page_entry, &p, &next), 0);
+        assert_true(p.n - before <= 5);
+        free(cursor);
+        cursor = next;
+        pages++;
+        assert_true(pages < 10);
+    } while (cursor);
+    assert_int_equal(p.n, 23);
+    assert_int_equal(pages, 5);
+
+    /* All at once, and a limit equal to the count: no cursor back. */
+    pages_t q = {0};
+    char *next = (char *)"x";
+    assert_int_equal(store_partition_list(fx->s, 42, NULL, 0, page_entry, &q, &next), 0);
+    assert_int_equal(q.n, 23);
+    assert_null(next);
+    memset(&q, 0, sizeof q);
+    assert_int_equal(store_partition_list(fx->s, 42, "", 23, page_entry, &q, &next), 0);
+    assert_int_equal(q.n, 23);
+    assert_null(next);
+
+    /* Stopping in the callback resumes after the entry it stopped on. */
+    memset(&q, 0, sizeof q);
+    q.stop_at = 4;
+    assert_int_equal(store_partition_list(fx->s, 42, NULL, 0, page_entry, &q, &next), 0);
+    assert_int_equal(q.n, 4);
+    assert_non_null(next);
+    q.stop_at = 0;
+    assert_int_equal(store_partition_list(fx->s, 42, next, 0, page_entry, &q, &cursor), 0);
+    assert_int_equal(q.n, 23);
+    assert_null(cursor);
+    free(next);
+
+    /* A cursor naming an instance that is not there still resumes in order. */
+    memset(&q, 0, sizeof q);
+    assert_int_equal(
+        store_partition_list(fx->s, 42, "1.2.4/1.2.4.1/1.2.4.1.0", 0, page_entry, &q, &next), 0);
+    assert_true(q.n > 0 && q.n < 23);
+    assert_null(next);
+
+    assert_int_equal(store_partition_list(fx->s, 42, "1.2.3/1.2.3.1", 5, page_entry, &q, &next),
+                     SP_EINVAL);
+    assert_int_equal(store_partition_list(fx->s, 42, "1.2.3/x/1.2", 5, page_entry, &q, &next),
+                     SP_EINVAL);
+    assert_int_equal(store_partition_list(fx->s, 65536, NULL, 5, page_entry, &q, &next), SP_EINVAL);
+}
+
+/* ---- persistence ------------------------------------------------------ */
+
+static void test_persistence_across_reopen(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    inst_t big = simple(11, "1.2.7", "1.2.7.1", "1.2.7.1.1");
+    put_ok(fx->s, &big, 300000, 4);
+    store_stats_t before = stats(fx->s);
+    assert_int_equal(before.instances, 15);
+    assert_int_equal(before.studies, 9);
+
+    reopen(fx);
+    store_stats_t after = stats(fx->s);
+    assert_int_equal(after.instances, before.instances);
+    assert_int_equal(after.bytes, before.bytes);
+    assert_int_equal(after.studies, before.studies);
+    assert_int_equal(after.conflicts, 0);
+    assert_int_equal(after.corrupt_reads, 0);
+    assert_true(after.db_size_bytes > 300000); /* recovery flushed the WAL to files */
+    check_get(fx->s, &big, 300000, 4);
+    EXPECT(fx->s, ATTR_STUDY_INSTANCE_UID, "1.2.3.1,1.2.3.2,1.2.7",
+           {LEVEL_STUDY, 0, {"PatientID", "PAT1"}});
+
+    /* Still idempotent after reopening. */
+    uint8_t *b = make_bytes(300000, 4);
+    store_outcome_t out;
+    assert_int_equal(put_data(fx->s, &big, b, 300000, &out), 0);
+    assert_int_equal(out, STORE_DUPLICATE);
+    free(b);
+    assert_int_equal(stats(fx->s).instances, 15);
+}
+
+/* ---- concurrency ------------------------------------------------------ */
+
+#define THREADS 4
+#define OWN_PUTS 40
+#define SHARED_PUTS 25
+
+typedef struct {
+    store_t *s;
+    int id;
+    int outcomes[3];
+    int race_outcome;
+    int errors;
+} worker_t;
+
+static void count_put(worker_t *w, const inst_t *in, size_t len, uint32_t seed, int *slot)
+{
+    uint8_t *b = make_bytes(len, seed);
+    store_outcome_t out;
+    if (put_data(w->s, in, b, len, &out) != 0)
+        w->errors++;
+    else if (slot)
+        *slot = (int)out;
+    else
+        w->outcomes[out]++;
+    free(b);
+}
+
+static void *worker(void *arg)
+{
+    worker_t *w = arg;
+    char study[32], series[48], sop[64];
+    for (int i = 0; i < 3 * SHARED_PUTS || i < OWN_PUTS; i++) {
+        if (i % 3 == 2 && i / 3 < SHARED_PUTS) {
+            /* Shared SOPs, identical bytes from every thread, in another order. */
+            int j = (i / 3 + w->id * 7) % SHARED_PUTS;
+            snprintf(sop, sizeof sop, "1.2.9.1.100.%d", j);
+            inst_t in = simple(9, "1.2.9.1", "1.2.9.1.100", sop);
+            count_put(w, &in, 3000, (uint32_t)(5000 + j), NULL);
+        }
+        if (i < OWN_PUTS) {
+            /* Own SOPs: half in a study of this thread, half in a shared study. */
+            if (i % 2)
+                snprintf(study, sizeof study, "1.2.9.1");
+            else
+                snprintf(study, sizeof study, "1.2.8.%d", w->id);
+            snprintf(series, sizeof series, "%s.%d", study, w->id + 1);
+            snprintf(sop, sizeof sop, "%s.%d", series, i);
+            inst_t in = simple(9, study, series, sop);
+            count_put(w, &in, 1000 + (size_t)i, (uint32_t)(w->id * 1000 + i), NULL);
+        }
+    }
+    /* Same SOP, different bytes from each thread: one wins, the rest conflict. */
+    inst_t race = simple(9, "1.2.9.2", "1.2.9.2.1", "1.2.9.2.1.1");
+    count_put(w, &race, 2000, (uint32_t)(9000 + w->id), &w->race_outcome);
+    return NULL;
+}
+
+static void test_concurrent_puts(void **state)
+{
+    fixture_t *fx = *state;
+    pthread_t t[THREADS];
+    worker_t w[THREADS];
+    memset(w, 0, sizeof w);
+    for (int i = 0; i < THREADS; i++) {
+        w[i].s = fx->s;
+        w[i].id = i;
+        w[i].race_outcome = -1;
+        assert_int_equal(pthread_create(&t[i], NULL, worker, &w[i]), 0);
+    }
+    int stored = 0, dup = 0, conflict = 0, race_stored = 0, race_conflict = 0;
+    for (int i = 0; i < THREADS; i++) {
+        pthread_join(t[i], NULL);
+        assert_int_equal(w[i].errors, 0);
+        stored += w[i].outcomes[STORE_STORED];
+        dup += w[i].outcomes[STORE_DUPLICATE];
+        conflict += w[i].outcomes[STORE_CONFLICT];
+        race_stored += w[i].race_outcome == STORE_STORED;
+        race_conflict += w[i].race_outcome == STORE_CONFLICT;
+    }
+    assert_int_equal(stored, THREADS * OWN_PUTS + SHARED_PUTS);
+    assert_int_equal(dup, (THREADS - 1) * SHARED_PUTS);
+    assert_int_equal(conflict, 0);
+    assert_int_equal(race_stored, 1);
+    assert_int_equal(race_conflict, THREADS - 1);
+
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, THREADS * OWN_PUTS + SHARED_PUTS + 1);
+    assert_int_equal(st.studies, THREADS + 2);
+    assert_int_equal(st.conflicts, THREADS - 1);
+    int n = 0;
+    assert_int_equal(store_list(fx->s, "1.2.9.1", NULL, count_entry, &n), 0);
+    assert_int_equal(n, THREADS * OWN_PUTS / 2 + SHARED_PUTS);
+
+    /* The stored race copy is one of the candidates, intact. */
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, "1.2.9.2.1.1", &o), 0);
+    int matches = 0;
+    for (int i = 0; i < THREADS; i++) {
+        uint8_t *b = make_bytes(2000, (uint32_t)(9000 + i));
+        matches += o.len == 2000 && memcmp(o.data, b, 2000) == 0;
+        free(b);
+    }
+    assert_int_equal(matches, 1);
+    store_object_free(&o);
+
+    /* Counts agree with a fresh count at open. */
+    reopen(fx);
+    store_stats_t again = stats(fx->s);
+    assert_int_equal(again.instances, st.instances);
+    assert_int_equal(again.bytes, st.bytes);
+    assert_int_equal(again.studies, st.studies);
+    assert_int_equal(again.conflicts, st.conflicts);
+    static results_t rs;
+    query_t q = {
+        LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.9.1", "NumberOfSeriesRelatedInstances", ""}};
+    assert_int_equal(run(fx->s, &q, 0, false, &rs), 0);
+    assert_int_equal(rs.n, THREADS + 1);
+    results_clear(&rs);
+}
+
+int main(void)
+{
+    log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_put_get_bit_exact, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_duplicate_is_idempotent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_conflict_is_kept_aside, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wrong_digest_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_input_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_study_in_other_partition_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_corrupt_object_detected, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_corrupt_blob_file_detected, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_list_study_and_series, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_study_level, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_projection, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_counts_and_modalities, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_patient_level, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_series_level, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_image_level, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_index_matches_scan, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_find_limit_and_errors, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_partition_digest, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_partition_list_paging, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_persistence_across_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_concurrent_puts, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
