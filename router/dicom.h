@@ -12,6 +12,10 @@
  * connections wait in a bounded queue; beyond it they are rejected
  * (A-ASSOCIATE-RJ, transient, local limit exceeded).
  *
+ * DCMTK takes an accepted socket through the process-global
+ * dcmExternalSocketHandle; the adapter serialises its use, so every DICOM
+ * acceptor in the process must be a dicom_server (any number of them).
+ *
  * Presentation contexts accepted: Verification; every standard storage SOP
  * class DCMTK knows with every transfer syntax it knows (uncompressed,
  * deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, ...);
@@ -142,8 +146,18 @@ typedef struct {
 /* Starts the sub-operations. For C-MOVE, opens an association to host:port
  * as calling AE our own title and called AE the destination, proposing each
  * SOP class with its stored transfer syntax and the uncompressed ones.
- * Returns 0, or a negative code with a message in err (then the handler
- * returns DICOM_REFUSED_SUBOPS or similar). */
+ * For C-GET, host and port are ignored (pass NULL, 0): the sub-operations go
+ * over the requesting association, on the storage contexts it negotiated in
+ * the SCP role. count is the number of instances to send (the remaining
+ * count of pending responses). Call at most once per retrieve. Returns 0, or
+ * a negative code with a message in err (then the handler returns
+ * DICOM_REFUSED_SUBOPS or similar).
+ *
+ * Final status: the adapter sends the handler's status, except that
+ * DICOM_SUCCESS becomes DICOM_WARNING_SUBOPS when any sub-operation failed or
+ * warned, and any status becomes DICOM_CANCEL after a C-CANCEL. Failed SOP
+ * Instance UIDs are listed in the final response whenever it is not
+ * success. */
 int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int port,
                          const dicom_instance_kind_t *kinds, size_t count, char *err,
                          size_t errlen);

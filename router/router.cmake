@@ -1,0 +1,20 @@
+# router/router.cmake - build rules of the DICOM front door, included by the
+# top-level CMakeLists.txt. All DCMTK (C++) code lives in sp_dicom.
+find_package(DCMTK CONFIG REQUIRED)
+
+add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_adapter.cc)
+target_include_directories(sp_dicom PUBLIC ${CMAKE_SOURCE_DIR}/router)
+target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-parameter
+  $<$<BOOL:${SP_WERROR}>:-Werror>)
+target_link_libraries(sp_dicom
+  PUBLIC sp_common Threads::Threads
+  PRIVATE DCMTK::dcmnet DCMTK::dcmdata DCMTK::dcmjpeg DCMTK::dcmjpls DCMTK::dcmimage
+          DCMTK::dcmimgle DCMTK::oflog DCMTK::ofstd)
+
+# Test harness: a C program that serves the adapter from memory. The pytest
+# script tests/cluster/test_dicom_adapter.py drives it with DCMTK's tools; it
+# is registered as cluster.test_dicom_adapter by the glob in CMakeLists.txt.
+add_executable(dicom_harness ${CMAKE_SOURCE_DIR}/tests/tools/dicom_harness.c)
+target_compile_options(dicom_harness PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(dicom_harness PRIVATE sp_dicom sp_common)
+set_target_properties(dicom_harness PROPERTIES LINKER_LANGUAGE CXX)
