@@ -100,6 +100,8 @@ static int set_value(const config_option_t *o, const char *value, void *target, 
     bool bounded = o->min != 0 || o->max != 0;
 
     switch (o->type) {
+    case CONFIG_ENTRIES:
+        return 0; /* entries have no default; each line goes to o->entry */
     case CONFIG_STRING:
     case CONFIG_PATH: {
         char **slot = field(target, o);
@@ -172,7 +174,8 @@ static int on_entry(void *user, const char *section, const char *key, const char
         return 0;
     for (size_t i = 0; i < st->n; i++) {
         const config_option_t *o = &st->opts[i];
-        if (strcmp(o->section, section) != 0 || strcmp(o->key, key) != 0)
+        if (o->type == CONFIG_ENTRIES || strcmp(o->section, section) != 0 ||
+            strcmp(o->key, key) != 0)
             continue;
         if (st->seen[i]) {
             sp_fmt(st->err, sizeof st->err, "key '%s' in [%s] is given twice", key, section);
@@ -182,6 +185,17 @@ static int on_entry(void *user, const char *section, const char *key, const char
         char why[256];
         if (set_value(o, value, st->target, st->base_dir, why, sizeof why) != 0) {
             sp_fmt(st->err, sizeof st->err, "key '%s' in [%s] %s", key, section, why);
+            return 0;
+        }
+        return 1;
+    }
+    for (size_t i = 0; i < st->n; i++) {
+        const config_option_t *o = &st->opts[i];
+        if (o->type != CONFIG_ENTRIES || strcmp(o->section, section) != 0)
+            continue;
+        char why[256] = "is malformed";
+        if (o->entry(st->target, key, value, why, sizeof why) != 0) {
+            sp_fmt(st->err, sizeof st->err, "entry '%s' in [%s] %s", key, section, why);
             return 0;
         }
         return 1;
@@ -258,6 +272,9 @@ void config_print_reference(FILE *out, const config_option_t *opts, size_t n)
             fprintf(out, "%s[%s]\n", section ? "\n" : "", o->section);
             section = o->section;
         }
-        fprintf(out, "# %s\n%s = %s\n", o->help, o->key, o->default_value);
+        if (o->type == CONFIG_ENTRIES)
+            fprintf(out, "# %s\n# %s\n", o->help, o->default_value);
+        else
+            fprintf(out, "# %s\n%s = %s\n", o->help, o->key, o->default_value);
     }
 }

@@ -6,6 +6,8 @@
  * default (every option has one), bounds and a one-line description. Loading
  * applies every default, then the file; an unknown section or key, a key
  * given twice, or a bad value is an error naming the file, line and key.
+ * A CONFIG_ENTRIES option makes a section a list of named entries (e.g.
+ * [destinations] with one "AE = host:port" line each) parsed by a callback.
  * The same table prints the configuration reference (--help-config), so the
  * documentation cannot drift from the parser.
  *
@@ -24,6 +26,7 @@ typedef enum {
     CONFIG_BOOL,     /* bool: true/false, yes/no, on/off, 1/0 */
     CONFIG_SIZE,     /* size_t bytes: a number with optional K, M, G (powers of 1024) */
     CONFIG_MS,       /* int milliseconds: a number with optional ms, s, m, h */
+    CONFIG_ENTRIES,  /* key "*": every key of the section is a name handed to entry() */
 } config_type_t;
 
 typedef struct {
@@ -34,6 +37,10 @@ typedef struct {
     const char *default_value; /* text, parsed like a file value; "" for an empty string */
     int64_t min, max;          /* bounds for INT, SIZE and MS (ignored when both 0) */
     const char *help;
+    /* CONFIG_ENTRIES only: parses one "name = value" line into target.
+     * Returns 0, or non-zero with a reason in why (the loader adds file,
+     * line and key). */
+    int (*entry)(void *target, const char *name, const char *value, char *why, size_t whylen);
 } config_option_t;
 
 /* Applies every default to the settings struct at target. Returns 0, or

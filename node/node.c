@@ -42,7 +42,7 @@ typedef struct {
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                            \
-    {sec, key, type, offsetof(node_settings_t, field), def, lo, hi, help}
+    {sec, key, type, offsetof(node_settings_t, field), def, lo, hi, help, NULL}
 
 static const config_option_t node_options[] = {
     OPT("node", "id", CONFIG_STRING, id, "n1", 0, 0, "Name of this node, unique in the cluster"),

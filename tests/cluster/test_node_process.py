@@ -37,7 +37,7 @@ def put(node, key, sop, data_path, **kw):
 
 def test_listed_client_stores_and_reads_back_bit_exact(cluster):
     node, key, tmp = cluster
-    for i, size in enumerate([0, 12_000, 3 * 1024 * 1024 + 17]):  # 3 MiB spans several chunks
+    for i, size in enumerate([1, 12_000, 3 * 1024 * 1024 + 17]):  # 3 MiB spans several chunks
         src = tmp / f"obj{i}.dcm"
         src.write_bytes(os.urandom(size))
         sop = f"{SERIES}.{i + 1}"

@@ -22,15 +22,31 @@ typedef struct {
     bool sync;
     size_t cache;
     int timeout;
+    int ndest;
+    char dest[4][64];
 } settings_t;
 
+/* Entry parser for [dest]: "AE = host:port", the port must be a number. */
+static int parse_dest(void *target, const char *name, const char *value, char *why, size_t whylen)
+{
+    settings_t *s = target;
+    const char *colon = strrchr(value, ':');
+    if (colon == NULL || atoi(colon + 1) <= 0 || s->ndest == 4) {
+        snprintf(why, whylen, "expects HOST:PORT, not '%s'", value);
+        return -1;
+    }
+    snprintf(s->dest[s->ndest++], sizeof s->dest[0], "%s@%s", name, value);
+    return 0;
+}
+
 static const config_option_t opts[] = {
-    {"node", "name", CONFIG_STRING, offsetof(settings_t, name), "n1", 0, 0, "name"},
-    {"node", "dir", CONFIG_PATH, offsetof(settings_t, dir), "data", 0, 0, "folder"},
-    {"node", "workers", CONFIG_INT, offsetof(settings_t, workers), "8", 1, 64, "threads"},
-    {"store", "sync", CONFIG_BOOL, offsetof(settings_t, sync), "true", 0, 0, "fsync"},
-    {"store", "cache", CONFIG_SIZE, offsetof(settings_t, cache), "128M", 0, 0, "cache"},
-    {"store", "timeout", CONFIG_MS, offsetof(settings_t, timeout), "10s", 0, 3600000, "timeout"},
+    {"node", "name", CONFIG_STRING, offsetof(settings_t, name), "n1", 0, 0, "name", NULL},
+    {"node", "dir", CONFIG_PATH, offsetof(settings_t, dir), "data", 0, 0, "folder", NULL},
+    {"node", "workers", CONFIG_INT, offsetof(settings_t, workers), "8", 1, 64, "threads", NULL},
+    {"store", "sync", CONFIG_BOOL, offsetof(settings_t, sync), "true", 0, 0, "fsync", NULL},
+    {"store", "cache", CONFIG_SIZE, offsetof(settings_t, cache), "128M", 0, 0, "cache", NULL},
+    {"store", "timeout", CONFIG_MS, offsetof(settings_t, timeout), "10s", 0, 3600000, "timeout", NULL},
+    {"dest", "*", CONFIG_ENTRIES, 0, "AE = HOST:PORT", 0, 0, "destinations", parse_dest},
 };
 
 static char dir_template[] = "/tmp/test_config.XXXXXX";
@@ -117,6 +133,21 @@ static void test_errors_name_file_line_key(void **state)
     expect_error("[node]\nthis line has no equals sign\n", 2, "syntax");
 }
 
+static void test_entries(void **state)
+{
+    (void)state;
+    settings_t s;
+    char err[512];
+    assert_int_equal(load_text("[dest]\nVIEWER = 127.0.0.1:104\nPACS2 = host:11112\n", &s, err,
+                               sizeof err),
+                     0);
+    assert_int_equal(s.ndest, 2);
+    assert_string_equal(s.dest[0], "VIEWER@127.0.0.1:104");
+    assert_string_equal(s.dest[1], "PACS2@host:11112");
+    config_free(opts, SP_ARRAY_LEN(opts), &s);
+    expect_error("[dest]\nVIEWER = 127.0.0.1:104\nBAD = nowhere\n", 3, "entry 'BAD' in [dest]");
+}
+
 static void test_missing_file(void **state)
 {
     (void)state;
@@ -134,6 +165,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults_and_values),
         cmocka_unit_test(test_errors_name_file_line_key),
+        cmocka_unit_test(test_entries),
         cmocka_unit_test(test_missing_file),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
