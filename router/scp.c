@@ -1,0 +1,207 @@
+/* scp.c - DICOM service handlers of the router (scp.h). */
+#include "scp.h"
+
+#include "../common/base.h"
+#include "../common/log.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len)
+{
+    scp_t *scp = ctx;
+    uint8_t *part10 = NULL;
+    size_t len = 0;
+    int rc = dicom_make_part10(req->dataset, req->dataset_len, req->sop_class_uid,
+                               req->sop_instance_uid, req->transfer_syntax_uid, &part10, &len);
+    if (rc != 0) {
+        sp_fmt(comment, comment_len, "cannot build the Part-10 object: %s", sp_strerror(rc));
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    backend_put_result_t res;
+    rc = backend_put(scp->backend, req->attrs, part10, len, &res);
+    free(part10);
+    const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
+    if (rc == 0) {
+        log_debug("stored %s of study %s from %s on %d replicas", req->sop_instance_uid, study,
+                  req->peer->calling_ae, res.acknowledged);
+        return DICOM_SUCCESS;
+    }
+    if (rc == SP_ECONFLICT) {
+        sp_fmt(comment, comment_len, "SOP Instance UID already stored with different content");
+        log_warn("conflict: %s of study %s from %s differs from the stored copy (kept aside on "
+                 "%d replicas)",
+                 req->sop_instance_uid, study, req->peer->calling_ae, res.conflicts);
+        return SCP_STATUS_DUPLICATE_SOP;
+    }
+    sp_fmt(comment, comment_len, "stored on %d replicas, %d needed: %s", res.acknowledged,
+           res.needed, res.detail);
+    log_error("store of %s of study %s from %s failed: %d replicas acknowledged (%s)",
+              req->sop_instance_uid, study, req->peer->calling_ae, res.acknowledged, res.detail);
+    return DICOM_OUT_OF_RESOURCES;
+}
+
+static int emit_match(void *ctx, const attrs_t *match) { return dicom_find_emit(ctx, match); }
+
+uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len)
+{
+    scp_t *scp = ctx;
+    bool partial = false;
+    int rc = backend_find(scp->backend, dicom_find_level(q), dicom_find_keys(q), scp->max_results,
+                          emit_match, q, &partial);
+    if (dicom_find_cancelled(q))
+        return DICOM_CANCEL;
+    if (rc == SP_ELIMIT) {
+        sp_fmt(comment, comment_len, "more than %zu matches; narrow the query", scp->max_results);
+        log_warn("C-FIND from %s stopped at %zu matches", dicom_find_peer(q)->calling_ae,
+                 scp->max_results);
+        return DICOM_OUT_OF_RESOURCES;
+    }
+    if (rc != 0) {
+        sp_fmt(comment, comment_len, "query failed: %s", sp_strerror(rc));
+        log_error("C-FIND from %s failed: %s", dicom_find_peer(q)->calling_ae, sp_strerror(rc));
+        return rc > 0 ? DICOM_CANCEL : DICOM_UNABLE_TO_PROCESS;
+    }
+    if (partial)
+        log_warn("C-FIND from %s answered without every node", dicom_find_peer(q)->calling_ae);
+    return DICOM_SUCCESS;
+}
+
+/* The instances a retrieve resolves to. */
+typedef struct {
+    char *study;
+    char *sop;
+    char *sop_class;
+    char *ts;
+} retrieve_item_t;
+
+typedef struct {
+    retrieve_item_t *items;
+    size_t n, cap;
+} retrieve_list_t;
+
+static int collect_instance(void *ctx, const attrs_t *m)
+{
+    retrieve_list_t *l = ctx;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->items = sp_realloc(l->items, l->cap * sizeof *l->items);
+    }
+    l->items[l->n++] = (retrieve_item_t){sp_strdup(attrs_str(m, ATTR_STUDY_INSTANCE_UID)),
+                                         sp_strdup(attrs_str(m, ATTR_SOP_INSTANCE_UID)),
+                                         sp_strdup(attrs_str(m, ATTR_SOP_CLASS_UID)),
+                                         sp_strdup(attrs_str(m, ATTR_TRANSFER_SYNTAX_UID))};
+    return 0;
+}
+
+static void retrieve_list_free(retrieve_list_t *l)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        free(l->items[i].study);
+        free(l->items[i].sop);
+        free(l->items[i].sop_class);
+        free(l->items[i].ts);
+    }
+    free(l->items);
+}
+
+/* The unique key a retrieve at each level must carry (PS3.4 C.4.2.2.1). */
+static attr_id_t unique_key(level_t level)
+{
+    static const attr_id_t keys[] = {ATTR_PATIENT_ID, ATTR_STUDY_INSTANCE_UID,
+                                     ATTR_SERIES_INSTANCE_UID, ATTR_SOP_INSTANCE_UID};
+    return keys[level];
+}
+
+/* Resolves a retrieve identifier to its instances with an IMAGE-level find
+ * over the cluster, matching on the identifier's keys. */
+static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *out, char *comment,
+                            size_t comment_len)
+{
+    const attrs_t *id = dicom_retrieve_keys(r);
+    level_t level = dicom_retrieve_level(r);
+    const char *unique = attrs_get(id, unique_key(level));
+    if (unique == NULL || unique[0] == '\0') {
+        sp_fmt(comment, comment_len, "%s-level retrieve without %s",
+               attr_level_name(level), attr_info(unique_key(level))->keyword);
+        return SP_EINVAL;
+    }
+    attrs_t keys = {0};
+    for (size_t i = 0; i < ATTR_STORED_COUNT; i++)
+        if (id->v[i] && id->v[i][0] && attr_info((attr_id_t)i)->level <= level)
+            attrs_set(&keys, (attr_id_t)i, id->v[i]);
+    static const attr_id_t wanted[] = {ATTR_STUDY_INSTANCE_UID, ATTR_SOP_INSTANCE_UID,
+                                       ATTR_SOP_CLASS_UID, ATTR_TRANSFER_SYNTAX_UID};
+    for (size_t i = 0; i < SP_ARRAY_LEN(wanted); i++)
+        if (attrs_get(&keys, wanted[i]) == NULL)
+            attrs_set(&keys, wanted[i], "");
+    int rc = backend_find(scp->backend, LEVEL_IMAGE, &keys, 0, collect_instance, out, NULL);
+    attrs_clear(&keys);
+    if (rc != 0)
+        sp_fmt(comment, comment_len, "cannot list the instances: %s", sp_strerror(rc));
+    return rc;
+}
+
+/* Shared by C-MOVE (host != NULL) and C-GET: resolve, then send each
+ * instance fetched from the first replica that has a good copy. */
+static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int port,
+                         char *comment, size_t comment_len)
+{
+    retrieve_list_t list = {0};
+    uint16_t status = DICOM_SUCCESS;
+    int rc = resolve_retrieve(scp, r, &list, comment, comment_len);
+    if (rc != 0) {
+        status = rc == SP_EINVAL ? DICOM_DATASET_MISMATCH : DICOM_UNABLE_TO_PROCESS;
+        goto out;
+    }
+    dicom_instance_kind_t *kinds = sp_calloc(list.n ? list.n : 1, sizeof *kinds);
+    for (size_t i = 0; i < list.n; i++)
+        kinds[i] = (dicom_instance_kind_t){list.items[i].sop_class, list.items[i].ts};
+    char err[256];
+    rc = dicom_retrieve_begin(r, host, port, kinds, list.n, err, sizeof err);
+    free(kinds);
+    if (rc != 0) {
+        sp_fmt(comment, comment_len, "cannot start sub-operations: %s", err);
+        log_error("retrieve for %s: %s", dicom_retrieve_peer(r)->calling_ae, err);
+        status = DICOM_REFUSED_SUBOPS;
+        goto out;
+    }
+    for (size_t i = 0; i < list.n; i++) {
+        uint8_t *data = NULL;
+        size_t len = 0;
+        rc = backend_fetch(scp->backend, list.items[i].study, list.items[i].sop, &data, &len);
+        if (rc != 0) {
+            log_error("retrieve: %s of study %s unreadable on every replica: %s",
+                      list.items[i].sop, list.items[i].study, sp_strerror(rc));
+            dicom_retrieve_fail(r, list.items[i].sop);
+            continue;
+        }
+        rc = dicom_retrieve_send(r, data, len);
+        free(data);
+        if (rc < 0) {
+            status = DICOM_CANCEL;
+            break;
+        }
+    }
+out:
+    retrieve_list_free(&list);
+    return status;
+}
+
+uint16_t scp_move(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len)
+{
+    scp_t *scp = ctx;
+    const char *dest = dicom_retrieve_destination(r);
+    for (size_t i = 0; dest && i < scp->ndests; i++)
+        if (strcmp(scp->dests[i].ae_title, dest) == 0)
+            return retrieve(scp, r, scp->dests[i].host, scp->dests[i].port, comment, comment_len);
+    sp_fmt(comment, comment_len, "move destination '%s' is not in the AE table", dest ? dest : "");
+    log_warn("C-MOVE from %s to unknown destination '%s'", dicom_retrieve_peer(r)->calling_ae,
+             dest ? dest : "");
+    return DICOM_MOVE_DEST_UNKNOWN;
+}
+
+uint16_t scp_get(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len)
+{
+    return retrieve(ctx, r, NULL, 0, comment, comment_len);
+}

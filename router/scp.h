@@ -1,0 +1,39 @@
+/* scp.h - the router's DICOM service handlers: C-STORE with quorum
+ * replication, C-FIND over the cluster, C-MOVE and C-GET from any replica.
+ * They are plugged into the adapter (dicom.h) and run on its worker threads,
+ * concurrently; scp_t is read-only after start-up. */
+#ifndef SP_SCP_H
+#define SP_SCP_H
+
+#include "backend.h"
+#include "dicom.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* PS3.7 C.4 general status "Duplicate SOP Instance": the SOP Instance UID is
+ * already stored with different content (the new copy is kept aside as a
+ * conflict on the nodes, never overwriting the original). */
+#define SCP_STATUS_DUPLICATE_SOP 0x0111
+
+/* One C-MOVE destination of the AE table. */
+typedef struct {
+    char ae_title[17];
+    char *host;
+    int port;
+} scp_destination_t;
+
+typedef struct {
+    backend_t *backend;
+    const char *ae_title;
+    const scp_destination_t *dests;
+    size_t ndests;
+    size_t max_results; /* C-FIND cap */
+} scp_t;
+
+uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len);
+uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len);
+uint16_t scp_move(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);
+uint16_t scp_get(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);
+
+#endif
