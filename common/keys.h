@@ -6,8 +6,11 @@
  *     secret-key = <40 Z85 characters>
  * Public key file (what other members need to reach this one):
  *     public-key = <40 Z85 characters>
- * Cluster allow-list file, one member per line, '#' starts a comment:
- *     <40 Z85 characters> <member name>
+ * Cluster allow-list file, one member per line; a line whose first
+ * non-blank character is '#' is a comment ('#' is also a Z85 character, so
+ * there are no trailing comments):
+ *     <40 Z85 characters> <member name: the rest of the line>
+ * Keys and names are both unique within a list.
  *
  * A keys_allowlist_t is immutable once loaded, so any thread (including a
  * ZAP handler thread) may query it while it lives. */
@@ -49,11 +52,14 @@ bool keys_z85_valid(const char *text);
 typedef struct keys_allowlist keys_allowlist_t;
 
 /* Loads an allow-list file. Returns NULL and fills err (file, line, reason)
- * on a malformed line or duplicate key. The caller owns the result. */
+ * on a malformed line, a duplicate key or a duplicate name. The caller owns
+ * the result. */
 keys_allowlist_t *keys_allowlist_load(const char *path, char *err, size_t errlen);
 /* An empty list, for building one in code (tests, tools). */
 keys_allowlist_t *keys_allowlist_new(void);
-/* Adds a member; returns 0, SP_EINVAL for a bad key, or -EEXIST. */
+/* Adds a member; returns 0, SP_EINVAL for a bad key or name (empty, over 128
+ * characters, or with control characters), or -EEXIST if the key or the
+ * name is already listed. */
 int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const char *name);
 /* Looks up a raw 32-byte public key (as a ZAP handler receives it). Returns
  * true if listed; *name (may be NULL) then points at the member's name,
@@ -61,6 +67,10 @@ int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const cha
 bool keys_allowlist_find_raw(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
                              const char **name);
 size_t keys_allowlist_count(const keys_allowlist_t *list);
+/* Looks up a member by name; copies its Z85 public key into out and returns
+ * true if listed. */
+bool keys_allowlist_find_name(const keys_allowlist_t *list, const char *name,
+                              char out_z85[KEYS_Z85_LEN + 1]);
 void keys_allowlist_destroy(keys_allowlist_t **listp);
 
 #endif

@@ -4,9 +4,10 @@
  * Wire framing (all frames of one ZeroMQ multipart message):
  *   frame 0: transport header, 20 bytes, little-endian:
  *            magic "SPK1", kind (u8: 1 request, 2 reply), 3 zero bytes,
- *            request id (u64), then for a request the timeout in ms (u32),
- *            for a reply a status (i32: 0, or a transport-level error code
- *            such as SP_ETOOBIG, SP_EPROTO, SP_ETIMEOUT - then no more frames)
+ *            request id (u64), then for a request the timeout in ms (u32;
+ *            0 = no deadline), for a reply a status (i32: 0, or a
+ *            transport-level error code such as SP_ETOOBIG, SP_EPROTO,
+ *            SP_ETIMEOUT - then no more frames)
  *   frame 1: the message head (an encoded protobuf, opaque here)
  *   frame 2..: the body (e.g. an object's bytes) in chunks of at most
  *            chunk_bytes; absent when the body is empty.
@@ -17,8 +18,12 @@
  * thread admits only public keys in the allow-list, with ZMQ_ZAP_DOMAIN and
  * ZMQ_ZAP_ENFORCE_DOMAIN set so that a missing handler fails closed. A broker
  * thread hands each request to the next idle worker thread (least recently
- * used), so one slow request never queues others behind it; requests whose
- * deadline passed while queued are answered SP_ETIMEOUT without running.
+ * used), so one slow request never queues others behind it. The broker reads
+ * ahead at most one request per worker, stamping each with its deadline
+ * (arrival + timeout); requests whose deadline passed while queued are
+ * answered SP_ETIMEOUT without running. Beyond that, requests wait in
+ * ZeroMQ's queues (rcvhwm per peer) and TCP pushes back. A request whose
+ * ZAP user id is not a listed key is dropped even if ZAP let it through.
  * Handlers run on worker threads, concurrently: they must be thread-safe.
  *
  * Client: a DEALER socket with CURVE client keys; one client belongs to one
@@ -29,6 +34,7 @@
 
 #include "keys.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -45,6 +51,7 @@ typedef struct {
 
 void transport_config_defaults(transport_config_t *cfg);
 
+/* What a handler receives; every pointer is valid until the handler returns. */
 typedef struct {
     uint64_t id;
     int64_t deadline_ms; /* on sp_now_ms()'s clock */
@@ -58,7 +65,9 @@ typedef struct {
 
 /* Filled by a handler. The transport takes ownership of head (freed with
  * free()) and body (freed with body_free(body, body_hint), or free() when
- * body_free is NULL) once the handler returns. */
+ * body_free is NULL) once the handler returns. The body is sent without
+ * copying, so body_free runs later, on whichever thread ZeroMQ releases the
+ * last chunk on: it must be thread-safe. */
 typedef struct {
     uint8_t *head;
     size_t head_len;
@@ -110,6 +119,29 @@ int transport_call(transport_client_t *c, const uint8_t *head, size_t head_len,
                    const uint8_t *body, size_t body_len, int timeout_ms,
                    transport_response_t *out);
 void transport_response_free(transport_response_t *r);
+
+/* One request of a parallel call (transport_call_many). */
+typedef struct {
+    transport_client_t *client; /* distinct clients: one request per client */
+    const uint8_t *head;
+    size_t head_len;
+    const uint8_t *body;
+    size_t body_len;
+    int rc;                    /* out: 0 with resp filled, or an error (SP_ETIMEOUT if
+                                  unanswered when the call returned) */
+    transport_response_t resp; /* out, when rc == 0; the caller frees it */
+} transport_call_t;
+
+/* Decides whether a reply counts towards `need` (e.g. "stored durably").
+ * NULL counts every reply. */
+typedef bool (*transport_accept_fn)(void *ctx, size_t index, const transport_response_t *resp);
+
+/* Sends every request at once (no retries) and waits until `need` replies
+ * were accepted, every request was answered, or timeout_ms passed. Returns
+ * the number accepted. Replies arriving after the return are discarded by
+ * the clients' next calls (request ids differ). */
+size_t transport_call_many(transport_call_t *calls, size_t n, size_t need, int timeout_ms,
+                           transport_accept_fn accept, void *ctx);
 void transport_client_destroy(transport_client_t **cp);
 
 #endif

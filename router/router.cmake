@@ -18,3 +18,10 @@ add_executable(dicom_harness ${CMAKE_SOURCE_DIR}/tests/tools/dicom_harness.c)
 target_compile_options(dicom_harness PRIVATE ${SP_C_WARNINGS})
 target_link_libraries(dicom_harness PRIVATE sp_dicom sp_common)
 set_target_properties(dicom_harness PROPERTIES LINKER_LANGUAGE CXX)
+
+# The router: C handlers and backend over the adapter.
+add_executable(shardpacs-router ${CMAKE_SOURCE_DIR}/router/router.c
+  ${CMAKE_SOURCE_DIR}/router/scp.c ${CMAKE_SOURCE_DIR}/router/backend.c)
+target_compile_options(shardpacs-router PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(shardpacs-router PRIVATE sp_dicom sp_common)
+set_target_properties(shardpacs-router PROPERTIES LINKER_LANGUAGE CXX)
