@@ -143,12 +143,19 @@ static bool put_acknowledged(void *ctx, size_t index, const transport_response_t
     return ok;
 }
 
-/* Counts one replica's answer into res. */
-static void tally_put(backend_t *b, size_t node, transport_call_t *call, backend_put_result_t *res)
+/* Counts one replica's answer into res. A replica still writing when the
+ * quorum was reached is neither acknowledged nor failed: its copy lands
+ * later (its reply is discarded), so it must not be marked down. */
+static void tally_put(backend_t *b, size_t node, transport_call_t *call, bool quorum,
+                      backend_put_result_t *res)
 {
     wire_reply_t rep;
     char err[256];
     int rc = call->rc;
+    if (quorum && rc == SP_ETIMEOUT) {
+        res->pending++;
+        return;
+    }
     if (rc == 0)
         rc = wire_decode_reply(call->resp.head, call->resp.head_len, &rep, err, sizeof err);
     else
@@ -192,11 +199,12 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     for (size_t i = 0; i < n; i++)
         calls[i] = (transport_call_t){.client = client_for(b, owners[i]), .head = head,
                                       .head_len = head_len, .body = part10, .body_len = len};
-    transport_call_many(calls, n, (size_t)b->cfg.write_quorum, b->cfg.store_timeout_ms,
-                        put_acknowledged, NULL);
+    size_t acked = transport_call_many(calls, n, (size_t)b->cfg.write_quorum,
+                                       b->cfg.store_timeout_ms, put_acknowledged, NULL);
+    bool quorum = acked >= (size_t)b->cfg.write_quorum;
     free(head);
     for (size_t i = 0; i < n; i++) {
-        tally_put(b, owners[i], &calls[i], res);
+        tally_put(b, owners[i], &calls[i], quorum, res);
         if (calls[i].rc == 0)
             transport_response_free(&calls[i].resp);
     }

@@ -48,6 +48,7 @@ typedef struct {
     int acknowledged;  /* replicas that hold the instance durably (stored or duplicate) */
     int conflicts;     /* replicas holding different bytes under the same SOP UID */
     int failed;        /* replicas that answered an error or not at all */
+    int pending;       /* replicas still writing when the quorum was reached */
     int needed;        /* W */
     char detail[256];  /* the first error, for logs and Error Comment */
 } backend_put_result_t;
