@@ -666,6 +666,10 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
     rocksdb_options_set_level_compaction_dynamic_level_bytes(opt, 1);
     rocksdb_options_set_bytes_per_sync(opt, 1u << 20);
     rocksdb_options_set_keep_log_file_num(opt, 5);
+    /* Reuse WAL files: overwriting preallocated space lets fdatasync skip the
+     * file-size metadata update (and its journal commit) that an append needs,
+     * which on ext4 nearly halves the cost of each sync. */
+    rocksdb_options_set_recycle_log_file_num(opt, 4);
     rocksdb_options_set_block_based_table_factory(opt, bbt);
     rocksdb_block_based_options_destroy(bbt);
 
