@@ -75,11 +75,12 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                  backend_match_fn fn, void *ctx, bool *partial);
 
 /* Reads one instance's Part-10 bytes from the first replica of its study
- * that has a good copy (digest verified by the node and again here), trying
- * each replica in placement order. *out is malloc'd. Returns 0,
+ * that has a good copy (digest verified by the node on read), trying
+ * each replica in placement order rotated by `spread` (so concurrent readers
+ * can share the load). *out is malloc'd. Returns 0,
  * SP_ENOTFOUND, or SP_EUNAVAIL. */
-int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, uint8_t **out,
-                  size_t *len);
+int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
+                  uint8_t **out, size_t *len);
 
 /* The partition and replica node ids (at most RING_MAX_REPLICAS) of a study. */
 size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,

@@ -4,6 +4,8 @@
 #include "../common/base.h"
 #include "../common/log.h"
 
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -142,8 +144,134 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
     return rc;
 }
 
-/* Shared by C-MOVE (host != NULL) and C-GET: resolve, then send each
- * instance fetched from the first replica that has a good copy. */
+/* Fetcher threads read instances from the replicas while the association
+ * thread sends earlier ones, so node reads and DIMSE sends overlap. Fetcher
+ * k takes instances k, k+F, k+2F... and starts at replica k, spreading the
+ * reads (and their digest checks) over the study's replicas. At most
+ * PREFETCH_DEPTH instances wait in memory ahead of the sender. */
+#define PREFETCH_THREADS 2
+#define PREFETCH_DEPTH 6
+
+typedef struct {
+    uint8_t *data; /* NULL when the fetch failed */
+    size_t len;
+    int rc;
+    bool ready;
+} fetched_t;
+
+typedef struct prefetch prefetch_t;
+
+typedef struct {
+    prefetch_t *p;
+    unsigned index;
+    pthread_t thread;
+} fetcher_t;
+
+struct prefetch {
+    scp_t *scp;
+    const retrieve_list_t *list;
+    fetched_t *results; /* one per listed instance */
+    size_t consumed;    /* instances handed to the sender */
+    bool stop;          /* set by the sender to end early */
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    fetcher_t fetchers[PREFETCH_THREADS];
+};
+
+static void *fetcher_main(void *arg)
+{
+    fetcher_t *f = arg;
+    prefetch_t *p = f->p;
+    for (size_t i = f->index; i < p->list->n; i += PREFETCH_THREADS) {
+        pthread_mutex_lock(&p->lock);
+        while (!p->stop && i >= p->consumed + PREFETCH_DEPTH)
+            pthread_cond_wait(&p->changed, &p->lock);
+        bool stop = p->stop;
+        pthread_mutex_unlock(&p->lock);
+        if (stop)
+            break;
+        fetched_t r = {.ready = true};
+        r.rc = backend_fetch(p->scp->backend, p->list->items[i].study, p->list->items[i].sop,
+                             f->index, &r.data, &r.len);
+        pthread_mutex_lock(&p->lock);
+        p->results[i] = r;
+        pthread_cond_broadcast(&p->changed);
+        pthread_mutex_unlock(&p->lock);
+    }
+    return NULL;
+}
+
+static void prefetch_start(prefetch_t *p, scp_t *scp, const retrieve_list_t *list)
+{
+    *p = (prefetch_t){.scp = scp, .list = list};
+    p->results = sp_calloc(list->n ? list->n : 1, sizeof *p->results);
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->changed, NULL);
+    for (unsigned k = 0; k < PREFETCH_THREADS; k++) {
+        p->fetchers[k] = (fetcher_t){.p = p, .index = k};
+        pthread_create(&p->fetchers[k].thread, NULL, fetcher_main, &p->fetchers[k]);
+    }
+}
+
+static fetched_t prefetch_next(prefetch_t *p)
+{
+    pthread_mutex_lock(&p->lock);
+    size_t i = p->consumed;
+    while (!p->results[i].ready)
+        pthread_cond_wait(&p->changed, &p->lock);
+    fetched_t r = p->results[i];
+    p->results[i].data = NULL;
+    p->consumed++;
+    pthread_cond_broadcast(&p->changed);
+    pthread_mutex_unlock(&p->lock);
+    return r;
+}
+
+/* Stops the fetchers, joins them and frees what was fetched but not sent. */
+static void prefetch_finish(prefetch_t *p)
+{
+    pthread_mutex_lock(&p->lock);
+    p->stop = true;
+    pthread_cond_broadcast(&p->changed);
+    pthread_mutex_unlock(&p->lock);
+    for (unsigned k = 0; k < PREFETCH_THREADS; k++)
+        pthread_join(p->fetchers[k].thread, NULL);
+    for (size_t i = 0; i < p->list->n; i++)
+        free(p->results[i].data);
+    free(p->results);
+    pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->changed);
+}
+
+/* Sends every listed instance, each fetched from the first replica that has
+ * a good copy. Returns DICOM_SUCCESS, or DICOM_CANCEL when the requester
+ * cancelled or the association failed. */
+static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t *list)
+{
+    prefetch_t p;
+    prefetch_start(&p, scp, list);
+    uint16_t status = DICOM_SUCCESS;
+    for (size_t i = 0; i < list->n; i++) {
+        fetched_t f = prefetch_next(&p);
+        if (f.rc != 0) {
+            log_error("retrieve: %s of study %s unreadable on every replica: %s",
+                      list->items[i].sop, list->items[i].study, sp_strerror(f.rc));
+            dicom_retrieve_fail(r, list->items[i].sop);
+            continue;
+        }
+        int rc = dicom_retrieve_send(r, f.data, f.len);
+        free(f.data);
+        if (rc < 0) {
+            status = DICOM_CANCEL;
+            break;
+        }
+    }
+    prefetch_finish(&p);
+    return status;
+}
+
+/* Shared by C-MOVE (host != NULL) and C-GET: resolve the identifier to
+ * instances, start the sub-operations, send them. */
 static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int port,
                          char *comment, size_t comment_len)
 {
@@ -166,23 +294,7 @@ static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int 
         status = DICOM_REFUSED_SUBOPS;
         goto out;
     }
-    for (size_t i = 0; i < list.n; i++) {
-        uint8_t *data = NULL;
-        size_t len = 0;
-        rc = backend_fetch(scp->backend, list.items[i].study, list.items[i].sop, &data, &len);
-        if (rc != 0) {
-            log_error("retrieve: %s of study %s unreadable on every replica: %s",
-                      list.items[i].sop, list.items[i].study, sp_strerror(rc));
-            dicom_retrieve_fail(r, list.items[i].sop);
-            continue;
-        }
-        rc = dicom_retrieve_send(r, data, len);
-        free(data);
-        if (rc < 0) {
-            status = DICOM_CANCEL;
-            break;
-        }
-    }
+    status = send_all(scp, r, &list);
 out:
     retrieve_list_free(&list);
     return status;
