@@ -12,6 +12,7 @@ packages=(
   libdcmtk-dev dcmtk                              # DICOM (router, test clients)
   libcmocka-dev                                   # unit tests
   python3-pytest python3-pydicom python3-zmq      # process and cluster tests
+  orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
 )
 
 missing=()
