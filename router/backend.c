@@ -226,7 +226,15 @@ static size_t study_targets(backend_t *b, const char *list, bool *target)
         uint32_t partition;
         size_t owners[RING_MAX_REPLICAS];
         size_t k = owners_of(b, uid, &partition, owners);
+        /* Replicas known to be down are left out while another is up, so a
+         * query (and every retrieve, which resolves through one) does not
+         * wait out the timeout on a dead node. */
+        size_t up = 0;
+        for (size_t i = 0; i < k; i++)
+            up += !is_down(b, owners[i]);
         for (size_t i = 0; i < k; i++) {
+            if (up > 0 && is_down(b, owners[i]))
+                continue;
             count += !target[owners[i]];
             target[owners[i]] = true;
         }
@@ -307,6 +315,26 @@ static int find_gather(backend_t *b, level_t level, const attrs_t *keys, size_t 
     return answered ? 0 : SP_EUNAVAIL;
 }
 
+/* Among the replicas' records for one key (all[i..] while the key is equal)
+ * picks the one counting the most instances: a replica that missed writes
+ * while it was down answers with smaller counts until it is repaired, and the
+ * larger count is the one the cluster can serve. */
+static const attrs_t *most_complete(const merged_t *all, size_t i, size_t k, level_t level)
+{
+    static const attr_id_t count_of[] = {ATTR_NUM_PATIENT_INSTANCES, ATTR_NUM_STUDY_INSTANCES,
+                                         ATTR_NUM_SERIES_INSTANCES};
+    const attrs_t *best = all[i].match;
+    if (level == LEVEL_IMAGE)
+        return best;
+    for (size_t j = i + 1; j < k && strcmp(all[j].key, all[i].key) == 0; j++) {
+        const char *have = attrs_get(best, count_of[level]);
+        const char *other = attrs_get(all[j].match, count_of[level]);
+        if (have && other && strtoull(other, NULL, 10) > strtoull(have, NULL, 10))
+            best = all[j].match;
+    }
+    return best;
+}
+
 int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                  backend_match_fn fn, void *ctx, bool *partial)
 {
@@ -347,6 +375,7 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     for (size_t i = 0; rc == 0 && i < k; i++) {
         if (i > 0 && strcmp(all[i].key, all[i - 1].key) == 0)
             continue;
+        all[i].match = most_complete(all, i, k, level);
         if (limit && emitted == limit) {
             rc = SP_ELIMIT;
             break;

@@ -366,7 +366,9 @@ static int parse_attrs_internal(const uint8_t *dataset, size_t len, const char *
         why = std::string("unknown transfer syntax ") + (ts ? ts : "(null)");
         return SP_EINVAL;
     }
-    OFCondition cond = decode_dataset(dataset, len, xfer, true, ds);
+    /* Parse to the end (Pixel Data included): a data set cut short must be
+     * refused here, before anything is stored and acknowledged. */
+    OFCondition cond = decode_dataset(dataset, len, xfer, false, ds);
     if (cond.bad()) {
         why = std::string("malformed data set: ") + cond.text();
         return SP_EINVAL;

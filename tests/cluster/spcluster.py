@@ -1,10 +1,17 @@
 """Helpers for process-level tests: keys, configuration files and real
 shardpacs-node processes on free loopback ports, driven with the real
-`shardpacs` command line client.
+`shardpacs` command line client; whole clusters (N nodes and any number of
+shardpacs-router processes with real CURVE keys, `cluster()`); DCMTK tool
+helpers (every DCMTK tool runs with TCP_NODELAY=1, see
+/work/shared/TOOLCHAIN.md), a bit-preserving storescp (`Scp`) and a minimal
+raw DICOM client (`raw_store`) for requests no DCMTK tool will send.
 
 Every process a test starts is stopped by the fixture that started it."""
 import os
+import re
 import signal
+import socket
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +19,9 @@ from pathlib import Path
 BUILD = Path(os.environ.get("SP_BUILD_DIR", Path(__file__).resolve().parents[2] / "build"))
 NODE_BIN = BUILD / "shardpacs-node"
 CLI_BIN = BUILD / "shardpacs"
+ROUTER_BIN = BUILD / "shardpacs-router"
+DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
+DCMTK_TIMEOUT = 60
 
 
 def run_cli(*args, check=True, timeout=60, env=None):
@@ -63,7 +73,7 @@ class Node:
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.ready.exists():
+            if self.ready.exists() and self.ready.read_text().strip():
                 self.endpoint = self.ready.read_text().strip()
                 return self
             if self.proc.poll() is not None:
@@ -72,11 +82,39 @@ class Node:
             time.sleep(0.02)
         raise AssertionError(f"node {self.name} not ready: {self.log.read_text()}")
 
+    def pin_endpoint(self):
+        """Makes later starts listen on the endpoint this start got (so that
+        routers configured with it reach the node again after a restart)."""
+        assert self.endpoint, "start the node first"
+        text = self.config.read_text()
+        self.config.write_text(re.sub(r"(?m)^listen = .*$", f"listen = {self.endpoint}", text,
+                                      count=1))
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def restart(self, timeout=20):
+        """Starts the node again (after kill9 or stop) on its pinned endpoint,
+        retrying briefly if the port is not free yet."""
+        old = self.endpoint
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.start(timeout=max(1, deadline - time.monotonic()))
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert old is None or self.endpoint == old, (old, self.endpoint)
+        return self
+
     def stop(self):
+        """SIGTERM (SIGKILL after 15 s); returns the exit status."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -84,8 +122,411 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def stats(self, key: Path) -> dict:
+        """The node's `stats` answer as a dict."""
+        import json
+        return json.loads(self.cli(key, "stats").stdout.decode())
+
+    def list_study(self, key: Path, study_uid: str) -> dict:
+        """SOP Instance UID -> (transfer syntax, size, digest hex) of what the
+        node holds of a study."""
+        out = {}
+        for line in self.cli(key, "list", study_uid).stdout.decode().splitlines():
+            f = line.split()
+            if len(f) >= 8:
+                out[f[3]] = (f[5], int(f[6]), f[7])
+        return out
 
     def cli(self, key: Path, *args, check=True, timeout=60, env=None):
         """Runs `shardpacs node ... ARGS` against this node with key pair `key`."""
         return run_cli("node", "--connect", self.endpoint, "--server-key", self.pub,
                        "--key", key, *args, check=check, timeout=timeout, env=env)
+
+
+# ---- DCMTK tools -------------------------------------------------------------------
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, timeout=10.0, proc=None):
+    """Waits until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"process exited {proc.returncode} before listening")
+            time.sleep(0.02)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def dcmtk(args, timeout=DCMTK_TIMEOUT, check=True):
+    """Runs a DCMTK tool with TCP_NODELAY=1; stdout and stderr are decoded
+    (bytes that are not UTF-8 replaced) and joined into `.out`. Arguments
+    given as bytes are passed as they are (e.g. Latin-1 key values)."""
+    args = [a if isinstance(a, bytes) else str(a) for a in args]
+    p = subprocess.run(args, env=DCMTK_ENV, capture_output=True, timeout=timeout)
+    p.stdout = p.stdout.decode("utf-8", "replace")
+    p.stderr = p.stderr.decode("utf-8", "replace")
+    p.out = p.stdout + p.stderr
+    if check and p.returncode != 0:
+        cmd = " ".join(a.decode("latin-1") if isinstance(a, bytes) else a for a in args)
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.out[-6000:]}")
+    return p
+
+
+def dimse_statuses(output: str):
+    """DIMSE status codes a DCMTK tool run with -d printed, in order."""
+    return [int(s, 16) for s in re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", output)]
+
+
+def store_responses(output: str):
+    """[(SOP Instance UID, status)] of every C-STORE response `storescu -d`
+    printed, in order."""
+    out = []
+    for block in output.split("INCOMING DIMSE MESSAGE")[1:]:
+        block = block.split("END DIMSE MESSAGE")[0]
+        if "C-STORE RSP" not in block:
+            continue
+        uid = re.search(r"Affected SOP Instance UID\s*:\s*(\S+)", block)
+        st = re.search(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", block)
+        out.append((uid.group(1) if uid else None, int(st.group(1), 16) if st else None))
+    return out
+
+
+class Scp:
+    """A bit-preserving storescp (accepting every transfer syntax with +xa
+    unless accept_all is False) writing into its own directory."""
+
+    def __init__(self, directory: Path, aet: str, accept_all=True):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.log = self.dir.parent / f"storescp-{aet}.log"
+        for _ in range(5):
+            self.port = free_port()
+            args = ["storescp", "--bit-preserving", "-aet", aet, "-od", self.dir, "-uf"]
+            if accept_all:
+                args.append("+xa")
+            args.append(str(self.port))
+            logf = open(self.log, "ab")
+            self.proc = subprocess.Popen([str(a) for a in args], env=DCMTK_ENV,
+                                         stdout=logf, stderr=logf)
+            logf.close()
+            try:
+                wait_port(self.port, proc=self.proc)
+                return
+            except AssertionError:
+                self.stop()
+        raise AssertionError(f"storescp {aet} did not start: {self.log.read_text()}")
+
+    def files(self) -> dict:
+        """SOP Instance UID -> path of every file received."""
+        import pydicom
+        return {pydicom.dcmread(str(p), stop_before_pixels=True).SOPInstanceUID: p
+                for p in self.dir.iterdir() if p.is_file()}
+
+    def clear(self):
+        for p in self.dir.iterdir():
+            p.unlink()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---- routers and whole clusters ------------------------------------------------------
+
+class Router:
+    """One shardpacs-router process: its own key pair (which must be listed
+    in the cluster keys), a config naming the nodes and the C-MOVE
+    destinations, and a DICOM port chosen here (retried when taken)."""
+
+    def __init__(self, root: Path, name: str, cluster_keys: Path, nodes, ae_title="SHARDPACS",
+                 replicas=3, quorum=2, dests=None, cluster_opts=None, extra=""):
+        self.dir = Path(root) / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.ae = ae_title
+        self.key = self.dir / "router.key"
+        self.public = keygen(self.key)
+        self.cluster_keys = Path(cluster_keys)
+        self.nodes = list(nodes)
+        self.replicas, self.quorum = replicas, quorum
+        self.dests = dict(dests or {})
+        self.cluster_opts = dict(cluster_opts or {})
+        self.extra = extra
+        self.config = self.dir / "router.conf"
+        self.log = self.dir / "router.log"
+        self.proc = None
+        self.port = None
+
+    def _write_config(self):
+        lines = ["[dicom]", f"ae_title = {self.ae}", "bind = 127.0.0.1", f"port = {self.port}",
+                 "acse_timeout = 5s",
+                 "[keys]", f"key_pair = {self.key}", f"cluster_keys = {self.cluster_keys}",
+                 "[cluster]", f"replicas = {self.replicas}", f"write_quorum = {self.quorum}"]
+        lines += [f"{k} = {v}" for k, v in self.cluster_opts.items()]
+        lines += ["[log]", "level = info", "[nodes]"]
+        for n in self.nodes:
+            site = f" site={n.site}" if getattr(n, "site", None) else ""
+            lines.append(f"{n.name} = {n.endpoint}{site}")
+        lines.append("[destinations]")
+        lines += [f"{ae} = 127.0.0.1:{port}" for ae, port in self.dests.items()]
+        self.config.write_text("\n".join(lines) + "\n" + self.extra)
+
+    def start(self, timeout=20, port=None):
+        """Starts on `port` (default: the previous one, else a free one) and
+        returns once the router logged that it listens there. A free port
+        taken by someone else meanwhile is replaced by another one."""
+        for attempt in range(5):
+            self.port = port or self.port or free_port()
+            self._write_config()
+            offset = self.log.stat().st_size if self.log.exists() else 0
+            logf = open(self.log, "ab")
+            self.proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(self.config)],
+                                         stdout=logf, stderr=logf)
+            logf.close()
+            ready = f"listening on 127.0.0.1:{self.port};"
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                text = self.log.read_bytes()[offset:].decode(errors="replace")
+                if ready in text:
+                    return self
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+            self.stop()
+            text = self.log.read_bytes()[offset:].decode(errors="replace")
+            if "cannot start DICOM service" not in text or port is not None:
+                raise AssertionError(f"router {self.name} did not start: {text}")
+            self.port = None  # taken meanwhile: try another one
+        raise AssertionError(f"router {self.name} did not start: {self.log_text()}")
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self):
+        """SIGTERM (SIGKILL after 20 s); returns the exit status."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def log_text(self):
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class Cluster:
+    """N storage nodes and one or more routers over them, all with real CURVE
+    keys listed in one cluster key file (nodes as n1..nN, routers as
+    router1.., plus an operator key `admin_key` for the shardpacs CLI). Every
+    node is pinned to the port it got, so kill9()/stop() and restart() bring
+    it back where the routers look for it. Routers are all made (and their
+    keys listed) up front, since nodes read the key file at start-up."""
+
+    def __init__(self, root: Path, nodes=3, replicas=3, quorum=2, dests=None, routers=1,
+                 cluster_opts=None, sites=None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.keys = self.root / "cluster.keys"
+        self.keys.write_text("")
+        self.admin_key = self.root / "admin.key"
+        admin_pub = keygen(self.admin_key)
+        self.nodes = []
+        for i in range(nodes):
+            site = sites[i] if sites else None
+            n = Node(self.root, f"n{i + 1}", self.keys)
+            n.site = site
+            if site:
+                n.config.write_text(n.config.read_text().replace(
+                    f"id = {n.name}\n", f"id = {n.name}\nsite = {site}\n"))
+            self.nodes.append(n)
+        self.replicas, self.quorum = replicas, quorum
+        self.dests = dict(dests or {})
+        self.cluster_opts = dict(cluster_opts or {})
+        self.routers = [self._new_router(f"router{i + 1}") for i in range(routers)]
+        self._write_keys(admin_pub)
+        for n in self.nodes:
+            n.start()
+            n.pin_endpoint()
+        for r in self.routers:
+            r.start()
+
+    def _new_router(self, name):
+        return Router(self.root, name, self.keys, self.nodes, replicas=self.replicas,
+                      quorum=self.quorum, dests=self.dests, cluster_opts=self.cluster_opts)
+
+    def _write_keys(self, admin_pub=None):
+        if admin_pub is not None:
+            self._admin_pub = admin_pub
+        lines = [f"{n.public} {n.name}" for n in self.nodes]
+        lines += [f"{r.public} {r.name}" for r in self.routers]
+        lines.append(f"{self._admin_pub} admin")
+        tmp = self.keys.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(self.keys)
+
+    @property
+    def router(self) -> Router:
+        return self.routers[0]
+
+    def node(self, name) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def stop(self):
+        """Stops routers, then nodes; returns {name: exit status}."""
+        rcs = {}
+        for r in self.routers:
+            rcs[r.name] = r.stop()
+        for n in self.nodes:
+            rcs[n.name] = n.stop()
+        return rcs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def cluster(tmp_path: Path, nodes=3, replicas=3, quorum=2, dests=None, routers=1,
+            cluster_opts=None, sites=None) -> Cluster:
+    """Starts `nodes` storage nodes and `routers` routers (AE SHARDPACS, each
+    on its own free DICOM port) over them with N=`replicas`, W=`quorum` and
+    the C-MOVE destinations `dests` ({AE: port on 127.0.0.1}). The caller
+    stops it (`with cluster(...) as c:` or `c.stop()`)."""
+    return Cluster(tmp_path, nodes=nodes, replicas=replicas, quorum=quorum, dests=dests,
+                   routers=routers, cluster_opts=cluster_opts, sites=sites)
+
+
+# ---- a minimal raw DICOM client ------------------------------------------------------
+# For requests DCMTK's tools refuse to send: a data set without SOP Instance
+# UID, one that differs from the command, a truncated one. One association,
+# one C-STORE, implicit VR little endian unless told otherwise.
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _item(kind, payload):
+    return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+
+def _even_uid(uid):
+    b = uid.encode()
+    return b + b"\0" if len(b) % 2 else b
+
+
+def encode_dataset(ds, implicit=True) -> bytes:
+    """A pydicom Dataset encoded as little endian data set bytes (no meta)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        buf += chunk
+    return buf
+
+
+def _recv_pdu(sock):
+    kind, _, length = struct.unpack(">BBI", _recv_exact(sock, 6))
+    return kind, _recv_exact(sock, length)
+
+
+def _command_elements(raw):
+    """(tag -> bytes) of an implicit little endian command set."""
+    out, off = {}, 0
+    while off + 8 <= len(raw):
+        g, e, length = struct.unpack_from("<HHI", raw, off)
+        out[(g << 16) | e] = raw[off + 8:off + 8 + length]
+        off += 8 + length
+    return out
+
+
+def raw_store(port, sop_class_uid, command_sop_uid, dataset: bytes, ae="SHARDPACS",
+              transfer_syntax=IMPLICIT_LE, timeout=30):
+    """Sends one C-STORE whose data set is exactly `dataset` (in
+    transfer_syntax, fragmented into PDVs of at most 16 KB) and returns
+    (status, error comment), or (None, "aborted") when the peer aborts the
+    association instead of answering. Raises if the association is not
+    accepted or the peer closes without answering."""
+    ctx = _item(0x30, _even_uid(sop_class_uid)) + _item(0x40, _even_uid(transfer_syntax))
+    pres = _item(0x20, bytes([1, 0, 0, 0]) + ctx)
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, _even_uid("1.2.3.4")))
+    body = (struct.pack(">HH", 1, 0) + ae.ljust(16).encode() + b"RAWSCU".ljust(16) + bytes(32) +
+            _item(0x10, _even_uid("1.2.840.10008.3.1.1.1")) + pres + user)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
+        kind, pdu = _recv_pdu(s)
+        assert kind == 0x02, f"association not accepted (PDU type {kind})"
+        from pydicom.dataset import Dataset
+        cmd = Dataset()
+        cmd.AffectedSOPClassUID = sop_class_uid
+        cmd.CommandField = 0x0001
+        cmd.MessageID = 7
+        cmd.Priority = 0
+        cmd.CommandDataSetType = 0x0000
+        cmd.AffectedSOPInstanceUID = command_sop_uid
+        enc = encode_dataset(cmd)
+        enc = struct.pack("<HHII", 0, 0, 4, len(enc)) + enc
+        fragments = [(enc, 0x03)]
+        step = 16000
+        chunks = [dataset[i:i + step] for i in range(0, len(dataset), step)] or [b""]
+        for i, c in enumerate(chunks):
+            fragments.append((c, 0x02 if i == len(chunks) - 1 else 0x00))
+        for payload, header in fragments:
+            pdv = struct.pack(">IBB", len(payload) + 2, 1, header) + payload
+            s.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
+        rsp = b""
+        while True:
+            kind, pdu = _recv_pdu(s)
+            if kind == 0x07:
+                return None, "aborted"
+            assert kind == 0x04, f"expected P-DATA, got PDU type {kind}"
+            length, _, header = struct.unpack_from(">IBB", pdu, 0)
+            rsp += pdu[6:4 + length]
+            if header & 0x02:
+                break
+        s.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))
+        try:
+            _recv_pdu(s)
+        except (ConnectionError, OSError):
+            pass
+    el = _command_elements(rsp)
+    status = struct.unpack("<H", el[0x00000900])[0]
+    comment = el.get(0x00000902, b"").decode(errors="replace").strip(" \0")
+    return status, comment
