@@ -149,8 +149,8 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
  * k takes instances k, k+F, k+2F... and starts at replica k, spreading the
  * reads (and their digest checks) over the study's replicas. At most
  * PREFETCH_DEPTH instances wait in memory ahead of the sender. */
-#define PREFETCH_THREADS 2
-#define PREFETCH_DEPTH 6
+#define PREFETCH_THREADS 3
+#define PREFETCH_DEPTH 8
 
 typedef struct {
     uint8_t *data; /* NULL when the fetch failed */
