@@ -47,16 +47,25 @@ static void *check_alloc(void *p, size_t n)
     return p;
 }
 
-void *sp_malloc(size_t n) { return check_alloc(malloc(n ? n : 1), n ? n : 1); }
+void *sp_malloc(size_t n)
+{
+    return check_alloc(malloc(n ? n : 1), n ? n : 1);
+}
 
 void *sp_calloc(size_t count, size_t n)
 {
     return check_alloc(calloc(count ? count : 1, n ? n : 1), 1);
 }
 
-void *sp_realloc(void *p, size_t n) { return check_alloc(realloc(p, n ? n : 1), 1); }
+void *sp_realloc(void *p, size_t n)
+{
+    return check_alloc(realloc(p, n ? n : 1), 1);
+}
 
-char *sp_strdup(const char *s) { return sp_strndup(s, strlen(s)); }
+char *sp_strdup(const char *s)
+{
+    return sp_strndup(s, strlen(s));
+}
 
 char *sp_strndup(const char *s, size_t n)
 {

@@ -17,21 +17,21 @@
 
 enum {
     SP_OK = 0,
-    SP_EINVAL = -10001,     /* bad input: malformed value, missing field */
-    SP_ENOTFOUND = -10002,  /* no such object */
-    SP_ECONFLICT = -10003,  /* same SOP Instance UID, different bytes */
-    SP_EDIGEST = -10004,    /* stored or received bytes fail their digest */
-    SP_ETIMEOUT = -10005,   /* deadline passed */
-    SP_EPROTO = -10006,     /* malformed or unexpected message */
-    SP_ETOOBIG = -10007,    /* message or object over the configured limit */
-    SP_EDB = -10008,        /* RocksDB reported an error */
-    SP_ECONFIG = -10009,    /* configuration file problem */
-    SP_EKEY = -10010,       /* key file missing, malformed or unsafe */
-    SP_EUNAVAIL = -10011,   /* peer not reachable */
-    SP_EUNKNOWN = -10012,   /* unknown request type */
-    SP_ELIMIT = -10013,     /* result cap reached */
-    SP_EREMOTE = -10014,    /* peer answered with an error */
-    SP_ENOSPACE = -10015,   /* disk full */
+    SP_EINVAL = -10001,    /* bad input: malformed value, missing field */
+    SP_ENOTFOUND = -10002, /* no such object */
+    SP_ECONFLICT = -10003, /* same SOP Instance UID, different bytes */
+    SP_EDIGEST = -10004,   /* stored or received bytes fail their digest */
+    SP_ETIMEOUT = -10005,  /* deadline passed */
+    SP_EPROTO = -10006,    /* malformed or unexpected message */
+    SP_ETOOBIG = -10007,   /* message or object over the configured limit */
+    SP_EDB = -10008,       /* RocksDB reported an error */
+    SP_ECONFIG = -10009,   /* configuration file problem */
+    SP_EKEY = -10010,      /* key file missing, malformed or unsafe */
+    SP_EUNAVAIL = -10011,  /* peer not reachable */
+    SP_EUNKNOWN = -10012,  /* unknown request type */
+    SP_ELIMIT = -10013,    /* result cap reached */
+    SP_EREMOTE = -10014,   /* peer answered with an error */
+    SP_ENOSPACE = -10015,  /* disk full */
 };
 
 /* Returns a static description of a code from either family. */
@@ -58,8 +58,7 @@ bool sp_uid_valid(const char *uid);
 void sp_strlcpy(char *dst, const char *src, size_t dst_size);
 
 /* Formats into a caller buffer, always terminated; returns the buffer. */
-char *sp_fmt(char *buf, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+char *sp_fmt(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* Lower-case hex of n bytes into out (2n+1 bytes). */
 void sp_hex(const uint8_t *in, size_t n, char *out);

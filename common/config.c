@@ -21,10 +21,13 @@ typedef struct {
     const char *path;
     char *base_dir; /* folder of the file, for CONFIG_PATH */
     bool seen[CONFIG_MAX_OPTIONS];
-    char err[512];  /* first error, without the "file:line:" prefix */
+    char err[512]; /* first error, without the "file:line:" prefix */
 } parse_state_t;
 
-static void *field(void *target, const config_option_t *o) { return (char *)target + o->offset; }
+static void *field(void *target, const config_option_t *o)
+{
+    return (char *)target + o->offset;
+}
 
 static bool parse_int64(const char *text, int64_t *out, const char **rest)
 {
@@ -47,8 +50,8 @@ static bool scale(int64_t v, int64_t unit, int64_t *out)
     return true;
 }
 
-static bool parse_unit(const char *rest, const char *const *names, const int64_t *units, size_t count,
-                       int64_t v, int64_t *out)
+static bool parse_unit(const char *rest, const char *const *names, const int64_t *units,
+                       size_t count, int64_t v, int64_t *out)
 {
     while (*rest == ' ')
         rest++;
@@ -88,8 +91,8 @@ static char *resolve_path(const char *value, const char *base_dir)
 }
 
 /* Parses one value into its field. Returns 0, or SP_ECONFIG with a reason. */
-static int set_value(const config_option_t *o, const char *value, void *target, const char *base_dir,
-                     char *why, size_t whylen)
+static int set_value(const config_option_t *o, const char *value, void *target,
+                     const char *base_dir, char *why, size_t whylen)
 {
     static const char *size_names[] = {"", "K", "M", "G", "KiB", "MiB", "GiB"};
     static const int64_t size_units[] = {1, 1 << 10, 1 << 20, 1 << 30, 1 << 10, 1 << 20, 1 << 30};
@@ -100,8 +103,7 @@ static int set_value(const config_option_t *o, const char *value, void *target, 
     bool bounded = o->min != 0 || o->max != 0;
 
     switch (o->type) {
-    case CONFIG_ENTRIES:
-        return 0; /* entries have no default; each line goes to o->entry */
+    case CONFIG_ENTRIES: return 0; /* entries have no default; each line goes to o->entry */
     case CONFIG_STRING:
     case CONFIG_PATH: {
         char **slot = field(target, o);

@@ -20,13 +20,13 @@
 #include <stdio.h>
 
 typedef enum {
-    CONFIG_STRING,   /* char *, owned by the settings struct */
-    CONFIG_PATH,     /* char *, relative paths resolved against the file's folder */
-    CONFIG_INT,      /* int, within [min, max] */
-    CONFIG_BOOL,     /* bool: true/false, yes/no, on/off, 1/0 */
-    CONFIG_SIZE,     /* size_t bytes: a number with optional K, M, G (powers of 1024) */
-    CONFIG_MS,       /* int milliseconds: a number with optional ms, s, m, h */
-    CONFIG_ENTRIES,  /* key "*": every key of the section is a name handed to entry() */
+    CONFIG_STRING,  /* char *, owned by the settings struct */
+    CONFIG_PATH,    /* char *, relative paths resolved against the file's folder */
+    CONFIG_INT,     /* int, within [min, max] */
+    CONFIG_BOOL,    /* bool: true/false, yes/no, on/off, 1/0 */
+    CONFIG_SIZE,    /* size_t bytes: a number with optional K, M, G (powers of 1024) */
+    CONFIG_MS,      /* int milliseconds: a number with optional ms, s, m, h */
+    CONFIG_ENTRIES, /* key "*": every key of the section is a name handed to entry() */
 } config_type_t;
 
 typedef struct {

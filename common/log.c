@@ -19,9 +19,15 @@ void log_init(const char *component, log_level_t level)
     atomic_store(&log_level, (int)level);
 }
 
-void log_set_level(log_level_t level) { atomic_store(&log_level, (int)level); }
+void log_set_level(log_level_t level)
+{
+    atomic_store(&log_level, (int)level);
+}
 
-log_level_t log_get_level(void) { return (log_level_t)atomic_load(&log_level); }
+log_level_t log_get_level(void)
+{
+    return (log_level_t)atomic_load(&log_level);
+}
 
 int log_parse_level(const char *text, log_level_t *out)
 {
@@ -49,8 +55,8 @@ void log_write(log_level_t level, const char *fmt, ...)
     /* Format the whole line first so one fputs writes it atomically. */
     char line[2048];
     int n = snprintf(line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %s %s ",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, ts.tv_nsec / 1000000, labels[level], log_component);
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     ts.tv_nsec / 1000000, labels[level], log_component);
     va_list ap;
     va_start(ap, fmt);
     if (n > 0 && (size_t)n < sizeof line)

@@ -44,7 +44,9 @@ typedef struct {
 static int by_score_desc(const void *a, const void *b)
 {
     const ranked_t *x = a, *y = b;
-    return x->score < y->score ? 1 : x->score > y->score ? -1 : (x->index > y->index) - (x->index < y->index);
+    return x->score < y->score   ? 1
+           : x->score > y->score ? -1
+                                 : (x->index > y->index) - (x->index < y->index);
 }
 
 static size_t site_count(const ring_member_t *members, const size_t *owners, size_t k,

@@ -9,8 +9,8 @@
 
 const char *wire_kind_name(wire_kind_t kind)
 {
-    static const char *names[] = {"none", "put", "get", "list", "find", "partition-digest",
-                                  "partition-list", "stats"};
+    static const char *names[] = {
+        "none", "put", "get", "list", "find", "partition-digest", "partition-list", "stats"};
     return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
 }
 
@@ -95,7 +95,10 @@ static int check_uid(const char *uid, const char *what, bool required, char *err
     return 0;
 }
 
-static char *dup_or_null(const char *s) { return s && s[0] ? sp_strdup(s) : NULL; }
+static char *dup_or_null(const char *s)
+{
+    return s && s[0] ? sp_strdup(s) : NULL;
+}
 
 /* ---- requests ----------------------------------------------------------- */
 
@@ -159,8 +162,7 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         msg.body_case = SHARDPACS__REQUEST__BODY_STATS;
         msg.stats = &stats;
         break;
-    default:
-        return SP_EINVAL;
+    default: return SP_EINVAL;
     }
     *len = shardpacs__request__get_packed_size(&msg);
     *out = sp_malloc(*len);
@@ -233,8 +235,8 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
             }
         }
         out->npartitions = m->partition_digest->n_partitions;
-        out->partitions = sp_memdup(m->partition_digest->partitions,
-                                    out->npartitions * sizeof(uint32_t));
+        out->partitions =
+            sp_memdup(m->partition_digest->partitions, out->npartitions * sizeof(uint32_t));
         return 0;
     case SHARDPACS__REQUEST__BODY_PARTITION_LIST:
         out->kind = WIRE_PARTITION_LIST;
@@ -247,9 +249,7 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
         out->limit = m->partition_list->limit;
         out->cursor = dup_or_null(m->partition_list->cursor);
         return 0;
-    case SHARDPACS__REQUEST__BODY_STATS:
-        out->kind = WIRE_STATS;
-        return 0;
+    case SHARDPACS__REQUEST__BODY_STATS: out->kind = WIRE_STATS; return 0;
     default:
         sp_fmt(err, errlen, "request of unknown kind %d", (int)m->body_case);
         return SP_EUNKNOWN;
@@ -330,8 +330,8 @@ static void scratch_matches(reply_scratch_t *s, const wire_reply_t *rep)
     for (size_t i = 0; i < rep->nmatches; i++) {
         shardpacs__find_match__init(&s->matches[i]);
         s->matches[i].attrs = &s->cell_ptrs[i * ATTR_COUNT];
-        s->matches[i].n_attrs = attrs_to_pb(&rep->matches[i], &s->cells[i * ATTR_COUNT],
-                                            &s->cell_ptrs[i * ATTR_COUNT]);
+        s->matches[i].n_attrs =
+            attrs_to_pb(&rep->matches[i], &s->cells[i * ATTR_COUNT], &s->cell_ptrs[i * ATTR_COUNT]);
         s->match_ptrs[i] = &s->matches[i];
     }
 }
@@ -438,8 +438,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             msg.body_case = SHARDPACS__REPLY__BODY_STATS;
             msg.stats = &stats;
             break;
-        default:
-            return SP_EINVAL;
+        default: return SP_EINVAL;
         }
     }
     *len = shardpacs__reply__get_packed_size(&msg);
@@ -475,8 +474,8 @@ static int instance_from_pb(const Shardpacs__InstanceRef *p, wire_instance_t *w,
     return 0;
 }
 
-static int instances_from_pb(Shardpacs__InstanceRef **list, size_t n, wire_reply_t *out,
-                             char *err, size_t errlen)
+static int instances_from_pb(Shardpacs__InstanceRef **list, size_t n, wire_reply_t *out, char *err,
+                             size_t errlen)
 {
     for (size_t i = 0; i < n; i++) {
         wire_instance_t *w = wire_reply_add_instance(out);
@@ -487,8 +486,7 @@ static int instances_from_pb(Shardpacs__InstanceRef **list, size_t n, wire_reply
     return 0;
 }
 
-static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char *err,
-                             size_t errlen)
+static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char *err, size_t errlen)
 {
     int rc = 0;
     switch (m->body_case) {
@@ -517,8 +515,8 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
     case SHARDPACS__REPLY__BODY_PARTITION_LIST:
         out->kind = WIRE_PARTITION_LIST;
         out->next_cursor = dup_or_null(m->partition_list->next_cursor);
-        return instances_from_pb(m->partition_list->instances, m->partition_list->n_instances,
-                                 out, err, errlen);
+        return instances_from_pb(m->partition_list->instances, m->partition_list->n_instances, out,
+                                 err, errlen);
     case SHARDPACS__REPLY__BODY_FIND:
         out->kind = WIRE_FIND;
         out->truncated = m->find->truncated;
@@ -549,9 +547,7 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->stats.db_size_bytes = m->stats->db_size_bytes;
         out->stats.uptime_ms = m->stats->uptime_ms;
         return 0;
-    default:
-        sp_fmt(err, errlen, "reply of unknown kind %d", (int)m->body_case);
-        return SP_EPROTO;
+    default: sp_fmt(err, errlen, "reply of unknown kind %d", (int)m->body_case); return SP_EPROTO;
     }
 }
 

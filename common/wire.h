@@ -51,7 +51,7 @@ typedef struct {
     uint32_t limit;                /* FIND, PARTITION_LIST (0 = no limit) */
     uint32_t *partitions;          /* PARTITION_DIGEST */
     size_t npartitions;
-    char *cursor;                  /* PARTITION_LIST, optional */
+    char *cursor; /* PARTITION_LIST, optional */
 } wire_request_t;
 
 typedef enum { WIRE_STORED = 0, WIRE_DUPLICATE = 1, WIRE_CONFLICT = 2 } wire_outcome_t;
@@ -91,13 +91,13 @@ typedef struct {
     uint8_t digest[SP_DIGEST_LEN]; /* GET */
     wire_instance_t *instances;    /* LIST, PARTITION_LIST */
     size_t ninstances;
-    char *next_cursor;             /* PARTITION_LIST, NULL when exhausted */
-    attrs_t *matches;              /* FIND */
+    char *next_cursor; /* PARTITION_LIST, NULL when exhausted */
+    attrs_t *matches;  /* FIND */
     size_t nmatches;
-    bool truncated;                /* FIND */
+    bool truncated;                   /* FIND */
     wire_partition_digest_t *digests; /* PARTITION_DIGEST */
     size_t ndigests;
-    wire_stats_t stats;            /* STATS */
+    wire_stats_t stats; /* STATS */
 } wire_reply_t;
 
 /* Encode into a malloc'd buffer (*out, caller frees). Returns 0. */
@@ -108,8 +108,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len);
  * and *out holds nothing to free. */
 int wire_decode_request(const uint8_t *buf, size_t len, wire_request_t *out, char *err,
                         size_t errlen);
-int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *err,
-                      size_t errlen);
+int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *err, size_t errlen);
 
 void wire_request_free(wire_request_t *req);
 void wire_reply_free(wire_reply_t *rep);

@@ -41,8 +41,10 @@ typedef struct {
     char *log_level;
 } node_settings_t;
 
-#define OPT(sec, key, type, field, def, lo, hi, help)                                            \
-    {sec, key, type, offsetof(node_settings_t, field), def, lo, hi, help, NULL}
+#define OPT(sec, key, type, field, def, lo, hi, help)                                              \
+    {                                                                                              \
+        sec, key, type, offsetof(node_settings_t, field), def, lo, hi, help, NULL                  \
+    }
 
 static const config_option_t node_options[] = {
     OPT("node", "id", CONFIG_STRING, id, "n1", 0, 0, "Name of this node, unique in the cluster"),
@@ -93,16 +95,17 @@ static void reply_error(wire_reply_t *rep, int code, const char *text)
 static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
                        wire_reply_t *rep)
 {
-    store_put_t put = {.partition = w->partition, .attrs = &w->attrs, .data = req->body,
-                       .len = req->body_len};
+    store_put_t put = {
+        .partition = w->partition, .attrs = &w->attrs, .data = req->body, .len = req->body_len};
     memcpy(put.digest, w->digest, SP_DIGEST_LEN);
     store_outcome_t outcome;
     int rc = store_put(node->store, &put, &outcome);
     if (rc != 0) {
         char text[256];
-        reply_error(rep, rc, sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
-                                    attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID),
-                                    req->peer_name, sp_strerror(rc)));
+        reply_error(rep, rc,
+                    sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
+                           attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID), req->peer_name,
+                           sp_strerror(rc)));
         log_error("%s", text);
         return;
     }
@@ -152,7 +155,8 @@ static int add_match(void *ctx, const attrs_t *result)
 static void handle_find(node_t *node, const wire_request_t *w, wire_reply_t *rep)
 {
     size_t cap = (size_t)node->settings->max_find_results;
-    store_query_t q = {.level = w->level, .keys = &w->attrs,
+    store_query_t q = {.level = w->level,
+                       .keys = &w->attrs,
                        .match_flags = w->case_insensitive_names ? MATCH_PN_CASE_INSENSITIVE : 0,
                        .limit = w->limit && w->limit < cap ? w->limit : cap};
     int rc = store_find(node->store, &q, add_match, rep);
@@ -195,8 +199,10 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
         return;
     }
     rep->stats = (wire_stats_t){.node_id = sp_strdup(node->settings->id),
-                                .instances = st.instances, .bytes = st.bytes,
-                                .studies = st.studies, .conflicts = st.conflicts,
+                                .instances = st.instances,
+                                .bytes = st.bytes,
+                                .studies = st.studies,
+                                .conflicts = st.conflicts,
                                 .corrupt_reads = st.corrupt_reads,
                                 .db_size_bytes = st.db_size_bytes,
                                 .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
@@ -304,8 +310,8 @@ static int node_run(const node_settings_t *s, const char *ready_file)
         log_error("cannot listen on %s: %s", s->listen, sp_strerror(rc));
         goto out;
     }
-    log_info("node %s (site %s) serving on %s, data in %s, %zu cluster keys", s->id, s->site,
-             bound, s->data_dir, keys_allowlist_count(allowed));
+    log_info("node %s (site %s) serving on %s, data in %s, %zu cluster keys", s->id, s->site, bound,
+             s->data_dir, keys_allowlist_count(allowed));
     if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
@@ -338,7 +344,9 @@ int main(int argc, char **argv)
         switch (opt) {
         case 'c': config_path = optarg; break;
         case 'r': ready_file = optarg; break;
-        case 'H': config_print_reference(stdout, node_options, SP_ARRAY_LEN(node_options)); return 0;
+        case 'H':
+            config_print_reference(stdout, node_options, SP_ARRAY_LEN(node_options));
+            return 0;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -359,7 +367,8 @@ int main(int argc, char **argv)
     node_settings_t s;
     memset(&s, 0, sizeof s);
     char err[512];
-    int rc = config_load(config_path, node_options, SP_ARRAY_LEN(node_options), &s, err, sizeof err);
+    int rc =
+        config_load(config_path, node_options, SP_ARRAY_LEN(node_options), &s, err, sizeof err);
     log_level_t level = LOG_INFO;
     if (rc == 0 && log_parse_level(s.log_level, &level) != 0) {
         sp_fmt(err, sizeof err, "%s: [log] level '%s' is not debug, info, warn or error",

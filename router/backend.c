@@ -46,8 +46,7 @@ static transport_client_t *client_for(backend_t *b, size_t node)
     }
     if (c->clients[node] == NULL)
         c->clients[node] = transport_client_new(&b->cfg.transport, &b->cfg.self,
-                                                b->nodes[node].public_z85,
-                                                b->nodes[node].endpoint);
+                                                b->nodes[node].public_z85, b->nodes[node].endpoint);
     return c->clients[node];
 }
 
@@ -102,8 +101,7 @@ static size_t owners_of(backend_t *b, const char *study_uid, uint32_t *partition
     return ring_owners(b->members, b->cfg.nnodes, *partition, (size_t)b->cfg.replicas, owners);
 }
 
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      const char **owners)
+size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition, const char **owners)
 {
     size_t idx[RING_MAX_REPLICAS];
     size_t k = owners_of(b, study_uid, partition, idx);
@@ -197,8 +195,11 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
 
     transport_call_t calls[RING_MAX_REPLICAS];
     for (size_t i = 0; i < n; i++)
-        calls[i] = (transport_call_t){.client = client_for(b, owners[i]), .head = head,
-                                      .head_len = head_len, .body = part10, .body_len = len};
+        calls[i] = (transport_call_t){.client = client_for(b, owners[i]),
+                                      .head = head,
+                                      .head_len = head_len,
+                                      .body = part10,
+                                      .body_len = len};
     size_t acked = transport_call_many(calls, n, (size_t)b->cfg.write_quorum,
                                        b->cfg.store_timeout_ms, put_acknowledged, NULL);
     bool quorum = acked >= (size_t)b->cfg.write_quorum;
@@ -264,7 +265,8 @@ static int merged_cmp(const void *a, const void *b)
 static int find_gather(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                        const bool *target, wire_reply_t *replies, bool *partial, bool *truncated)
 {
-    wire_request_t req = {.kind = WIRE_FIND, .level = level,
+    wire_request_t req = {.kind = WIRE_FIND,
+                          .level = level,
                           .case_insensitive_names = b->cfg.case_insensitive_names,
                           .limit = limit > UINT32_MAX ? 0 : (uint32_t)limit};
     for (size_t i = 0; i < ATTR_COUNT; i++)
@@ -279,8 +281,8 @@ static int find_gather(backend_t *b, level_t level, const attrs_t *keys, size_t 
         if (!target[i])
             continue;
         which[n] = i;
-        calls[n++] = (transport_call_t){.client = client_for(b, i), .head = head,
-                                        .head_len = head_len};
+        calls[n++] =
+            (transport_call_t){.client = client_for(b, i), .head = head, .head_len = head_len};
     }
     transport_call_many(calls, n, n, b->cfg.query_timeout_ms, NULL, NULL);
     free(head);

@@ -28,14 +28,14 @@ typedef struct {
 typedef struct {
     const backend_node_t *nodes; /* copied */
     size_t nnodes;
-    keys_pair_t self;            /* the router's key pair */
+    keys_pair_t self; /* the router's key pair */
     transport_config_t transport;
-    int replicas;          /* N */
-    int write_quorum;      /* W */
-    int store_timeout_ms;  /* waiting for W acknowledgements */
-    int query_timeout_ms;  /* waiting for find / list answers */
-    int fetch_timeout_ms;  /* per replica, reading one instance */
-    int retry_down_ms;     /* skip a node that just failed for this long */
+    int replicas;         /* N */
+    int write_quorum;     /* W */
+    int store_timeout_ms; /* waiting for W acknowledgements */
+    int query_timeout_ms; /* waiting for find / list answers */
+    int fetch_timeout_ms; /* per replica, reading one instance */
+    int retry_down_ms;    /* skip a node that just failed for this long */
     bool case_insensitive_names;
 } backend_config_t;
 
@@ -45,12 +45,12 @@ backend_t *backend_new(const backend_config_t *cfg);
 void backend_destroy(backend_t **bp);
 
 typedef struct {
-    int acknowledged;  /* replicas that hold the instance durably (stored or duplicate) */
-    int conflicts;     /* replicas holding different bytes under the same SOP UID */
-    int failed;        /* replicas that answered an error or not at all */
-    int pending;       /* replicas still writing when the quorum was reached */
-    int needed;        /* W */
-    char detail[256];  /* the first error, for logs and Error Comment */
+    int acknowledged; /* replicas that hold the instance durably (stored or duplicate) */
+    int conflicts;    /* replicas holding different bytes under the same SOP UID */
+    int failed;       /* replicas that answered an error or not at all */
+    int pending;      /* replicas still writing when the quorum was reached */
+    int needed;       /* W */
+    char detail[256]; /* the first error, for logs and Error Comment */
 } backend_put_result_t;
 
 /* Stores Part-10 bytes on the study's N replicas and returns once W of them

@@ -120,8 +120,10 @@ static int parse_destination(void *target, const char *name, const char *value, 
     return 0;
 }
 
-#define OPT(sec, key, type, field, def, lo, hi, help)                                            \
-    {sec, key, type, offsetof(router_settings_t, field), def, lo, hi, help, NULL}
+#define OPT(sec, key, type, field, def, lo, hi, help)                                              \
+    {                                                                                              \
+        sec, key, type, offsetof(router_settings_t, field), def, lo, hi, help, NULL                \
+    }
 
 static const config_option_t router_options[] = {
     OPT("dicom", "ae_title", CONFIG_STRING, ae_title, "SHARDPACS", 0, 0,
@@ -219,7 +221,9 @@ static int router_run(router_settings_t *s)
     keys_allowlist_t *keys = NULL;
     backend_t *backend = NULL;
     dicom_server_t *server = NULL;
-    backend_config_t bc = {.nodes = s->nodes, .nnodes = s->nnodes, .replicas = s->replicas,
+    backend_config_t bc = {.nodes = s->nodes,
+                           .nnodes = s->nnodes,
+                           .replicas = s->replicas,
                            .write_quorum = s->write_quorum,
                            .store_timeout_ms = s->store_timeout,
                            .query_timeout_ms = s->query_timeout,
@@ -238,10 +242,13 @@ static int router_run(router_settings_t *s)
     transport_config_defaults(&bc.transport);
     backend = backend_new(&bc);
 
-    scp_t scp = {.backend = backend, .ae_title = s->ae_title, .dests = s->dests,
-                 .ndests = s->ndests, .max_results = (size_t)s->max_results};
-    dicom_handlers_t handlers = {.ctx = &scp, .store = scp_store, .find = scp_find,
-                                 .move = scp_move, .get = scp_get};
+    scp_t scp = {.backend = backend,
+                 .ae_title = s->ae_title,
+                 .dests = s->dests,
+                 .ndests = s->ndests,
+                 .max_results = (size_t)s->max_results};
+    dicom_handlers_t handlers = {
+        .ctx = &scp, .store = scp_store, .find = scp_find, .move = scp_move, .get = scp_get};
     dicom_config_t dc;
     dicom_config_defaults(&dc);
     dc.ae_title = s->ae_title;
@@ -313,8 +320,8 @@ int main(int argc, char **argv)
 
     router_settings_t *s = sp_calloc(1, sizeof *s);
     char err[512];
-    int rc = config_load(config_path, router_options, SP_ARRAY_LEN(router_options), s, err,
-                         sizeof err);
+    int rc =
+        config_load(config_path, router_options, SP_ARRAY_LEN(router_options), s, err, sizeof err);
     if (rc == 0)
         rc = settings_check(s, config_path, err, sizeof err);
     if (rc != 0) {

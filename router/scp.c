@@ -43,7 +43,10 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
     return DICOM_OUT_OF_RESOURCES;
 }
 
-static int emit_match(void *ctx, const attrs_t *match) { return dicom_find_emit(ctx, match); }
+static int emit_match(void *ctx, const attrs_t *match)
+{
+    return dicom_find_emit(ctx, match);
+}
 
 uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len)
 {
@@ -124,8 +127,8 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
     level_t level = dicom_retrieve_level(r);
     const char *unique = attrs_get(id, unique_key(level));
     if (unique == NULL || unique[0] == '\0') {
-        sp_fmt(comment, comment_len, "%s-level retrieve without %s",
-               attr_level_name(level), attr_info(unique_key(level))->keyword);
+        sp_fmt(comment, comment_len, "%s-level retrieve without %s", attr_level_name(level),
+               attr_info(unique_key(level))->keyword);
         return SP_EINVAL;
     }
     attrs_t keys = {0};
@@ -272,8 +275,8 @@ static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t 
 
 /* Shared by C-MOVE (host != NULL) and C-GET: resolve the identifier to
  * instances, start the sub-operations, send them. */
-static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int port,
-                         char *comment, size_t comment_len)
+static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int port, char *comment,
+                         size_t comment_len)
 {
     retrieve_list_t list = {0};
     uint16_t status = DICOM_SUCCESS;

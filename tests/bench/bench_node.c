@@ -177,9 +177,13 @@ static void run_case(pid_t node_pid, const char *endpoint, const keys_pair_t *cl
     uint64_t written_before = proc_write_bytes(node_pid);
     int64_t start = sp_now_ms();
     for (int i = 0; i < clients; i++) {
-        w[i] = (worker_t){.endpoint = endpoint, .client = client, .server_pub = server_pub,
-                          .object_size = size, .end_ms = start + seconds * 1000,
-                          .thread_no = i, .run_no = run_no};
+        w[i] = (worker_t){.endpoint = endpoint,
+                          .client = client,
+                          .server_pub = server_pub,
+                          .object_size = size,
+                          .end_ms = start + seconds * 1000,
+                          .thread_no = i,
+                          .run_no = run_no};
         pthread_create(&th[i], NULL, worker_main, &w[i]);
     }
     uint64_t puts = 0, failures = 0;
@@ -191,8 +195,8 @@ static void run_case(pid_t node_pid, const char *endpoint, const keys_pair_t *cl
     double secs = (double)(sp_now_ms() - start) / 1000.0;
     uint64_t written = proc_write_bytes(node_pid) - written_before;
     double rate = (double)puts / secs;
-    printf("| %6zu KB | %d | %9.0f | %8.1f | %5.2f | %6.2f | %llu |\n", size / 1000, clients,
-           rate, rate * (double)size / 1e6, rate / fsync_rate,
+    printf("| %6zu KB | %d | %9.0f | %8.1f | %5.2f | %6.2f | %llu |\n", size / 1000, clients, rate,
+           rate * (double)size / 1e6, rate / fsync_rate,
            puts ? (double)written / ((double)puts * (double)size) : 0.0,
            (unsigned long long)failures);
     fflush(stdout);

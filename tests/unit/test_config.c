@@ -45,7 +45,8 @@ static const config_option_t opts[] = {
     {"node", "workers", CONFIG_INT, offsetof(settings_t, workers), "8", 1, 64, "threads", NULL},
     {"store", "sync", CONFIG_BOOL, offsetof(settings_t, sync), "true", 0, 0, "fsync", NULL},
     {"store", "cache", CONFIG_SIZE, offsetof(settings_t, cache), "128M", 0, 0, "cache", NULL},
-    {"store", "timeout", CONFIG_MS, offsetof(settings_t, timeout), "10s", 0, 3600000, "timeout", NULL},
+    {"store", "timeout", CONFIG_MS, offsetof(settings_t, timeout), "10s", 0, 3600000, "timeout",
+     NULL},
     {"dest", "*", CONFIG_ENTRIES, 0, "AE = HOST:PORT", 0, 0, "destinations", parse_dest},
 };
 
@@ -138,9 +139,8 @@ static void test_entries(void **state)
     (void)state;
     settings_t s;
     char err[512];
-    assert_int_equal(load_text("[dest]\nVIEWER = 127.0.0.1:104\nPACS2 = host:11112\n", &s, err,
-                               sizeof err),
-                     0);
+    assert_int_equal(
+        load_text("[dest]\nVIEWER = 127.0.0.1:104\nPACS2 = host:11112\n", &s, err, sizeof err), 0);
     assert_int_equal(s.ndest, 2);
     assert_string_equal(s.dest[0], "VIEWER@127.0.0.1:104");
     assert_string_equal(s.dest[1], "PACS2@host:11112");
@@ -153,9 +153,9 @@ static void test_missing_file(void **state)
     (void)state;
     settings_t s = {0};
     char err[512];
-    assert_int_equal(config_load("/nonexistent/x.conf", opts, SP_ARRAY_LEN(opts), &s, err,
-                                 sizeof err),
-                     -2 /* -ENOENT */);
+    assert_int_equal(
+        config_load("/nonexistent/x.conf", opts, SP_ARRAY_LEN(opts), &s, err, sizeof err),
+        -2 /* -ENOENT */);
     assert_non_null(strstr(err, "/nonexistent/x.conf"));
     config_free(opts, SP_ARRAY_LEN(opts), &s);
 }

@@ -173,9 +173,18 @@ static int decode_put_after(void (*spoil)(wire_request_t *), char *err, size_t e
     return rc;
 }
 
-static void bad_uid(wire_request_t *r) { attrs_set(&r->attrs, ATTR_SOP_INSTANCE_UID, "1.02.x"); }
-static void no_study(wire_request_t *r) { attrs_set(&r->attrs, ATTR_STUDY_INSTANCE_UID, NULL); }
-static void big_partition(wire_request_t *r) { r->partition = 70000; }
+static void bad_uid(wire_request_t *r)
+{
+    attrs_set(&r->attrs, ATTR_SOP_INSTANCE_UID, "1.02.x");
+}
+static void no_study(wire_request_t *r)
+{
+    attrs_set(&r->attrs, ATTR_STUDY_INSTANCE_UID, NULL);
+}
+static void big_partition(wire_request_t *r)
+{
+    r->partition = 70000;
+}
 static void long_value(wire_request_t *r)
 {
     char *v = malloc(WIRE_MAX_VALUE + 2);
@@ -183,7 +192,10 @@ static void long_value(wire_request_t *r)
     v[WIRE_MAX_VALUE + 1] = '\0';
     attrs_take(&r->attrs, ATTR_STUDY_DESCRIPTION, v);
 }
-static void computed_attr(wire_request_t *r) { attrs_set(&r->attrs, ATTR_NUM_STUDY_SERIES, "3"); }
+static void computed_attr(wire_request_t *r)
+{
+    attrs_set(&r->attrs, ATTR_NUM_STUDY_SERIES, "3");
+}
 
 static void test_semantic_validation(void **state)
 {
@@ -223,12 +235,9 @@ static void test_find_keys_validated(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_put_round_trip),
-        cmocka_unit_test(test_find_reply_round_trip),
-        cmocka_unit_test(test_list_and_error_replies),
-        cmocka_unit_test(test_truncated_buffers),
-        cmocka_unit_test(test_random_buffers),
-        cmocka_unit_test(test_semantic_validation),
+        cmocka_unit_test(test_put_round_trip),         cmocka_unit_test(test_find_reply_round_trip),
+        cmocka_unit_test(test_list_and_error_replies), cmocka_unit_test(test_truncated_buffers),
+        cmocka_unit_test(test_random_buffers),         cmocka_unit_test(test_semantic_validation),
         cmocka_unit_test(test_find_keys_validated),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
