@@ -10,6 +10,7 @@
 #include <time.h>
 
 #include <pthread.h>
+#include <signal.h>
 #include <sodium.h>
 
 const char *sp_strerror(int code)
@@ -162,4 +163,28 @@ void sp_digest(const void *data, size_t len, uint8_t out[SP_DIGEST_LEN])
 {
     pthread_once(&sodium_once, sodium_start);
     crypto_generichash(out, SP_DIGEST_LEN, data, len, NULL, 0);
+}
+
+static void shutdown_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGTERM);
+}
+
+void sp_signals_block(void)
+{
+    sigset_t set;
+    shutdown_signals(&set);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+}
+
+int sp_signals_wait(void)
+{
+    sigset_t set;
+    shutdown_signals(&set);
+    int sig = 0;
+    sigwait(&set, &sig);
+    return sig;
 }

@@ -65,6 +65,14 @@ void sp_hex(const uint8_t *in, size_t n, char *out);
 
 #define SP_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
+/* Daemon signal handling. sp_signals_block() must run in main() before any
+ * thread starts: it blocks SIGINT and SIGTERM (every thread inherits the mask,
+ * so only sp_signals_wait() sees them) and ignores SIGPIPE (a peer closing a
+ * socket must not kill the process). sp_signals_wait() blocks the calling
+ * thread until SIGINT or SIGTERM arrives and returns its number. */
+void sp_signals_block(void);
+int sp_signals_wait(void);
+
 /* BLAKE2b-256 (libsodium crypto_generichash), the digest every stored object
  * carries. Thread-safe; initialises libsodium on first use. */
 #define SP_DIGEST_LEN 32

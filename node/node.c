@@ -16,8 +16,6 @@
 
 #include <errno.h>
 #include <getopt.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -317,12 +315,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
         goto out;
     }
 
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    int sig = 0;
-    sigwait(&set, &sig);
+    int sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
 out:
     transport_server_destroy(&srv);
@@ -355,14 +348,7 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    /* Block the shutdown signals before any thread starts, so every thread
-     * inherits the mask and only sigwait() in the main thread sees them. */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    sp_signals_block(); /* before any thread starts */
 
     node_settings_t s;
     memset(&s, 0, sizeof s);

@@ -15,8 +15,6 @@
 
 #include <errno.h>
 #include <getopt.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -268,12 +266,7 @@ static int router_run(router_settings_t *s)
              s->ae_title, s->bind, dicom_server_port(server), s->nnodes, s->replicas,
              s->write_quorum, s->ndests);
 
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    int sig = 0;
-    sigwait(&set, &sig);
+    int sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
 out:
     dicom_server_stop(&server);
@@ -310,13 +303,7 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    /* Shutdown signals go only to sigwait() in the main thread. */
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    sp_signals_block(); /* before any thread starts */
 
     router_settings_t *s = sp_calloc(1, sizeof *s);
     char err[512];

@@ -15,11 +15,12 @@ import socket
 import struct
 import subprocess
 import time
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+
+import spcluster
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -410,94 +411,16 @@ def test_store_missing_study_uid_is_refused(env, data):
 
 # ---- a minimal raw DICOM client for requests DCMTK tools refuse to send ------
 
-def _item(kind, payload):
-    return struct.pack(">BBH", kind, 0, len(payload)) + payload
-
-
-def _even_uid(uid):
-    b = uid.encode()
-    return b + b"\0" if len(b) % 2 else b
-
-
-def _encode_implicit(ds):
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = True
-    write_dataset(fp, ds)
-    return fp.getvalue()
-
-
-def _recv_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("peer closed")
-        buf += chunk
-    return buf
-
-
-def _recv_pdu(sock):
-    kind, _, length = struct.unpack(">BBI", _recv_exact(sock, 6))
-    return kind, _recv_exact(sock, length)
-
-
-def _command_elements(raw):
-    """(tag -> bytes) of an implicit little endian command set."""
-    out, off = {}, 0
-    while off + 8 <= len(raw):
-        g, e, length = struct.unpack_from("<HHI", raw, off)
-        out[(g << 16) | e] = raw[off + 8:off + 8 + length]
-        off += 8 + length
-    return out
-
-
 def raw_store(port, command_sop_uid, dataset_bytes_ile, sop_class=CTImageStorage):
-    """Sends one C-STORE (implicit VR little endian) and returns (status, comment)."""
-    ctx = (_item(0x30, _even_uid(sop_class)) + _item(0x40, _even_uid(ImplicitVRLittleEndian)))
-    pres = _item(0x20, bytes([1, 0, 0, 0]) + ctx)
-    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) +
-                 _item(0x52, _even_uid("1.2.3.4")))
-    body = (struct.pack(">HH", 1, 0) + AE.ljust(16).encode() + b"RAWSCU".ljust(16) + bytes(32) +
-            _item(0x10, _even_uid("1.2.840.10008.3.1.1.1")) + pres + user)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
-        kind, _ = _recv_pdu(s)
-        assert kind == 0x02, f"association not accepted (PDU type {kind})"
-        cmd = Dataset()
-        cmd.AffectedSOPClassUID = sop_class
-        cmd.CommandField = 0x0001
-        cmd.MessageID = 7
-        cmd.Priority = 0
-        cmd.CommandDataSetType = 0x0000
-        cmd.AffectedSOPInstanceUID = command_sop_uid
-        enc = _encode_implicit(cmd)
-        enc = struct.pack("<HHII", 0, 0, 4, len(enc)) + enc
-        for payload, header in ((enc, 0x03), (dataset_bytes_ile, 0x02)):
-            pdv = struct.pack(">IBB", len(payload) + 2, 1, header) + payload
-            s.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
-        rsp = b""
-        while True:
-            kind, pdu = _recv_pdu(s)
-            assert kind == 0x04, f"expected P-DATA, got PDU type {kind}"
-            length, _, header = struct.unpack_from(">IBB", pdu, 0)
-            rsp += pdu[6:4 + length]
-            if header & 0x02:
-                break
-        s.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))
-        _recv_pdu(s)
-    el = _command_elements(rsp)
-    status = struct.unpack("<H", el[0x00000900])[0]
-    comment = el.get(0x00000902, b"").decode(errors="replace").strip()
-    return status, comment
+    """One C-STORE in implicit VR little endian through spcluster's raw
+    client; returns (status, comment)."""
+    return spcluster.raw_store(port, sop_class, command_sop_uid, dataset_bytes_ile, ae=AE)
 
 
 def _image_ile(ds):
     ds.is_little_endian = True
     ds.is_implicit_VR = True
-    return _encode_implicit(ds)
+    return spcluster.encode_dataset(ds)
 
 
 def test_store_missing_sop_instance_uid_is_refused(env):
