@@ -1257,7 +1257,8 @@ struct transport_client {
     void *zctx;
     void *sock;        /* DEALER; NULL until needed, and after a failed attempt */
     void *mon;         /* PAIR receiving sock's handshake events */
-    bool up;           /* a handshake has succeeded on sock */
+    bool up;           /* a session is established on sock now */
+    bool ever_up;      /* a handshake has ever succeeded on sock */
     int bare_failures; /* consecutive handshake failures without a reason */
     uint64_t next_id;
 };
@@ -1299,6 +1300,7 @@ static void client_close(transport_client_t *c)
     close_sock(&c->mon);
     close_sock(&c->sock);
     c->up = false;
+    c->ever_up = false;
     c->bare_failures = 0;
 }
 
@@ -1330,7 +1332,8 @@ static int client_open(transport_client_t *c)
     if (zmq_socket_monitor(c->sock, addr,
                            ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
                                ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_DISCONNECTED) !=
+                               ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_DISCONNECTED |
+                               ZMQ_EVENT_CONNECT_RETRIED) !=
         0) {
         rc = -errno;
         goto fail;
@@ -1380,10 +1383,21 @@ static int client_read_events(transport_client_t *c)
 
         switch (event) {
         case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
-            c->up = true;
+            c->up = c->ever_up = true;
             c->bare_failures = 0;
             break;
         case ZMQ_EVENT_DISCONNECTED: c->up = false; break;
+        case ZMQ_EVENT_CONNECT_RETRIED:
+            /* A socket that never had a session was refused: nothing is
+             * listening there, so waiting out the deadline would only delay
+             * the caller's fallback to other replicas. (Once a session
+             * existed, a reply may still be on its way: wait for it.) */
+            if (!c->ever_up) {
+                log_warn("transport: cannot connect to %s (connection refused or unreachable)",
+                         c->endpoint);
+                return SP_EUNAVAIL;
+            }
+            break;
         case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
             log_error("transport: %s refused our key %s (ZAP status %u); is it in the "
                       "server's allow-list?",
