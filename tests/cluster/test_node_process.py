@@ -179,3 +179,52 @@ def test_world_readable_secret_key_is_refused(tmp_path):
     with pytest.raises(AssertionError, match="exited"):
         node.start(timeout=10)
     assert "node.key" in node.log.read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs to fill up (needs root, as CI has)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_refuses_clearly_and_keeps_what_was_acknowledged(small_disk):
+    keys = small_disk / "cluster.keys"
+    admin_key = small_disk / "admin.key"
+    admin_pub = keygen(admin_key)
+    keys.write_text("")
+    node = Node(small_disk, "n1", keys, extra="[store]\nwrite_buffer = 4M\n")
+    keys.write_text(f"{node.public} n1\n{admin_pub} admin\n")
+    node.start()
+    try:
+        obj = small_disk.parent / "obj.dcm"  # outside the small file system
+        stored, refused = {}, 0
+        for i in range(40):
+            obj.write_bytes(os.urandom(600_000))
+            sop = f"{SERIES}.{500 + i}"
+            res = put(node, admin_key, sop, obj, check=False)
+            if res.returncode == 0:
+                assert refused == 0, "a put succeeded after the disk was full"
+                stored[sop] = obj.read_bytes()
+            else:
+                refused += 1
+                assert b"no space left on device" in res.stderr, res.stderr
+        assert stored and refused, (len(stored), refused)
+        assert "No space left on device" in node.log.read_text()
+        # Everything acknowledged is intact, before and after a restart.
+        for restart in (False, True):
+            if restart:
+                node.stop()
+                node.start()
+            for sop, data in stored.items():
+                back = small_disk.parent / "back.dcm"
+                node.cli(admin_key, "get", sop, back)
+                assert back.read_bytes() == data
+            assert f'"instances": {len(stored)}' in node.cli(admin_key, "stats").stdout.decode()
+    finally:
+        node.stop()
