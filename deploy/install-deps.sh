@@ -11,7 +11,8 @@ packages=(
   libinih-dev                                     # configuration files
   libdcmtk-dev dcmtk                              # DICOM (router, test clients)
   libcmocka-dev                                   # unit tests
-  python3-pytest python3-pydicom python3-zmq      # process and cluster tests
+  python3-pytest python3-pydicom python3-numpy    # process and cluster tests
+  python3-zmq                                     # (a raw ZeroMQ peer in the tests)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
 )
 
