@@ -6,9 +6,11 @@
  * two arrays of striped mutexes. Puts of the same SOP Instance UID are
  * serialised by a SOP stripe; the first put of a new study also holds a
  * study stripe so the study record and its secondary entries are written
- * exactly once. No lock is global and none is held while RocksDB is read for
- * a query, so puts of different instances reach rocksdb_write() concurrently
- * and share fsyncs through RocksDB's group commit.
+ * exactly once. Every put also passes its study's gate (a striped
+ * shared/exclusive lock) that store_delete_partition() closes while it
+ * deletes that study. No lock is global and none is held while RocksDB is
+ * read for a query, so puts of different instances reach rocksdb_write()
+ * concurrently and share fsyncs through RocksDB's group commit.
  *
  * Write amplification: with the WAL on, every object is written twice on
  * the way in - once to the WAL (synced before the put returns), once to a
@@ -59,6 +61,18 @@ enum { CF_DEFAULT, CF_OBJECTS, CF_INDEX, CF_SECONDARY, CF_CONFLICTS, CF_META, CF
 static const char *const cf_names[CF_COUNT] = {"default",   "objects",   "index",
                                                "secondary", "conflicts", "meta"};
 
+/* A shared/exclusive lock that prefers the exclusive side: once a deleter
+ * waits, new puts of the stripe wait behind it, so a steady stream of puts
+ * cannot starve a partition deletion. (glibc's rwlock prefers readers unless
+ * a GNU extension is used.) */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned readers;         /* puts inside */
+    unsigned writers_waiting; /* deleters waiting to close it */
+    bool writer;              /* closed by a deleter */
+} gate_t;
+
 struct store {
     rocksdb_t *db;
     rocksdb_column_family_handle_t *cf[CF_COUNT];
@@ -70,6 +84,9 @@ struct store {
     /* Check-then-write of one SOP Instance UID, and creation of one study. */
     pthread_mutex_t sop_locks[LOCK_STRIPES];
     pthread_mutex_t study_locks[LOCK_STRIPES];
+    /* Puts of a study pass its gate shared; store_delete_partition() closes
+     * it (exclusive) while it deletes the study. */
+    gate_t study_gates[LOCK_STRIPES];
     _Atomic uint64_t instances;
     _Atomic uint64_t bytes;
     _Atomic uint64_t studies;
@@ -549,6 +566,45 @@ static size_t stripe(const char *uid)
     return (size_t)(h % LOCK_STRIPES);
 }
 
+/* Passes a gate shared (a put of the study). */
+static void gate_enter(gate_t *g)
+{
+    pthread_mutex_lock(&g->mu);
+    while (g->writer || g->writers_waiting)
+        pthread_cond_wait(&g->cv, &g->mu);
+    g->readers++;
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_leave(gate_t *g)
+{
+    pthread_mutex_lock(&g->mu);
+    if (--g->readers == 0)
+        pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* Closes a gate exclusively (a deletion of the study), waiting for the puts
+ * inside to finish. */
+static void gate_close(gate_t *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->writers_waiting++;
+    while (g->writer || g->readers)
+        pthread_cond_wait(&g->cv, &g->mu);
+    g->writers_waiting--;
+    g->writer = true;
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void gate_open(gate_t *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->writer = false;
+    pthread_cond_broadcast(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+}
+
 /* ---- open / close ------------------------------------------------- */
 
 /* Counts instances, bytes, studies and kept conflicts for store_stats(). */
@@ -645,6 +701,8 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
     for (size_t i = 0; i < LOCK_STRIPES; i++) {
         pthread_mutex_init(&s->sop_locks[i], NULL);
         pthread_mutex_init(&s->study_locks[i], NULL);
+        pthread_mutex_init(&s->study_gates[i].mu, NULL);
+        pthread_cond_init(&s->study_gates[i].cv, NULL);
     }
     s->cache = rocksdb_cache_create_lru(c.block_cache_bytes);
     s->wo_sync = rocksdb_writeoptions_create();
@@ -746,6 +804,8 @@ void store_close(store_t **sp)
     for (size_t i = 0; i < LOCK_STRIPES; i++) {
         pthread_mutex_destroy(&s->sop_locks[i]);
         pthread_mutex_destroy(&s->study_locks[i]);
+        pthread_mutex_destroy(&s->study_gates[i].mu);
+        pthread_cond_destroy(&s->study_gates[i].cv);
     }
     free(s->path);
     free(s);
@@ -915,6 +975,7 @@ int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
     }
 
     pthread_mutex_t *sop_lock = &s->sop_locks[stripe(sop)], *study_lock = NULL;
+    size_t gate = stripe(study), gate2 = SIZE_MAX;
     buf_t k = {0}, v = {0};
     rocksdb_writebatch_t *wb = NULL;
     char *val = NULL;
@@ -923,8 +984,28 @@ int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
     uint32_t part = 0;
     loc_t loc;
     pthread_mutex_lock(sop_lock);
+    /* The study's gate keeps store_delete_partition() out of this study from
+     * the first read to the write, so a put lands wholly before or wholly
+     * after the study's deletion. Lock order: SOP stripe, then gates in
+     * increasing stripe order, then the study creation stripe. */
+    gate_enter(&s->study_gates[gate]);
 
     int rc = sop_locate(s, s->ro, sop, &loc);
+    if (rc == 0 && strcmp(loc.study, study) != 0 && stripe(loc.study) != gate) {
+        /* The SOP is stored under another study (a reused UID): its
+         * duplicate check and any conflict copy concern that study, so hold
+         * its gate too, then look again - while we hold the SOP stripe the
+         * locator can only have been deleted, never moved. */
+        gate2 = stripe(loc.study);
+        if (gate2 < gate) {
+            gate_leave(&s->study_gates[gate]);
+            gate_enter(&s->study_gates[gate2]);
+            gate_enter(&s->study_gates[gate]);
+        } else {
+            gate_enter(&s->study_gates[gate2]);
+        }
+        rc = sop_locate(s, s->ro, sop, &loc);
+    }
     if (rc == 0) {
         rc = put_existing(s, in, sop, &loc, outcome);
         goto out;
@@ -1007,6 +1088,9 @@ int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
 out:
     if (study_lock)
         pthread_mutex_unlock(study_lock);
+    if (gate2 != SIZE_MAX)
+        gate_leave(&s->study_gates[gate2]);
+    gate_leave(&s->study_gates[gate]);
     pthread_mutex_unlock(sop_lock);
     if (wb)
         rocksdb_writebatch_destroy(wb);
@@ -2141,4 +2225,308 @@ int store_stats(store_t *s, store_stats_t *out)
             out->db_size_bytes += v;
     }
     return 0;
+}
+
+/* ---- partition deletion --------------------------------------------- */
+
+/* Subtracts from a counter without wrapping below zero (a counter can only
+ * be short after a corrupt record was skipped at open). */
+static void counter_sub(_Atomic uint64_t *c, uint64_t n)
+{
+    uint64_t cur = atomic_load(c);
+    while (!atomic_compare_exchange_weak(c, &cur, cur > n ? cur - n : 0))
+        ;
+}
+
+/* Adds a delete of [lo, lo's prefix end) in one column family to a batch. */
+static void batch_delete_prefix(rocksdb_writebatch_t *wb, store_t *s, int cf, const buf_t *lo)
+{
+    buf_t hi = {0};
+    if (prefix_end(&hi, lo->p, lo->len))
+        rocksdb_writebatch_delete_range_cf(wb, s->cf[cf], lo->p, lo->len, hi.p, hi.len);
+    buf_free(&hi);
+}
+
+/* Adds deletes of the attribute index entries a study record produced,
+ * derived exactly as batch_study() derived them when it was written. */
+static void batch_study_sec_delete(rocksdb_writebatch_t *wb, store_t *s, const attrs_t *t,
+                                   const char *study)
+{
+    buf_t k = {0};
+    for (size_t i = 0; i < SP_ARRAY_LEN(sec_indexes); i++) {
+        const char *value = attrs_str(t, sec_indexes[i].id), *item;
+        size_t pos = 0, n;
+        while (next_value(value, &pos, &item, &n)) {
+            if (!sec_indexed(sec_indexes[i].type, n))
+                continue;
+            sec_key(&k, sec_indexes[i].type, item, n, study);
+            rocksdb_writebatch_delete_cf(wb, s->cf[CF_SECONDARY], k.p, k.len);
+        }
+    }
+    buf_free(&k);
+}
+
+/* When a study's record is missing or corrupt its attribute index entries
+ * cannot be derived: finds them by scanning the four attribute indexes for
+ * entries naming the study in this partition (slow; only for a damaged
+ * store). */
+static int batch_study_sec_scan(rocksdb_writebatch_t *wb, store_t *s, uint32_t part,
+                                const char *study)
+{
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < SP_ARRAY_LEN(sec_indexes); i++) {
+        char type = sec_indexes[i].type;
+        scan_t sc;
+        scan_prefix(&sc, s, NULL, CF_SECONDARY, &type, 1);
+        for (; scan_valid(&sc); scan_next(&sc)) {
+            size_t kn, vn, valn;
+            const char *k = scan_key(&sc, &kn), *v = scan_value(&sc, &vn), *val;
+            char st[65];
+            uint32_t p;
+            if (sec_parse(k, kn, v, vn, &val, &valn, st, &p) == 0 && p == part &&
+                strcmp(st, study) == 0)
+                rocksdb_writebatch_delete_cf(wb, s->cf[CF_SECONDARY], k, kn);
+        }
+        rc = scan_close(&sc, "a secondary index");
+    }
+    return rc;
+}
+
+/* Deletes everything of one study of a partition in one synced WriteBatch:
+ * the study record, series and instance records and objects (range
+ * deletes: each is the contiguous range [type]P|study\0...), the study
+ * locator and attribute index entries, and the locators and kept conflicts
+ * of its SOPs (point deletes, the SOPs read from the instance records).
+ * The caller holds the study's gate closed, so no put of the study runs and
+ * these reads see the study's final state. Returns 0 with the number of
+ * instances deleted in *ninst, or SP_EDB / SP_ENOSPACE with nothing of the
+ * study deleted. */
+static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *ninst)
+{
+    rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
+    buf_t k = {0}, want = {0};
+    char *val = NULL, text[256];
+    size_t vlen = 0;
+    attrs_t t = {0};
+    uint64_t n = 0, bytes = 0, nconf = 0, nstudy = 0;
+    bool derived = false;
+    *ninst = 0;
+
+    /* Instance records: their SOPs' locators and conflicts. A locator is
+     * deleted only when it points here (a reused SOP UID stored elsewhere
+     * keeps its own). */
+    key_loc(&k, 'I', part, study, NULL, NULL, true);
+    scan_t sc;
+    scan_prefix(&sc, s, NULL, CF_INDEX, k.p, k.len);
+    int rc = 0;
+    for (; rc == 0 && scan_valid(&sc); scan_next(&sc)) {
+        size_t kn, vn;
+        const char *ik = scan_key(&sc, &kn), *iv = scan_value(&sc, &vn);
+        loc_t loc;
+        uint64_t size = 0;
+        if (kn < 1 || loc_parse(ik + 1, kn - 1, 3, &loc) != 0) {
+            /* Without the SOP its locator could not be found: refuse rather
+             * than leave it pointing at a deleted object. */
+            log_error("store: corrupt index key %s; partition %u not deleted",
+                      key_text(ik, kn, text, sizeof text), (unsigned)part);
+            rc = SP_EDB;
+            break;
+        }
+        if (rec_decode(iv, vn, 'I', NULL, &size, NULL) == 0) {
+            n++;
+            bytes += size;
+        } else {
+            log_warn("store: deleting corrupt index record %s",
+                     key_text(ik, kn, text, sizeof text));
+        }
+        key_uid(&k, 'U', loc.sop);
+        rc = db_get(s, s->ro, CF_SECONDARY, &k, &val, &vlen, loc.sop);
+        if (rc == 0) {
+            key_loc(&want, 0, part, study, loc.series, NULL, false);
+            if (bytes_cmp(val, vlen, want.p, want.len) == 0)
+                rocksdb_writebatch_delete_cf(wb, s->cf[CF_SECONDARY], k.p, k.len);
+        } else if (rc == SP_ENOTFOUND) {
+            rc = 0;
+        }
+        rocksdb_free(val);
+        val = NULL;
+        if (rc)
+            break;
+        k.len = 0;
+        buf_str(&k, loc.sop);
+        buf_byte(&k, 0);
+        scan_t cs;
+        scan_prefix(&cs, s, NULL, CF_CONFLICTS, k.p, k.len);
+        for (; scan_valid(&cs); scan_next(&cs)) {
+            size_t cn;
+            const char *ck = scan_key(&cs, &cn);
+            rocksdb_writebatch_delete_cf(wb, s->cf[CF_CONFLICTS], ck, cn);
+            nconf++;
+        }
+        rc = scan_close(&cs, "conflicts");
+    }
+    int rc2 = scan_close(&sc, study);
+    rc = rc ? rc : rc2;
+    if (rc)
+        goto out;
+
+    /* The study record and what was derived from it. */
+    key_loc(&k, 'T', part, study, NULL, NULL, false);
+    rc = db_get(s, s->ro, CF_INDEX, &k, &val, &vlen, study);
+    if (rc == 0) {
+        nstudy = 1;
+        rocksdb_writebatch_delete_cf(wb, s->cf[CF_INDEX], k.p, k.len);
+        if (rec_decode(val, vlen, 'T', &t, NULL, NULL) == 0) {
+            batch_study_sec_delete(wb, s, &t, study);
+            derived = true;
+        } else {
+            log_error("store: corrupt index record %s; scanning the indexes to delete it",
+                      key_text(k.p, k.len, text, sizeof text));
+        }
+    } else if (rc != SP_ENOTFOUND) {
+        goto out;
+    }
+    rocksdb_free(val);
+    val = NULL;
+    rc = 0;
+    if (!derived && (nstudy || n)) {
+        rc = batch_study_sec_scan(wb, s, part, study);
+        if (rc)
+            goto out;
+    }
+    key_uid(&k, 'S', study);
+    rc = db_get(s, s->ro, CF_SECONDARY, &k, &val, &vlen, study);
+    if (rc == 0 && vlen == 2 && part_of(val) == part)
+        rocksdb_writebatch_delete_cf(wb, s->cf[CF_SECONDARY], k.p, k.len);
+    else if (rc != 0 && rc != SP_ENOTFOUND)
+        goto out;
+    rc = 0;
+
+    key_loc(&k, 'R', part, study, NULL, NULL, true);
+    batch_delete_prefix(wb, s, CF_INDEX, &k);
+    key_loc(&k, 'I', part, study, NULL, NULL, true);
+    batch_delete_prefix(wb, s, CF_INDEX, &k);
+    key_loc(&k, 0, part, study, NULL, NULL, true);
+    batch_delete_prefix(wb, s, CF_OBJECTS, &k);
+
+    char *err = NULL;
+    rocksdb_write(s->db, s->wo_sync, wb, &err);
+    if (err) {
+        rc = db_fail(err, "delete of study", study);
+        goto out;
+    }
+    counter_sub(&s->instances, n);
+    counter_sub(&s->bytes, bytes);
+    counter_sub(&s->studies, nstudy);
+    counter_sub(&s->conflicts, nconf);
+    *ninst = n;
+out:
+    rocksdb_writebatch_destroy(wb);
+    rocksdb_free(val);
+    attrs_clear(&t);
+    buf_free(&k);
+    buf_free(&want);
+    return rc;
+}
+
+/* The kinds of keys a study of a partition can have: its study, series and
+ * instance records and its objects. */
+static const char study_key_types[] = {'T', 'R', 'I', 0};
+#define STUDY_KEY_KINDS (sizeof study_key_types)
+
+/* Finds the smallest study UID greater than `after` ("" = from the start)
+ * that has a key of any kind in the partition, using one iterator per kind.
+ * Returns 0 with study set, SP_ENOTFOUND when there is none, or SP_EDB for a
+ * corrupt key. */
+static int next_study(scan_t sc[STUDY_KEY_KINDS], uint32_t part, const char *after, char study[65])
+{
+    buf_t k = {0};
+    char text[256];
+    int rc = SP_ENOTFOUND;
+    for (size_t i = 0; i < STUDY_KEY_KINDS; i++) {
+        /* [type]P|after\1 sorts after every key of `after` (UID bytes are
+         * above \1) and before those of any greater UID. */
+        key_loc(&k, study_key_types[i], part, after, NULL, NULL, false);
+        if (after[0])
+            buf_byte(&k, 1);
+        rocksdb_iter_seek(sc[i].it, k.p, k.len);
+        if (!scan_valid(&sc[i]))
+            continue;
+        size_t kn, at = study_key_types[i] ? 3 : 2;
+        const char *key = scan_key(&sc[i], &kn);
+        const char *end = kn > at ? memchr(key + at, 0, kn - at) : NULL;
+        size_t sn = kn <= at ? 0 : end ? (size_t)(end - (key + at)) : kn - at;
+        char cand[65];
+        if (sn == 0 || sn > 64) {
+            rc = SP_EDB;
+        } else {
+            memcpy(cand, key + at, sn);
+            cand[sn] = '\0';
+            if (!sp_uid_valid(cand))
+                rc = SP_EDB;
+        }
+        if (rc == SP_EDB) {
+            log_error("store: corrupt key %s in partition %u", key_text(key, kn, text, sizeof text),
+                      (unsigned)part);
+            break;
+        }
+        if (rc == SP_ENOTFOUND || strcmp(cand, study) < 0) {
+            memcpy(study, cand, sn + 1);
+            rc = 0;
+        }
+    }
+    buf_free(&k);
+    return rc;
+}
+
+int store_delete_partition(store_t *s, uint32_t partition, uint64_t *deleted)
+{
+    if (deleted)
+        *deleted = 0;
+    if (!s || partition > 0xffff)
+        return SP_EINVAL;
+    /* Studies are enumerated on a snapshot taken now, so the walk ends even
+     * while puts keep creating studies in the partition; each study is then
+     * deleted from its current state under its closed gate. */
+    const rocksdb_snapshot_t *snap = rocksdb_create_snapshot(s->db);
+    scan_t sc[STUDY_KEY_KINDS];
+    buf_t prefix = {0};
+    for (size_t i = 0; i < STUDY_KEY_KINDS; i++) {
+        key_loc(&prefix, study_key_types[i], partition, "", NULL, NULL, false);
+        scan_prefix(&sc[i], s, snap, study_key_types[i] ? CF_INDEX : CF_OBJECTS, prefix.p,
+                    prefix.len);
+    }
+    buf_free(&prefix);
+    char study[65] = "", after[65] = "";
+    uint64_t total = 0;
+    size_t studies = 0;
+    int rc;
+    while ((rc = next_study(sc, partition, after, study)) == 0) {
+        uint64_t n = 0;
+        gate_t *g = &s->study_gates[stripe(study)];
+        gate_close(g);
+        rc = delete_study(s, partition, study, &n);
+        gate_open(g);
+        if (rc)
+            break;
+        total += n;
+        studies++;
+        if (deleted)
+            *deleted = total;
+        memcpy(after, study, sizeof after);
+    }
+    if (rc == SP_ENOTFOUND)
+        rc = 0;
+    for (size_t i = 0; i < STUDY_KEY_KINDS; i++) {
+        int rc2 = scan_close(&sc[i], "a partition");
+        rc = rc ? rc : rc2;
+    }
+    rocksdb_release_snapshot(s->db, snap);
+    if (rc)
+        log_error("store: deleting partition %u stopped after %zu studies (%llu instances)",
+                  (unsigned)partition, studies, (unsigned long long)total);
+    else
+        log_info("store: deleted partition %u: %zu studies, %llu instances", (unsigned)partition,
+                 studies, (unsigned long long)total);
+    return rc;
 }

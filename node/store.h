@@ -27,7 +27,8 @@
  * sync=true: when store_put() returns 0 the object survives a crash.
  * Concurrent store_put() calls from many threads share fsyncs (RocksDB's
  * group commit); puts of the same SOP Instance UID are serialised by a
- * striped lock so idempotence and conflict detection hold under races.
+ * striped lock so idempotence and conflict detection hold under races, and
+ * a study's deletion (store_delete_partition) excludes puts of that study.
  *
  * Every function is thread-safe unless noted. */
 #ifndef SP_STORE_H
@@ -173,6 +174,31 @@ int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIG
  * a malformed cursor or partition, or SP_EDB. */
 int store_partition_list(store_t *s, uint32_t partition, const char *cursor, size_t limit,
                          store_entry_fn fn, void *ctx, char **next_cursor);
+
+/* Deletes every instance of a partition: objects, study/series/instance
+ * records, the secondary entries that point into the partition (SOP and
+ * study locators, patient/name/date/accession entries of its studies) and
+ * the kept conflicts of its SOPs; other partitions are untouched. Meant for
+ * an old owner once the new owners confirmed a verified full copy (DESIGN
+ * contract 5). *deleted (may be NULL) gets the number of instances deleted,
+ * also when the call fails part way. Returns 0, SP_EINVAL (partition), or
+ * SP_EDB / SP_ENOSPACE; calling it again finishes an interrupted deletion.
+ *
+ * Crash safety: each study is deleted in one synced WriteBatch (range
+ * deletes for its records and objects, point deletes for its locators,
+ * index entries and conflicts), so after a crash or an error every study is
+ * either wholly present or wholly gone; never a locator without its object
+ * or an object without its records.
+ *
+ * Concurrency: safe against store_put() of the same partition. Each study
+ * is deleted while its study stripe is held exclusively; puts hold it
+ * shared from their first read to their write, so a put lands wholly before
+ * the study's deletion (and is deleted with it) or wholly after (and is
+ * stored as new, STORE_STORED). Studies first stored after the call began
+ * are not visited and survive, whole: a caller that wants the partition
+ * empty stops routing writes to it first. Puts of other partitions that
+ * share a stripe wait at most for one study's synced batch. */
+int store_delete_partition(store_t *s, uint32_t partition, uint64_t *deleted);
 
 typedef struct {
     uint64_t instances;

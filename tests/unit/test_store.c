@@ -17,6 +17,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1457,6 +1458,476 @@ static void test_concurrent_puts(void **state)
     results_clear(&rs);
 }
 
+/* ---- partition deletion ---------------------------------------------- */
+
+/* Checks every instance of find_data: those of partition `gone` are not
+ * found, all others come back bit-exact (same sizes and seeds as
+ * load_find_data). */
+static void check_find_data(store_t *s, uint32_t gone)
+{
+    uint32_t seed = 100;
+    for (size_t i = 0; i < sizeof find_data / sizeof find_data[0]; i++) {
+        for (int j = 0; j < 2 && find_data[i].series[j]; j++) {
+            for (int k = 1; k <= find_data[i].count[j]; k++, seed++) {
+                char sop[96];
+                snprintf(sop, sizeof sop, "%s.%d", find_data[i].series[j], k);
+                if (find_data[i].part == gone) {
+                    store_object_t o;
+                    assert_int_equal(store_get(s, sop, &o), SP_ENOTFOUND);
+                    continue;
+                }
+                uint8_t *want = make_bytes(64 + (size_t)k, seed);
+                store_object_t o;
+                assert_int_equal(store_get(s, sop, &o), 0);
+                assert_int_equal(o.partition, find_data[i].part);
+                assert_int_equal(o.len, 64 + (size_t)k);
+                assert_memory_equal(o.data, want, o.len);
+                store_object_free(&o);
+                free(want);
+            }
+        }
+    }
+}
+
+/* Re-puts the find_data instances of one partition; each must be new. */
+static void reput_find_data(store_t *s, uint32_t part)
+{
+    uint32_t seed = 100;
+    for (size_t i = 0; i < sizeof find_data / sizeof find_data[0]; i++) {
+        for (int j = 0; j < 2 && find_data[i].series[j]; j++) {
+            for (int k = 1; k <= find_data[i].count[j]; k++, seed++) {
+                if (find_data[i].part != part)
+                    continue;
+                char sop[96], inum[16];
+                snprintf(sop, sizeof sop, "%s.%d", find_data[i].series[j], k);
+                snprintf(inum, sizeof inum, "%d", k);
+                inst_t in = {find_data[i].part,
+                             find_data[i].pid,
+                             find_data[i].pname,
+                             find_data[i].study,
+                             find_data[i].date,
+                             find_data[i].acc,
+                             find_data[i].modality[j],
+                             find_data[i].series[j],
+                             sop,
+                             inum};
+                put_ok(s, &in, 64 + (size_t)k, seed);
+            }
+        }
+    }
+}
+
+/* What a closed store's database still holds of one partition: keys of its
+ * objects and index records, secondary entries whose value names it (every
+ * secondary value starts with the partition), and all kept conflicts. */
+typedef struct {
+    size_t objects, index, secondary, conflicts;
+} raw_refs_t;
+
+static size_t raw_count(raw_db_t *r, const char *cf, uint32_t part, int mode)
+{
+    rocksdb_readoptions_t *ro = rocksdb_readoptions_create();
+    rocksdb_iterator_t *it = rocksdb_create_iterator_cf(r->db, ro, raw_cf(r, cf));
+    char p[2] = {(char)(part >> 8), (char)(part & 0xff)};
+    size_t n = 0;
+    for (rocksdb_iter_seek_to_first(it); rocksdb_iter_valid(it); rocksdb_iter_next(it)) {
+        size_t kn, vn;
+        const char *k = rocksdb_iter_key(it, &kn), *v = rocksdb_iter_value(it, &vn);
+        if (mode == 0) /* objects: P| */
+            n += kn >= 2 && memcmp(k, p, 2) == 0;
+        else if (mode == 1) /* index: type|P| */
+            n += kn >= 3 && memcmp(k + 1, p, 2) == 0;
+        else if (mode == 2) /* secondary: value P... */
+            n += vn >= 2 && memcmp(v, p, 2) == 0;
+        else
+            n++;
+    }
+    char *err = NULL;
+    rocksdb_iter_get_error(it, &err);
+    assert_null(err);
+    rocksdb_iter_destroy(it);
+    rocksdb_readoptions_destroy(ro);
+    return n;
+}
+
+static raw_refs_t raw_refs(fixture_t *fx, uint32_t part)
+{
+    store_close(&fx->s);
+    raw_db_t r;
+    raw_open(&r, fx->dir);
+    raw_refs_t x = {raw_count(&r, "objects", part, 0), raw_count(&r, "index", part, 1),
+                    raw_count(&r, "secondary", part, 2), raw_count(&r, "conflicts", part, 3)};
+    raw_close(&r);
+    fx->s = open_at(fx->dir);
+    return x;
+}
+
+static void expect_partition_empty(store_t *s, uint32_t part)
+{
+    uint8_t d[SP_DIGEST_LEN], empty[SP_DIGEST_LEN];
+    uint64_t c = 99, b = 99;
+    sp_digest("", 0, empty);
+    assert_int_equal(store_partition_digest(s, part, d, &c, &b), 0);
+    assert_int_equal(c, 0);
+    assert_int_equal(b, 0);
+    assert_memory_equal(d, empty, SP_DIGEST_LEN);
+    int n = 0;
+    char *next = NULL;
+    assert_int_equal(store_partition_list(s, part, NULL, 0, count_entry, &n, &next), 0);
+    assert_int_equal(n, 0);
+    assert_null(next);
+}
+
+/* Finds after partition 7 (studies 1.2.3.1 of PAT1 and 1.2.3.3 of PAT2) is
+ * gone, at every level, through the indexes and by scanning (EXPECT runs
+ * both and compares). */
+static void check_finds_without_7(store_t *s)
+{
+    const attr_id_t SU = ATTR_STUDY_INSTANCE_UID;
+    EXPECT(s, SU, "1.2.3.2,1.2.3.4,1.2.3.5,1.2.3.6,1.2.3.7,1.2.3.8",
+           {LEVEL_STUDY, 0, {"PatientName", ""}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.1\\1.2.3.3"}});
+    EXPECT(s, SU, "1.2.3.2", {LEVEL_STUDY, 0, {"StudyInstanceUID", "1.2.3.1\\1.2.3.2"}});
+    /* Secondary indexes: entries of deleted studies are gone, others work. */
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"PatientID", "PAT2"}});
+    EXPECT(s, SU, "1.2.3.2", {LEVEL_STUDY, 0, {"PatientID", "PAT1"}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"AccessionNumber", "A100"}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"AccessionNumber", "A300"}});
+    EXPECT(s, SU, "1.2.3.2", {LEVEL_STUDY, 0, {"AccessionNumber", "A200"}});
+    EXPECT(s, SU, "1.2.3.5", {LEVEL_STUDY, 0, {"StudyDate", "20200115"}});
+    EXPECT(s, SU, "1.2.3.5", {LEVEL_STUDY, 0, {"StudyDate", "20200101-20200401"}});
+    EXPECT(s, SU, "", {LEVEL_STUDY, 0, {"PatientName", "Smythe^Anna"}});
+    EXPECT(s, SU, "1.2.3.2", {LEVEL_STUDY, 0, {"PatientName", "Sm?th*"}});
+    EXPECT(s, ATTR_PATIENT_ID, "PAT1,PAT3,PAT4,PAT5,PAT6,PAT7\\PAT8",
+           {LEVEL_PATIENT, 0, {"PatientID", ""}});
+    EXPECT(s, ATTR_PATIENT_ID, "", {LEVEL_PATIENT, 0, {"PatientID", "PAT2"}});
+    EXPECT(s, ATTR_SERIES_INSTANCE_UID, "", {LEVEL_SERIES, 0, {"StudyInstanceUID", "1.2.3.1"}});
+    EXPECT(s, ATTR_SERIES_INSTANCE_UID, "", {LEVEL_SERIES, 0, {"Modality", "US"}});
+    EXPECT(s, ATTR_SOP_INSTANCE_UID, "",
+           {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.1.1.1\\1.2.3.3.1.2"}});
+    EXPECT(s, ATTR_SOP_INSTANCE_UID, "1.2.3.4.1.1",
+           {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.1.1.1\\1.2.3.4.1.1"}});
+    int n = 0;
+    assert_int_equal(store_list(s, "1.2.3.1", NULL, count_entry, &n), 0);
+    assert_int_equal(n, 0);
+}
+
+static void test_delete_partition(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    /* Partition 7 also gets a blob-sized object and a kept conflict;
+     * partition 9 a conflict that must stay. */
+    inst_t big = simple(7, "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.9");
+    put_ok(fx->s, &big, 200000, 4242);
+    inst_t c7 = simple(7, "1.2.3.1", "1.2.3.1.1", "1.2.3.1.1.1");
+    inst_t c9 = simple(9, "1.2.3.5", "1.2.3.5.1", "1.2.3.5.1.1");
+    c9.pid = "PAT4";
+    uint8_t *odd = make_bytes(65, 999);
+    store_outcome_t out;
+    assert_int_equal(put_data(fx->s, &c7, odd, 65, &out), 0);
+    assert_int_equal(out, STORE_CONFLICT);
+    assert_int_equal(put_data(fx->s, &c9, odd, 65, &out), 0);
+    assert_int_equal(out, STORE_CONFLICT);
+
+    const uint32_t others[] = {300, 4095, 9, 10};
+    uint8_t keep[4][SP_DIGEST_LEN], d7[SP_DIGEST_LEN], d[SP_DIGEST_LEN];
+    uint64_t n7 = 0, b7 = 0;
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(store_partition_digest(fx->s, others[i], keep[i], NULL, NULL), 0);
+    assert_int_equal(store_partition_digest(fx->s, 7, d7, &n7, &b7), 0);
+    assert_int_equal(n7, 8);
+    store_stats_t before = stats(fx->s);
+    assert_int_equal(before.conflicts, 2);
+
+    uint64_t deleted = 99;
+    assert_int_equal(store_delete_partition(fx->s, 7, &deleted), 0);
+    assert_int_equal(deleted, n7);
+
+    for (int pass = 0; pass < 2; pass++) { /* as deleted, then after reopening */
+        expect_partition_empty(fx->s, 7);
+        for (int i = 0; i < 4; i++) {
+            assert_int_equal(store_partition_digest(fx->s, others[i], d, NULL, NULL), 0);
+            assert_memory_equal(d, keep[i], SP_DIGEST_LEN);
+        }
+        check_find_data(fx->s, 7);
+        store_object_t o;
+        assert_int_equal(store_get(fx->s, big.sop, &o), SP_ENOTFOUND);
+        check_finds_without_7(fx->s);
+        store_stats_t st = stats(fx->s);
+        assert_int_equal(st.instances, before.instances - n7);
+        assert_int_equal(st.bytes, before.bytes - b7);
+        assert_int_equal(st.studies, before.studies - 2);
+        assert_int_equal(st.conflicts, 1);
+        reopen(fx);
+    }
+    /* Nothing in the database names partition 7 any more; partition 9's
+     * conflict is the one left. */
+    raw_refs_t r = raw_refs(fx, 7);
+    assert_int_equal(r.objects, 0);
+    assert_int_equal(r.index, 0);
+    assert_int_equal(r.secondary, 0);
+    assert_int_equal(r.conflicts, 1);
+    r = raw_refs(fx, 9);
+    assert_true(r.objects > 0 && r.index > 0 && r.secondary > 0);
+
+    /* Deleting it again, or an empty partition, deletes nothing. */
+    assert_int_equal(store_delete_partition(fx->s, 7, &deleted), 0);
+    assert_int_equal(deleted, 0);
+    assert_int_equal(store_delete_partition(fx->s, 8, NULL), 0);
+    assert_int_equal(store_delete_partition(fx->s, 65536, &deleted), SP_EINVAL);
+
+    /* The same instances come back as new, the conflict as a new conflict
+     * (its kept copy went with the partition), and the partition's digest
+     * is what it was. */
+    reput_find_data(fx->s, 7);
+    put_ok(fx->s, &big, 200000, 4242);
+    assert_int_equal(put_data(fx->s, &c7, odd, 65, &out), 0);
+    assert_int_equal(out, STORE_CONFLICT);
+    assert_int_equal(store_partition_digest(fx->s, 7, d, NULL, NULL), 0);
+    assert_memory_equal(d, d7, SP_DIGEST_LEN);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, before.instances);
+    assert_int_equal(st.bytes, before.bytes);
+    assert_int_equal(st.studies, before.studies);
+    assert_int_equal(st.conflicts, before.conflicts);
+    check_find_data(fx->s, UINT32_MAX);
+    EXPECT(fx->s, ATTR_STUDY_INSTANCE_UID, "1.2.3.3", {LEVEL_STUDY, 0, {"PatientID", "PAT2"}});
+    free(odd);
+}
+
+/* Multi-valued index entries (partition 10: two names, two accession
+ * numbers, a two-valued PatientID, an ACR-NEMA date) go with their study. */
+static void test_delete_partition_multivalued(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    uint64_t deleted = 0;
+    assert_int_equal(store_delete_partition(fx->s, 10, &deleted), 0);
+    assert_int_equal(deleted, 2);
+    const attr_id_t SU = ATTR_STUDY_INSTANCE_UID;
+    EXPECT(fx->s, SU, "", {LEVEL_STUDY, 0, {"AccessionNumber", "C701"}});
+    EXPECT(fx->s, SU, "", {LEVEL_STUDY, 0, {"PatientName", "Doe^Ann"}});
+    EXPECT(fx->s, SU, "", {LEVEL_STUDY, 0, {"StudyDate", "20230303"}});
+    EXPECT(fx->s, ATTR_PATIENT_ID, "", {LEVEL_PATIENT, 0, {"PatientID", "PAT8"}});
+    EXPECT(fx->s, SU, "1.2.3.1,1.2.3.2", {LEVEL_STUDY, 0, {"PatientID", "PAT1"}});
+    check_find_data(fx->s, 10);
+    raw_refs_t r = raw_refs(fx, 10);
+    assert_int_equal(r.objects + r.index + r.secondary, 0);
+    assert_int_equal(stats(fx->s).studies, 6);
+}
+
+/* Workers putting while partition 5 is deleted. */
+#define DEL_STUDIES 12
+#define DEL_PER_STUDY 6
+#define DEL_MIN_PUTS 25
+#define DEL_MAX_PUTS 400
+
+typedef struct {
+    store_t *s;
+    int id;
+    uint32_t part; /* partition the worker puts into */
+    pthread_barrier_t *start;
+    atomic_int *done; /* set when the deletion returned */
+    int n;            /* puts made */
+    int errors;       /* puts that failed or were not STORED */
+} del_worker_t;
+
+static inst_t del_inst(const del_worker_t *w, int i, char *study, char *series, char *sop)
+{
+    /* Into partition 5 alternately an existing study and a new one. */
+    if (w->part == 5 && i % 2 == 0)
+        sprintf(study, "1.5.%d", (i / 2 + w->id) % DEL_STUDIES);
+    else
+        sprintf(study, "1.6.%u.%d.%d", w->part, w->id, i / 4);
+    sprintf(series, "%s.7", study);
+    sprintf(sop, "%s.%d.%d", series, w->id, i);
+    return simple(w->part, study, series, sop);
+}
+
+static void *del_worker(void *arg)
+{
+    del_worker_t *w = arg;
+    pthread_barrier_wait(w->start);
+    for (int i = 0; i < DEL_MAX_PUTS && (i < DEL_MIN_PUTS || !atomic_load(w->done)); i++) {
+        char study[64], series[64], sop[96];
+        inst_t in = del_inst(w, i, study, series, sop);
+        uint8_t *b = make_bytes(500 + (size_t)i, (uint32_t)(w->id * 10000 + i));
+        store_outcome_t out;
+        if (put_data(w->s, &in, b, 500 + (size_t)i, &out) != 0 || out != STORE_STORED)
+            w->errors++;
+        free(b);
+        w->n++;
+    }
+    return NULL;
+}
+
+static void preload_5(store_t *s)
+{
+    for (int st = 0; st < DEL_STUDIES; st++)
+        for (int i = 0; i < DEL_PER_STUDY; i++) {
+            char study[32], series[40], sop[48];
+            sprintf(study, "1.5.%d", st);
+            sprintf(series, "%s.%d", study, i % 2);
+            sprintf(sop, "%s.%d", series, i);
+            inst_t in = simple(5, study, series, sop);
+            in.pid = st % 2 ? "PAT5A" : "PAT5B";
+            put_ok(s, &in, 100 + (size_t)i, (uint32_t)(st * 100 + i));
+        }
+}
+
+/* Runs THREADS workers and one deletion of partition 5 at once; returns
+ * the instances the deletion reported. */
+static uint64_t delete_during_puts(store_t *s, del_worker_t *w, bool same_partition)
+{
+    pthread_t t[THREADS];
+    pthread_barrier_t start;
+    atomic_int done = 0;
+    pthread_barrier_init(&start, NULL, THREADS + 1);
+    for (int i = 0; i < THREADS; i++) {
+        w[i] = (del_worker_t){.s = s,
+                              .id = i,
+                              .part = same_partition ? 5 : 200 + (uint32_t)i,
+                              .start = &start,
+                              .done = &done};
+        assert_int_equal(pthread_create(&t[i], NULL, del_worker, &w[i]), 0);
+    }
+    pthread_barrier_wait(&start);
+    uint64_t deleted = 0;
+    int rc = store_delete_partition(s, 5, &deleted);
+    atomic_store(&done, 1);
+    for (int i = 0; i < THREADS; i++)
+        pthread_join(t[i], NULL);
+    pthread_barrier_destroy(&start);
+    assert_int_equal(rc, 0);
+    for (int i = 0; i < THREADS; i++)
+        assert_int_equal(w[i].errors, 0);
+    return deleted;
+}
+
+/* Checks a worker's instances: each is whole and bit-exact, or (only when
+ * it may have been deleted) wholly gone; returns how many are present. */
+static int check_worker(store_t *s, const del_worker_t *w, bool may_be_gone)
+{
+    int present = 0;
+    for (int i = 0; i < w->n; i++) {
+        char study[64], series[64], sop[96];
+        del_inst(w, i, study, series, sop);
+        store_object_t o;
+        int rc = store_get(s, sop, &o);
+        if (rc == SP_ENOTFOUND && may_be_gone)
+            continue;
+        assert_int_equal(rc, 0);
+        uint8_t *want = make_bytes(500 + (size_t)i, (uint32_t)(w->id * 10000 + i));
+        assert_int_equal(o.len, 500 + (size_t)i);
+        assert_memory_equal(o.data, want, o.len);
+        free(want);
+        store_object_free(&o);
+        /* Its study has its record and locator: found by UID and listed. */
+        static results_t rs;
+        query_t q = {LEVEL_STUDY, 0, {"StudyInstanceUID", study}};
+        assert_int_equal(run(s, &q, 0, false, &rs), 0);
+        assert_int_equal(rs.n, 1);
+        results_clear(&rs);
+        present++;
+    }
+    return present;
+}
+
+static void test_delete_partition_during_other_puts(void **state)
+{
+    fixture_t *fx = *state;
+    preload_5(fx->s);
+    inst_t keep = simple(6, "1.6.0", "1.6.0.1", "1.6.0.1.1");
+    put_ok(fx->s, &keep, 777, 1);
+    del_worker_t w[THREADS];
+    uint64_t deleted = delete_during_puts(fx->s, w, false);
+    assert_int_equal(deleted, DEL_STUDIES * DEL_PER_STUDY);
+    expect_partition_empty(fx->s, 5);
+    uint64_t total = 1;
+    for (int i = 0; i < THREADS; i++) {
+        assert_int_equal(check_worker(fx->s, &w[i], false), w[i].n);
+        uint64_t c = 0;
+        assert_int_equal(store_partition_digest(fx->s, w[i].part, NULL, &c, NULL), 0);
+        assert_int_equal(c, (uint64_t)w[i].n);
+        total += (uint64_t)w[i].n;
+    }
+    check_get(fx->s, &keep, 777, 1);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, total);
+    reopen(fx);
+    store_stats_t again = stats(fx->s);
+    assert_int_equal(again.instances, st.instances);
+    assert_int_equal(again.bytes, st.bytes);
+    assert_int_equal(again.studies, st.studies);
+    EXPECT(fx->s, ATTR_STUDY_INSTANCE_UID, "", {LEVEL_STUDY, 0, {"PatientID", "PAT5A"}});
+}
+
+/* Puts into the partition being deleted: each lands wholly before its
+ * study's deletion (and goes with it) or wholly after (and stays, with its
+ * study record and locators); the counters stay exact. */
+static void test_delete_partition_racing_puts(void **state)
+{
+    fixture_t *fx = *state;
+    preload_5(fx->s);
+    del_worker_t w[THREADS];
+    uint64_t deleted = delete_during_puts(fx->s, w, true);
+    uint64_t put = 0, present = 0, left = 0;
+    for (int i = 0; i < THREADS; i++) {
+        put += (uint64_t)w[i].n;
+        present += (uint64_t)check_worker(fx->s, &w[i], true);
+    }
+    assert_int_equal(store_partition_digest(fx->s, 5, NULL, &left, NULL), 0);
+    assert_int_equal(left, present);
+    assert_int_equal(deleted + left, DEL_STUDIES * DEL_PER_STUDY + put);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.instances, left);
+    reopen(fx);
+    store_stats_t again = stats(fx->s);
+    assert_int_equal(again.instances, st.instances);
+    assert_int_equal(again.bytes, st.bytes);
+    assert_int_equal(again.studies, st.studies);
+
+    /* With the puts stopped, a second deletion empties the partition. */
+    uint64_t more = 0;
+    assert_int_equal(store_delete_partition(fx->s, 5, &more), 0);
+    assert_int_equal(more, left);
+    expect_partition_empty(fx->s, 5);
+    st = stats(fx->s);
+    assert_int_equal(st.instances, 0);
+    assert_int_equal(st.bytes, 0);
+    assert_int_equal(st.studies, 0);
+    raw_refs_t r = raw_refs(fx, 5);
+    assert_int_equal(r.objects + r.index + r.secondary + r.conflicts, 0);
+}
+
+/* A study whose record is corrupt still loses its index entries (found by
+ * scanning the indexes instead of derived from the record). */
+static void test_delete_partition_corrupt_study_record(void **state)
+{
+    fixture_t *fx = *state;
+    load_find_data(fx->s);
+    store_close(&fx->s);
+    raw_db_t r;
+    raw_open(&r, fx->dir);
+    char key[64] = {'T', 0, 7}, *err = NULL;
+    strcpy(key + 3, "1.2.3.3");
+    rocksdb_writeoptions_t *wo = rocksdb_writeoptions_create();
+    rocksdb_put_cf(r.db, wo, raw_cf(&r, "index"), key, 3 + strlen("1.2.3.3"), "\x01T\xff", 3, &err);
+    assert_null(err);
+    rocksdb_writeoptions_destroy(wo);
+    raw_close(&r);
+    fx->s = open_at(fx->dir);
+
+    uint64_t deleted = 0;
+    assert_int_equal(store_delete_partition(fx->s, 7, &deleted), 0);
+    assert_int_equal(deleted, 7);
+    check_finds_without_7(fx->s);
+    assert_int_equal(stats(fx->s).studies, 6);
+    raw_refs_t x = raw_refs(fx, 7);
+    assert_int_equal(x.objects + x.index + x.secondary, 0);
+}
+
 int main(void)
 {
     log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
@@ -1482,6 +1953,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_partition_list_paging, setup, teardown),
         cmocka_unit_test_setup_teardown(test_persistence_across_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_puts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_partition, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_partition_multivalued, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_partition_during_other_puts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_partition_racing_puts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_partition_corrupt_study_record, setup,
+                                        teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
