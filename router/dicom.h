@@ -56,6 +56,8 @@ typedef struct {
     int workers;         /* associations served at once (default 16) */
     int queue;           /* accepted associations waiting for a worker (default 64) */
     bool require_called_ae; /* reject associations addressed to another AE title */
+    char *allowed_callers;  /* calling AE titles admitted, separated by commas or spaces;
+                               NULL or empty admits any */
 } dicom_config_t;
 
 void dicom_config_defaults(dicom_config_t *cfg); /* strings left NULL */

@@ -61,6 +61,7 @@ extern "C" {
 #include <deque>
 #include <exception>
 #include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -481,6 +482,7 @@ static OFCondition make_network(T_ASC_NetworkRole role, int timeout_s, int dummy
 
 struct dicom_server {
     std::string ae_title, bind_address;
+    std::set<std::string> allowed_callers; /* empty: any calling AE title */
     dicom_config_t cfg;
     dicom_handlers_t h;
     int listen_fd = -1;
@@ -1525,6 +1527,25 @@ static T_ASC_Association *receive_rq(dicom_server *srv, T_ASC_Network *net, int 
     return as;
 }
 
+/* Splits "A, B C" into the set {A, B, C} of AE titles. */
+static std::set<std::string> parse_ae_list(const char *text)
+{
+    std::set<std::string> out;
+    std::string cur;
+    for (const char *p = text ? text : ""; ; p++) {
+        if (*p == ',' || *p == ' ' || *p == '\t' || *p == '\0') {
+            if (!cur.empty())
+                out.insert(cur);
+            cur.clear();
+            if (*p == '\0')
+                break;
+        } else {
+            cur += *p;
+        }
+    }
+    return out;
+}
+
 static void serve_socket(dicom_server *srv, T_ASC_Network *net, int fd, int slot)
 {
     Assoc a;
@@ -1543,6 +1564,14 @@ static void serve_socket(dicom_server *srv, T_ASC_Network *net, int fd, int slot
                  a.called);
         T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
                                       ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED};
+        ASC_rejectAssociation(a.as, &rej);
+    } else if (!srv->allowed_callers.empty() &&
+               srv->allowed_callers.count(trim_value(OFString(a.calling)).c_str()) == 0 &&
+               !(ASC_countPresentationContexts(a.as->params) == 0 && a.calling[0] == 0)) {
+        log_warn("dicom: association from calling AE '%s' (%s) rejected: not in allowed_callers",
+                 a.calling, a.host);
+        T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+                                      ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED};
         ASC_rejectAssociation(a.as, &rej);
     } else if (ASC_countPresentationContexts(a.as->params) == 0 && a.calling[0] == 0) {
         /* DCMTK reports a peer that closed before sending anything as an
@@ -1748,8 +1777,10 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         srv->cfg = *cfg;
         srv->ae_title = cfg->ae_title;
         srv->bind_address = cfg->bind_address ? cfg->bind_address : "";
+        srv->allowed_callers = parse_ae_list(cfg->allowed_callers);
         srv->cfg.ae_title = NULL;
         srv->cfg.bind_address = NULL;
+        srv->cfg.allowed_callers = NULL;
         if (srv->cfg.max_pdu <= 0)
             srv->cfg.max_pdu = 116794;
         if (srv->cfg.max_pdu < ASC_MINIMUMPDUSIZE)

@@ -31,6 +31,7 @@ typedef struct {
     int acse_timeout;
     int dimse_timeout;
     int max_pdu;
+    char *allowed_callers;
     char *key_pair;
     char *cluster_keys;
     int replicas;
@@ -137,6 +138,8 @@ static const config_option_t router_options[] = {
         "Longest wait for the next DIMSE message on an association"),
     OPT("dicom", "max_pdu", CONFIG_INT, max_pdu, "116794", 4096, 131072,
         "Largest PDU received, bytes"),
+    OPT("dicom", "allowed_callers", CONFIG_STRING, allowed_callers, "", 0, 0,
+        "Calling AE titles admitted, separated by commas (empty admits any)"),
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
@@ -255,6 +258,7 @@ static int router_run(router_settings_t *s)
     dc.workers = s->workers;
     dc.queue = s->queue;
     dc.max_pdu = s->max_pdu;
+    dc.allowed_callers = s->allowed_callers;
     dc.acse_timeout_s = (s->acse_timeout + 999) / 1000;
     dc.dimse_timeout_s = (s->dimse_timeout + 999) / 1000;
     rc = dicom_server_start(&dc, &handlers, &server, err, sizeof err);

@@ -969,3 +969,25 @@ def test_concurrent_associations_through_both_routers(small, ref, tmp_path):
     status, out, received = _move_all(c, c.router, dest, ref, ref.uids())
     assert status == 0x0000, out[-3000:]
     assert check_received(ref, received, ref.uids()) == 48
+
+
+def test_calling_ae_allow_list(small):
+    """With [dicom] allowed_callers set, only those calling AE titles get an
+    association; others are rejected (calling AE title not recognised)."""
+    c, _ = small
+    r = sc.Router(c.root, "guarded", c.keys, c.nodes,
+                  extra="[dicom]\nallowed_callers = MODALITY1, VIEWER2\n")
+    r.start()
+    try:
+        for ae in ("MODALITY1", "VIEWER2"):
+            p = sc.dcmtk(["echoscu", "-v", "-aet", ae, "-aec", AE, "127.0.0.1", r.port],
+                         timeout=20)
+            assert "Received Echo Response (Success)" in p.out
+        p = sc.dcmtk(["echoscu", "-v", "-aet", "INTRUDER", "-aec", AE, "127.0.0.1", r.port],
+                     timeout=20, check=False)
+        assert p.returncode != 0 and "Echo Response" not in p.out
+        assert "Calling AE Title Not Recognized" in p.out, p.out[-2000:]
+        assert "INTRUDER" in r.log_text() and "allowed_callers" in r.log_text()
+        echo(c.router)  # routers without the setting admit anyone
+    finally:
+        r.stop()
