@@ -337,6 +337,59 @@ static const attrs_t *most_complete(const merged_t *all, size_t i, size_t k, lev
     return best;
 }
 
+static bool wants_patient_counts(const attrs_t *keys)
+{
+    return attrs_get(keys, ATTR_NUM_PATIENT_STUDIES) || attrs_get(keys, ATTR_NUM_PATIENT_SERIES) ||
+           attrs_get(keys, ATTR_NUM_PATIENT_INSTANCES);
+}
+
+typedef struct {
+    uint64_t studies, series, instances;
+} patient_totals_t;
+
+static int add_study_counts(void *ctx, const attrs_t *study)
+{
+    patient_totals_t *t = ctx;
+    t->studies++;
+    t->series += strtoull(attrs_str(study, ATTR_NUM_STUDY_SERIES), NULL, 10);
+    t->instances += strtoull(attrs_str(study, ATTR_NUM_STUDY_INSTANCES), NULL, 10);
+    return 0;
+}
+
+static void set_count(attrs_t *a, attr_id_t id, uint64_t n)
+{
+    char text[24];
+    attrs_set(a, id, sp_fmt(text, sizeof text, "%llu", (unsigned long long)n));
+}
+
+/* A node counts only the studies it holds, so once a patient's studies are
+ * spread over more nodes than one replica set, the NumberOfPatientRelated*
+ * counts must be summed over the patient's studies cluster-wide: a
+ * STUDY-level query (merged without duplicates) gives each study once. */
+static int emit_with_patient_totals(backend_t *b, const attrs_t *patient, backend_match_fn fn,
+                                    void *ctx)
+{
+    attrs_t q = {0}, out = {0};
+    attrs_set(&q, ATTR_PATIENT_ID, attrs_str(patient, ATTR_PATIENT_ID));
+    attrs_set(&q, ATTR_NUM_STUDY_SERIES, "");
+    attrs_set(&q, ATTR_NUM_STUDY_INSTANCES, "");
+    patient_totals_t t = {0};
+    int rc = backend_find(b, LEVEL_STUDY, &q, 0, add_study_counts, &t, NULL);
+    attrs_clear(&q);
+    if (rc != 0)
+        return rc;
+    attrs_copy(&out, patient);
+    if (attrs_get(patient, ATTR_NUM_PATIENT_STUDIES))
+        set_count(&out, ATTR_NUM_PATIENT_STUDIES, t.studies);
+    if (attrs_get(patient, ATTR_NUM_PATIENT_SERIES))
+        set_count(&out, ATTR_NUM_PATIENT_SERIES, t.series);
+    if (attrs_get(patient, ATTR_NUM_PATIENT_INSTANCES))
+        set_count(&out, ATTR_NUM_PATIENT_INSTANCES, t.instances);
+    rc = fn(ctx, &out);
+    attrs_clear(&out);
+    return rc;
+}
+
 int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                  backend_match_fn fn, void *ctx, bool *partial)
 {
@@ -383,7 +436,9 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
             break;
         }
         emitted++;
-        rc = fn(ctx, all[i].match);
+        rc = level == LEVEL_PATIENT && wants_patient_counts(keys)
+                 ? emit_with_patient_totals(b, all[i].match, fn, ctx)
+                 : fn(ctx, all[i].match);
     }
     if (rc == 0 && truncated)
         rc = SP_ELIMIT;

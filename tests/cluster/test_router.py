@@ -991,3 +991,21 @@ def test_calling_ae_allow_list(small):
         echo(c.router)  # routers without the setting admit anyone
     finally:
         r.stop()
+
+
+def test_patient_counts_are_cluster_wide(ref, tmp_path):
+    """With more nodes than replicas a patient's studies land on different
+    replica sets; NumberOfPatientRelated* must still count all of them."""
+    with sc.cluster(tmp_path / "wide", nodes=5, replicas=1, quorum=1) as c:
+        assert_all_success(store(c.router, ref.batches()), list(ref.files))
+        held = [node_instances(c, n) for n in c.nodes]
+        assert all(h < len(ref.files) for h in held), held  # the set is really spread
+        keys = {"PatientID": "", "NumberOfPatientRelatedStudies": "",
+                "NumberOfPatientRelatedSeries": "", "NumberOfPatientRelatedInstances": ""}
+        status, rsps = find(c.router, "PATIENT", keys, tmp_path / "f", model="-P")
+        assert status == "Success"
+        want = ref.ds.expected_find("PATIENT", keys)
+        count_keys = [k for k in keys if k.startswith("Number")]
+        got = {r["PatientID"]: [int(r[k]) for k in count_keys] for r in rsps}
+        assert got == {w["PatientID"]: [int(w[k]) for k in count_keys] for w in want}
+        assert any(v[0] > 1 for v in got.values())  # some patient has several studies
