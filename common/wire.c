@@ -2,15 +2,19 @@
  * (wire.h). The only file that uses the generated shardpacs.pb-c.h names. */
 #include "wire.h"
 
+#include "keys.h"
 #include "shardpacs.pb-c.h"
 
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 const char *wire_kind_name(wire_kind_t kind)
 {
-    static const char *names[] = {
-        "none", "put", "get", "list", "find", "partition-digest", "partition-list", "stats"};
+    static const char *names[] = {"none",           "put",   "get",
+                                  "list",           "find",  "partition-digest",
+                                  "partition-list", "stats", "gossip"};
     return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
 }
 
@@ -100,6 +104,275 @@ static char *dup_or_null(const char *s)
     return s && s[0] ? sp_strdup(s) : NULL;
 }
 
+/* ---- gossip messages ---------------------------------------------------- */
+
+/* A gossip message's protobuf view; it borrows the C message's strings and
+ * owns only the member arrays, until gossip_scratch_free(). */
+typedef struct {
+    Shardpacs__GossipMessage msg;
+    Shardpacs__GossipMember *cells;
+    Shardpacs__GossipMember **ptrs;
+} gossip_scratch_t;
+
+static void gossip_to_pb(const gossip_msg_t *g, gossip_scratch_t *s)
+{
+    Shardpacs__GossipMessage *p = &s->msg;
+    shardpacs__gossip_message__init(p);
+    p->kind = (Shardpacs__GossipMessage__Kind)g->kind;
+    p->from_id = (char *)g->from_id;
+    p->from_endpoint = (char *)g->from_endpoint;
+    p->to_id = (char *)g->to_id;
+    p->to_endpoint = (char *)g->to_endpoint;
+    p->seq = g->seq;
+    p->target_id = (char *)g->target_id;
+    p->target_endpoint = (char *)g->target_endpoint;
+    if (g->n_updates == 0)
+        return;
+    s->cells = sp_calloc(g->n_updates, sizeof *s->cells);
+    s->ptrs = sp_calloc(g->n_updates, sizeof *s->ptrs);
+    for (size_t i = 0; i < g->n_updates; i++) {
+        const gossip_member_t *m = &g->updates[i];
+        Shardpacs__GossipMember *c = &s->cells[i];
+        shardpacs__gossip_member__init(c);
+        c->id = (char *)m->id;
+        c->endpoint = (char *)m->endpoint;
+        c->site = (char *)m->site;
+        c->public_key = (char *)m->public_key;
+        c->role = (Shardpacs__GossipMember__Role)m->role;
+        c->weight = m->weight;
+        c->incarnation = m->incarnation;
+        c->state = (Shardpacs__GossipMember__State)m->state;
+        c->accuser = (char *)m->accuser;
+        s->ptrs[i] = c;
+    }
+    p->n_members = g->n_updates;
+    p->members = s->ptrs;
+}
+
+static void gossip_scratch_free(gossip_scratch_t *s)
+{
+    free(s->cells);
+    free(s->ptrs);
+    s->cells = NULL;
+    s->ptrs = NULL;
+}
+
+static bool ascii_alnum(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+static bool ascii_hex(char c)
+{
+    return (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F') || (c >= '0' && c <= '9');
+}
+
+/* A member id: 1..63 characters of [A-Za-z0-9._-]. */
+static bool gossip_id_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n >= GOSSIP_ID_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (!ascii_alnum(s[i]) && s[i] != '.' && s[i] != '_' && s[i] != '-')
+            return false;
+    return true;
+}
+
+/* "tcp://HOST:PORT" under GOSSIP_ENDPOINT_MAX: HOST a name or IPv4 address
+ * of [A-Za-z0-9.-] or an IPv6 address in brackets, PORT 1..65535. No
+ * wildcards: this is where others connect to. */
+static bool gossip_endpoint_ok(const char *s)
+{
+    if (strlen(s) >= GOSSIP_ENDPOINT_MAX || strncmp(s, "tcp://", 6) != 0)
+        return false;
+    const char *host = s + 6, *colon;
+    if (host[0] == '[') {
+        const char *close = strchr(host, ']');
+        if (close == NULL || close == host + 1 || close[1] != ':')
+            return false;
+        for (const char *c = host + 1; c < close; c++)
+            if (!ascii_hex(*c) && *c != ':' && *c != '.')
+                return false;
+        colon = close + 1;
+    } else {
+        colon = strchr(host, ':');
+        if (colon == NULL || colon == host)
+            return false;
+        for (const char *c = host; c < colon; c++)
+            if (!ascii_alnum(*c) && *c != '.' && *c != '-')
+                return false;
+    }
+    const char *port = colon + 1;
+    size_t digits = strlen(port);
+    if (digits == 0 || digits > 5)
+        return false;
+    unsigned value = 0;
+    for (size_t i = 0; i < digits; i++) {
+        if (port[i] < '0' || port[i] > '9')
+            return false;
+        value = value * 10 + (unsigned)(port[i] - '0');
+    }
+    return value >= 1 && value <= 65535;
+}
+
+/* A site: 1..63 printable ASCII characters, no spaces. */
+static bool gossip_site_ok(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n >= GOSSIP_SITE_MAX)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] < 0x21 || s[i] > 0x7e)
+            return false;
+    return true;
+}
+
+typedef enum { SYNTAX_ID, SYNTAX_ENDPOINT, SYNTAX_SITE, SYNTAX_KEY } gossip_syntax_t;
+
+/* Checks one string field. Empty passes only if !required; anything else
+ * must match the syntax. On failure the reason names field and quotes the
+ * value with unprintable bytes masked (it goes into logs). */
+static int gossip_check(const char *value, gossip_syntax_t syntax, bool required, const char *field,
+                        char *err, size_t errlen)
+{
+    if (value == NULL || value[0] == '\0') {
+        if (required) {
+            sp_fmt(err, errlen, "gossip %s is missing", field);
+            return SP_EPROTO;
+        }
+        return 0;
+    }
+    static const char *const rules[] = {
+        [SYNTAX_ID] = "is not 1..63 characters of [A-Za-z0-9._-]",
+        [SYNTAX_ENDPOINT] = "is not tcp://HOST:PORT of at most 127 characters",
+        [SYNTAX_SITE] = "is not 1..63 printable characters without spaces",
+        [SYNTAX_KEY] = "is not a Z85 public key of 40 characters",
+    };
+    bool ok = syntax == SYNTAX_ID         ? gossip_id_ok(value)
+              : syntax == SYNTAX_ENDPOINT ? gossip_endpoint_ok(value)
+              : syntax == SYNTAX_SITE     ? gossip_site_ok(value)
+                                          : keys_z85_valid(value);
+    if (ok)
+        return 0;
+    char shown[81];
+    size_t n = strnlen(value, sizeof shown - 1);
+    for (size_t i = 0; i < n; i++)
+        shown[i] = value[i] >= 0x20 && value[i] < 0x7f ? value[i] : '?';
+    shown[n] = '\0';
+    sp_fmt(err, errlen, "gossip %s '%s' %s", field, shown, rules[syntax]);
+    return SP_EPROTO;
+}
+
+/* Validates member record i and copies it into *m. */
+static int gossip_member_from_pb(const Shardpacs__GossipMember *p, size_t i, gossip_member_t *m,
+                                 char *err, size_t errlen)
+{
+    char f[48];
+#define FIELD(name) (snprintf(f, sizeof f, "members[%zu].%s", i, name), f)
+    int rc = gossip_check(p->id, SYNTAX_ID, true, FIELD("id"), err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->endpoint, SYNTAX_ENDPOINT, true, FIELD("endpoint"), err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->site, SYNTAX_SITE, true, FIELD("site"), err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->public_key, SYNTAX_KEY, true, FIELD("public_key"), err, errlen);
+    if (rc != 0)
+        return rc;
+    if ((unsigned)p->role > GOSSIP_ROUTER) {
+        sp_fmt(err, errlen, "gossip %s %d is unknown", FIELD("role"), (int)p->role);
+        return SP_EPROTO;
+    }
+    if ((unsigned)p->state >= GOSSIP_STATE_COUNT) {
+        sp_fmt(err, errlen, "gossip %s %d is unknown", FIELD("state"), (int)p->state);
+        return SP_EPROTO;
+    }
+    bool storage = p->role == SHARDPACS__GOSSIP_MEMBER__ROLE__STORAGE;
+    if (!isfinite(p->weight) || (storage ? !(p->weight > 0) : p->weight < 0)) {
+        sp_fmt(err, errlen, "gossip %s %g is not finite and %s", FIELD("weight"), p->weight,
+               storage ? "> 0 (storage)" : ">= 0 (router)");
+        return SP_EPROTO;
+    }
+    bool suspect = p->state == SHARDPACS__GOSSIP_MEMBER__STATE__SUSPECT;
+    rc = gossip_check(p->accuser, SYNTAX_ID, suspect, FIELD("accuser"), err, errlen);
+    if (rc == 0 && !suspect && p->accuser && p->accuser[0] != '\0') {
+        sp_fmt(err, errlen, "gossip %s must be empty unless the state is suspect",
+               FIELD("accuser"));
+        rc = SP_EPROTO;
+    }
+#undef FIELD
+    if (rc != 0)
+        return rc;
+    sp_strlcpy(m->id, p->id, sizeof m->id);
+    sp_strlcpy(m->endpoint, p->endpoint, sizeof m->endpoint);
+    sp_strlcpy(m->site, p->site, sizeof m->site);
+    sp_strlcpy(m->public_key, p->public_key, sizeof m->public_key);
+    m->role = (gossip_role_t)p->role;
+    m->weight = p->weight;
+    m->incarnation = p->incarnation;
+    m->state = (gossip_state_t)p->state;
+    sp_strlcpy(m->accuser, suspect ? p->accuser : "", sizeof m->accuser);
+    return 0;
+}
+
+/* Validates a gossip message and copies it into *g, which then owns a
+ * malloc'd updates array (also on failure: the caller frees *g with
+ * gossip_msg_clear()). */
+static int gossip_from_pb(const Shardpacs__GossipMessage *p, gossip_msg_t *g, char *err,
+                          size_t errlen)
+{
+    if ((int)p->kind < GOSSIP_PING || (int)p->kind > GOSSIP_SYNC) {
+        sp_fmt(err, errlen, "gossip kind %d is unknown", (int)p->kind);
+        return SP_EPROTO;
+    }
+    gossip_kind_t kind = (gossip_kind_t)p->kind;
+    /* A target names the member a PING_REQ is about; ACK and NACK may echo
+     * it when they answer one; nothing else has a target. */
+    bool target_needed = kind == GOSSIP_PING_REQ;
+    bool target_allowed = target_needed || kind == GOSSIP_ACK || kind == GOSSIP_NACK;
+    int rc = gossip_check(p->from_id, SYNTAX_ID, true, "from_id", err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->from_endpoint, SYNTAX_ENDPOINT, true, "from_endpoint", err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->to_id, SYNTAX_ID, false, "to_id", err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->to_endpoint, SYNTAX_ENDPOINT, true, "to_endpoint", err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->target_id, SYNTAX_ID, target_needed, "target_id", err, errlen);
+    if (rc == 0)
+        rc = gossip_check(p->target_endpoint, SYNTAX_ENDPOINT, target_needed, "target_endpoint",
+                          err, errlen);
+    if (rc != 0)
+        return rc;
+    if (!target_allowed && ((p->target_id && p->target_id[0] != '\0') ||
+                            (p->target_endpoint && p->target_endpoint[0] != '\0'))) {
+        sp_fmt(err, errlen, "gossip target_id/target_endpoint given on a kind %d message",
+               (int)kind);
+        return SP_EPROTO;
+    }
+    if (p->n_members > GOSSIP_MAX_MEMBERS) {
+        sp_fmt(err, errlen, "gossip members: %zu records (at most %d)", p->n_members,
+               GOSSIP_MAX_MEMBERS);
+        return SP_EPROTO;
+    }
+    g->kind = kind;
+    sp_strlcpy(g->from_id, p->from_id, sizeof g->from_id);
+    sp_strlcpy(g->from_endpoint, p->from_endpoint, sizeof g->from_endpoint);
+    sp_strlcpy(g->to_id, p->to_id ? p->to_id : "", sizeof g->to_id);
+    sp_strlcpy(g->to_endpoint, p->to_endpoint, sizeof g->to_endpoint);
+    g->seq = p->seq;
+    sp_strlcpy(g->target_id, p->target_id ? p->target_id : "", sizeof g->target_id);
+    sp_strlcpy(g->target_endpoint, p->target_endpoint ? p->target_endpoint : "",
+               sizeof g->target_endpoint);
+    if (p->n_members == 0)
+        return 0;
+    g->updates = sp_calloc(p->n_members, sizeof *g->updates);
+    g->n_updates = p->n_members;
+    for (size_t i = 0; i < p->n_members && rc == 0; i++)
+        rc = gossip_member_from_pb(p->members[i], i, &g->updates[i], err, errlen);
+    return rc;
+}
+
 /* ---- requests ----------------------------------------------------------- */
 
 int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
@@ -114,6 +387,7 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     Shardpacs__StatsRequest stats = SHARDPACS__STATS_REQUEST__INIT;
     Shardpacs__Attr cells[ATTR_COUNT];
     Shardpacs__Attr *ptrs[ATTR_COUNT];
+    gossip_scratch_t gossip = {0};
 
     switch (req->kind) {
     case WIRE_PUT:
@@ -162,11 +436,17 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         msg.body_case = SHARDPACS__REQUEST__BODY_STATS;
         msg.stats = &stats;
         break;
+    case WIRE_GOSSIP:
+        gossip_to_pb(&req->gossip, &gossip);
+        msg.body_case = SHARDPACS__REQUEST__BODY_GOSSIP;
+        msg.gossip = &gossip.msg;
+        break;
     default: return SP_EINVAL;
     }
     *len = shardpacs__request__get_packed_size(&msg);
     *out = sp_malloc(*len);
     shardpacs__request__pack(&msg, *out);
+    gossip_scratch_free(&gossip);
     return 0;
 }
 
@@ -250,6 +530,9 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
         out->cursor = dup_or_null(m->partition_list->cursor);
         return 0;
     case SHARDPACS__REQUEST__BODY_STATS: out->kind = WIRE_STATS; return 0;
+    case SHARDPACS__REQUEST__BODY_GOSSIP:
+        out->kind = WIRE_GOSSIP;
+        return gossip_from_pb(m->gossip, &out->gossip, err, errlen);
     default:
         sp_fmt(err, errlen, "request of unknown kind %d", (int)m->body_case);
         return SP_EUNKNOWN;
@@ -280,6 +563,7 @@ void wire_request_free(wire_request_t *req)
     free(req->series_uid);
     free(req->partitions);
     free(req->cursor);
+    gossip_msg_clear(&req->gossip);
     memset(req, 0, sizeof *req);
 }
 
@@ -374,9 +658,11 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
     Shardpacs__PartitionDigestReply pdig = SHARDPACS__PARTITION_DIGEST_REPLY__INIT;
     Shardpacs__PartitionListReply plist = SHARDPACS__PARTITION_LIST_REPLY__INIT;
     Shardpacs__StatsReply stats = SHARDPACS__STATS_REPLY__INIT;
+    Shardpacs__GossipReply gossip_reply = SHARDPACS__GOSSIP_REPLY__INIT;
     Shardpacs__Attr cells[ATTR_COUNT];
     Shardpacs__Attr *ptrs[ATTR_COUNT];
     reply_scratch_t scratch = {0};
+    gossip_scratch_t gossip = {0};
 
     msg.status = rep->status;
     msg.error = rep->error ? rep->error : "";
@@ -438,6 +724,15 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             msg.body_case = SHARDPACS__REPLY__BODY_STATS;
             msg.stats = &stats;
             break;
+        case WIRE_GOSSIP:
+            /* kind 0: the request has no direct answer; send no message. */
+            if (rep->gossip.kind != 0) {
+                gossip_to_pb(&rep->gossip, &gossip);
+                gossip_reply.message = &gossip.msg;
+            }
+            msg.body_case = SHARDPACS__REPLY__BODY_GOSSIP;
+            msg.gossip = &gossip_reply;
+            break;
         default: return SP_EINVAL;
         }
     }
@@ -445,6 +740,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
     *out = sp_malloc(*len);
     shardpacs__reply__pack(&msg, *out);
     scratch_free(&scratch);
+    gossip_scratch_free(&gossip);
     return 0;
 }
 
@@ -547,6 +843,10 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->stats.db_size_bytes = m->stats->db_size_bytes;
         out->stats.uptime_ms = m->stats->uptime_ms;
         return 0;
+    case SHARDPACS__REPLY__BODY_GOSSIP:
+        out->kind = WIRE_GOSSIP;
+        return m->gossip->message ? gossip_from_pb(m->gossip->message, &out->gossip, err, errlen)
+                                  : 0;
     default: sp_fmt(err, errlen, "reply of unknown kind %d", (int)m->body_case); return SP_EPROTO;
     }
 }
@@ -596,6 +896,7 @@ void wire_reply_free(wire_reply_t *rep)
     free(rep->matches);
     free(rep->digests);
     free(rep->stats.node_id);
+    gossip_msg_clear(&rep->gossip);
     memset(rep, 0, sizeof *rep);
 }
 

@@ -5,7 +5,11 @@
  * validates before anything is used: sizes (each value at most
  * WIRE_MAX_VALUE bytes, at most WIRE_MAX_ATTRS attributes), required fields
  * for the request kind, UID syntax, known attribute tags, digest length and
- * partition range. A message failing any check is SP_EPROTO with a reason.
+ * partition range, and for gossip messages the rules listed above
+ * GossipMember in proto/shardpacs.proto (id and endpoint syntax, site, Z85
+ * public key on every member record, enum ranges, weight, accuser, at most
+ * GOSSIP_MAX_MEMBERS members). A message failing any check is SP_EPROTO
+ * with a reason that names the field.
  *
  * A decoded message owns its strings and arrays; free it with
  * wire_request_free() / wire_reply_free(). Encoding only borrows. All
@@ -15,6 +19,7 @@
 
 #include "attrs.h"
 #include "base.h"
+#include "gossip.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -33,6 +38,7 @@ typedef enum {
     WIRE_PARTITION_DIGEST,
     WIRE_PARTITION_LIST,
     WIRE_STATS,
+    WIRE_GOSSIP,
 } wire_kind_t;
 
 const char *wire_kind_name(wire_kind_t kind);
@@ -51,7 +57,9 @@ typedef struct {
     uint32_t limit;                /* FIND, PARTITION_LIST (0 = no limit) */
     uint32_t *partitions;          /* PARTITION_DIGEST */
     size_t npartitions;
-    char *cursor; /* PARTITION_LIST, optional */
+    char *cursor;        /* PARTITION_LIST, optional */
+    gossip_msg_t gossip; /* GOSSIP: the message; its updates array is owned
+                          * (malloc'd) and freed by wire_request_free() */
 } wire_request_t;
 
 typedef enum { WIRE_STORED = 0, WIRE_DUPLICATE = 1, WIRE_CONFLICT = 2 } wire_outcome_t;
@@ -97,10 +105,18 @@ typedef struct {
     bool truncated;                   /* FIND */
     wire_partition_digest_t *digests; /* PARTITION_DIGEST */
     size_t ndigests;
-    wire_stats_t stats; /* STATS */
+    wire_stats_t stats;  /* STATS */
+    gossip_msg_t gossip; /* GOSSIP: the direct answer (the ACK to a PING, the
+                          * SYNC to a SYNC_REQ), or all zero (kind 0) when the
+                          * request has none; updates owned as in the request */
 } wire_reply_t;
 
-/* Encode into a malloc'd buffer (*out, caller frees). Returns 0. */
+/* Encode into a malloc'd buffer (*out, caller frees). Returns 0, or
+ * SP_EINVAL for an unknown kind. Encoding does not validate: it sends what it
+ * is given (a gossip message's strings must be terminated), and the decoder
+ * refuses what breaks the rules. A gossip message is not size-checked here;
+ * a full SYNC that exceeds the transport's max_frame_bytes is refused by the
+ * transport (see the size note in proto/shardpacs.proto). */
 int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len);
 int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len);
 
@@ -110,6 +126,8 @@ int wire_decode_request(const uint8_t *buf, size_t len, wire_request_t *out, cha
                         size_t errlen);
 int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *err, size_t errlen);
 
+/* Free everything the message owns (strings, arrays, a gossip message's
+ * updates) and zero it. */
 void wire_request_free(wire_request_t *req);
 void wire_reply_free(wire_reply_t *rep);
 

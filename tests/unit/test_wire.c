@@ -1,13 +1,19 @@
 /* test_wire.c - round trips of every message kind, and validated decoding
- * of truncated, random and semantically bad buffers. */
+ * of truncated, random and semantically bad buffers. Gossip messages also
+ * run through a simulated cluster (common/gossip.c) whose every message
+ * crosses the wire, so the validation rules are checked against what the
+ * membership protocol really sends. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "keys.h"
 #include "wire.h"
 
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -232,13 +238,746 @@ static void test_find_keys_validated(void **state)
     wire_request_free(&in);
 }
 
+/* ---- gossip messages ----------------------------------------------------- */
+
+#define NKEYS 8
+static char test_keys[NKEYS][KEYS_Z85_LEN + 1];
+
+/* Fresh CURVE public keys, made once per process. */
+static const char *key(size_t i)
+{
+    if (test_keys[0][0] == '\0') {
+        for (size_t k = 0; k < NKEYS; k++) {
+            keys_pair_t kp;
+            assert_int_equal(keys_generate(&kp), 0);
+            assert_true(keys_z85_valid(kp.public_z85));
+            memcpy(test_keys[k], kp.public_z85, sizeof test_keys[k]);
+        }
+    }
+    return test_keys[i % NKEYS];
+}
+
+/* Member i: both roles, every state in turn (accuser only on SUSPECT),
+ * distinct weights, incarnations near the top of the range. */
+static void fill_member(gossip_member_t *m, size_t i)
+{
+    memset(m, 0, sizeof *m);
+    snprintf(m->id, sizeof m->id, "node-%zu.a_b", i);
+    snprintf(m->endpoint, sizeof m->endpoint, "tcp://10.1.%zu.%zu:%zu", i / 250, i % 250 + 1,
+             7400 + i % 1000);
+    snprintf(m->site, sizeof m->site, "site-%c", (char)('A' + i % 3));
+    memcpy(m->public_key, key(i), sizeof m->public_key);
+    m->role = i % 4 == 3 ? GOSSIP_ROUTER : GOSSIP_STORAGE;
+    m->weight = m->role == GOSSIP_ROUTER ? (i % 8 == 3 ? 0.0 : 1.0) : 0.25 + (double)i * 0.5;
+    m->incarnation = UINT64_MAX - i;
+    m->state = (gossip_state_t)(i % GOSSIP_STATE_COUNT);
+    if (m->state == GOSSIP_SUSPECT)
+        snprintf(m->accuser, sizeof m->accuser, "node-%zu.a_b", i + 1);
+}
+
+/* A message of this kind carrying n member records; targets where the kind
+ * allows them. */
+static void fill_gossip(gossip_msg_t *g, gossip_kind_t kind, size_t n)
+{
+    memset(g, 0, sizeof *g);
+    g->kind = kind;
+    strcpy(g->from_id, "n1");
+    strcpy(g->from_endpoint, "tcp://10.0.0.1:7401");
+    if (kind != GOSSIP_SYNC_REQ) /* a join goes to a seed endpoint, id unknown */
+        strcpy(g->to_id, "n2");
+    strcpy(g->to_endpoint, "tcp://[fe80::1]:7402");
+    g->seq = 0xfedcba9876543210ull + (uint64_t)kind;
+    if (kind == GOSSIP_PING_REQ || kind == GOSSIP_ACK || kind == GOSSIP_NACK) {
+        strcpy(g->target_id, "n3");
+        strcpy(g->target_endpoint, "tcp://node-3.example.org:65535");
+    }
+    g->n_updates = n;
+    g->updates = n ? calloc(n, sizeof *g->updates) : NULL;
+    for (size_t i = 0; i < n; i++)
+        fill_member(&g->updates[i], i);
+}
+
+static void assert_gossip_equal(const gossip_msg_t *a, const gossip_msg_t *b)
+{
+    assert_int_equal(a->kind, b->kind);
+    assert_string_equal(a->from_id, b->from_id);
+    assert_string_equal(a->from_endpoint, b->from_endpoint);
+    assert_string_equal(a->to_id, b->to_id);
+    assert_string_equal(a->to_endpoint, b->to_endpoint);
+    assert_true(a->seq == b->seq);
+    assert_string_equal(a->target_id, b->target_id);
+    assert_string_equal(a->target_endpoint, b->target_endpoint);
+    assert_int_equal(a->n_updates, b->n_updates);
+    for (size_t i = 0; i < a->n_updates; i++) {
+        const gossip_member_t *x = &a->updates[i], *y = &b->updates[i];
+        assert_string_equal(x->id, y->id);
+        assert_string_equal(x->endpoint, y->endpoint);
+        assert_string_equal(x->site, y->site);
+        assert_string_equal(x->public_key, y->public_key);
+        assert_int_equal(x->role, y->role);
+        assert_true(x->weight == y->weight);
+        assert_true(x->incarnation == y->incarnation);
+        assert_int_equal(x->state, y->state);
+        assert_string_equal(x->accuser, y->accuser);
+    }
+}
+
+/* Encodes g (borrowed) as a gossip request and decodes it into *out. */
+static int gossip_request_trip(const gossip_msg_t *g, wire_request_t *out, char *err, size_t errlen,
+                               size_t *enc_len)
+{
+    wire_request_t in = {.kind = WIRE_GOSSIP, .gossip = *g};
+    uint8_t *buf;
+    size_t len;
+    assert_int_equal(wire_encode_request(&in, &buf, &len), 0);
+    if (enc_len)
+        *enc_len = len;
+    err[0] = '\0';
+    int rc = wire_decode_request(buf, len, out, err, errlen);
+    free(buf);
+    return rc;
+}
+
+static void test_gossip_round_trip(void **state)
+{
+    (void)state;
+    char err[256];
+    for (int k = GOSSIP_PING; k <= GOSSIP_SYNC; k++) {
+        gossip_msg_t g;
+        fill_gossip(&g, (gossip_kind_t)k, k == GOSSIP_SYNC ? 23 : 7);
+        wire_request_t out;
+        assert_int_equal(gossip_request_trip(&g, &out, err, sizeof err, NULL), 0);
+        assert_int_equal(out.kind, WIRE_GOSSIP);
+        assert_gossip_equal(&g, &out.gossip);
+        wire_request_free(&out);
+        assert_null(out.gossip.updates);
+
+        /* The same message as the direct answer in a reply. */
+        wire_reply_t rin = {.kind = WIRE_GOSSIP, .gossip = g}, rout;
+        uint8_t *buf;
+        size_t len;
+        assert_int_equal(wire_encode_reply(&rin, &buf, &len), 0);
+        assert_int_equal(wire_decode_reply(buf, len, &rout, err, sizeof err), 0);
+        assert_int_equal(rout.kind, WIRE_GOSSIP);
+        assert_gossip_equal(&g, &rout.gossip);
+        free(buf);
+        wire_reply_free(&rout);
+        wire_reply_free(&rin); /* owns g.updates now; frees them once */
+    }
+
+    /* No members at all, and seq 0. */
+    gossip_msg_t g;
+    fill_gossip(&g, GOSSIP_PING, 0);
+    g.seq = 0;
+    wire_request_t out;
+    assert_int_equal(gossip_request_trip(&g, &out, err, sizeof err, NULL), 0);
+    assert_gossip_equal(&g, &out.gossip);
+    assert_null(out.gossip.updates);
+    wire_request_free(&out);
+
+    /* A reply with no direct answer: kind WIRE_GOSSIP, zeroed message. */
+    wire_reply_t rin = {.kind = WIRE_GOSSIP}, rout;
+    uint8_t *buf;
+    size_t len;
+    assert_int_equal(wire_encode_reply(&rin, &buf, &len), 0);
+    assert_int_equal(wire_decode_reply(buf, len, &rout, err, sizeof err), 0);
+    assert_int_equal(rout.kind, WIRE_GOSSIP);
+    assert_int_equal(rout.gossip.kind, 0);
+    assert_int_equal(rout.gossip.n_updates, 0);
+    assert_null(rout.gossip.updates);
+    free(buf);
+    wire_reply_free(&rout);
+    assert_string_equal(wire_kind_name(WIRE_GOSSIP), "gossip");
+}
+
+/* The message the validation cases spoil: a PING_REQ (so targets are set)
+ * with a storage member, a router of weight 0 and a suspect. */
+static void fill_valid(gossip_msg_t *g)
+{
+    fill_gossip(g, GOSSIP_PING_REQ, 3);
+    g->updates[1].role = GOSSIP_ROUTER;
+    g->updates[1].weight = 0;
+    g->updates[1].state = GOSSIP_ALIVE;
+    g->updates[1].accuser[0] = '\0';
+    g->updates[2].state = GOSSIP_SUSPECT;
+    strcpy(g->updates[2].accuser, "n1");
+}
+
+/* The string field named like "from_id" or "members[2].site". */
+static char *field_of(gossip_msg_t *g, const char *name)
+{
+    if (strncmp(name, "members[", 8) == 0) {
+        gossip_member_t *m = &g->updates[name[8] - '0'];
+        const char *f = name + 11;
+        return strcmp(f, "id") == 0           ? m->id
+               : strcmp(f, "endpoint") == 0   ? m->endpoint
+               : strcmp(f, "site") == 0       ? m->site
+               : strcmp(f, "public_key") == 0 ? m->public_key
+                                              : m->accuser;
+    }
+    return strcmp(name, "from_id") == 0         ? g->from_id
+           : strcmp(name, "from_endpoint") == 0 ? g->from_endpoint
+           : strcmp(name, "to_id") == 0         ? g->to_id
+           : strcmp(name, "to_endpoint") == 0   ? g->to_endpoint
+           : strcmp(name, "target_id") == 0     ? g->target_id
+                                                : g->target_endpoint;
+}
+
+/* Decodes the valid message with one string field replaced; expects
+ * SP_EPROTO naming the field, or success when expect is NULL. */
+static void expect_string_case(const char *field, const char *value, const char *expect)
+{
+    gossip_msg_t g;
+    fill_valid(&g);
+    strcpy(field_of(&g, field), value);
+    wire_request_t out;
+    char err[256];
+    int rc = gossip_request_trip(&g, &out, err, sizeof err, NULL);
+    if (expect == NULL) {
+        if (rc != 0)
+            fail_msg("%s = '%s' refused: %s", field, value, err);
+        wire_request_free(&out);
+    } else {
+        if (rc != SP_EPROTO || strstr(err, expect) == NULL)
+            fail_msg("%s = '%s': rc %d, err '%s' (expected mention of %s)", field, value, rc, err,
+                     expect);
+        assert_int_equal(out.kind, WIRE_NONE); /* nothing left to free */
+        assert_null(out.gossip.updates);
+    }
+    gossip_msg_clear(&g);
+}
+
+typedef void (*gossip_spoil_fn)(gossip_msg_t *g);
+static void kind_zero(gossip_msg_t *g)
+{
+    g->kind = 0;
+}
+static void kind_seven(gossip_msg_t *g)
+{
+    g->kind = (gossip_kind_t)7;
+}
+static void target_on_ping(gossip_msg_t *g)
+{
+    g->kind = GOSSIP_PING;
+}
+static void target_endpoint_on_sync(gossip_msg_t *g)
+{
+    g->kind = GOSSIP_SYNC;
+    g->target_id[0] = '\0';
+}
+static void role_two(gossip_msg_t *g)
+{
+    g->updates[0].role = (gossip_role_t)2;
+}
+static void role_negative(gossip_msg_t *g)
+{
+    g->updates[0].role = (gossip_role_t)-1;
+}
+static void state_seven(gossip_msg_t *g)
+{
+    g->updates[0].state = (gossip_state_t)GOSSIP_STATE_COUNT;
+}
+static void weight_nan(gossip_msg_t *g)
+{
+    g->updates[0].weight = NAN;
+}
+static void weight_inf(gossip_msg_t *g)
+{
+    g->updates[1].weight = INFINITY;
+}
+static void weight_zero_storage(gossip_msg_t *g)
+{
+    g->updates[0].weight = 0;
+}
+static void weight_negative_storage(gossip_msg_t *g)
+{
+    g->updates[2].weight = -1;
+}
+static void weight_negative_router(gossip_msg_t *g)
+{
+    g->updates[1].weight = -0.5;
+}
+static void accuser_on_alive(gossip_msg_t *g)
+{
+    strcpy(g->updates[0].accuser, "n1");
+}
+static void too_many_members(gossip_msg_t *g)
+{
+    gossip_msg_clear(g);
+    fill_gossip(g, GOSSIP_SYNC, GOSSIP_MAX_MEMBERS + 1);
+}
+
+static void test_gossip_validation(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *field, *value, *expect;
+    } strings[] = {
+        {"from_id", "", "from_id is missing"},
+        {"from_id", "n 1", "from_id"},
+        {"from_id", "n/1", "from_id"},
+        {"from_id", "n\x01", "from_id"},
+        {"from_endpoint", "", "from_endpoint is missing"},
+        {"from_endpoint", "udp://10.0.0.1:7401", "from_endpoint"},
+        {"from_endpoint", "tcp://10.0.0.1", "from_endpoint"},
+        {"from_endpoint", "tcp://10.0.0.1:", "from_endpoint"},
+        {"from_endpoint", "tcp://10.0.0.1:0", "from_endpoint"},
+        {"from_endpoint", "tcp://10.0.0.1:65536", "from_endpoint"},
+        {"from_endpoint", "tcp://10.0.0.1:123456", "from_endpoint"},
+        {"from_endpoint", "tcp://10.0.0.1:74x1", "from_endpoint"},
+        {"from_endpoint", "tcp://*:7401", "from_endpoint"},
+        {"from_endpoint", "tcp://:7401", "from_endpoint"},
+        {"from_endpoint", "tcp://[]:7401", "from_endpoint"},
+        {"from_endpoint", "tcp://[::1:7401", "from_endpoint"},
+        {"from_endpoint", "tcp://h_st:7401", "from_endpoint"},
+        {"from_endpoint", "tcp://a:1:2", "from_endpoint"},
+        {"to_id", "n 2", "to_id"},
+        {"to_endpoint", "", "to_endpoint is missing"},
+        {"to_endpoint", "tcp://x y:1", "to_endpoint"},
+        {"target_id", "", "target_id is missing"},
+        {"target_id", "n3!", "target_id"},
+        {"target_endpoint", "", "target_endpoint is missing"},
+        {"target_endpoint", "tcp://n3", "target_endpoint"},
+        {"members[0].id", "", "members[0].id is missing"},
+        {"members[1].id", "a b", "members[1].id"},
+        {"members[2].endpoint", "", "members[2].endpoint is missing"},
+        {"members[2].endpoint", "tcp://n3:99999", "members[2].endpoint"},
+        {"members[0].site", "", "members[0].site is missing"},
+        {"members[0].site", "site A", "members[0].site"},
+        {"members[1].public_key", "", "members[1].public_key is missing"},
+        {"members[1].public_key", "abc", "members[1].public_key"},
+        {"members[1].public_key", "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf ",
+         "members[1].public_key"},
+        {"members[1].public_key", "########################################",
+         "members[1].public_key"},
+        {"members[2].accuser", "", "members[2].accuser is missing"},
+        {"members[2].accuser", "n 1", "members[2].accuser"},
+        /* Accepted forms, so the rules are not stricter than meant. */
+        {"from_endpoint", "tcp://[::ffff:10.0.0.1]:1", NULL},
+        {"from_endpoint", "tcp://db-1.site-a.example:65535", NULL},
+        {"to_id", "", NULL},
+        {"members[0].id", "A.b_c-9", NULL},
+        {"members[0].site", "eu-west/1#b", NULL},
+        {"members[1].public_key", "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7", NULL},
+    };
+    for (size_t i = 0; i < SP_ARRAY_LEN(strings); i++)
+        expect_string_case(strings[i].field, strings[i].value, strings[i].expect);
+
+    static const struct {
+        gossip_spoil_fn spoil;
+        const char *expect;
+    } others[] = {
+        {kind_zero, "kind"},
+        {kind_seven, "kind"},
+        {target_on_ping, "target_id"},
+        {target_endpoint_on_sync, "target_endpoint"},
+        {role_two, "members[0].role"},
+        {role_negative, "members[0].role"},
+        {state_seven, "members[0].state"},
+        {weight_nan, "members[0].weight"},
+        {weight_inf, "members[1].weight"},
+        {weight_zero_storage, "members[0].weight"},
+        {weight_negative_storage, "members[2].weight"},
+        {weight_negative_router, "members[1].weight"},
+        {accuser_on_alive, "members[0].accuser"},
+        {too_many_members, "members"},
+    };
+    for (size_t i = 0; i < SP_ARRAY_LEN(others); i++) {
+        gossip_msg_t g;
+        fill_valid(&g);
+        others[i].spoil(&g);
+        wire_request_t out;
+        char err[256];
+        int rc = gossip_request_trip(&g, &out, err, sizeof err, NULL);
+        if (rc != SP_EPROTO || strstr(err, others[i].expect) == NULL)
+            fail_msg("case %zu: rc %d, err '%s' (expected mention of %s)", i, rc, err,
+                     others[i].expect);
+        assert_null(out.gossip.updates);
+        gossip_msg_clear(&g);
+    }
+
+    /* The valid message itself passes, and so do its replies' forms. */
+    gossip_msg_t g;
+    fill_valid(&g);
+    wire_request_t out;
+    char err[256];
+    assert_int_equal(gossip_request_trip(&g, &out, err, sizeof err, NULL), 0);
+    assert_gossip_equal(&g, &out.gossip);
+    wire_request_free(&out);
+    gossip_msg_clear(&g);
+}
+
+/* A hand-written protobuf encoder, so a test can send what the C structs
+ * cannot hold (strings longer than their arrays), as a foreign peer could. */
+typedef struct {
+    uint8_t b[2048];
+    size_t n;
+} pb_t;
+
+static void pb_varint(pb_t *p, uint64_t v)
+{
+    do {
+        uint8_t c = v & 0x7f;
+        v >>= 7;
+        p->b[p->n++] = (uint8_t)(c | (v ? 0x80 : 0));
+    } while (v);
+}
+static void pb_bytes(pb_t *p, unsigned field, const void *data, size_t len)
+{
+    pb_varint(p, field << 3 | 2);
+    pb_varint(p, len);
+    memcpy(p->b + p->n, data, len);
+    p->n += len;
+}
+static void pb_str(pb_t *p, unsigned field, const char *s)
+{
+    pb_bytes(p, field, s, strlen(s));
+}
+static void pb_uint(pb_t *p, unsigned field, uint64_t v)
+{
+    pb_varint(p, field << 3);
+    pb_varint(p, v);
+}
+
+/* Request{gossip(8): GossipMessage{kind PING, from_id, from_endpoint,
+ * to_endpoint, members: [{id, endpoint, site, key, weight 1.5,
+ * incarnation 9}]}}, decoded. */
+static int decode_crafted(const char *from_id, const char *from_ep, const char *m_id,
+                          const char *m_site, wire_request_t *out, char *err, size_t errlen)
+{
+    pb_t member = {0}, msg = {0}, req = {0};
+    pb_str(&member, 1, m_id);
+    pb_str(&member, 2, "tcp://10.0.0.9:7409");
+    pb_str(&member, 3, m_site);
+    pb_str(&member, 4, key(0));
+    double w = 1.5;
+    pb_varint(&member, 6 << 3 | 1);
+    memcpy(member.b + member.n, &w, 8); /* little-endian hosts only, like protobuf-c */
+    member.n += 8;
+    pb_uint(&member, 7, 9);
+    pb_uint(&msg, 1, GOSSIP_PING);
+    pb_str(&msg, 2, from_id);
+    pb_str(&msg, 3, from_ep);
+    pb_str(&msg, 5, "tcp://10.0.0.2:7402");
+    pb_uint(&msg, 6, 77);
+    pb_bytes(&msg, 9, member.b, member.n);
+    pb_bytes(&req, 8, msg.b, msg.n);
+    err[0] = '\0';
+    return wire_decode_request(req.b, req.n, out, err, errlen);
+}
+
+static void test_gossip_foreign_lengths(void **state)
+{
+    (void)state;
+    char id63[64], id64[65], site64[65], ep127[128], ep128[129], err[256];
+    memset(id63, 'i', 63);
+    id63[63] = '\0';
+    memset(id64, 'i', 64);
+    id64[64] = '\0';
+    memset(site64, 's', 64);
+    site64[64] = '\0';
+    /* "tcp://" + host + ":7400" of exactly 127 and 128 characters */
+    memcpy(ep127, "tcp://", 6);
+    memset(ep127 + 6, 'h', 127 - 6 - 5);
+    memcpy(ep127 + 127 - 5, ":7400", 6);
+    memcpy(ep128, "tcp://", 6);
+    memset(ep128 + 6, 'h', 128 - 6 - 5);
+    memcpy(ep128 + 128 - 5, ":7400", 6);
+
+    wire_request_t out;
+    /* The hand encoding matches the .proto's field numbers. */
+    assert_int_equal(decode_crafted(id63, ep127, id63, "A", &out, err, sizeof err), 0);
+    assert_int_equal(out.kind, WIRE_GOSSIP);
+    assert_int_equal(out.gossip.kind, GOSSIP_PING);
+    assert_string_equal(out.gossip.from_id, id63);
+    assert_string_equal(out.gossip.from_endpoint, ep127);
+    assert_true(out.gossip.seq == 77);
+    assert_int_equal(out.gossip.n_updates, 1);
+    assert_true(out.gossip.updates[0].weight == 1.5);
+    assert_true(out.gossip.updates[0].incarnation == 9);
+    assert_string_equal(out.gossip.updates[0].public_key, key(0));
+    wire_request_free(&out);
+
+    assert_int_equal(decode_crafted(id64, ep127, "m", "A", &out, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "from_id"));
+    assert_int_equal(decode_crafted("n1", ep128, "m", "A", &out, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "from_endpoint"));
+    assert_int_equal(decode_crafted("n1", ep127, id64, "A", &out, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "members[0].id"));
+    assert_int_equal(decode_crafted("n1", ep127, "m", site64, &out, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "members[0].site"));
+    assert_null(out.gossip.updates);
+}
+
+/* The transport's default frame limit (transport.h: chunk_bytes + 64 KiB). */
+#define DEFAULT_FRAME (1024 * 1024 + 64 * 1024)
+
+static void test_gossip_max_members(void **state)
+{
+    (void)state;
+    char err[256];
+    size_t len;
+    wire_request_t out;
+
+    /* Typical names: a full SYNC at the cap round-trips and fits a frame. */
+    gossip_msg_t g;
+    fill_gossip(&g, GOSSIP_SYNC, GOSSIP_MAX_MEMBERS);
+    assert_int_equal(gossip_request_trip(&g, &out, err, sizeof err, &len), 0);
+    assert_gossip_equal(&g, &out.gossip);
+    print_message("SYNC of %d typical members: %zu bytes\n", GOSSIP_MAX_MEMBERS, len);
+    assert_true(len < DEFAULT_FRAME);
+    wire_request_free(&out);
+
+    /* Every string at its maximum: still valid for the wire, but over the
+     * default frame limit, as proto/shardpacs.proto documents. */
+    for (size_t i = 0; i < g.n_updates; i++) {
+        gossip_member_t *m = &g.updates[i];
+        memset(m->id, 'i', GOSSIP_ID_MAX - 1);
+        for (size_t d = 0, v = i; d < 5; d++, v /= 10) /* unique: last 5 digits = i */
+            m->id[GOSSIP_ID_MAX - 2 - d] = (char)('0' + v % 10);
+        memset(m->endpoint, 'h', GOSSIP_ENDPOINT_MAX - 1);
+        memcpy(m->endpoint, "tcp://", 6);
+        memcpy(m->endpoint + GOSSIP_ENDPOINT_MAX - 6, ":7400", 6);
+        memset(m->site, 's', GOSSIP_SITE_MAX - 1);
+        m->state = GOSSIP_SUSPECT;
+        memset(m->accuser, 'a', GOSSIP_ID_MAX - 1);
+    }
+    assert_int_equal(gossip_request_trip(&g, &out, err, sizeof err, &len), 0);
+    assert_gossip_equal(&g, &out.gossip);
+    print_message("SYNC of %d maximal members: %zu bytes\n", GOSSIP_MAX_MEMBERS, len);
+    assert_true(len > DEFAULT_FRAME && len < 1700 * 1000);
+    wire_request_free(&out);
+    gossip_msg_clear(&g);
+
+    /* One over the cap is refused. */
+    fill_gossip(&g, GOSSIP_SYNC, GOSSIP_MAX_MEMBERS + 1);
+    assert_int_equal(gossip_request_trip(&g, &out, err, sizeof err, NULL), SP_EPROTO);
+    assert_non_null(strstr(err, "members"));
+    gossip_msg_clear(&g);
+}
+
+/* Four gossip members whose every message crosses the wire (ACK and SYNC as
+ * replies, the rest as requests), then one of them dies: whatever the
+ * protocol sends while joining, probing, suspecting and marking down must
+ * pass validation and arrive unchanged. */
+#define SIM_N 4
+static void test_gossip_cluster_over_wire(void **state)
+{
+    (void)state;
+    gossip_t *g[SIM_N];
+    char ids[SIM_N][8], eps[SIM_N][32];
+    int64_t now = 1000;
+    for (size_t i = 0; i < SIM_N; i++) {
+        snprintf(ids[i], sizeof ids[i], "n%zu", i + 1);
+        snprintf(eps[i], sizeof eps[i], "tcp://127.0.0.1:%zu", 7401 + i);
+        const char *seeds[] = {eps[0]};
+        gossip_config_t c;
+        gossip_config_defaults(&c);
+        c.id = ids[i];
+        c.endpoint = eps[i];
+        c.site = i % 2 ? "B" : "A";
+        c.public_key = key(i);
+        c.role = i == 3 ? GOSSIP_ROUTER : GOSSIP_STORAGE;
+        c.seeds = seeds;
+        c.n_seeds = 1;
+        c.seed = 42 + i;
+        c.probe_interval_ms = 200;
+        c.probe_timeout_ms = 60;
+        c.sync_interval_ms = 1000;
+        c.down_to_out_ms = 3000;
+        g[i] = gossip_new(&c, now);
+        assert_non_null(g[i]);
+    }
+    size_t dead = 2, sent = 0, suspect_records = 0, kinds[GOSSIP_SYNC + 1] = {0};
+    for (int step = 0; step < 2000; step++, now += 10) {
+        bool killed = step >= 500;
+        for (size_t i = 0; i < SIM_N; i++) {
+            if (killed && i == dead)
+                continue;
+            gossip_tick(g[i], now);
+            gossip_msg_t m;
+            while (gossip_poll(g[i], &m)) {
+                uint8_t *buf;
+                size_t len;
+                char err[256] = "";
+                gossip_msg_t got;
+                int rc;
+                if (m.kind == GOSSIP_ACK || m.kind == GOSSIP_SYNC) {
+                    wire_reply_t rin = {.kind = WIRE_GOSSIP, .gossip = m}, rout;
+                    assert_int_equal(wire_encode_reply(&rin, &buf, &len), 0);
+                    rc = wire_decode_reply(buf, len, &rout, err, sizeof err);
+                    got = rout.gossip; /* take ownership of the updates */
+                } else {
+                    wire_request_t rin = {.kind = WIRE_GOSSIP, .gossip = m}, rout;
+                    assert_int_equal(wire_encode_request(&rin, &buf, &len), 0);
+                    rc = wire_decode_request(buf, len, &rout, err, sizeof err);
+                    got = rout.gossip;
+                }
+                free(buf);
+                if (rc != 0)
+                    fail_msg("kind %d from %s refused: %s", (int)m.kind, m.from_id, err);
+                assert_gossip_equal(&m, &got);
+                sent++;
+                kinds[m.kind]++;
+                for (size_t u = 0; u < got.n_updates; u++)
+                    suspect_records += got.updates[u].state == GOSSIP_SUSPECT;
+                long dst = -1;
+                for (size_t j = 0; j < SIM_N; j++)
+                    if (strcmp(eps[j], got.to_endpoint) == 0)
+                        dst = (long)j;
+                assert_true(dst >= 0);
+                if (!(killed && (size_t)dst == dead))
+                    assert_int_equal(gossip_receive(g[dst], now, &got), 0);
+                gossip_msg_clear(&got);
+                gossip_msg_clear(&m);
+            }
+        }
+        if (step == 499) /* all joined and alive before the death */
+            for (size_t i = 0; i < SIM_N; i++) {
+                assert_int_equal(gossip_count(g[i]), SIM_N);
+                gossip_member_t who;
+                for (size_t j = 0; j < SIM_N; j++) {
+                    assert_int_equal(gossip_lookup(g[i], ids[j], &who), 0);
+                    assert_int_equal(who.state, GOSSIP_ALIVE);
+                }
+            }
+    }
+    print_message("%zu gossip messages crossed the wire, %zu suspect records\n", sent,
+                  suspect_records);
+    for (int k = GOSSIP_PING; k <= GOSSIP_SYNC; k++)
+        if (kinds[k] == 0 && k != GOSSIP_NACK)
+            fail_msg("no message of kind %d was exercised", k);
+    assert_true(suspect_records > 0);
+    for (size_t i = 0; i < SIM_N; i++) {
+        if (i == dead)
+            continue;
+        gossip_member_t who;
+        assert_int_equal(gossip_lookup(g[i], ids[dead], &who), 0);
+        assert_true(who.state == GOSSIP_DOWN || who.state == GOSSIP_OUT);
+    }
+    for (size_t i = 0; i < SIM_N; i++)
+        gossip_destroy(&g[i]);
+}
+
+/* Every prefix of a gossip request and of a gossip reply is refused or
+ * decodes to a valid message (the existing put loop, for gossip). */
+static void test_gossip_truncated_buffers(void **state)
+{
+    (void)state;
+    gossip_msg_t g;
+    fill_gossip(&g, GOSSIP_SYNC, 5);
+    for (int as_reply = 0; as_reply <= 1; as_reply++) {
+        uint8_t *buf;
+        size_t len;
+        if (as_reply) {
+            wire_reply_t rin = {.kind = WIRE_GOSSIP, .gossip = g};
+            wire_encode_reply(&rin, &buf, &len);
+        } else {
+            wire_request_t rin = {.kind = WIRE_GOSSIP, .gossip = g};
+            wire_encode_request(&rin, &buf, &len);
+        }
+        size_t refused = 0;
+        for (size_t cut = 0; cut < len; cut++) {
+            uint8_t *copy = malloc(cut ? cut : 1);
+            memcpy(copy, buf, cut);
+            char err[256] = "";
+            wire_request_t req;
+            wire_reply_t rep;
+            int rc = as_reply ? wire_decode_reply(copy, cut, &rep, err, sizeof err)
+                              : wire_decode_request(copy, cut, &req, err, sizeof err);
+            if (rc == 0) {
+                const gossip_msg_t *m = as_reply ? &rep.gossip : &req.gossip;
+                assert_int_equal(as_reply ? rep.kind : req.kind, WIRE_GOSSIP);
+                assert_true(m->kind >= GOSSIP_PING && m->kind <= GOSSIP_SYNC);
+                assert_true(m->n_updates <= g.n_updates);
+                for (size_t i = 0; i < m->n_updates; i++)
+                    assert_true(keys_z85_valid(m->updates[i].public_key));
+                if (as_reply)
+                    wire_reply_free(&rep);
+                else
+                    wire_request_free(&req);
+            } else {
+                refused++;
+                assert_true(err[0] != '\0');
+            }
+            free(copy);
+        }
+        assert_true(refused >= len - 2);
+        free(buf);
+    }
+    gossip_msg_clear(&g);
+}
+
+/* Random byte changes to valid gossip encodings (the random-buffer loop,
+ * aimed where plain random bytes rarely reach): anything that still decodes
+ * must satisfy the rules, and nothing leaks or reads out of bounds. */
+static void test_gossip_mutated_buffers(void **state)
+{
+    (void)state;
+    srand(54321);
+    size_t accepted = 0, total = 0;
+    for (int k = GOSSIP_PING; k <= GOSSIP_SYNC; k++) {
+        gossip_msg_t g;
+        fill_gossip(&g, (gossip_kind_t)k, 4);
+        wire_request_t rin = {.kind = WIRE_GOSSIP, .gossip = g};
+        uint8_t *buf;
+        size_t len;
+        wire_encode_request(&rin, &buf, &len);
+        uint8_t *copy = malloc(len);
+        for (int iter = 0; iter < 4000; iter++, total++) {
+            memcpy(copy, buf, len);
+            int flips = 1 + rand() % 4;
+            for (int f = 0; f < flips; f++)
+                copy[(size_t)rand() % len] = (uint8_t)rand();
+            wire_request_t req;
+            wire_reply_t rep;
+            char err[256];
+            if (wire_decode_request(copy, len, &req, err, sizeof err) == 0) {
+                accepted++;
+                if (req.kind == WIRE_GOSSIP) {
+                    const gossip_msg_t *m = &req.gossip;
+                    assert_true(m->kind >= GOSSIP_PING && m->kind <= GOSSIP_SYNC);
+                    assert_true(m->from_id[0] != '\0' && m->to_endpoint[0] != '\0');
+                    assert_true(m->n_updates <= GOSSIP_MAX_MEMBERS);
+                    for (size_t i = 0; i < m->n_updates; i++) {
+                        const gossip_member_t *u = &m->updates[i];
+                        assert_true(keys_z85_valid(u->public_key));
+                        assert_true((unsigned)u->state < GOSSIP_STATE_COUNT);
+                        assert_true(u->role == GOSSIP_STORAGE || u->role == GOSSIP_ROUTER);
+                        assert_true(isfinite(u->weight) && u->weight >= 0);
+                        assert_true((u->state == GOSSIP_SUSPECT) == (u->accuser[0] != '\0'));
+                    }
+                }
+                wire_request_free(&req);
+            }
+            if (wire_decode_reply(copy, len, &rep, err, sizeof err) == 0)
+                wire_reply_free(&rep);
+        }
+        free(copy);
+        free(buf);
+        gossip_msg_clear(&g);
+    }
+    print_message("%zu of %zu mutated gossip requests still valid\n", accepted, total);
+    assert_true(accepted < total);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_put_round_trip),         cmocka_unit_test(test_find_reply_round_trip),
-        cmocka_unit_test(test_list_and_error_replies), cmocka_unit_test(test_truncated_buffers),
-        cmocka_unit_test(test_random_buffers),         cmocka_unit_test(test_semantic_validation),
+        cmocka_unit_test(test_put_round_trip),
+        cmocka_unit_test(test_find_reply_round_trip),
+        cmocka_unit_test(test_list_and_error_replies),
+        cmocka_unit_test(test_truncated_buffers),
+        cmocka_unit_test(test_random_buffers),
+        cmocka_unit_test(test_semantic_validation),
         cmocka_unit_test(test_find_keys_validated),
+        cmocka_unit_test(test_gossip_round_trip),
+        cmocka_unit_test(test_gossip_validation),
+        cmocka_unit_test(test_gossip_foreign_lengths),
+        cmocka_unit_test(test_gossip_max_members),
+        cmocka_unit_test(test_gossip_cluster_over_wire),
+        cmocka_unit_test(test_gossip_truncated_buffers),
+        cmocka_unit_test(test_gossip_mutated_buffers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
