@@ -188,7 +188,10 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small file system needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], check=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)],
+                         capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.decode(errors='replace')}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
