@@ -1,24 +1,29 @@
 /* node.c - shardpacs-node: a storage node. Loads its configuration and keys,
  * opens the RocksDB store and answers cluster RPCs (put, get, list, find,
- * partition digest/list, stats) over the CURVE transport.
+ * partition digest/list, stats, gossip) over the CURVE transport, and takes
+ * part in cluster membership (membership.c).
  *
  * Threads: the main thread sets up, then waits for SIGINT/SIGTERM; the
  * transport's worker threads run node_handle() concurrently, which is safe
- * because the store is thread-safe and everything else here is read-only
- * after start-up. */
+ * because the store and membership are thread-safe and everything else here
+ * is read-only after start-up; membership runs one thread of its own. */
 #include "../common/base.h"
 #include "../common/config.h"
 #include "../common/keys.h"
 #include "../common/log.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
+#include "membership.h"
 #include "store.h"
 
 #include <errno.h>
 #include <getopt.h>
+#include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     char *id;
@@ -37,6 +42,16 @@ typedef struct {
     int hwm;
     int max_find_results;
     char *log_level;
+    char *seeds;
+    char *advertise;
+    char *weight;
+    int probe_interval_ms;
+    int probe_timeout_ms;
+    int indirect_checks;
+    int suspicion_mult;
+    int suspicion_max_mult;
+    int sync_interval_ms;
+    int down_to_out_ms;
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                              \
@@ -75,12 +90,34 @@ static const config_option_t node_options[] = {
     OPT("query", "max_results", CONFIG_INT, max_find_results, "10000", 1, 10000000,
         "Most matches one find request returns"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("cluster", "seeds", CONFIG_STRING, seeds, "", 0, 0,
+        "Members to join through: comma-separated NAME@tcp://HOST:PORT (NAME as in the cluster "
+        "keys, e.g. n1@tcp://10.0.0.5:7401); empty = a cluster of one until others join"),
+    OPT("cluster", "advertise", CONFIG_STRING, advertise, "", 0, 0,
+        "Endpoint other members reach this node at; empty = the endpoint actually bound"),
+    OPT("cluster", "weight", CONFIG_STRING, weight, "1", 0, 0,
+        "Relative capacity for placement (a number > 0)"),
+    OPT("gossip", "probe_interval", CONFIG_MS, probe_interval_ms, "1s", 10, 3600000,
+        "A member is probed every this often"),
+    OPT("gossip", "probe_timeout", CONFIG_MS, probe_timeout_ms, "300ms", 5, 3600000,
+        "Wait for a direct ACK before asking others to probe (< probe_interval)"),
+    OPT("gossip", "indirect_checks", CONFIG_INT, indirect_checks, "3", 0, 64,
+        "Members asked to probe for us when a direct probe fails"),
+    OPT("gossip", "suspicion_mult", CONFIG_INT, suspicion_mult, "4", 1, 1000,
+        "Confirmed suspicion lasts this many probe intervals (times log10 of the size)"),
+    OPT("gossip", "suspicion_max_mult", CONFIG_INT, suspicion_max_mult, "6", 1, 1000,
+        "An unconfirmed suspicion lasts this many times the confirmed one"),
+    OPT("gossip", "sync_interval", CONFIG_MS, sync_interval_ms, "30s", 10, 86400000,
+        "Full-state exchange with a random member every this often"),
+    OPT("gossip", "down_to_out", CONFIG_MS, down_to_out_ms, "5m", 0, 2000000000,
+        "A member down this long is out (its partitions are re-replicated)"),
 };
 
 typedef struct {
     const node_settings_t *settings;
     store_t *store;
     int64_t started_ms;
+    _Atomic(membership_t *) membership; /* set once serving; NULL before */
 } node_t;
 
 static void reply_error(wire_reply_t *rep, int code, const char *text)
@@ -234,6 +271,14 @@ static void node_handle(void *ctx, const transport_request_t *req, transport_rep
         case WIRE_PARTITION_DIGEST: handle_partition_digest(node, &w, &rep); break;
         case WIRE_PARTITION_LIST: handle_partition_list(node, &w, &rep); break;
         case WIRE_STATS: handle_stats(node, &rep); break;
+        case WIRE_GOSSIP: {
+            membership_t *m = atomic_load(&node->membership);
+            if (m == NULL)
+                reply_error(&rep, SP_EUNAVAIL, "membership not started yet");
+            else
+                membership_handle(m, req, &w, &rep);
+            break;
+        }
         default: reply_error(&rep, SP_EUNKNOWN, "unknown request"); break;
         }
         wire_request_free(&w);
@@ -263,6 +308,90 @@ static int write_ready_file(const char *path, const char *endpoint)
     return 0;
 }
 
+/* Parses [cluster] seeds ("NAME@ENDPOINT, ...") into seeds (pointing into
+ * buf, a copy the caller frees). Returns the count, or -1 with err filled. */
+static int parse_seeds(const char *text, char **buf, membership_seed_t **seeds, char *err,
+                       size_t errlen)
+{
+    *buf = sp_strdup(text);
+    size_t cap = 1;
+    for (const char *c = text; *c; c++)
+        cap += *c == ',';
+    *seeds = sp_calloc(cap, sizeof **seeds);
+    int n = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(*buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ' || *tok == '\t')
+            tok++;
+        char *end = tok + strlen(tok);
+        while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
+            *--end = '\0';
+        if (*tok == '\0')
+            continue;
+        char *at = strchr(tok, '@');
+        if (at == NULL || at == tok || strncmp(at + 1, "tcp://", 6) != 0) {
+            sp_fmt(err, errlen, "[cluster] seeds: '%s' is not NAME@tcp://HOST:PORT", tok);
+            return -1;
+        }
+        *at = '\0';
+        (*seeds)[n].name = tok;
+        (*seeds)[n].endpoint = at + 1;
+        n++;
+    }
+    return n;
+}
+
+/* Starts gossip for this node, advertising the endpoint it actually bound
+ * (or [cluster] advertise). Returns 0 with *out owned by the caller. */
+static int start_membership(const node_settings_t *s, const char *bound, const keys_pair_t *self,
+                            const keys_allowlist_t *allowed, membership_t **out)
+{
+    char err[512];
+    char *end = NULL;
+    double weight = strtod(s->weight, &end);
+    if (end == s->weight || *end != '\0' || !isfinite(weight) || weight <= 0) {
+        log_error("[cluster] weight '%s' is not a number > 0", s->weight);
+        return SP_ECONFIG;
+    }
+    if (s->probe_timeout_ms >= s->probe_interval_ms) {
+        log_error("[gossip] probe_timeout (%d ms) must be shorter than probe_interval (%d ms)",
+                  s->probe_timeout_ms, s->probe_interval_ms);
+        return SP_ECONFIG;
+    }
+    char *buf = NULL;
+    membership_seed_t *seeds = NULL;
+    int n = parse_seeds(s->seeds, &buf, &seeds, err, sizeof err);
+    int rc = 0;
+    if (n < 0) {
+        log_error("%s", err);
+        rc = SP_ECONFIG;
+        goto out;
+    }
+    gossip_config_t gc;
+    gossip_config_defaults(&gc);
+    gc.id = s->id;
+    gc.endpoint = s->advertise[0] ? s->advertise : bound;
+    gc.site = s->site;
+    gc.role = GOSSIP_STORAGE;
+    gc.weight = weight;
+    gc.initial_state = GOSSIP_ALIVE;
+    /* Wall-clock milliseconds outrank any incarnation of a previous life. */
+    gc.initial_incarnation = (uint64_t)sp_wall_ms();
+    gc.seed = (uint64_t)sp_wall_ms() ^ ((uint64_t)getpid() << 32);
+    gc.probe_interval_ms = s->probe_interval_ms;
+    gc.probe_timeout_ms = s->probe_timeout_ms;
+    gc.indirect_checks = (unsigned)s->indirect_checks;
+    gc.suspicion_mult = s->suspicion_mult;
+    gc.suspicion_max_mult = s->suspicion_max_mult;
+    gc.sync_interval_ms = s->sync_interval_ms;
+    gc.down_to_out_ms = s->down_to_out_ms;
+    rc = membership_start(&gc, seeds, (size_t)n, self, allowed, out);
+out:
+    free(seeds);
+    free(buf);
+    return rc;
+}
+
 /* Loads keys, opens the store and serves until a signal arrives. */
 static int node_run(const node_settings_t *s, const char *ready_file)
 {
@@ -270,7 +399,9 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     keys_pair_t self;
     keys_allowlist_t *allowed = NULL;
     transport_server_t *srv = NULL;
+    membership_t *m = NULL;
     node_t node = {.settings = s, .started_ms = sp_now_ms()};
+    atomic_init(&node.membership, NULL);
     int rc = keys_load_pair(s->key_pair, &self, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);
@@ -310,6 +441,10 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     }
     log_info("node %s (site %s) serving on %s, data in %s, %zu cluster keys", s->id, s->site, bound,
              s->data_dir, keys_allowlist_count(allowed));
+    rc = start_membership(s, bound, &self, allowed, &m);
+    if (rc != 0)
+        goto out;
+    atomic_store(&node.membership, m);
     if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
@@ -318,7 +453,8 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     int sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
 out:
-    transport_server_destroy(&srv);
+    transport_server_destroy(&srv); /* no handler uses membership after this */
+    membership_stop(&m);
     store_close(&node.store);
     keys_allowlist_destroy(&allowed);
     return rc;

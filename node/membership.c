@@ -1,0 +1,374 @@
+/* membership.c - drives the node's SWIM state machine (common/gossip.h) over
+ * the CURVE transport.
+ *
+ * Threads: one membership thread ticks the state machine, sends every
+ * outbound message with a blocking transport_call() (one client per peer,
+ * owned by this thread only) and feeds the direct answer in each reply back.
+ * Transport worker threads call membership_handle() for inbound gossip. The
+ * mutex guards the gossip_t, the queue of polled-but-unsent messages and the
+ * last logged view; no lock is held during network I/O.
+ *
+ * Owns: the gossip_t, the queue, copies of the seeds, the thread and its
+ * clients. Borrows the key pair and the allow-list from the node. */
+#include "membership.h"
+
+#include "../common/base.h"
+#include "../common/log.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define MEMBERSHIP_MAX_SLEEP_MS 10 /* the thread also sends what handlers queued */
+
+typedef struct {
+    char *name;
+    char *endpoint;
+} seed_t;
+
+/* A transport client for one peer, keyed by name and endpoint (a restarted
+ * member may come back on another port). Owned by the membership thread. */
+typedef struct {
+    char name[GOSSIP_ID_MAX];
+    char endpoint[GOSSIP_ENDPOINT_MAX];
+    transport_client_t *client;
+} peer_t;
+
+struct membership {
+    pthread_mutex_t lock;
+    gossip_t *g;             /* under lock */
+    gossip_msg_t *pending;   /* under lock: polled from g, not yet sent */
+    size_t npending, cap;    /* under lock */
+    gossip_member_t *view;   /* under lock: the view last logged */
+    size_t nview;            /* under lock */
+    uint64_t logged_version; /* under lock */
+
+    char self_id[GOSSIP_ID_MAX];
+    seed_t *seeds;
+    size_t nseeds;
+    keys_pair_t self;
+    const keys_allowlist_t *allowed;
+    transport_config_t tc; /* for the clients */
+    int call_timeout_ms;
+
+    peer_t *peers; /* membership thread only */
+    size_t npeers;
+
+    pthread_t thread;
+    bool thread_started;
+    atomic_bool stop;
+};
+
+/* Logs one line per member whose state changed since the last call, if the
+ * view version moved. Called with the lock held. */
+static void log_changes(membership_t *m)
+{
+    uint64_t version = gossip_view_version(m->g);
+    if (version == m->logged_version)
+        return;
+    m->logged_version = version;
+    size_t n = gossip_count(m->g);
+    gossip_member_t *now = sp_calloc(n ? n : 1, sizeof *now);
+    n = gossip_snapshot(m->g, now, n);
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(now[i].id, m->self_id) == 0)
+            continue;
+        const gossip_member_t *old = NULL;
+        for (size_t j = 0; j < m->nview; j++)
+            if (strcmp(m->view[j].id, now[i].id) == 0)
+                old = &m->view[j];
+        if (old == NULL)
+            log_info("member %s new -> %s (incarnation %llu, %s, site %s)", now[i].id,
+                     gossip_state_name(now[i].state), (unsigned long long)now[i].incarnation,
+                     now[i].endpoint, now[i].site);
+        else if (old->state != now[i].state)
+            log_info("member %s %s -> %s (incarnation %llu)", now[i].id,
+                     gossip_state_name(old->state), gossip_state_name(now[i].state),
+                     (unsigned long long)now[i].incarnation);
+    }
+    free(m->view);
+    m->view = now;
+    m->nview = n;
+}
+
+/* Moves everything in the state machine's outbox to the pending queue.
+ * Called with the lock held. */
+static void drain_outbox(membership_t *m)
+{
+    gossip_msg_t msg;
+    while (gossip_poll(m->g, &msg)) {
+        if (m->npending == m->cap) {
+            m->cap = m->cap ? 2 * m->cap : 16;
+            m->pending = sp_realloc(m->pending, m->cap * sizeof *m->pending);
+        }
+        m->pending[m->npending++] = msg;
+    }
+}
+
+/* The seed name configured for an endpoint, or NULL. */
+static const char *seed_name(const membership_t *m, const char *endpoint)
+{
+    for (size_t i = 0; i < m->nseeds; i++)
+        if (strcmp(m->seeds[i].endpoint, endpoint) == 0)
+            return m->seeds[i].name;
+    return NULL;
+}
+
+/* The client for a peer at an endpoint, created on first use; NULL if the
+ * peer's name is not in the allow-list. Membership thread only. */
+static transport_client_t *peer_client(membership_t *m, const char *name, const char *endpoint)
+{
+    peer_t *p = NULL;
+    for (size_t i = 0; i < m->npeers; i++)
+        if (strcmp(m->peers[i].name, name) == 0)
+            p = &m->peers[i];
+    if (p != NULL && strcmp(p->endpoint, endpoint) == 0)
+        return p->client;
+    char key[KEYS_Z85_LEN + 1];
+    if (!keys_allowlist_find_name(m->allowed, name, key)) {
+        log_warn("gossip: member %s (%s) is not in the cluster keys; not sending to it", name,
+                 endpoint);
+        return NULL;
+    }
+    if (p == NULL) {
+        m->peers = sp_realloc(m->peers, (m->npeers + 1) * sizeof *m->peers);
+        p = &m->peers[m->npeers++];
+        memset(p, 0, sizeof *p);
+        sp_strlcpy(p->name, name, sizeof p->name);
+    }
+    transport_client_destroy(&p->client);
+    sp_strlcpy(p->endpoint, endpoint, sizeof p->endpoint);
+    p->client = transport_client_new(&m->tc, &m->self, key, endpoint);
+    return p->client;
+}
+
+/* Sends one message and feeds the direct answer in the reply, if any, back
+ * to the state machine. Failures are normal (the peer may be dead: that is
+ * what the detector finds out) and logged at debug level only. */
+static void send_one(membership_t *m, const gossip_msg_t *msg)
+{
+    const char *name = msg->to_id[0] ? msg->to_id : seed_name(m, msg->to_endpoint);
+    if (name == NULL) {
+        log_debug("gossip: no name for endpoint %s; message dropped", msg->to_endpoint);
+        return;
+    }
+    transport_client_t *c = peer_client(m, name, msg->to_endpoint);
+    if (c == NULL)
+        return;
+    wire_request_t req = {.kind = WIRE_GOSSIP, .gossip = *msg};
+    uint8_t *head = NULL;
+    size_t len = 0;
+    if (wire_encode_request(&req, &head, &len) != 0)
+        return;
+    transport_response_t resp = {0};
+    int rc = transport_call(c, head, len, NULL, 0, m->call_timeout_ms, &resp);
+    free(head);
+    if (rc != 0) {
+        log_debug("gossip %d to %s (%s): %s", (int)msg->kind, name, msg->to_endpoint,
+                  sp_strerror(rc));
+        return;
+    }
+    wire_reply_t rep;
+    char err[256];
+    rc = wire_decode_reply(resp.head, resp.head_len, &rep, err, sizeof err);
+    transport_response_free(&resp);
+    if (rc != 0) {
+        log_warn("gossip: malformed reply from %s (%s): %s", name, msg->to_endpoint, err);
+        return;
+    }
+    if (rep.status != 0) {
+        log_warn("gossip: %s (%s) refused message kind %d: %s", name, msg->to_endpoint,
+                 (int)msg->kind, rep.error ? rep.error : sp_strerror(rep.status));
+    } else if (rep.gossip.kind != 0) {
+        /* The reply came over a CURVE link to the key listed for name, so its
+         * sender must call itself name. */
+        if (strcmp(rep.gossip.from_id, name) != 0) {
+            log_warn("gossip: reply from %s (%s) claims to come from '%s'; ignored", name,
+                     msg->to_endpoint, rep.gossip.from_id);
+        } else {
+            pthread_mutex_lock(&m->lock);
+            rc = gossip_receive(m->g, sp_now_ms(), &rep.gossip);
+            drain_outbox(m);
+            log_changes(m);
+            pthread_mutex_unlock(&m->lock);
+            if (rc != 0)
+                log_warn("gossip: reply from %s refused: %s", name, sp_strerror(rc));
+        }
+    }
+    wire_reply_free(&rep);
+}
+
+static void sleep_ms(int64_t ms)
+{
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static void *membership_main(void *arg)
+{
+    membership_t *m = arg;
+    while (!atomic_load(&m->stop)) {
+        pthread_mutex_lock(&m->lock);
+        int64_t now = sp_now_ms();
+        if (now >= gossip_next_deadline(m->g))
+            gossip_tick(m->g, now);
+        drain_outbox(m);
+        log_changes(m);
+        gossip_msg_t *batch = m->pending;
+        size_t n = m->npending;
+        m->pending = NULL;
+        m->npending = m->cap = 0;
+        int64_t deadline = gossip_next_deadline(m->g);
+        pthread_mutex_unlock(&m->lock);
+
+        for (size_t i = 0; i < n; i++) {
+            if (!atomic_load(&m->stop))
+                send_one(m, &batch[i]);
+            gossip_msg_clear(&batch[i]);
+        }
+        free(batch);
+        if (n == 0) {
+            int64_t wait = deadline - sp_now_ms();
+            if (wait > 0)
+                sleep_ms(wait < MEMBERSHIP_MAX_SLEEP_MS ? wait : MEMBERSHIP_MAX_SLEEP_MS);
+        }
+    }
+    return NULL;
+}
+
+int membership_start(const gossip_config_t *gcfg, const membership_seed_t *seeds, size_t n_seeds,
+                     const keys_pair_t *self, const keys_allowlist_t *allowed, membership_t **out)
+{
+    *out = NULL;
+    membership_t *m = sp_calloc(1, sizeof *m);
+    pthread_mutex_init(&m->lock, NULL);
+    atomic_init(&m->stop, false);
+    sp_strlcpy(m->self_id, gcfg->id, sizeof m->self_id);
+    m->self = *self;
+    m->allowed = allowed;
+    const char **endpoints = sp_calloc(n_seeds ? n_seeds : 1, sizeof *endpoints);
+    m->seeds = sp_calloc(n_seeds ? n_seeds : 1, sizeof *m->seeds);
+    for (size_t i = 0; i < n_seeds; i++) {
+        if (strcmp(seeds[i].name, gcfg->id) == 0 || strcmp(seeds[i].endpoint, gcfg->endpoint) == 0)
+            continue;
+        m->seeds[m->nseeds].name = sp_strdup(seeds[i].name);
+        m->seeds[m->nseeds].endpoint = sp_strdup(seeds[i].endpoint);
+        endpoints[m->nseeds] = m->seeds[m->nseeds].endpoint;
+        m->nseeds++;
+    }
+    gossip_config_t cfg = *gcfg;
+    cfg.seeds = endpoints;
+    cfg.n_seeds = m->nseeds;
+    cfg.public_key = self->public_z85;
+
+    /* A probe's ACK is useless after probe_timeout, and a call blocks this
+     * thread, so calls wait no longer than that and are not retried. */
+    transport_config_defaults(&m->tc);
+    m->tc.retries = 0;
+    m->call_timeout_ms = (int)(gcfg->probe_timeout_ms > 0 ? gcfg->probe_timeout_ms : 300);
+    m->tc.timeout_ms = m->call_timeout_ms;
+
+    int rc = 0;
+    m->g = gossip_new(&cfg, sp_now_ms());
+    free(endpoints);
+    if (m->g == NULL) {
+        log_error("membership: invalid gossip configuration for %s", gcfg->id);
+        rc = SP_ECONFIG;
+        goto out;
+    }
+    m->logged_version = 0;
+    log_info("membership: %s at %s (site %s, weight %g), incarnation %llu, %zu seeds", gcfg->id,
+             gcfg->endpoint, gcfg->site, gcfg->weight,
+             (unsigned long long)gcfg->initial_incarnation, m->nseeds);
+    int err = pthread_create(&m->thread, NULL, membership_main, m);
+    if (err != 0) {
+        log_error("membership: cannot start thread: %s", strerror(err));
+        rc = -err;
+        goto out;
+    }
+    m->thread_started = true;
+out:
+    if (rc != 0)
+        membership_stop(&m);
+    *out = m;
+    return rc;
+}
+
+void membership_stop(membership_t **mp)
+{
+    membership_t *m = *mp;
+    if (m == NULL)
+        return;
+    atomic_store(&m->stop, true);
+    if (m->thread_started)
+        pthread_join(m->thread, NULL);
+    for (size_t i = 0; i < m->npeers; i++)
+        transport_client_destroy(&m->peers[i].client);
+    free(m->peers);
+    for (size_t i = 0; i < m->npending; i++)
+        gossip_msg_clear(&m->pending[i]);
+    free(m->pending);
+    for (size_t i = 0; i < m->nseeds; i++) {
+        free(m->seeds[i].name);
+        free(m->seeds[i].endpoint);
+    }
+    free(m->seeds);
+    free(m->view);
+    gossip_destroy(&m->g);
+    pthread_mutex_destroy(&m->lock);
+    free(m);
+    *mp = NULL;
+}
+
+static int refuse(wire_reply_t *rep, int code, const char *text)
+{
+    rep->status = code;
+    free(rep->error);
+    rep->error = sp_strdup(text);
+    return code;
+}
+
+int membership_handle(membership_t *m, const transport_request_t *req, const wire_request_t *w,
+                      wire_reply_t *rep)
+{
+    const gossip_msg_t *msg = &w->gossip;
+    char text[384];
+    rep->kind = WIRE_GOSSIP;
+    if (req->peer_name == NULL || strcmp(msg->from_id, req->peer_name) != 0) {
+        sp_fmt(text, sizeof text, "gossip from_id '%s' is not the caller's name '%s'", msg->from_id,
+               req->peer_name ? req->peer_name : "");
+        log_warn("refused gossip message (kind %d) from %s (%s): %s", (int)msg->kind,
+                 req->peer_name ? req->peer_name : "?", req->peer_key ? req->peer_key : "?", text);
+        return refuse(rep, SP_EPROTO, text);
+    }
+    pthread_mutex_lock(&m->lock);
+    int rc = gossip_receive(m->g, sp_now_ms(), msg);
+    if (rc == 0) {
+        drain_outbox(m);
+        gossip_kind_t want = msg->kind == GOSSIP_PING       ? GOSSIP_ACK
+                             : msg->kind == GOSSIP_SYNC_REQ ? GOSSIP_SYNC
+                                                            : (gossip_kind_t)0;
+        for (size_t i = 0; want != 0 && i < m->npending; i++) {
+            gossip_msg_t *p = &m->pending[i];
+            if (p->kind != want || strcmp(p->to_id, msg->from_id) != 0)
+                continue;
+            if (want == GOSSIP_ACK && p->seq != msg->seq)
+                continue;
+            rep->gossip = *p; /* the reply now owns its updates */
+            memmove(p, p + 1, (m->npending - i - 1) * sizeof *p);
+            m->npending--;
+            break;
+        }
+        log_changes(m);
+    }
+    pthread_mutex_unlock(&m->lock);
+    if (rc != 0) {
+        sp_fmt(text, sizeof text, "gossip message (kind %d) from %s refused: %s", (int)msg->kind,
+               req->peer_name, sp_strerror(rc));
+        log_warn("%s", text);
+        return refuse(rep, rc, text);
+    }
+    return 0;
+}
