@@ -83,7 +83,9 @@ cmd_up() {
   done
   mv "$dir/cluster.keys.new" "$dir/cluster.keys"
 
-  # Storage nodes on free loopback ports (each reports the port it got).
+  # Storage nodes on free loopback ports (each reports the port it got). n1
+  # starts first; the others join its gossip through it as their seed.
+  local seeds=""
   for i in $(seq 1 "$nodes"); do
     local n=$dir/n$i
     cat >"$n/node.conf" <<CONF
@@ -94,11 +96,17 @@ data_dir = data
 [keys]
 key_pair = node.key
 cluster_keys = ../cluster.keys
+[cluster]
+seeds = $seeds
 CONF
     rm -f "$n/ready"
     nohup "$bin/shardpacs-node" --config "$n/node.conf" --ready-file "$n/ready" \
       >>"$n/node.log" 2>&1 &
     echo $! >"$n/node.pid"
+    if [[ $i -eq 1 ]]; then
+      wait_for_file "$n/ready" "$(cat "$n/node.pid")" "node n1"
+      seeds="n1@$(cat "$n/ready")"
+    fi
   done
   {
     cat <<CONF
