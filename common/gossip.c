@@ -399,9 +399,9 @@ static void apply(gossip_t *g, size_t rec, const gossip_member_t *u, int64_t now
         r->out_deadline_ms = now_ms + g->cfg.down_to_out_ms;
     if (visible) {
         g->view_version++;
-        log_info("gossip %s: member %s (%s, site %s) %s -> %s, incarnation %llu", self_rec(g)->m.id,
-                 u->id, u->endpoint, u->site, gossip_state_name(was), gossip_state_name(u->state),
-                 (unsigned long long)u->incarnation);
+        log_debug("gossip %s: member %s (%s, site %s) %s -> %s, incarnation %llu",
+                  self_rec(g)->m.id, u->id, u->endpoint, u->site, gossip_state_name(was),
+                  gossip_state_name(u->state), (unsigned long long)u->incarnation);
     }
     bcast_enqueue(g, rec);
 }
