@@ -98,6 +98,13 @@ const char *attr_level_name(level_t level)
     return (unsigned)level < SP_ARRAY_LEN(level_names) ? level_names[level] : "?";
 }
 
+attr_id_t attr_unique_key(level_t level)
+{
+    static const attr_id_t keys[] = {ATTR_PATIENT_ID, ATTR_STUDY_INSTANCE_UID,
+                                     ATTR_SERIES_INSTANCE_UID, ATTR_SOP_INSTANCE_UID};
+    return keys[level];
+}
+
 void attrs_take(attrs_t *a, attr_id_t id, char *value)
 {
     free(a->v[id]);
@@ -107,6 +114,12 @@ void attrs_take(attrs_t *a, attr_id_t id, char *value)
 void attrs_set(attrs_t *a, attr_id_t id, const char *value)
 {
     attrs_take(a, id, value ? sp_strdup(value) : NULL);
+}
+
+void attrs_set_count(attrs_t *a, attr_id_t id, uint64_t n)
+{
+    char text[24];
+    attrs_set(a, id, sp_fmt(text, sizeof text, "%llu", (unsigned long long)n));
 }
 
 const char *attrs_get(const attrs_t *a, attr_id_t id)

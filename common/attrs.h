@@ -68,6 +68,9 @@ const attr_info_t *attr_by_keyword(const char *keyword);
 /* Parses "PATIENT", "STUDY", "SERIES", "IMAGE" (trailing spaces allowed). */
 int attr_parse_level(const char *text, level_t *out);
 const char *attr_level_name(level_t level);
+/* The unique key of a level (PS3.4 C.6): PatientID, StudyInstanceUID,
+ * SeriesInstanceUID or SOPInstanceUID. */
+attr_id_t attr_unique_key(level_t level);
 
 /* A record: one optional value per attribute. A NULL entry is absent, ""
  * is present but empty. The record owns its strings. */
@@ -77,6 +80,8 @@ typedef struct {
 
 /* Sets (copies) a value; NULL clears it. */
 void attrs_set(attrs_t *a, attr_id_t id, const char *value);
+/* Sets a count (e.g. NumberOfStudyRelatedInstances) as its decimal text. */
+void attrs_set_count(attrs_t *a, attr_id_t id, uint64_t n);
 /* Takes ownership of a malloc'd value. */
 void attrs_take(attrs_t *a, attr_id_t id, char *value);
 /* Returns the value or NULL; valid until the entry is next set or cleared. */

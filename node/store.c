@@ -77,8 +77,8 @@ struct store {
     rocksdb_t *db;
     rocksdb_column_family_handle_t *cf[CF_COUNT];
     rocksdb_cache_t *cache;
-    rocksdb_writeoptions_t *wo_sync; /* shared: RocksDB only reads it */
-    rocksdb_readoptions_t *ro;       /* shared default read options */
+    rocksdb_writeoptions_t *wo_sync;  /* shared: RocksDB only reads it */
+    rocksdb_readoptions_t *ro;        /* shared default read options */
     rocksdb_readoptions_t *ro_object; /* object reads: BLAKE2b replaces RocksDB's CRC */
     char *path;
     /* Check-then-write of one SOP Instance UID, and creation of one study. */
@@ -1435,12 +1435,6 @@ static bool match_computed(const find_t *f, level_t level, const attrs_t *comp)
     return true;
 }
 
-static void set_count(attrs_t *a, attr_id_t id, uint64_t n)
-{
-    char text[24];
-    attrs_set(a, id, sp_fmt(text, sizeof text, "%llu", (unsigned long long)n));
-}
-
 static int str_cmp(const void *a, const void *b)
 {
     return strcmp(*(char *const *)a, *(char *const *)b);
@@ -1715,7 +1709,7 @@ static int find_one_series(find_t *f, uint32_t part, const char *study, const ch
         buf_free(&prefix);
         if (rc)
             return rc;
-        set_count(comp, ATTR_NUM_SERIES_INSTANCES, n);
+        attrs_set_count(comp, ATTR_NUM_SERIES_INSTANCES, n);
     }
     if (!match_computed(f, LEVEL_SERIES, comp))
         return 0;
@@ -1791,9 +1785,9 @@ static int find_study(find_t *f, uint32_t part, const char *study, const attrs_t
         rc = patient_counts(f, attrs_str(trec, ATTR_PATIENT_ID), c);
         if (rc)
             goto out;
-        set_count(&comp, ATTR_NUM_PATIENT_STUDIES, c[0]);
-        set_count(&comp, ATTR_NUM_PATIENT_SERIES, c[1]);
-        set_count(&comp, ATTR_NUM_PATIENT_INSTANCES, c[2]);
+        attrs_set_count(&comp, ATTR_NUM_PATIENT_STUDIES, c[0]);
+        attrs_set_count(&comp, ATTR_NUM_PATIENT_SERIES, c[1]);
+        attrs_set_count(&comp, ATTR_NUM_PATIENT_INSTANCES, c[2]);
     }
     bool want_mod = fkey(f, ATTR_MODALITIES_IN_STUDY) != NULL;
     bool want_series = fkey(f, ATTR_NUM_STUDY_SERIES) != NULL;
@@ -1807,8 +1801,8 @@ static int find_study(find_t *f, uint32_t part, const char *study, const attrs_t
             attrs_take(&comp, ATTR_MODALITIES_IN_STUDY, mods);
         if (rc)
             goto out;
-        set_count(&comp, ATTR_NUM_STUDY_SERIES, nseries);
-        set_count(&comp, ATTR_NUM_STUDY_INSTANCES, ninst);
+        attrs_set_count(&comp, ATTR_NUM_STUDY_SERIES, nseries);
+        attrs_set_count(&comp, ATTR_NUM_STUDY_INSTANCES, ninst);
     }
     if (!match_computed(f, LEVEL_PATIENT, &comp) || !match_computed(f, LEVEL_STUDY, &comp))
         goto out;
@@ -2024,9 +2018,9 @@ static int patient_flush(find_t *f, patient_t *p)
     int rc = 0;
     if (p->matched) {
         attrs_t comp = {0};
-        set_count(&comp, ATTR_NUM_PATIENT_STUDIES, p->c[0]);
-        set_count(&comp, ATTR_NUM_PATIENT_SERIES, p->c[1]);
-        set_count(&comp, ATTR_NUM_PATIENT_INSTANCES, p->c[2]);
+        attrs_set_count(&comp, ATTR_NUM_PATIENT_STUDIES, p->c[0]);
+        attrs_set_count(&comp, ATTR_NUM_PATIENT_SERIES, p->c[1]);
+        attrs_set_count(&comp, ATTR_NUM_PATIENT_INSTANCES, p->c[2]);
         if (match_computed(f, LEVEL_PATIENT, &comp))
             rc = emit(f, &p->rec, NULL, NULL, &comp, NULL, NULL, NULL);
         attrs_clear(&comp);

@@ -244,13 +244,6 @@ static size_t study_targets(backend_t *b, const char *list, bool *target)
     return count;
 }
 
-static attr_id_t level_unique_key(level_t level)
-{
-    static const attr_id_t keys[] = {ATTR_PATIENT_ID, ATTR_STUDY_INSTANCE_UID,
-                                     ATTR_SERIES_INSTANCE_UID, ATTR_SOP_INSTANCE_UID};
-    return keys[level];
-}
-
 typedef struct {
     const char *key;
     const attrs_t *match;
@@ -356,12 +349,6 @@ static int add_study_counts(void *ctx, const attrs_t *study)
     return 0;
 }
 
-static void set_count(attrs_t *a, attr_id_t id, uint64_t n)
-{
-    char text[24];
-    attrs_set(a, id, sp_fmt(text, sizeof text, "%llu", (unsigned long long)n));
-}
-
 /* A node counts only the studies it holds, so once a patient's studies are
  * spread over more nodes than one replica set, the NumberOfPatientRelated*
  * counts must be summed over the patient's studies cluster-wide: a
@@ -380,11 +367,11 @@ static int emit_with_patient_totals(backend_t *b, const attrs_t *patient, backen
         return rc;
     attrs_copy(&out, patient);
     if (attrs_get(patient, ATTR_NUM_PATIENT_STUDIES))
-        set_count(&out, ATTR_NUM_PATIENT_STUDIES, t.studies);
+        attrs_set_count(&out, ATTR_NUM_PATIENT_STUDIES, t.studies);
     if (attrs_get(patient, ATTR_NUM_PATIENT_SERIES))
-        set_count(&out, ATTR_NUM_PATIENT_SERIES, t.series);
+        attrs_set_count(&out, ATTR_NUM_PATIENT_SERIES, t.series);
     if (attrs_get(patient, ATTR_NUM_PATIENT_INSTANCES))
-        set_count(&out, ATTR_NUM_PATIENT_INSTANCES, t.instances);
+        attrs_set_count(&out, ATTR_NUM_PATIENT_INSTANCES, t.instances);
     rc = fn(ctx, &out);
     attrs_clear(&out);
     return rc;
@@ -410,8 +397,8 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     /* The unique key is always needed to merge replicas' answers. */
     attrs_t q = {0};
     attrs_copy(&q, keys);
-    if (attrs_get(&q, level_unique_key(level)) == NULL)
-        attrs_set(&q, level_unique_key(level), "");
+    if (attrs_get(&q, attr_unique_key(level)) == NULL)
+        attrs_set(&q, attr_unique_key(level), "");
 
     wire_reply_t *replies = sp_calloc(b->cfg.nnodes, sizeof *replies);
     bool part = false, truncated = false;
@@ -423,7 +410,7 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     size_t k = 0;
     for (size_t i = 0; i < b->cfg.nnodes; i++)
         for (size_t j = 0; j < replies[i].nmatches; j++)
-            all[k++] = (merged_t){attrs_str(&replies[i].matches[j], level_unique_key(level)),
+            all[k++] = (merged_t){attrs_str(&replies[i].matches[j], attr_unique_key(level)),
                                   &replies[i].matches[j]};
     qsort(all, k, sizeof *all, merged_cmp);
     size_t emitted = 0;

@@ -110,14 +110,6 @@ static void retrieve_list_free(retrieve_list_t *l)
     free(l->items);
 }
 
-/* The unique key a retrieve at each level must carry (PS3.4 C.4.2.2.1). */
-static attr_id_t unique_key(level_t level)
-{
-    static const attr_id_t keys[] = {ATTR_PATIENT_ID, ATTR_STUDY_INSTANCE_UID,
-                                     ATTR_SERIES_INSTANCE_UID, ATTR_SOP_INSTANCE_UID};
-    return keys[level];
-}
-
 /* Resolves a retrieve identifier to its instances with an IMAGE-level find
  * over the cluster, matching on the identifier's keys. */
 static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *out, char *comment,
@@ -125,10 +117,10 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
 {
     const attrs_t *id = dicom_retrieve_keys(r);
     level_t level = dicom_retrieve_level(r);
-    const char *unique = attrs_get(id, unique_key(level));
+    const char *unique = attrs_get(id, attr_unique_key(level));
     if (unique == NULL || unique[0] == '\0') {
         sp_fmt(comment, comment_len, "%s-level retrieve without %s", attr_level_name(level),
-               attr_info(unique_key(level))->keyword);
+               attr_info(attr_unique_key(level))->keyword);
         return SP_EINVAL;
     }
     attrs_t keys = {0};
