@@ -13,7 +13,7 @@
 #include "../common/log.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
-#include "membership.h"
+#include "../common/membership.h"
 #include "store.h"
 
 #include <errno.h>
@@ -42,16 +42,7 @@ typedef struct {
     int hwm;
     int max_find_results;
     char *log_level;
-    char *seeds;
-    char *advertise;
-    char *weight;
-    int probe_interval_ms;
-    int probe_timeout_ms;
-    int indirect_checks;
-    int suspicion_mult;
-    int suspicion_max_mult;
-    int sync_interval_ms;
-    int down_to_out_ms;
+    membership_settings_t cluster;
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                              \
@@ -90,27 +81,7 @@ static const config_option_t node_options[] = {
     OPT("query", "max_results", CONFIG_INT, max_find_results, "10000", 1, 10000000,
         "Most matches one find request returns"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
-    OPT("cluster", "seeds", CONFIG_STRING, seeds, "", 0, 0,
-        "Members to join through: comma-separated NAME@tcp://HOST:PORT (NAME as in the cluster "
-        "keys, e.g. n1@tcp://10.0.0.5:7401); empty = a cluster of one until others join"),
-    OPT("cluster", "advertise", CONFIG_STRING, advertise, "", 0, 0,
-        "Endpoint other members reach this node at; empty = the endpoint actually bound"),
-    OPT("cluster", "weight", CONFIG_STRING, weight, "1", 0, 0,
-        "Relative capacity for placement (a number > 0)"),
-    OPT("gossip", "probe_interval", CONFIG_MS, probe_interval_ms, "1s", 10, 3600000,
-        "A member is probed every this often"),
-    OPT("gossip", "probe_timeout", CONFIG_MS, probe_timeout_ms, "300ms", 5, 3600000,
-        "Wait for a direct ACK before asking others to probe (< probe_interval)"),
-    OPT("gossip", "indirect_checks", CONFIG_INT, indirect_checks, "3", 0, 64,
-        "Members asked to probe for us when a direct probe fails"),
-    OPT("gossip", "suspicion_mult", CONFIG_INT, suspicion_mult, "4", 1, 1000,
-        "Confirmed suspicion lasts this many probe intervals (times log10 of the size)"),
-    OPT("gossip", "suspicion_max_mult", CONFIG_INT, suspicion_max_mult, "6", 1, 1000,
-        "An unconfirmed suspicion lasts this many times the confirmed one"),
-    OPT("gossip", "sync_interval", CONFIG_MS, sync_interval_ms, "30s", 10, 86400000,
-        "Full-state exchange with a random member every this often"),
-    OPT("gossip", "down_to_out", CONFIG_MS, down_to_out_ms, "5m", 0, 2000000000,
-        "A member down this long is out (its partitions are re-replicated)"),
+    MEMBERSHIP_OPTIONS(node_settings_t, cluster, "1"),
 };
 
 typedef struct {
@@ -308,90 +279,6 @@ static int write_ready_file(const char *path, const char *endpoint)
     return 0;
 }
 
-/* Parses [cluster] seeds ("NAME@ENDPOINT, ...") into seeds (pointing into
- * buf, a copy the caller frees). Returns the count, or -1 with err filled. */
-static int parse_seeds(const char *text, char **buf, membership_seed_t **seeds, char *err,
-                       size_t errlen)
-{
-    *buf = sp_strdup(text);
-    size_t cap = 1;
-    for (const char *c = text; *c; c++)
-        cap += *c == ',';
-    *seeds = sp_calloc(cap, sizeof **seeds);
-    int n = 0;
-    char *save = NULL;
-    for (char *tok = strtok_r(*buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-        while (*tok == ' ' || *tok == '\t')
-            tok++;
-        char *end = tok + strlen(tok);
-        while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
-            *--end = '\0';
-        if (*tok == '\0')
-            continue;
-        char *at = strchr(tok, '@');
-        if (at == NULL || at == tok || strncmp(at + 1, "tcp://", 6) != 0) {
-            sp_fmt(err, errlen, "[cluster] seeds: '%s' is not NAME@tcp://HOST:PORT", tok);
-            return -1;
-        }
-        *at = '\0';
-        (*seeds)[n].name = tok;
-        (*seeds)[n].endpoint = at + 1;
-        n++;
-    }
-    return n;
-}
-
-/* Starts gossip for this node, advertising the endpoint it actually bound
- * (or [cluster] advertise). Returns 0 with *out owned by the caller. */
-static int start_membership(const node_settings_t *s, const char *bound, const keys_pair_t *self,
-                            const keys_allowlist_t *allowed, membership_t **out)
-{
-    char err[512];
-    char *end = NULL;
-    double weight = strtod(s->weight, &end);
-    if (end == s->weight || *end != '\0' || !isfinite(weight) || weight <= 0) {
-        log_error("[cluster] weight '%s' is not a number > 0", s->weight);
-        return SP_ECONFIG;
-    }
-    if (s->probe_timeout_ms >= s->probe_interval_ms) {
-        log_error("[gossip] probe_timeout (%d ms) must be shorter than probe_interval (%d ms)",
-                  s->probe_timeout_ms, s->probe_interval_ms);
-        return SP_ECONFIG;
-    }
-    char *buf = NULL;
-    membership_seed_t *seeds = NULL;
-    int n = parse_seeds(s->seeds, &buf, &seeds, err, sizeof err);
-    int rc = 0;
-    if (n < 0) {
-        log_error("%s", err);
-        rc = SP_ECONFIG;
-        goto out;
-    }
-    gossip_config_t gc;
-    gossip_config_defaults(&gc);
-    gc.id = s->id;
-    gc.endpoint = s->advertise[0] ? s->advertise : bound;
-    gc.site = s->site;
-    gc.role = GOSSIP_STORAGE;
-    gc.weight = weight;
-    gc.initial_state = GOSSIP_ALIVE;
-    /* Wall-clock milliseconds outrank any incarnation of a previous life. */
-    gc.initial_incarnation = (uint64_t)sp_wall_ms();
-    gc.seed = (uint64_t)sp_wall_ms() ^ ((uint64_t)getpid() << 32);
-    gc.probe_interval_ms = s->probe_interval_ms;
-    gc.probe_timeout_ms = s->probe_timeout_ms;
-    gc.indirect_checks = (unsigned)s->indirect_checks;
-    gc.suspicion_mult = s->suspicion_mult;
-    gc.suspicion_max_mult = s->suspicion_max_mult;
-    gc.sync_interval_ms = s->sync_interval_ms;
-    gc.down_to_out_ms = s->down_to_out_ms;
-    rc = membership_start(&gc, seeds, (size_t)n, self, allowed, out);
-out:
-    free(seeds);
-    free(buf);
-    return rc;
-}
-
 /* Loads keys, opens the store and serves until a signal arrives. */
 static int node_run(const node_settings_t *s, const char *ready_file)
 {
@@ -441,7 +328,12 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     }
     log_info("node %s (site %s) serving on %s, data in %s, %zu cluster keys", s->id, s->site, bound,
              s->data_dir, keys_allowlist_count(allowed));
-    rc = start_membership(s, bound, &self, allowed, &m);
+    membership_self_t me = {.id = s->id,
+                            .endpoint = bound,
+                            .site = s->site,
+                            .role = GOSSIP_STORAGE,
+                            .initial_state = GOSSIP_ALIVE};
+    rc = membership_start_settings(&s->cluster, &me, &self, allowed, &m);
     if (rc != 0)
         goto out;
     atomic_store(&node.membership, m);

@@ -12,14 +12,16 @@
  * clients. Borrows the key pair and the allow-list from the node. */
 #include "membership.h"
 
-#include "../common/base.h"
-#include "../common/log.h"
+#include "base.h"
+#include "log.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define MEMBERSHIP_MAX_SLEEP_MS 10 /* the thread also sends what handlers queued */
 
@@ -296,6 +298,91 @@ out:
     return rc;
 }
 
+/* Parses [cluster] seeds ("NAME@ENDPOINT, ...") into seeds (pointing into
+ * buf, a copy the caller frees). Returns the count, or -1 with err filled. */
+static int parse_seeds(const char *text, char **buf, membership_seed_t **seeds, char *err,
+                       size_t errlen)
+{
+    *buf = sp_strdup(text);
+    size_t cap = 1;
+    for (const char *c = text; *c; c++)
+        cap += *c == ',';
+    *seeds = sp_calloc(cap, sizeof **seeds);
+    int n = 0;
+    char *save = NULL;
+    for (char *tok = strtok_r(*buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ' || *tok == '\t')
+            tok++;
+        char *end = tok + strlen(tok);
+        while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
+            *--end = '\0';
+        if (*tok == '\0')
+            continue;
+        char *at = strchr(tok, '@');
+        if (at == NULL || at == tok || strncmp(at + 1, "tcp://", 6) != 0) {
+            sp_fmt(err, errlen, "[cluster] seeds: '%s' is not NAME@tcp://HOST:PORT", tok);
+            return -1;
+        }
+        *at = '\0';
+        (*seeds)[n].name = tok;
+        (*seeds)[n].endpoint = at + 1;
+        n++;
+    }
+    return n;
+}
+
+int membership_start_settings(const membership_settings_t *s, const membership_self_t *me,
+                              const keys_pair_t *self, const keys_allowlist_t *allowed,
+                              membership_t **out)
+{
+    char err[512];
+    char *end = NULL;
+    double weight = strtod(s->weight, &end);
+    bool storage = me->role == GOSSIP_STORAGE;
+    if (end == s->weight || *end != '\0' || !isfinite(weight) || weight < 0 ||
+        (storage && weight == 0)) {
+        log_error("[cluster] weight '%s' is not a number %s 0", s->weight, storage ? ">" : ">=");
+        return SP_ECONFIG;
+    }
+    if (s->probe_timeout_ms >= s->probe_interval_ms) {
+        log_error("[gossip] probe_timeout (%d ms) must be shorter than probe_interval (%d ms)",
+                  s->probe_timeout_ms, s->probe_interval_ms);
+        return SP_ECONFIG;
+    }
+    char *buf = NULL;
+    membership_seed_t *seeds = NULL;
+    int n = parse_seeds(s->seeds, &buf, &seeds, err, sizeof err);
+    int rc = 0;
+    if (n < 0) {
+        log_error("%s", err);
+        rc = SP_ECONFIG;
+        goto out;
+    }
+    gossip_config_t gc;
+    gossip_config_defaults(&gc);
+    gc.id = me->id;
+    gc.endpoint = s->advertise[0] ? s->advertise : me->endpoint;
+    gc.site = me->site;
+    gc.role = me->role;
+    gc.weight = weight;
+    gc.initial_state = me->initial_state;
+    /* Wall-clock milliseconds outrank any incarnation of a previous life. */
+    gc.initial_incarnation = (uint64_t)sp_wall_ms();
+    gc.seed = (uint64_t)sp_wall_ms() ^ ((uint64_t)getpid() << 32);
+    gc.probe_interval_ms = s->probe_interval_ms;
+    gc.probe_timeout_ms = s->probe_timeout_ms;
+    gc.indirect_checks = (unsigned)s->indirect_checks;
+    gc.suspicion_mult = s->suspicion_mult;
+    gc.suspicion_max_mult = s->suspicion_max_mult;
+    gc.sync_interval_ms = s->sync_interval_ms;
+    gc.down_to_out_ms = s->down_to_out_ms;
+    rc = membership_start(&gc, seeds, (size_t)n, self, allowed, out);
+out:
+    free(seeds);
+    free(buf);
+    return rc;
+}
+
 void membership_stop(membership_t **mp)
 {
     membership_t *m = *mp;
@@ -371,4 +458,58 @@ int membership_handle(membership_t *m, const transport_request_t *req, const wir
         return refuse(rep, rc, text);
     }
     return 0;
+}
+
+size_t membership_snapshot(membership_t *m, gossip_member_t *out, size_t max)
+{
+    pthread_mutex_lock(&m->lock);
+    size_t n = gossip_snapshot(m->g, out, max);
+    pthread_mutex_unlock(&m->lock);
+    return n;
+}
+
+size_t membership_placement(membership_t *m, gossip_member_t *out, size_t max)
+{
+    pthread_mutex_lock(&m->lock);
+    size_t n = gossip_placement(m->g, out, max);
+    pthread_mutex_unlock(&m->lock);
+    return n;
+}
+
+size_t membership_view(membership_t *m, gossip_member_t **out)
+{
+    pthread_mutex_lock(&m->lock);
+    size_t n = gossip_count(m->g);
+    *out = sp_calloc(n ? n : 1, sizeof **out);
+    n = gossip_snapshot(m->g, *out, n);
+    pthread_mutex_unlock(&m->lock);
+    return n;
+}
+
+uint64_t membership_view_version(membership_t *m)
+{
+    pthread_mutex_lock(&m->lock);
+    uint64_t v = gossip_view_version(m->g);
+    pthread_mutex_unlock(&m->lock);
+    return v;
+}
+
+gossip_state_t membership_self_state(membership_t *m)
+{
+    gossip_member_t me;
+    pthread_mutex_lock(&m->lock);
+    int rc = gossip_lookup(m->g, m->self_id, &me);
+    pthread_mutex_unlock(&m->lock);
+    return rc == 0 ? me.state : GOSSIP_ALIVE;
+}
+
+int membership_set_self_state(membership_t *m, gossip_state_t state)
+{
+    pthread_mutex_lock(&m->lock);
+    int rc = gossip_set_self_state(m->g, state);
+    drain_outbox(m);
+    pthread_mutex_unlock(&m->lock);
+    if (rc == 0)
+        log_info("membership: %s announces itself %s", m->self_id, gossip_state_name(state));
+    return rc;
 }
