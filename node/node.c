@@ -42,6 +42,7 @@ typedef struct {
     int hwm;
     int max_find_results;
     char *log_level;
+    int replicas;
     membership_settings_t cluster;
 } node_settings_t;
 
@@ -81,6 +82,8 @@ static const config_option_t node_options[] = {
     OPT("query", "max_results", CONFIG_INT, max_find_results, "10000", 1, 10000000,
         "Most matches one find request returns"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("cluster", "replicas", CONFIG_INT, replicas, "3", 1, 16,
+        "Copies of every study (N); the same value on every node and router"),
     MEMBERSHIP_OPTIONS(node_settings_t, cluster, "1"),
 };
 
