@@ -12,9 +12,9 @@
 
 const char *wire_kind_name(wire_kind_t kind)
 {
-    static const char *names[] = {"none",           "put",   "get",
-                                  "list",           "find",  "partition-digest",
-                                  "partition-list", "stats", "gossip"};
+    static const char *names[] = {
+        "none",           "put",   "get",    "list",   "find", "partition-digest",
+        "partition-list", "stats", "gossip", "status", "drain"};
     return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
 }
 
@@ -114,6 +114,21 @@ typedef struct {
     Shardpacs__GossipMember **ptrs;
 } gossip_scratch_t;
 
+/* Points a protobuf member record at a C member's strings (borrowed). */
+static void gossip_member_to_pb(const gossip_member_t *m, Shardpacs__GossipMember *c)
+{
+    shardpacs__gossip_member__init(c);
+    c->id = (char *)m->id;
+    c->endpoint = (char *)m->endpoint;
+    c->site = (char *)m->site;
+    c->public_key = (char *)m->public_key;
+    c->role = (Shardpacs__GossipMember__Role)m->role;
+    c->weight = m->weight;
+    c->incarnation = m->incarnation;
+    c->state = (Shardpacs__GossipMember__State)m->state;
+    c->accuser = (char *)m->accuser;
+}
+
 static void gossip_to_pb(const gossip_msg_t *g, gossip_scratch_t *s)
 {
     Shardpacs__GossipMessage *p = &s->msg;
@@ -131,19 +146,8 @@ static void gossip_to_pb(const gossip_msg_t *g, gossip_scratch_t *s)
     s->cells = sp_calloc(g->n_updates, sizeof *s->cells);
     s->ptrs = sp_calloc(g->n_updates, sizeof *s->ptrs);
     for (size_t i = 0; i < g->n_updates; i++) {
-        const gossip_member_t *m = &g->updates[i];
-        Shardpacs__GossipMember *c = &s->cells[i];
-        shardpacs__gossip_member__init(c);
-        c->id = (char *)m->id;
-        c->endpoint = (char *)m->endpoint;
-        c->site = (char *)m->site;
-        c->public_key = (char *)m->public_key;
-        c->role = (Shardpacs__GossipMember__Role)m->role;
-        c->weight = m->weight;
-        c->incarnation = m->incarnation;
-        c->state = (Shardpacs__GossipMember__State)m->state;
-        c->accuser = (char *)m->accuser;
-        s->ptrs[i] = c;
+        gossip_member_to_pb(&g->updates[i], &s->cells[i]);
+        s->ptrs[i] = &s->cells[i];
     }
     p->n_members = g->n_updates;
     p->members = s->ptrs;
@@ -385,6 +389,8 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     Shardpacs__PartitionDigestRequest pdig = SHARDPACS__PARTITION_DIGEST_REQUEST__INIT;
     Shardpacs__PartitionListRequest plist = SHARDPACS__PARTITION_LIST_REQUEST__INIT;
     Shardpacs__StatsRequest stats = SHARDPACS__STATS_REQUEST__INIT;
+    Shardpacs__StatusRequest status = SHARDPACS__STATUS_REQUEST__INIT;
+    Shardpacs__DrainRequest drain = SHARDPACS__DRAIN_REQUEST__INIT;
     Shardpacs__Attr cells[ATTR_COUNT];
     Shardpacs__Attr *ptrs[ATTR_COUNT];
     gossip_scratch_t gossip = {0};
@@ -422,6 +428,7 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     case WIRE_PARTITION_DIGEST:
         pdig.n_partitions = req->npartitions;
         pdig.partitions = req->partitions;
+        pdig.nonempty = req->nonempty;
         msg.body_case = SHARDPACS__REQUEST__BODY_PARTITION_DIGEST;
         msg.partition_digest = &pdig;
         break;
@@ -440,6 +447,16 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         gossip_to_pb(&req->gossip, &gossip);
         msg.body_case = SHARDPACS__REQUEST__BODY_GOSSIP;
         msg.gossip = &gossip.msg;
+        break;
+    case WIRE_STATUS:
+        status.cluster = req->cluster;
+        msg.body_case = SHARDPACS__REQUEST__BODY_MEMBER_STATUS;
+        msg.member_status = &status;
+        break;
+    case WIRE_DRAIN:
+        drain.node_id = req->node_id ? req->node_id : "";
+        msg.body_case = SHARDPACS__REQUEST__BODY_DRAIN;
+        msg.drain = &drain;
         break;
     default: return SP_EINVAL;
     }
@@ -514,6 +531,7 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
                 return SP_EPROTO;
             }
         }
+        out->nonempty = m->partition_digest->nonempty;
         out->npartitions = m->partition_digest->n_partitions;
         out->partitions =
             sp_memdup(m->partition_digest->partitions, out->npartitions * sizeof(uint32_t));
@@ -533,6 +551,15 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
     case SHARDPACS__REQUEST__BODY_GOSSIP:
         out->kind = WIRE_GOSSIP;
         return gossip_from_pb(m->gossip, &out->gossip, err, errlen);
+    case SHARDPACS__REQUEST__BODY_MEMBER_STATUS:
+        out->kind = WIRE_STATUS;
+        out->cluster = m->member_status->cluster;
+        return 0;
+    case SHARDPACS__REQUEST__BODY_DRAIN:
+        out->kind = WIRE_DRAIN;
+        rc = gossip_check(m->drain->node_id, SYNTAX_ID, true, "drain node_id", err, errlen);
+        out->node_id = rc == 0 ? sp_strdup(m->drain->node_id) : NULL;
+        return rc;
     default:
         sp_fmt(err, errlen, "request of unknown kind %d", (int)m->body_case);
         return SP_EUNKNOWN;
@@ -593,6 +620,9 @@ typedef struct {
     Shardpacs__Attr **cell_ptrs;
     Shardpacs__PartitionDigest *digests;
     Shardpacs__PartitionDigest **digest_ptrs;
+    Shardpacs__MemberStatus *mstat;
+    Shardpacs__MemberStatus **mstat_ptrs;
+    Shardpacs__GossipMember *mcells;
 } reply_scratch_t;
 
 static void scratch_instances(reply_scratch_t *s, const wire_reply_t *rep)
@@ -636,8 +666,46 @@ static void scratch_digests(reply_scratch_t *s, const wire_reply_t *rep)
     }
 }
 
+static void scratch_status(reply_scratch_t *s, const wire_status_t *st, Shardpacs__StatusReply *p)
+{
+    s->mstat = sp_calloc(st->nmembers, sizeof *s->mstat);
+    s->mstat_ptrs = sp_calloc(st->nmembers, sizeof *s->mstat_ptrs);
+    s->mcells = sp_calloc(st->nmembers, sizeof *s->mcells);
+    for (size_t i = 0; i < st->nmembers; i++) {
+        const wire_member_status_t *w = &st->members[i];
+        Shardpacs__MemberStatus *c = &s->mstat[i];
+        shardpacs__member_status__init(c);
+        gossip_member_to_pb(&w->member, &s->mcells[i]);
+        c->member = &s->mcells[i];
+        c->reachable = w->reachable;
+        c->partitions_owned = w->partitions_owned;
+        c->partitions_held = w->partitions_held;
+        c->instances = w->instances;
+        c->bytes = w->bytes;
+        c->disk_bytes = w->disk_bytes;
+        c->hints_pending = w->hints_pending;
+        c->repair_bytes_done = w->repair_bytes_done;
+        c->repair_bytes_pending = w->repair_bytes_pending;
+        c->repair_rate = w->repair_rate;
+        c->scrub_checked = w->scrub_checked;
+        c->scrub_corrupt = w->scrub_corrupt;
+        c->repaired = w->repaired;
+        s->mstat_ptrs[i] = c;
+    }
+    p->from_id = st->from_id ? st->from_id : "";
+    p->replicas = st->replicas;
+    p->view_version = st->view_version;
+    p->n_members = st->nmembers;
+    p->members = s->mstat_ptrs;
+    p->under_replicated_partitions = st->under_replicated_partitions;
+    p->partitions_with_data = st->partitions_with_data;
+}
+
 static void scratch_free(reply_scratch_t *s)
 {
+    free(s->mstat);
+    free(s->mstat_ptrs);
+    free(s->mcells);
     free(s->refs);
     free(s->ref_ptrs);
     free(s->matches);
@@ -659,6 +727,8 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
     Shardpacs__PartitionListReply plist = SHARDPACS__PARTITION_LIST_REPLY__INIT;
     Shardpacs__StatsReply stats = SHARDPACS__STATS_REPLY__INIT;
     Shardpacs__GossipReply gossip_reply = SHARDPACS__GOSSIP_REPLY__INIT;
+    Shardpacs__StatusReply status = SHARDPACS__STATUS_REPLY__INIT;
+    Shardpacs__DrainReply drain = SHARDPACS__DRAIN_REPLY__INIT;
     Shardpacs__Attr cells[ATTR_COUNT];
     Shardpacs__Attr *ptrs[ATTR_COUNT];
     reply_scratch_t scratch = {0};
@@ -733,6 +803,15 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             msg.body_case = SHARDPACS__REPLY__BODY_GOSSIP;
             msg.gossip = &gossip_reply;
             break;
+        case WIRE_STATUS:
+            scratch_status(&scratch, &rep->status_body, &status);
+            msg.body_case = SHARDPACS__REPLY__BODY_MEMBER_STATUS;
+            msg.member_status = &status;
+            break;
+        case WIRE_DRAIN:
+            msg.body_case = SHARDPACS__REPLY__BODY_DRAIN;
+            msg.drain = &drain;
+            break;
         default: return SP_EINVAL;
         }
     }
@@ -778,6 +857,55 @@ static int instances_from_pb(Shardpacs__InstanceRef **list, size_t n, wire_reply
         int rc = instance_from_pb(list[i], w, err, errlen);
         if (rc != 0)
             return rc;
+    }
+    return 0;
+}
+
+static int status_from_pb(const Shardpacs__StatusReply *p, wire_status_t *st, char *err,
+                          size_t errlen)
+{
+    int rc = gossip_check(p->from_id, SYNTAX_ID, true, "status from_id", err, errlen);
+    if (rc != 0)
+        return rc;
+    if (p->n_members > GOSSIP_MAX_MEMBERS || p->replicas > 64 ||
+        p->under_replicated_partitions > WIRE_PARTITIONS_MAX ||
+        p->partitions_with_data > WIRE_PARTITIONS_MAX) {
+        sp_fmt(err, errlen, "status: counts out of range");
+        return SP_EPROTO;
+    }
+    st->from_id = sp_strdup(p->from_id);
+    st->replicas = p->replicas;
+    st->view_version = p->view_version;
+    st->under_replicated_partitions = p->under_replicated_partitions;
+    st->partitions_with_data = p->partitions_with_data;
+    st->members = sp_calloc(p->n_members ? p->n_members : 1, sizeof *st->members);
+    for (size_t i = 0; i < p->n_members; i++) {
+        const Shardpacs__MemberStatus *c = p->members[i];
+        wire_member_status_t *w = &st->members[i];
+        if (c->member == NULL) {
+            sp_fmt(err, errlen, "status members[%zu] has no member record", i);
+            return SP_EPROTO;
+        }
+        if ((rc = gossip_member_from_pb(c->member, i, &w->member, err, errlen)) != 0)
+            return rc;
+        if (!isfinite(c->repair_rate) || c->repair_rate < 0) {
+            sp_fmt(err, errlen, "status members[%zu].repair_rate is not finite and >= 0", i);
+            return SP_EPROTO;
+        }
+        st->nmembers = i + 1;
+        w->reachable = c->reachable;
+        w->partitions_owned = c->partitions_owned;
+        w->partitions_held = c->partitions_held;
+        w->instances = c->instances;
+        w->bytes = c->bytes;
+        w->disk_bytes = c->disk_bytes;
+        w->hints_pending = c->hints_pending;
+        w->repair_bytes_done = c->repair_bytes_done;
+        w->repair_bytes_pending = c->repair_bytes_pending;
+        w->repair_rate = c->repair_rate;
+        w->scrub_checked = c->scrub_checked;
+        w->scrub_corrupt = c->scrub_corrupt;
+        w->repaired = c->repaired;
     }
     return 0;
 }
@@ -847,6 +975,10 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->kind = WIRE_GOSSIP;
         return m->gossip->message ? gossip_from_pb(m->gossip->message, &out->gossip, err, errlen)
                                   : 0;
+    case SHARDPACS__REPLY__BODY_MEMBER_STATUS:
+        out->kind = WIRE_STATUS;
+        return status_from_pb(m->member_status, &out->status_body, err, errlen);
+    case SHARDPACS__REPLY__BODY_DRAIN: out->kind = WIRE_DRAIN; return 0;
     default: sp_fmt(err, errlen, "reply of unknown kind %d", (int)m->body_case); return SP_EPROTO;
     }
 }
@@ -896,6 +1028,8 @@ void wire_reply_free(wire_reply_t *rep)
     free(rep->matches);
     free(rep->digests);
     free(rep->stats.node_id);
+    free(rep->status_body.from_id);
+    free(rep->status_body.members);
     gossip_msg_clear(&rep->gossip);
     memset(rep, 0, sizeof *rep);
 }
@@ -921,4 +1055,11 @@ attrs_t *wire_reply_add_match(wire_reply_t *rep)
 {
     rep->matches = grow(rep->matches, &rep->nmatches, sizeof *rep->matches);
     return &rep->matches[rep->nmatches - 1];
+}
+
+wire_member_status_t *wire_reply_add_member(wire_reply_t *rep)
+{
+    wire_status_t *st = &rep->status_body;
+    st->members = grow(st->members, &st->nmembers, sizeof *st->members);
+    return &st->members[st->nmembers - 1];
 }

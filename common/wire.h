@@ -39,6 +39,8 @@ typedef enum {
     WIRE_PARTITION_LIST,
     WIRE_STATS,
     WIRE_GOSSIP,
+    WIRE_STATUS,
+    WIRE_DRAIN,
 } wire_kind_t;
 
 const char *wire_kind_name(wire_kind_t kind);
@@ -57,6 +59,9 @@ typedef struct {
     uint32_t limit;                /* FIND, PARTITION_LIST (0 = no limit) */
     uint32_t *partitions;          /* PARTITION_DIGEST */
     size_t npartitions;
+    bool nonempty;       /* PARTITION_DIGEST: every non-empty one instead */
+    bool cluster;        /* STATUS: cluster-wide */
+    char *node_id;       /* DRAIN */
     char *cursor;        /* PARTITION_LIST, optional */
     gossip_msg_t gossip; /* GOSSIP: the message; its updates array is owned
                           * (malloc'd) and freed by wire_request_free() */
@@ -87,6 +92,27 @@ typedef struct {
     uint64_t instances, bytes, studies, conflicts, corrupt_reads, db_size_bytes, uptime_ms;
 } wire_stats_t;
 
+/* A member's status (StatusReply.members; see proto/shardpacs.proto). */
+typedef struct {
+    gossip_member_t member;
+    bool reachable;
+    uint32_t partitions_owned, partitions_held;
+    uint64_t instances, bytes, disk_bytes, hints_pending;
+    uint64_t repair_bytes_done, repair_bytes_pending;
+    double repair_rate;
+    uint64_t scrub_checked, scrub_corrupt, repaired;
+} wire_member_status_t;
+
+typedef struct {
+    char *from_id;
+    uint32_t replicas;
+    uint64_t view_version;
+    wire_member_status_t *members;
+    size_t nmembers;
+    uint32_t under_replicated_partitions;
+    uint32_t partitions_with_data;
+} wire_status_t;
+
 /* One reply. status 0 means the body fields for kind are valid; otherwise
  * error explains and kind may be WIRE_NONE. */
 typedef struct {
@@ -105,10 +131,11 @@ typedef struct {
     bool truncated;                   /* FIND */
     wire_partition_digest_t *digests; /* PARTITION_DIGEST */
     size_t ndigests;
-    wire_stats_t stats;  /* STATS */
-    gossip_msg_t gossip; /* GOSSIP: the direct answer (the ACK to a PING, the
-                          * SYNC to a SYNC_REQ), or all zero (kind 0) when the
-                          * request has none; updates owned as in the request */
+    wire_stats_t stats;        /* STATS */
+    wire_status_t status_body; /* STATUS */
+    gossip_msg_t gossip;       /* GOSSIP: the direct answer (the ACK to a PING, the
+                                * SYNC to a SYNC_REQ), or all zero (kind 0) when the
+                                * request has none; updates owned as in the request */
 } wire_reply_t;
 
 /* Encode into a malloc'd buffer (*out, caller frees). Returns 0, or
@@ -134,5 +161,6 @@ void wire_reply_free(wire_reply_t *rep);
 /* Growable arrays for building replies. */
 wire_instance_t *wire_reply_add_instance(wire_reply_t *rep);
 attrs_t *wire_reply_add_match(wire_reply_t *rep);
+wire_member_status_t *wire_reply_add_member(wire_reply_t *rep);
 
 #endif
