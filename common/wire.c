@@ -1063,3 +1063,37 @@ wire_member_status_t *wire_reply_add_member(wire_reply_t *rep)
     st->members = grow(st->members, &st->nmembers, sizeof *st->members);
     return &st->members[st->nmembers - 1];
 }
+
+int wire_call(transport_client_t *c, const wire_request_t *req, const uint8_t *body,
+              size_t body_len, int timeout_ms, wire_reply_t *rep, transport_response_t *raw,
+              char *err, size_t errlen)
+{
+    memset(rep, 0, sizeof *rep);
+    memset(raw, 0, sizeof *raw);
+    uint8_t *head = NULL;
+    size_t head_len = 0;
+    int rc = wire_encode_request(req, &head, &head_len);
+    if (rc != 0) {
+        sp_fmt(err, errlen, "cannot encode a %s request", wire_kind_name(req->kind));
+        return rc;
+    }
+    rc = transport_call(c, head, head_len, body, body_len, timeout_ms, raw);
+    free(head);
+    if (rc != 0) {
+        sp_fmt(err, errlen, "%s request failed: %s", wire_kind_name(req->kind), sp_strerror(rc));
+        return rc;
+    }
+    char why[256];
+    rc = wire_decode_reply(raw->head, raw->head_len, rep, why, sizeof why);
+    if (rc == 0 && rep->status != 0) {
+        sp_fmt(err, errlen, "%s refused: %s (%s)", wire_kind_name(req->kind),
+               rep->error ? rep->error : "", sp_strerror(rep->status));
+        rc = rep->status;
+        wire_reply_free(rep);
+    } else if (rc != 0) {
+        sp_fmt(err, errlen, "malformed %s reply: %s", wire_kind_name(req->kind), why);
+    }
+    if (rc != 0)
+        transport_response_free(raw);
+    return rc;
+}

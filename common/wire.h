@@ -20,6 +20,7 @@
 #include "attrs.h"
 #include "base.h"
 #include "gossip.h"
+#include "transport.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -157,6 +158,16 @@ int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *e
  * updates) and zero it. */
 void wire_request_free(wire_request_t *req);
 void wire_reply_free(wire_reply_t *rep);
+
+/* One RPC over a transport client: encodes req, calls (timeout_ms <= 0: the
+ * client's default), decodes and checks the reply. Returns 0 when the peer
+ * answered status 0, with *rep and *raw (its body, if any) owned by the
+ * caller (wire_reply_free, transport_response_free). Otherwise returns the
+ * transport error, SP_EPROTO for a malformed reply, or the peer's status,
+ * with a reason in err, and leaves nothing to free. */
+int wire_call(transport_client_t *c, const wire_request_t *req, const uint8_t *body,
+              size_t body_len, int timeout_ms, wire_reply_t *rep, transport_response_t *raw,
+              char *err, size_t errlen);
 
 /* Growable arrays for building replies. */
 wire_instance_t *wire_reply_add_instance(wire_reply_t *rep);

@@ -91,35 +91,14 @@ static int write_file(const char *path, const uint8_t *data, size_t len)
 }
 
 /* Sends one request and decodes the reply. Returns 0 when the node answered
- * with status 0; otherwise prints why and returns the error. body_out may be
- * NULL when no body is expected. */
+ * with status 0; otherwise prints why and returns the error. */
 static int call(transport_client_t *c, const wire_request_t *req, const uint8_t *body,
                 size_t body_len, wire_reply_t *rep, transport_response_t *raw)
 {
-    uint8_t *head;
-    size_t head_len;
-    wire_encode_request(req, &head, &head_len);
-    int rc = transport_call(c, head, head_len, body, body_len, 0, raw);
-    free(head);
-    if (rc != 0) {
-        fprintf(stderr, "shardpacs: %s request failed: %s\n", wire_kind_name(req->kind),
-                sp_strerror(rc));
-        return rc;
-    }
-    char err[256];
-    rc = wire_decode_reply(raw->head, raw->head_len, rep, err, sizeof err);
-    if (rc != 0) {
-        fprintf(stderr, "shardpacs: malformed reply: %s\n", err);
-        transport_response_free(raw);
-        return rc;
-    }
-    if (rep->status != 0) {
-        fprintf(stderr, "shardpacs: node error: %s (%s)\n", rep->error ? rep->error : "",
-                sp_strerror(rep->status));
-        rc = rep->status;
-        wire_reply_free(rep);
-        transport_response_free(raw);
-    }
+    char err[512];
+    int rc = wire_call(c, req, body, body_len, 0, rep, raw, err, sizeof err);
+    if (rc != 0)
+        fprintf(stderr, "shardpacs: %s\n", err);
     return rc;
 }
 
