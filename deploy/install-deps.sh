@@ -9,6 +9,7 @@ packages=(
   libzmq3-dev libsodium-dev librocksdb-dev        # transport, crypto, storage
   libprotobuf-c-dev protobuf-c-compiler           # wire messages
   libinih-dev                                     # configuration files
+  libjansson-dev                                  # JSON output of the admin CLI
   libdcmtk-dev dcmtk                              # DICOM (router, test clients)
   libcmocka-dev                                   # unit tests
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests

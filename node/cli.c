@@ -8,7 +8,12 @@
  *   shardpacs node CONNECTION list STUDY_UID [SERIES_UID]
  *   shardpacs node CONNECTION find LEVEL Keyword=value ...
  *   shardpacs node CONNECTION digest PARTITION ...
- * where CONNECTION is --connect ENDPOINT --server-key FILE --key FILE.
+ *   shardpacs status CONNECTION [--json]    the cluster, as one member sees it
+ *   shardpacs locate CONNECTION STUDY_UID [--json]
+ *   shardpacs drain CONNECTION NODE_ID
+ * where CONNECTION is --connect ENDPOINT --server-key FILE --key FILE: any
+ * member (its public key file) and the operator's key pair, which must be
+ * listed in the cluster keys.
  *
  * The node commands speak to one storage node directly over the CURVE
  * transport with the operator's own listed key; they exist for inspection
@@ -18,10 +23,12 @@
 #include "../common/base.h"
 #include "../common/keys.h"
 #include "../common/log.h"
+#include "../common/ring.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,7 +41,11 @@ static void usage(void)
             "       shardpacs node --connect ENDPOINT --server-key FILE --key FILE COMMAND ...\n"
             "  COMMAND: stats | put --study UID --series UID --sop UID [--partition P] FILE\n"
             "         | get SOP_UID OUTFILE | list STUDY_UID [SERIES_UID]\n"
-            "         | find LEVEL Keyword=value ... | digest PARTITION ...\n");
+            "         | find LEVEL Keyword=value ... | digest PARTITION ...\n"
+            "       shardpacs status CONNECTION [--json]\n"
+            "       shardpacs locate CONNECTION STUDY_UID [--json]\n"
+            "       shardpacs drain CONNECTION NODE_ID\n"
+            "  CONNECTION: --connect ENDPOINT --server-key FILE --key FILE\n");
 }
 
 static int cmd_keygen(int argc, char **argv)
@@ -276,7 +287,11 @@ out:
     return rc;
 }
 
-static int cmd_node(int argc, char **argv)
+/* Parses CONNECTION (the leading --connect/--server-key/--key pairs) and
+ * makes a client. Returns the client, with *used set to the arguments
+ * consumed, or NULL after printing why (*used = -1 for a usage error). */
+static transport_client_t *connect_from_args(int argc, char **argv, int *used, keys_pair_t *self,
+                                             transport_config_t *tc)
 {
     const char *endpoint = NULL, *server_key = NULL, *key = NULL;
     int i = 0;
@@ -290,26 +305,338 @@ static int cmd_node(int argc, char **argv)
         else
             break;
     }
-    if (!endpoint || !server_key || !key || i >= argc) {
-        usage();
-        return 2;
-    }
+    *used = -1;
+    if (!endpoint || !server_key || !key)
+        return NULL;
     char err[512], server_pub[KEYS_Z85_LEN + 1];
-    keys_pair_t self;
-    if (keys_load_pair(key, &self, err, sizeof err) != 0 ||
+    if (keys_load_pair(key, self, err, sizeof err) != 0 ||
         keys_load_public(server_key, server_pub, err, sizeof err) != 0) {
         fprintf(stderr, "shardpacs: %s\n", err);
-        return 1;
+        *used = 0;
+        return NULL;
     }
-    transport_config_t tc;
-    transport_config_defaults(&tc);
+    transport_config_defaults(tc);
     const char *timeout = getenv("SHARDPACS_TIMEOUT_MS");
     if (timeout)
-        tc.timeout_ms = atoi(timeout);
-    tc.retries = 1;
-    transport_client_t *c = transport_client_new(&tc, &self, server_pub, endpoint);
-    int rc = node_command(c, argc - i, argv + i);
+        tc->timeout_ms = atoi(timeout);
+    tc->retries = 1;
+    *used = i;
+    return transport_client_new(tc, self, server_pub, endpoint);
+}
+
+static int cmd_node(int argc, char **argv)
+{
+    keys_pair_t self;
+    transport_config_t tc;
+    int used;
+    transport_client_t *c = connect_from_args(argc, argv, &used, &self, &tc);
+    if (c == NULL || used >= argc) {
+        transport_client_destroy(&c);
+        if (used != 0)
+            usage();
+        return used == 0 ? 1 : 2;
+    }
+    int rc = node_command(c, argc - used, argv + used);
     transport_client_destroy(&c);
+    return rc == 0 ? 0 : rc == SP_EINVAL ? 2 : 1;
+}
+
+/* ---- cluster commands ---------------------------------------------------- */
+
+static const char *role_name(gossip_role_t role)
+{
+    return role == GOSSIP_ROUTER ? "router" : "storage";
+}
+
+static json_t *member_json(const wire_member_status_t *m)
+{
+    json_t *o = json_object();
+    json_object_set_new(o, "id", json_string(m->member.id));
+    json_object_set_new(o, "endpoint", json_string(m->member.endpoint));
+    json_object_set_new(o, "site", json_string(m->member.site));
+    json_object_set_new(o, "role", json_string(role_name(m->member.role)));
+    json_object_set_new(o, "state", json_string(gossip_state_name(m->member.state)));
+    json_object_set_new(o, "incarnation", json_integer((json_int_t)m->member.incarnation));
+    json_object_set_new(o, "weight", json_real(m->member.weight));
+    json_object_set_new(o, "reachable", json_boolean(m->reachable));
+    json_object_set_new(o, "partitions_owned", json_integer(m->partitions_owned));
+    json_object_set_new(o, "partitions_held", json_integer(m->partitions_held));
+    json_object_set_new(o, "instances", json_integer((json_int_t)m->instances));
+    json_object_set_new(o, "bytes", json_integer((json_int_t)m->bytes));
+    json_object_set_new(o, "disk_bytes", json_integer((json_int_t)m->disk_bytes));
+    json_object_set_new(o, "hints_pending", json_integer((json_int_t)m->hints_pending));
+    json_object_set_new(o, "repair_bytes_done", json_integer((json_int_t)m->repair_bytes_done));
+    json_object_set_new(o, "repair_bytes_pending",
+                        json_integer((json_int_t)m->repair_bytes_pending));
+    json_object_set_new(o, "repair_rate_bytes_per_s", json_real(m->repair_rate));
+    json_object_set_new(o, "scrub_checked", json_integer((json_int_t)m->scrub_checked));
+    json_object_set_new(o, "scrub_corrupt", json_integer((json_int_t)m->scrub_corrupt));
+    json_object_set_new(o, "repaired", json_integer((json_int_t)m->repaired));
+    return o;
+}
+
+/* Cluster totals of the per-member figures. */
+typedef struct {
+    uint64_t hints, done, pending;
+    double rate, eta_s;
+} totals_t;
+
+static totals_t status_totals(const wire_status_t *st)
+{
+    totals_t t = {0};
+    for (size_t i = 0; i < st->nmembers; i++) {
+        t.hints += st->members[i].hints_pending;
+        t.done += st->members[i].repair_bytes_done;
+        t.pending += st->members[i].repair_bytes_pending;
+        t.rate += st->members[i].repair_rate;
+    }
+    t.eta_s = t.pending == 0 ? 0 : t.rate > 0 ? (double)t.pending / t.rate : -1;
+    return t;
+}
+
+static void print_status_json(const wire_status_t *st)
+{
+    totals_t t = status_totals(st);
+    json_t *o = json_object();
+    json_object_set_new(o, "from", json_string(st->from_id));
+    json_object_set_new(o, "replicas", json_integer(st->replicas));
+    json_object_set_new(o, "view_version", json_integer((json_int_t)st->view_version));
+    json_object_set_new(o, "under_replicated_partitions",
+                        json_integer(st->under_replicated_partitions));
+    json_object_set_new(o, "partitions_with_data", json_integer(st->partitions_with_data));
+    json_object_set_new(o, "hints_pending", json_integer((json_int_t)t.hints));
+    json_t *repair = json_object();
+    json_object_set_new(repair, "bytes_done", json_integer((json_int_t)t.done));
+    json_object_set_new(repair, "bytes_pending", json_integer((json_int_t)t.pending));
+    json_object_set_new(repair, "rate_bytes_per_s", json_real(t.rate));
+    json_object_set_new(repair, "eta_s", t.eta_s >= 0 ? json_real(t.eta_s) : json_null());
+    json_object_set_new(o, "repair", repair);
+    json_t *members = json_array();
+    for (size_t i = 0; i < st->nmembers; i++)
+        json_array_append_new(members, member_json(&st->members[i]));
+    json_object_set_new(o, "members", members);
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    printf("%s\n", text);
+    free(text);
+    json_decref(o);
+}
+
+static void human_bytes(uint64_t n, char *out, size_t size)
+{
+    const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)n;
+    size_t u = 0;
+    while (v >= 1024 && u + 1 < SP_ARRAY_LEN(units)) {
+        v /= 1024;
+        u++;
+    }
+    snprintf(out, size, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+}
+
+static void print_status_text(const wire_status_t *st)
+{
+    totals_t t = status_totals(st);
+    printf("cluster seen from %s (view %llu), N=%u\n", st->from_id,
+           (unsigned long long)st->view_version, (unsigned)st->replicas);
+    printf("%-12s %-8s %-9s %-10s %6s %6s %10s %10s %10s %7s\n", "MEMBER", "ROLE", "STATE", "SITE",
+           "OWNS", "HOLDS", "INSTANCES", "DATA", "DISK", "HINTS");
+    for (size_t i = 0; i < st->nmembers; i++) {
+        const wire_member_status_t *m = &st->members[i];
+        char data[32], disk[32];
+        human_bytes(m->bytes, data, sizeof data);
+        human_bytes(m->disk_bytes, disk, sizeof disk);
+        if (m->member.role == GOSSIP_ROUTER)
+            printf("%-12s %-8s %-9s %-10s\n", m->member.id, "router",
+                   gossip_state_name(m->member.state), m->member.site);
+        else
+            printf("%-12s %-8s %-9s %-10s %6u %6u %10llu %10s %10s %7llu%s\n", m->member.id,
+                   "storage", gossip_state_name(m->member.state), m->member.site,
+                   m->partitions_owned, m->partitions_held, (unsigned long long)m->instances,
+                   m->reachable ? data : "-", m->reachable ? disk : "-",
+                   (unsigned long long)m->hints_pending, m->reachable ? "" : "  (no answer)");
+    }
+    printf("partitions with data: %u, under-replicated: %u, hints pending: %llu\n",
+           st->partitions_with_data, st->under_replicated_partitions, (unsigned long long)t.hints);
+    if (t.pending > 0 || t.rate > 0) {
+        char pending[32], done[32];
+        human_bytes(t.pending, pending, sizeof pending);
+        human_bytes(t.done, done, sizeof done);
+        printf("repair: %s copied, %s to go at %.1f MB/s", done, pending, t.rate / 1e6);
+        if (t.eta_s >= 0)
+            printf(", about %.0f s left", t.eta_s);
+        printf("\n");
+    }
+}
+
+/* Asks the connected member for the cluster status. */
+static int cluster_status(transport_client_t *c, wire_reply_t *rep, transport_response_t *raw)
+{
+    wire_request_t req = {.kind = WIRE_STATUS, .cluster = true};
+    return call(c, &req, NULL, 0, rep, raw);
+}
+
+static bool flag_json(int argc, char **argv)
+{
+    for (int i = 0; i < argc; i++)
+        if (strcmp(argv[i], "--json") == 0)
+            return true;
+    return false;
+}
+
+/* The first argument that is not --json, or NULL. */
+static const char *first_operand(int argc, char **argv)
+{
+    for (int i = 0; i < argc; i++)
+        if (strcmp(argv[i], "--json") != 0)
+            return argv[i];
+    return NULL;
+}
+
+/* Placement as the nodes compute it (gossip_placement: storage members
+ * that are placed, sorted by id), over a status reply's members. */
+static size_t locate_owners(const wire_status_t *st, uint32_t partition, size_t *owners,
+                            size_t *map)
+{
+    ring_member_t ring[GOSSIP_MAX_MEMBERS];
+    size_t n = 0;
+    for (size_t i = 0; i < st->nmembers && n < GOSSIP_MAX_MEMBERS; i++) {
+        const gossip_member_t *m = &st->members[i].member;
+        if (m->role != GOSSIP_STORAGE || !gossip_state_placed(m->state))
+            continue;
+        size_t at = n++;
+        while (at > 0 && strcmp(ring[at - 1].id, m->id) > 0) {
+            ring[at] = ring[at - 1];
+            map[at] = map[at - 1];
+            at--;
+        }
+        ring[at] = (ring_member_t){.id = m->id, .site = m->site, .weight = m->weight};
+        map[at] = i;
+    }
+    size_t want = st->replicas < RING_MAX_REPLICAS ? st->replicas : RING_MAX_REPLICAS;
+    size_t k = ring_owners(ring, n, partition, want, owners);
+    for (size_t i = 0; i < k; i++)
+        owners[i] = map[owners[i]];
+    return k;
+}
+
+/* How many instances of a study a member holds, or -1 if it did not say. */
+static long study_count(const keys_pair_t *self, const transport_config_t *tc,
+                        const gossip_member_t *m, const char *study)
+{
+    transport_client_t *c = transport_client_new(tc, self, m->public_key, m->endpoint);
+    wire_request_t req = {.kind = WIRE_LIST, .study_uid = (char *)study};
+    wire_reply_t rep;
+    transport_response_t raw;
+    char err[512];
+    long n = -1;
+    if (wire_call(c, &req, NULL, 0, 0, &rep, &raw, err, sizeof err) == 0) {
+        n = (long)rep.ninstances;
+        wire_reply_free(&rep);
+        transport_response_free(&raw);
+    }
+    transport_client_destroy(&c);
+    return n;
+}
+
+static int locate(const keys_pair_t *self, const transport_config_t *tc, const wire_status_t *st,
+                  const char *study, bool json)
+{
+    if (!sp_uid_valid(study)) {
+        fprintf(stderr, "shardpacs: '%s' is not a valid Study Instance UID\n", study);
+        return SP_EINVAL;
+    }
+    uint32_t partition = ring_partition(study);
+    size_t owners[RING_MAX_REPLICAS];
+    size_t *map = sp_calloc(st->nmembers ? st->nmembers : 1, sizeof *map);
+    size_t k = locate_owners(st, partition, owners, map);
+    free(map);
+    json_t *o = json_object(), *reps = json_array();
+    json_object_set_new(o, "study", json_string(study));
+    json_object_set_new(o, "partition", json_integer(partition));
+    if (!json)
+        printf("study %s\npartition %u, replicas (in preference order):\n", study,
+               (unsigned)partition);
+    for (size_t i = 0; i < k; i++) {
+        const gossip_member_t *m = &st->members[owners[i]].member;
+        long n = gossip_state_reachable(m->state) ? study_count(self, tc, m, study) : -1;
+        json_t *r = json_object();
+        json_object_set_new(r, "id", json_string(m->id));
+        json_object_set_new(r, "state", json_string(gossip_state_name(m->state)));
+        json_object_set_new(r, "site", json_string(m->site));
+        json_object_set_new(r, "instances", n >= 0 ? json_integer(n) : json_null());
+        json_array_append_new(reps, r);
+        if (!json)
+            printf("  %-12s %-9s site %-10s %s%ld instances\n", m->id, gossip_state_name(m->state),
+                   m->site, n >= 0 ? "" : "? ", n >= 0 ? n : 0);
+    }
+    json_object_set_new(o, "replicas", reps);
+    if (json) {
+        char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+        printf("%s\n", text);
+        free(text);
+    }
+    json_decref(o);
+    return 0;
+}
+
+static int drain(const keys_pair_t *self, const transport_config_t *tc, const wire_status_t *st,
+                 const char *node)
+{
+    const gossip_member_t *target = NULL;
+    for (size_t i = 0; i < st->nmembers; i++)
+        if (strcmp(st->members[i].member.id, node) == 0)
+            target = &st->members[i].member;
+    if (target == NULL || target->role != GOSSIP_STORAGE) {
+        fprintf(stderr, "shardpacs: %s is not a storage member of this cluster\n", node);
+        return SP_EINVAL;
+    }
+    transport_client_t *c = transport_client_new(tc, self, target->public_key, target->endpoint);
+    wire_request_t req = {.kind = WIRE_DRAIN, .node_id = (char *)node};
+    wire_reply_t rep;
+    transport_response_t raw;
+    int rc = call(c, &req, NULL, 0, &rep, &raw);
+    transport_client_destroy(&c);
+    if (rc != 0)
+        return rc;
+    wire_reply_free(&rep);
+    transport_response_free(&raw);
+    printf("%s is draining: its partitions stream to their new owners, then it leaves\n", node);
+    return 0;
+}
+
+/* status, locate and drain: each starts from the connected member's view. */
+static int cmd_cluster(const char *cmd, int argc, char **argv)
+{
+    keys_pair_t self;
+    transport_config_t tc;
+    int used;
+    transport_client_t *c = connect_from_args(argc, argv, &used, &self, &tc);
+    const char *operand = c ? first_operand(argc - used, argv + used) : NULL;
+    bool json = c && flag_json(argc - used, argv + used);
+    if (c == NULL || (strcmp(cmd, "status") != 0 && operand == NULL)) {
+        transport_client_destroy(&c);
+        if (used != 0)
+            usage();
+        return used == 0 ? 1 : 2;
+    }
+    wire_reply_t rep;
+    transport_response_t raw;
+    int rc = cluster_status(c, &rep, &raw);
+    transport_client_destroy(&c);
+    if (rc != 0)
+        return 1;
+    if (strcmp(cmd, "status") == 0) {
+        if (json)
+            print_status_json(&rep.status_body);
+        else
+            print_status_text(&rep.status_body);
+    } else if (strcmp(cmd, "locate") == 0) {
+        rc = locate(&self, &tc, &rep.status_body, operand, json);
+    } else {
+        rc = drain(&self, &tc, &rep.status_body, operand);
+    }
+    wire_reply_free(&rep);
+    transport_response_free(&raw);
     return rc == 0 ? 0 : rc == SP_EINVAL ? 2 : 1;
 }
 
@@ -320,6 +647,9 @@ int main(int argc, char **argv)
         return cmd_keygen(argc - 2, argv + 2);
     if (argc >= 3 && strcmp(argv[1], "node") == 0)
         return cmd_node(argc - 2, argv + 2);
+    if (argc >= 3 && (strcmp(argv[1], "status") == 0 || strcmp(argv[1], "locate") == 0 ||
+                      strcmp(argv[1], "drain") == 0))
+        return cmd_cluster(argv[1], argc - 2, argv + 2);
     usage();
     return 2;
 }
