@@ -3,7 +3,7 @@
  *   shardpacs keygen KEYFILE [PUBFILE]       make a CURVE key pair
  *   shardpacs node CONNECTION stats          a node's counters (JSON)
  *   shardpacs node CONNECTION put --study UID --series UID --sop UID
- *                                 [--partition P] FILE
+ *                                 [--partition P] FILE  (P: the study's by default)
  *   shardpacs node CONNECTION get SOP_UID OUTFILE
  *   shardpacs node CONNECTION list STUDY_UID [SERIES_UID]
  *   shardpacs node CONNECTION find LEVEL Keyword=value ...
@@ -149,6 +149,7 @@ static void print_stats(const wire_stats_t *s)
 static int parse_put(int argc, char **argv, wire_request_t *req, uint8_t **data, size_t *len)
 {
     const char *file = NULL;
+    bool partition_given = false;
     static const struct {
         const char *flag;
         attr_id_t id;
@@ -166,15 +167,19 @@ static int parse_put(int argc, char **argv, wire_request_t *req, uint8_t **data,
         }
         if (known)
             continue;
-        if (strcmp(argv[i], "--partition") == 0 && i + 1 < argc)
+        if (strcmp(argv[i], "--partition") == 0 && i + 1 < argc) {
             req->partition = (uint32_t)strtoul(argv[++i], NULL, 10);
-        else if (file == NULL && argv[i][0] != '-')
+            partition_given = true;
+        } else if (file == NULL && argv[i][0] != '-')
             file = argv[i];
         else
             return SP_EINVAL;
     }
     if (file == NULL)
         return SP_EINVAL;
+    const char *study = attrs_get(&req->attrs, ATTR_STUDY_INSTANCE_UID);
+    if (!partition_given && study != NULL)
+        req->partition = ring_partition(study); /* where the router would place it */
     int rc = read_file(file, data, len);
     if (rc != 0) {
         fprintf(stderr, "shardpacs: %s: %s\n", file, sp_strerror(rc));
