@@ -1750,7 +1750,7 @@ static void *del_worker(void *arg)
     del_worker_t *w = arg;
     pthread_barrier_wait(w->start);
     for (int i = 0; i < DEL_MAX_PUTS && (i < DEL_MIN_PUTS || !atomic_load(w->done)); i++) {
-        char study[64], series[64], sop[96];
+        char study[64], series[80], sop[112];
         inst_t in = del_inst(w, i, study, series, sop);
         uint8_t *b = make_bytes(500 + (size_t)i, (uint32_t)(w->id * 10000 + i));
         store_outcome_t out;
@@ -1811,7 +1811,7 @@ static int check_worker(store_t *s, const del_worker_t *w, bool may_be_gone)
 {
     int present = 0;
     for (int i = 0; i < w->n; i++) {
-        char study[64], series[64], sop[96];
+        char study[64], series[80], sop[112];
         del_inst(w, i, study, series, sop);
         store_object_t o;
         int rc = store_get(s, sop, &o);
