@@ -3,25 +3,43 @@
 # loopback, for trying it out, demos and tests.
 #
 #   local-cluster.sh up DIR [--nodes N] [--port P] [--replicas R] [--quorum W]
-#                           [--move-dest AE=HOST:PORT]...
+#                           [--sites A,A,B] [--down-to-out DURATION]
+#                           [--repair-rate RATE] [--move-dest AE=HOST:PORT]...
 #   local-cluster.sh down DIR
-#   local-cluster.sh status DIR
+#   local-cluster.sh status DIR [--json]
+#   local-cluster.sh add-node DIR [--site S]
+#   local-cluster.sh kill-node DIR nK          (kill -9)
+#   local-cluster.sh restart-node DIR nK       (same port, same data)
+#   local-cluster.sh drain DIR nK              (streams nK's data away; it leaves)
 #
 # `up` installs missing Debian packages and builds first (so it is a complete
 # set-up command on a fresh Debian 12 machine), then generates CURVE keys and
-# configuration under DIR, starts N storage nodes n1..nN (default 3) and one
-# router (DICOM port P, default 11112, AE title SHARDPACS; N replicas default
-# 3, write quorum default 2) and returns once C-ECHO answers.
+# configuration under DIR, starts N storage nodes n1..nN (default 3; n1 is
+# the others' gossip seed) and one router (DICOM port P, default 11112, AE
+# title SHARDPACS; N replicas default 3, write quorum default 2) that joins
+# the gossip through the nodes, and returns once C-ECHO answers and every
+# node is alive. --sites gives each node its site (failure domain), in
+# order. Failure timings are demo-friendly: probes every 500 ms, a dead node
+# is out (its partitions re-replicated) 10 s after it went down
+# (--down-to-out), repair rounds every 2 s, a scrubber pass every 60 s.
+#
+# `status` prints the process table and `shardpacs status` as the first node
+# that answers sees the cluster; with --json exactly that command's JSON.
+# `add-node` makes the next free nK (key appended to DIR/cluster.keys, which
+# running members re-read), starts it with every node as seed and waits until
+# the others see it; it announces itself alive after its first repair round.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${SHARDPACS_BUILD_DIR:-$root/build}
+bin=$build
 export TCP_NODELAY=1 # DCMTK tools used here (echoscu) must not wait on Nagle
+PY=/usr/bin/python3
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '4,8p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '4,13p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -47,28 +65,165 @@ wait_for_file() {
 
 pubkey() { sed -n 's/^public-key = //p' "$1"; }
 
+running() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Node folders n1..nK of a cluster, in numeric order.
+node_names() {
+  local d
+  for d in "$1"/n*/; do
+    d=${d%/}
+    [[ -f $d/node.conf ]] && basename "$d"
+  done | sort -V
+}
+
+# Writes DIR/nK/node.conf from the settings in DIR/cluster.env.
+# write_node_conf DIR K SITE SEEDS [LISTEN]
+write_node_conf() {
+  local dir=$1 k=$2 site=$3 seeds=$4 listen=${5:-tcp://127.0.0.1:*}
+  # shellcheck disable=SC1091
+  source "$dir/cluster.env"
+  {
+    echo "[node]"
+    echo "id = n$k"
+    echo "listen = $listen"
+    [[ -n $site ]] && echo "site = $site"
+    echo "data_dir = data"
+    echo "[keys]"
+    echo "key_pair = node.key"
+    echo "cluster_keys = ../cluster.keys"
+    echo "[cluster]"
+    echo "replicas = $REPLICAS"
+    echo "seeds = $seeds"
+    gossip_conf
+    if "$bin/shardpacs-node" --help-config 2>/dev/null | grep -q '^\[repair\]'; then
+      echo "[repair]"
+      echo "interval = $REPAIR_INTERVAL"
+      echo "rate = $REPAIR_RATE"
+      echo "scrub_interval = $SCRUB_INTERVAL"
+    fi
+  } >"$dir/n$k/node.conf"
+}
+
+# The [gossip] section shared by nodes and the router (cluster.env sourced).
+gossip_conf() {
+  echo "[gossip]"
+  echo "probe_interval = $PROBE_INTERVAL"
+  echo "probe_timeout = $PROBE_TIMEOUT"
+  echo "sync_interval = $SYNC_INTERVAL"
+  echo "down_to_out = $DOWN_TO_OUT"
+}
+
+# Makes later starts of node nK listen where this start got its port, so a
+# restarted node comes back where the others know it.
+pin_listen() {
+  local n=$1
+  sed -i "s|^listen = .*|listen = $(cat "$n/ready")|" "$n/node.conf"
+}
+
+# Rewrites the seeds of node folder $2 to every other node of cluster $1
+# (read at the node's next start).
+set_seeds() {
+  local dir=$1 me=$2 seeds="" m
+  for m in $(node_names "$dir"); do
+    [[ $m == "$me" || ! -s $dir/$m/ready ]] && continue
+    seeds+="${seeds:+,}$m@$(cat "$dir/$m/ready")"
+  done
+  sed -i "s|^seeds = .*|seeds = $seeds|" "$dir/$me/node.conf"
+}
+
+# Starts node folder $1 (named $2) in the background; returns once it wrote
+# its ready file (its bound endpoint).
+start_node() {
+  local n=$1 name=$2
+  rm -f "$n/ready"
+  nohup "$bin/shardpacs-node" --config "$n/node.conf" --ready-file "$n/ready" \
+    >>"$n/node.log" 2>&1 &
+  echo $! >"$n/node.pid"
+  wait_for_file "$n/ready" "$(cat "$n/node.pid")" "node $name"
+}
+
+# Prints `shardpacs status` (ARGS, e.g. --json) as the first running node
+# that answers sees the cluster; fails when none answers.
+cluster_status() {
+  local dir=$1; shift
+  local m out
+  for m in $(node_names "$dir"); do
+    running "$dir/$m/node.pid" && [[ -s $dir/$m/ready ]] || continue
+    if out=$(SHARDPACS_TIMEOUT_MS=${SHARDPACS_TIMEOUT_MS:-2000} "$bin/shardpacs" status \
+               --connect "$(cat "$dir/$m/ready")" --server-key "$dir/$m/node.pub" \
+               --key "$dir/admin.key" "$@" 2>/dev/null); then
+      printf '%s\n' "$out"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# Evaluates the Python expression $2 over the status JSON (as `s`; `m` maps
+# member id to member) of cluster $1; succeeds when it is true.
+status_is() {
+  local json
+  json=$(cluster_status "$1" --json) || return 1
+  "$PY" -c '
+import json, sys
+s = json.loads(sys.stdin.read())
+m = {x["id"]: x for x in s["members"]}
+sys.exit(0 if eval(sys.argv[1]) else 1)' "$2" <<<"$json"
+}
+
+# Waits (at most $3 seconds) until status_is $1 $2; $4 says what for errors.
+wait_status() {
+  local dir=$1 expr=$2 secs=$3 what=$4 i
+  for ((i = 0; i < secs * 10; i++)); do
+    status_is "$dir" "$expr" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+router_has_gossip() { "$bin/shardpacs-router" --help-config 2>/dev/null | grep -q '^\[router\]'; }
+
 cmd_up() {
   local dir=$1; shift
-  local nodes=3 port=11112 replicas=3 quorum=2 dests=()
+  local nodes=3 port=11112 replicas=3 quorum=2 dests=() sites="" down_to_out=10s rate=50M
   while [[ $# -gt 0 ]]; do
     case $1 in
       --nodes) nodes=$2; shift 2 ;;
       --port) port=$2; shift 2 ;;
       --replicas) replicas=$2; shift 2 ;;
       --quorum) quorum=$2; shift 2 ;;
+      --sites) sites=$2; shift 2 ;;
+      --down-to-out) down_to_out=$2; shift 2 ;;
+      --repair-rate) rate=$2; shift 2 ;;
       --move-dest) dests+=("$2"); shift 2 ;;
       *) usage ;;
     esac
   done
   [[ $nodes =~ ^[0-9]+$ && $nodes -ge 1 ]] || die "--nodes must be a positive number"
   (( quorum <= replicas )) || quorum=$replicas
-  if [[ -f "$dir/router.pid" ]] && kill -0 "$(cat "$dir/router.pid")" 2>/dev/null; then
+  local -a site_of=()
+  if [[ -n $sites ]]; then
+    IFS=, read -r -a site_of <<<"$sites"
+    [[ ${#site_of[@]} -eq $nodes ]] || die "--sites names ${#site_of[@]} sites for $nodes nodes"
+  fi
+  if running "$dir/router.pid"; then
     die "a cluster is already running in $dir (local-cluster.sh down $dir first)"
   fi
   build_all
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
-  local bin=$build
+  cat >"$dir/cluster.env" <<ENV
+PORT=$port
+REPLICAS=$replicas
+QUORUM=$quorum
+PROBE_INTERVAL=500ms
+PROBE_TIMEOUT=200ms
+SYNC_INTERVAL=5s
+DOWN_TO_OUT=$down_to_out
+REPAIR_INTERVAL=2s
+REPAIR_RATE=$rate
+SCRUB_INTERVAL=60s
+ENV
 
   # Keys: one pair per member plus an operator key; all listed in cluster.keys.
   : >"$dir/cluster.keys.new"
@@ -83,32 +238,31 @@ cmd_up() {
   done
   mv "$dir/cluster.keys.new" "$dir/cluster.keys"
 
-  # Storage nodes on free loopback ports (each reports the port it got). n1
-  # starts first; the others join its gossip through it as their seed.
+  # Storage nodes on free loopback ports (each reports the port it got and
+  # keeps it for restarts). n1 starts first; the others join its gossip
+  # through it as their seed. Afterwards every node lists all others as its
+  # seeds, for its next start.
   local seeds=""
   for i in $(seq 1 "$nodes"); do
-    local n=$dir/n$i
-    cat >"$n/node.conf" <<CONF
-[node]
-id = n$i
-listen = tcp://127.0.0.1:*
-data_dir = data
-[keys]
-key_pair = node.key
-cluster_keys = ../cluster.keys
-[cluster]
-seeds = $seeds
-CONF
-    rm -f "$n/ready"
-    nohup "$bin/shardpacs-node" --config "$n/node.conf" --ready-file "$n/ready" \
-      >>"$n/node.log" 2>&1 &
-    echo $! >"$n/node.pid"
-    if [[ $i -eq 1 ]]; then
-      wait_for_file "$n/ready" "$(cat "$n/node.pid")" "node n1"
-      seeds="n1@$(cat "$n/ready")"
-    fi
+    write_node_conf "$dir" "$i" "${site_of[$((i - 1))]:-}" "$seeds"
+    start_node "$dir/n$i" "n$i"
+    pin_listen "$dir/n$i"
+    [[ $i -eq 1 ]] && seeds="n1@$(cat "$dir/n1/ready")"
   done
+  for i in $(seq 1 "$nodes"); do set_seeds "$dir" "n$i"; done
+
+  # The router: a gossip member seeded with every node (or, for a router
+  # built before gossip, the static node list).
+  # shellcheck disable=SC1091
+  source "$dir/cluster.env"
+  local gossip=0
+  router_has_gossip && gossip=1
   {
+    if ((gossip)); then
+      echo "[router]"
+      echo "id = router"
+      echo "listen = tcp://127.0.0.1:*"
+    fi
     cat <<CONF
 [dicom]
 ae_title = SHARDPACS
@@ -120,12 +274,18 @@ cluster_keys = cluster.keys
 [cluster]
 replicas = $replicas
 write_quorum = $quorum
-[nodes]
 CONF
-    for i in $(seq 1 "$nodes"); do
-      wait_for_file "$dir/n$i/ready" "$(cat "$dir/n$i/node.pid")" "node n$i"
-      echo "n$i = $(cat "$dir/n$i/ready")"
-    done
+    if ((gossip)); then
+      local all=""
+      for i in $(seq 1 "$nodes"); do all+="${all:+,}n$i@$(cat "$dir/n$i/ready")"; done
+      echo "seeds = $all"
+      gossip_conf
+    else
+      echo "[nodes]"
+      for i in $(seq 1 "$nodes"); do
+        echo "n$i = $(cat "$dir/n$i/ready")${site_of[$((i - 1))]:+ site=${site_of[$((i - 1))]}}"
+      done
+    fi
     echo "[destinations]"
     for d in "${dests[@]+"${dests[@]}"}"; do
       echo "${d%%=*} = ${d#*=}"
@@ -134,23 +294,39 @@ CONF
 
   nohup "$bin/shardpacs-router" --config "$dir/router.conf" >>"$dir/router.log" 2>&1 &
   echo $! >"$dir/router.pid"
+  local echoed=0
   for _ in $(seq 1 250); do
     if echoscu -to 2 -aec SHARDPACS 127.0.0.1 "$port" >/dev/null 2>&1; then
-      cat <<EOT
+      echoed=1
+      break
+    fi
+    running "$dir/router.pid" || die "router exited; see $dir/router.log"
+    sleep 0.04
+  done
+  ((echoed)) || die "router does not answer C-ECHO on port $port; see $dir/router.log"
+
+  # Every node alive (a node announces itself alive after its first repair
+  # round) and, with a gossiping router, the router seen too.
+  if cluster_status "$dir" --json >/dev/null; then
+    local want="all(m.get(f'n{i}', {}).get('state') == 'alive' for i in range(1, $nodes + 1))"
+    ((gossip)) && want+=" and m.get('router', {}).get('state') == 'alive'"
+    wait_status "$dir" "$want" 60 ||
+      die "not every member became alive within 60 s; see $dir/n*/node.log, $dir/router.log and '$0 status $dir'"
+  else
+    echo "local-cluster: warning: no node answers 'shardpacs status'; not waiting for membership" >&2
+  fi
+  cat <<EOT
 ShardPACS is up: $nodes storage nodes, router AE SHARDPACS on 127.0.0.1:$port (N=$replicas, W=$quorum).
 Files, keys and logs: $dir
   Send:      storescu -aec SHARDPACS 127.0.0.1 $port FILE.dcm ...
   Find:      findscu -S -aec SHARDPACS -k QueryRetrieveLevel=STUDY -k PatientName='*' -k StudyInstanceUID 127.0.0.1 $port
   Retrieve:  getscu -aec SHARDPACS -k QueryRetrieveLevel=STUDY -k StudyInstanceUID=UID -od OUTDIR 127.0.0.1 $port
   (set TCP_NODELAY=1 in the environment of DCMTK tools, or each exchange waits on Nagle)
-  Status:    $0 status $dir      Stop: $0 down $dir
+  Status:    $0 status $dir [--json]      Stop: $0 down $dir
+  Faults:    $0 kill-node|restart-node|drain $dir nK;  grow: $0 add-node $dir [--site S]
+  Admin CLI: $bin/shardpacs status --connect $(cat "$dir/n1/ready") --server-key $dir/n1/node.pub --key $dir/admin.key
+  A dead node is out (re-replicated) $DOWN_TO_OUT after it went down.
 EOT
-      return 0
-    fi
-    kill -0 "$(cat "$dir/router.pid")" 2>/dev/null || die "router exited; see $dir/router.log"
-    sleep 0.04
-  done
-  die "router does not answer C-ECHO on port $port; see $dir/router.log"
 }
 
 stop_pidfile() {
@@ -158,6 +334,7 @@ stop_pidfile() {
   [[ -f "$f" ]] || return 0
   local pid; pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
+    kill -CONT "$pid" 2>/dev/null || true # a SIGSTOPped process cannot act on TERM
     kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
     kill -KILL "$pid" 2>/dev/null || true
@@ -174,29 +351,105 @@ cmd_down() {
 }
 
 cmd_status() {
-  local dir=$1 bin=$build
+  local dir=$1 json=0
   [[ -d "$dir" ]] || die "no cluster in $dir"
-  local rpid; rpid=$(cat "$dir/router.pid" 2>/dev/null || echo 0)
-  if kill -0 "$rpid" 2>/dev/null; then echo "router   running (pid $rpid)"; else echo "router   stopped"; fi
-  for n in "$dir"/n*/; do
-    n=${n%/}
-    local name; name=$(basename "$n")
-    local pid; pid=$(cat "$n/node.pid" 2>/dev/null || echo 0)
-    if kill -0 "$pid" 2>/dev/null; then
-      local stats
-      stats=$(SHARDPACS_TIMEOUT_MS=2000 "$bin/shardpacs" node --connect "$(cat "$n/ready")" \
-        --server-key "$n/node.pub" --key "$dir/admin.key" stats 2>&1 || true)
-      echo "$name       running (pid $pid) $stats"
+  [[ ${2:-} == --json ]] && json=1
+  if ((json)); then
+    cluster_status "$dir" --json || die "no node of $dir answers"
+    return 0
+  fi
+  if running "$dir/router.pid"; then
+    echo "router   running (pid $(cat "$dir/router.pid"))"
+  else
+    echo "router   stopped"
+  fi
+  local name
+  for name in $(node_names "$dir"); do
+    if running "$dir/$name/node.pid"; then
+      printf '%-8s running (pid %s) %s\n' "$name" "$(cat "$dir/$name/node.pid")" \
+        "$(cat "$dir/$name/ready" 2>/dev/null)"
     else
-      echo "$name       stopped"
+      printf '%-8s stopped\n' "$name"
     fi
   done
+  echo
+  cluster_status "$dir" || die "no node of $dir answers"
+}
+
+# The folder of node $2 of cluster $1, which must exist.
+node_dir() {
+  [[ $2 =~ ^n[0-9]+$ && -f $1/$2/node.conf ]] || die "no node $2 in $1"
+  echo "$1/$2"
+}
+
+cmd_add_node() {
+  local dir=$1; shift
+  local site=""
+  while [[ $# -gt 0 ]]; do
+    case $1 in
+      --site) site=$2; shift 2 ;;
+      *) usage ;;
+    esac
+  done
+  [[ -f $dir/cluster.env ]] || die "no cluster in $dir (local-cluster.sh up $dir first)"
+  dir=$(cd "$dir" && pwd)
+  local k=1 name
+  for name in $(node_names "$dir"); do (( ${name#n} >= k )) && k=$(( ${name#n} + 1 )); done
+  name=n$k
+  mkdir -p "$dir/$name"
+  "$bin/shardpacs" keygen "$dir/$name/node.key" "$dir/$name/node.pub" >/dev/null
+  # Append through a new file renamed into place: a member re-reading the
+  # key file never sees half a line.
+  cp "$dir/cluster.keys" "$dir/cluster.keys.new"
+  echo "$(pubkey "$dir/$name/node.key") $name" >>"$dir/cluster.keys.new"
+  mv "$dir/cluster.keys.new" "$dir/cluster.keys"
+  write_node_conf "$dir" "$k" "$site" ""
+  set_seeds "$dir" "$name"
+  # Running members re-read cluster.keys within a second; until then they
+  # refuse the new key, and the new node's first contacts would be lost.
+  sleep 1.2
+  start_node "$dir/$name" "$name"
+  pin_listen "$dir/$name"
+  wait_status "$dir" "'$name' in m and m['$name']['state'] in ('joining', 'alive')" 30 ||
+    die "the cluster does not see $name within 30 s; see $dir/$name/node.log"
+  echo "$name started ($(cat "$dir/$name/ready")${site:+, site $site}); it joins, takes over its partitions and then announces itself alive"
+}
+
+cmd_kill_node() {
+  local dir=$1 n; n=$(node_dir "$1" "$2")
+  running "$n/node.pid" || die "$2 is not running"
+  kill -KILL "$(cat "$n/node.pid")"
+  echo "killed $2 (kill -9)"
+}
+
+cmd_restart_node() {
+  local dir=$1 n; n=$(node_dir "$1" "$2")
+  stop_pidfile "$n/node.pid"
+  start_node "$n" "$2"
+  echo "$2 restarted on $(cat "$n/ready")"
+}
+
+cmd_drain() {
+  local dir=$1 n m; n=$(node_dir "$1" "$2")
+  for m in $(node_names "$dir"); do
+    [[ $m == "$2" ]] && continue
+    running "$dir/$m/node.pid" || continue
+    exec "$bin/shardpacs" drain --connect "$(cat "$dir/$m/ready")" \
+      --server-key "$dir/$m/node.pub" --key "$dir/admin.key" "$2"
+  done
+  die "no other running node to ask"
 }
 
 [[ $# -ge 2 ]] || usage
-case $1 in
-  up) shift; cmd_up "$@" ;;
-  down) cmd_down "$2" ;;
-  status) cmd_status "$2" ;;
+cmd=$1
+shift
+case $cmd in
+  up) cmd_up "$@" ;;
+  down) cmd_down "$1" ;;
+  status) cmd_status "$@" ;;
+  add-node) cmd_add_node "$@" ;;
+  kill-node) [[ $# -eq 2 ]] || usage; cmd_kill_node "$@" ;;
+  restart-node) [[ $# -eq 2 ]] || usage; cmd_restart_node "$@" ;;
+  drain) [[ $# -eq 2 ]] || usage; cmd_drain "$@" ;;
   *) usage ;;
 esac
