@@ -4,15 +4,25 @@
  * "name = value" text files; a key pair file holds a secret, so it is created
  * with O_EXCL and mode 0600 and refused when group or others may touch it.
  * Buffers that held a secret key are wiped (explicit_bzero) before they are
- * freed. An allow-list is an array filled while loading and never changed
- * afterwards, which is what lets a ZAP thread read it without a lock. */
+ * freed.
+ *
+ * An allow-list loaded from a file follows that file: lookups check it at
+ * most once per KEYS_RELOAD_INTERVAL_MS (one stat), and a changed file is
+ * read and validated in full before its entries replace the current ones
+ * under a write lock; a bad file leaves the current ones in force. Lookups
+ * take the read lock (the ZAP thread, the broker, membership and workers all
+ * look up concurrently). Member names are interned per list and kept until
+ * the list is destroyed, so a name handed out stays valid across reloads. */
 #include "keys.h"
 
 #include "base.h"
+#include "log.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -386,41 +396,123 @@ int keys_load_public(const char *path, char out_z85[KEYS_Z85_LEN + 1], char *err
     return rc;
 }
 
+/* ---- allow-list ------------------------------------------------------- */
+
 typedef struct {
     uint8_t raw[KEYS_RAW_LEN];
     char z85[KEYS_Z85_LEN + 1];
+    /* In a list: an interned name (allowlist_intern), never freed before the
+     * list. In an entries_t being parsed: owned by that entries_t. */
     char *name;
     unsigned line; /* where it was listed in the file; 0 when added in code */
 } allow_entry_t;
 
-struct keys_allowlist {
-    allow_entry_t *entries;
-    size_t count;
+/* A growable array of entries: a list's current members, or a file's being
+ * parsed before it replaces them. */
+typedef struct {
+    allow_entry_t *v;
+    size_t n;
     size_t cap;
+} entries_t;
+
+/* What tells one version of the file from another. A path that could not be
+ * stat'ed has missing set and the errno in err. */
+typedef struct {
+    bool missing;
+    int err;
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtim;
+} file_id_t;
+
+struct keys_allowlist {
+    /* Guards cur: read-locked by every lookup, write-locked only for the
+     * moment a reload or keys_allowlist_add() changes it. */
+    pthread_rwlock_t lock;
+    entries_t cur;
+
+    /* Guards the fields below but next_check_ms (an atomic), and serialises
+     * writers of cur (taken before the rwlock, never the other way round). A
+     * lookup only try-locks it, so it never waits for another reload to
+     * finish reading the file. */
+    pthread_mutex_t reload_mu;
+    char *path;           /* NULL for a list built in code: never reloads */
+    file_id_t applied;    /* the version cur was read from */
+    bool refused;         /* a later version was refused: */
+    file_id_t refused_id; /*   which one (logged once per version) */
+    int refused_rc;       /*   and what refresh returns while it stays */
+    char **names;         /* interned member names, freed with the list */
+    size_t nnames;
+    size_t names_cap;
+    _Atomic int64_t next_check_ms; /* sp_now_ms() of the next file check */
 };
+
+static const allow_entry_t *entries_find(const entries_t *es, const uint8_t key[KEYS_RAW_LEN])
+{
+    /* A linear scan: a cluster lists tens or hundreds of members and the
+     * lookup runs once per CURVE handshake or request, not per frame. */
+    for (size_t i = 0; i < es->n; i++)
+        if (memcmp(es->v[i].raw, key, KEYS_RAW_LEN) == 0)
+            return &es->v[i];
+    return NULL;
+}
+
+static const allow_entry_t *entries_find_name(const entries_t *es, const char *name)
+{
+    for (size_t i = 0; i < es->n; i++)
+        if (strcmp(es->v[i].name, name) == 0)
+            return &es->v[i];
+    return NULL;
+}
+
+static allow_entry_t *entries_push(entries_t *es)
+{
+    if (es->n == es->cap) {
+        es->cap = es->cap ? es->cap * 2 : 16;
+        es->v = sp_realloc(es->v, es->cap * sizeof *es->v);
+    }
+    allow_entry_t *e = &es->v[es->n++];
+    memset(e, 0, sizeof *e);
+    return e;
+}
+
+/* Frees a parsed (not yet applied) array and the names it owns. */
+static void entries_free_owned(entries_t *es)
+{
+    for (size_t i = 0; i < es->n; i++)
+        free(es->v[i].name);
+    free(es->v);
+    memset(es, 0, sizeof *es);
+}
+
+/* Returns the list's copy of name, making one if needed. Names handed out by
+ * keys_allowlist_find_raw() must outlive the reload that drops their member
+ * (a request in flight still carries its peer's name), so they are kept
+ * until the list is destroyed; the pool grows only with names never seen
+ * before. Called with reload_mu held. */
+static char *allowlist_intern(keys_allowlist_t *al, const char *name)
+{
+    for (size_t i = 0; i < al->nnames; i++)
+        if (strcmp(al->names[i], name) == 0)
+            return al->names[i];
+    if (al->nnames == al->names_cap) {
+        al->names_cap = al->names_cap ? al->names_cap * 2 : 16;
+        al->names = sp_realloc(al->names, al->names_cap * sizeof *al->names);
+    }
+    al->names[al->nnames] = sp_strdup(name);
+    return al->names[al->nnames++];
+}
 
 keys_allowlist_t *keys_allowlist_new(void)
 {
-    return sp_calloc(1, sizeof(keys_allowlist_t));
-}
-
-static const allow_entry_t *allowlist_lookup(const keys_allowlist_t *list,
-                                             const uint8_t key[KEYS_RAW_LEN])
-{
-    /* A linear scan: a cluster lists tens or hundreds of members and the
-     * lookup runs once per CURVE handshake, not per message. */
-    for (size_t i = 0; i < list->count; i++)
-        if (memcmp(list->entries[i].raw, key, KEYS_RAW_LEN) == 0)
-            return &list->entries[i];
-    return NULL;
-}
-
-static const allow_entry_t *allowlist_lookup_name(const keys_allowlist_t *list, const char *name)
-{
-    for (size_t i = 0; i < list->count; i++)
-        if (strcmp(list->entries[i].name, name) == 0)
-            return &list->entries[i];
-    return NULL;
+    keys_allowlist_t *al = sp_calloc(1, sizeof *al);
+    /* Both initialisers only fail for lack of memory or resources, which
+     * the allocation wrappers treat as fatal too. */
+    if (pthread_rwlock_init(&al->lock, NULL) != 0 || pthread_mutex_init(&al->reload_mu, NULL) != 0)
+        abort();
+    atomic_init(&al->next_check_ms, 0);
+    return al;
 }
 
 /* A name appears in logs, so it must be printable and of sane length. */
@@ -435,34 +527,33 @@ static bool name_valid(const char *name)
     return true;
 }
 
-static int allowlist_add_at(keys_allowlist_t *list, const char *public_z85, const char *name,
-                            unsigned line)
-{
-    uint8_t raw[KEYS_RAW_LEN];
-    if (!z85_to_raw(public_z85, raw) || !name_valid(name))
-        return SP_EINVAL;
-    if (allowlist_lookup(list, raw) != NULL || allowlist_lookup_name(list, name) != NULL)
-        return -EEXIST;
-    if (list->count == list->cap) {
-        list->cap = list->cap ? list->cap * 2 : 16;
-        list->entries = sp_realloc(list->entries, list->cap * sizeof *list->entries);
-    }
-    allow_entry_t *e = &list->entries[list->count++];
-    memcpy(e->raw, raw, KEYS_RAW_LEN);
-    memcpy(e->z85, public_z85, sizeof e->z85);
-    e->name = sp_strdup(name);
-    e->line = line;
-    return 0;
-}
-
 int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const char *name)
 {
-    return allowlist_add_at(list, public_z85, name, 0);
+    uint8_t raw[KEYS_RAW_LEN];
+    if (list == NULL || !z85_to_raw(public_z85, raw) || !name_valid(name))
+        return SP_EINVAL;
+    int rc = 0;
+    pthread_mutex_lock(&list->reload_mu);
+    if (entries_find(&list->cur, raw) != NULL || entries_find_name(&list->cur, name) != NULL) {
+        rc = -EEXIST;
+        goto out;
+    }
+    char *interned = allowlist_intern(list, name);
+    /* entries_push may move the array under a reader: write-lock for it. */
+    pthread_rwlock_wrlock(&list->lock);
+    allow_entry_t *e = entries_push(&list->cur);
+    memcpy(e->raw, raw, KEYS_RAW_LEN);
+    memcpy(e->z85, public_z85, sizeof e->z85);
+    e->name = interned;
+    pthread_rwlock_unlock(&list->lock);
+out:
+    pthread_mutex_unlock(&list->reload_mu);
+    return rc;
 }
 
-/* Parses one non-comment line "<key> <name>" into the list. */
-static int allowlist_parse_line(keys_allowlist_t *list, const char *path, unsigned lineno,
-                                char *line, char *err, size_t errlen)
+/* Parses one non-comment line "<key> <name>" into es. */
+static int allowlist_parse_line(entries_t *es, const char *path, unsigned lineno, char *line,
+                                char *err, size_t errlen)
 {
     size_t key_len = strcspn(line, " \t");
     char *name = line + key_len;
@@ -486,90 +577,366 @@ static int allowlist_parse_line(keys_allowlist_t *list, const char *path, unsign
                 lineno);
         return SP_EKEY;
     }
-    const allow_entry_t *dup = allowlist_lookup(list, raw);
+    const allow_entry_t *dup = entries_find(es, raw);
     if (dup != NULL) {
         set_err(err, errlen, "%s:%u: key already listed on line %u (as '%s')", path, lineno,
                 dup->line, dup->name);
         return SP_EKEY;
     }
-    dup = allowlist_lookup_name(list, name);
+    dup = entries_find_name(es, name);
     if (dup != NULL) {
         set_err(err, errlen, "%s:%u: name '%s' already used on line %u", path, lineno, name,
                 dup->line);
         return SP_EKEY;
     }
-    return allowlist_add_at(list, line, name, lineno);
+    allow_entry_t *e = entries_push(es);
+    memcpy(e->raw, raw, KEYS_RAW_LEN);
+    memcpy(e->z85, line, sizeof e->z85);
+    e->name = sp_strdup(name);
+    e->line = lineno;
+    return 0;
 }
 
-/* Only a '#' at the start of a line begins a comment: '#' is also a Z85
- * character and may appear inside a key (never as its first character,
- * since no valid 5-character group starts with '#'). */
-keys_allowlist_t *keys_allowlist_load(const char *path, char *err, size_t errlen)
+static void file_id_of(const struct stat *st, file_id_t *id)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        set_err(err, errlen, "%s: cannot open allow-list: %s", path, strerror(errno));
-        return NULL;
-    }
+    memset(id, 0, sizeof *id);
+    id->dev = st->st_dev;
+    id->ino = st->st_ino;
+    id->size = st->st_size;
+    id->mtim = st->st_mtim;
+}
+
+static bool file_id_equal(const file_id_t *a, const file_id_t *b)
+{
+    if (a->missing || b->missing)
+        return a->missing == b->missing && a->err == b->err;
+    return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
+           a->mtim.tv_sec == b->mtim.tv_sec && a->mtim.tv_nsec == b->mtim.tv_nsec;
+}
+
+/* A file that changes while it is read is read again, up to this many times
+ * in a row, before the attempt is given up until the next check. */
+#define ALLOWLIST_READ_TRIES 3
+
+/* Reads and validates the allow-list at path into out (names owned by out)
+ * and its identity, as fstat'ed before reading, into id. Refuses (SP_EKEY,
+ * message in err) what cannot be opened or read, anything but a regular
+ * file, a file others may write (anyone on the machine could let himself
+ * in), and a malformed line or duplicate. Returns -EAGAIN, with *id_known
+ * false, when the file kept changing while being read. Comments: only a '#'
+ * at the start of a line begins one, since '#' is also a Z85 character (never
+ * the first of a valid key, as no valid 5-character group starts with it). */
+static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool *id_known,
+                          char *err, size_t errlen)
+{
+    memset(out, 0, sizeof *out);
+    *id_known = false;
+    int rc = 0;
     char *text = NULL;
     size_t len = 0;
-    int rc = read_fd(fd, KEYS_ALLOWLIST_MAX, &text, &len);
-    close(fd);
-    if (rc != 0) {
-        if (rc == SP_EKEY)
-            set_err(err, errlen, "%s: not an allow-list (too large or binary)", path);
-        else
-            set_err(err, errlen, "%s: cannot read allow-list: %s", path, strerror(-rc));
-        return NULL;
+    int fd = -1;
+    for (int attempt = 0; attempt < ALLOWLIST_READ_TRIES; attempt++) {
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            set_err(err, errlen, "%s: cannot open allow-list: %s", path, strerror(errno));
+            return SP_EKEY;
+        }
+        /* The identity comes from before the read: if the file changes
+         * during it, the next check sees a different identity and reads it
+         * again, rather than trusting a half-read version forever. */
+        struct stat st;
+        if (fstat(fd, &st) != 0) {
+            set_err(err, errlen, "%s: cannot stat allow-list: %s", path, strerror(errno));
+            rc = SP_EKEY;
+            goto out;
+        }
+        file_id_of(&st, id);
+        *id_known = true;
+        if (!S_ISREG(st.st_mode)) {
+            set_err(err, errlen, "%s: not a regular file", path);
+            rc = SP_EKEY;
+            goto out;
+        }
+        if ((st.st_mode & S_IWOTH) != 0) {
+            set_err(err, errlen,
+                    "%s: allow-list has mode %04o, which lets anyone on this machine add a key; "
+                    "refusing it (run: chmod o-w %s)",
+                    path, (unsigned)(st.st_mode & 07777), path);
+            rc = SP_EKEY;
+            goto out;
+        }
+        rc = read_fd(fd, KEYS_ALLOWLIST_MAX, &text, &len);
+        if (rc != 0) {
+            if (rc == SP_EKEY)
+                set_err(err, errlen, "%s: not an allow-list (too large or binary)", path);
+            else
+                set_err(err, errlen, "%s: cannot read allow-list: %s", path, strerror(-rc));
+            rc = SP_EKEY;
+            goto out;
+        }
+        if ((off_t)len == st.st_size)
+            break;
+        /* Written to in place while we read: what we got may be half of
+         * one version and half of another. */
+        free(text);
+        text = NULL;
+        close(fd);
+        fd = -1;
+        *id_known = false;
+        rc = -EAGAIN;
+    }
+    if (rc == -EAGAIN) {
+        set_err(err, errlen, "%s: allow-list kept changing while being read", path);
+        goto out;
     }
 
-    keys_allowlist_t *list = keys_allowlist_new();
     char *cursor = text;
     unsigned lineno = 0;
     for (char *line; (line = next_line(&cursor)) != NULL;) {
         lineno++;
         if (*line == '\0' || *line == '#')
             continue;
-        if (allowlist_parse_line(list, path, lineno, line, err, errlen) != 0) {
-            keys_allowlist_destroy(&list);
+        rc = allowlist_parse_line(out, path, lineno, line, err, errlen);
+        if (rc != 0) {
+            entries_free_owned(out);
             break;
         }
     }
+out:
     free(text);
-    return list;
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+keys_allowlist_t *keys_allowlist_load(const char *path, char *err, size_t errlen)
+{
+    entries_t es;
+    file_id_t id;
+    bool id_known;
+    if (allowlist_read(path, &es, &id, &id_known, err, errlen) != 0)
+        return NULL;
+    keys_allowlist_t *al = keys_allowlist_new();
+    /* No other thread can see al yet, but intern's contract wants the lock. */
+    pthread_mutex_lock(&al->reload_mu);
+    for (size_t i = 0; i < es.n; i++) {
+        char *owned = es.v[i].name;
+        es.v[i].name = allowlist_intern(al, owned);
+        free(owned);
+    }
+    al->cur = es;
+    al->path = sp_strdup(path);
+    al->applied = id;
+    atomic_store(&al->next_check_ms, sp_now_ms() + KEYS_RELOAD_INTERVAL_MS);
+    pthread_mutex_unlock(&al->reload_mu);
+    return al;
+}
+
+/* Appends "name, name, ..." of the entries of a that b lacks to buf
+ * (truncated with "..." when long); returns how many there were. */
+static size_t entries_diff(const entries_t *a, const entries_t *b, char *buf, size_t size)
+{
+    size_t count = 0, used = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < a->n; i++) {
+        if (entries_find(b, a->v[i].raw) != NULL)
+            continue;
+        count++;
+        if (used + 4 >= size)
+            continue;
+        int n = snprintf(buf + used, size - used, "%s%s", count > 1 ? ", " : "", a->v[i].name);
+        if (n < 0 || (size_t)n >= size - used) {
+            snprintf(buf + (size - 4), 4, "...");
+            used = size;
+        } else {
+            used += (size_t)n;
+        }
+    }
+    return count;
+}
+
+/* Records a refused version and logs it unless this version was already
+ * refused (a bad file stays bad until someone edits it again). Called with
+ * reload_mu held. Returns rc. */
+static int allowlist_refuse(keys_allowlist_t *al, const file_id_t *id, int rc, const char *err)
+{
+    if (!al->refused || !file_id_equal(id, &al->refused_id)) {
+        /* cur.n is only changed under reload_mu, which we hold. */
+        log_error("cluster keys %s; keeping the previous %zu keys", err, al->cur.n);
+    }
+    al->refused = true;
+    al->refused_id = *id;
+    al->refused_rc = rc;
+    return rc;
+}
+
+/* Swaps in a freshly read version (names interned, old array freed) and
+ * logs what changed. Called with reload_mu held. */
+static void allowlist_apply(keys_allowlist_t *al, entries_t *es, const file_id_t *id)
+{
+    for (size_t i = 0; i < es->n; i++) {
+        char *owned = es->v[i].name;
+        es->v[i].name = allowlist_intern(al, owned);
+        free(owned);
+    }
+    char added[256], removed[256];
+    size_t nadded = entries_diff(es, &al->cur, added, sizeof added);
+    size_t nremoved = entries_diff(&al->cur, es, removed, sizeof removed);
+
+    pthread_rwlock_wrlock(&al->lock);
+    entries_t old = al->cur;
+    al->cur = *es;
+    pthread_rwlock_unlock(&al->lock);
+    free(old.v); /* names are interned: only the array goes */
+    memset(es, 0, sizeof *es);
+
+    al->applied = *id;
+    al->refused = false;
+    log_info("cluster keys %s reloaded: %zu keys, %zu added%s%s%s, %zu removed%s%s%s", al->path,
+             al->cur.n, nadded, nadded ? " (" : "", added, nadded ? ")" : "", nremoved,
+             nremoved ? " (" : "", removed, nremoved ? ")" : "");
+}
+
+/* Compares the file with the version in force and reloads it if it
+ * changed. Called with reload_mu held, on a list with a path. */
+static int allowlist_check(keys_allowlist_t *al)
+{
+    char err[512];
+    struct stat st;
+    file_id_t now;
+    if (stat(al->path, &st) == 0) {
+        file_id_of(&st, &now);
+    } else {
+        memset(&now, 0, sizeof now);
+        now.missing = true;
+        now.err = errno;
+    }
+    if (file_id_equal(&now, &al->applied)) {
+        al->refused = false; /* e.g. a bad version was renamed away again */
+        return 0;
+    }
+    if (al->refused && file_id_equal(&now, &al->refused_id))
+        return al->refused_rc;
+    if (now.missing) {
+        snprintf(err, sizeof err, "%s: cannot stat allow-list: %s", al->path, strerror(now.err));
+        return allowlist_refuse(al, &now, SP_EKEY, err);
+    }
+
+    entries_t es;
+    file_id_t id;
+    bool id_known;
+    int rc = allowlist_read(al->path, &es, &id, &id_known, err, sizeof err);
+    if (rc == -EAGAIN)
+        return rc; /* being written to: look again at the next check */
+    if (rc == 0 && es.n == 0) {
+        /* At start-up an empty file simply admits nobody; replacing a
+         * working list, it is far likelier a file caught between truncation
+         * and rewrite (or emptied by mistake) than a wish to lock every
+         * member out of a running cluster. */
+        snprintf(err, sizeof err, "%s: lists no keys", al->path);
+        entries_free_owned(&es);
+        rc = SP_EKEY;
+    }
+    if (rc != 0)
+        return allowlist_refuse(al, id_known ? &id : &now, rc, err);
+    if (file_id_equal(&id, &al->applied)) {
+        entries_free_owned(&es); /* replaced by itself between stat and open */
+        return 0;
+    }
+    allowlist_apply(al, &es, &id);
+    return 0;
+}
+
+/* The lookups' entry point: at most once per KEYS_RELOAD_INTERVAL_MS, one
+ * thread checks the file. Lookups are logically const; the list is always
+ * heap-allocated and never a const object, so casting const away is sound. */
+static void allowlist_maybe_check(const keys_allowlist_t *list)
+{
+    keys_allowlist_t *al = (keys_allowlist_t *)list;
+    if (al->path == NULL)
+        return;
+    int64_t now = sp_now_ms();
+    if (now < atomic_load_explicit(&al->next_check_ms, memory_order_relaxed))
+        return;
+    /* Another thread checking right now covers us too. */
+    if (pthread_mutex_trylock(&al->reload_mu) != 0)
+        return;
+    if (now >= atomic_load_explicit(&al->next_check_ms, memory_order_relaxed)) {
+        atomic_store_explicit(&al->next_check_ms, now + KEYS_RELOAD_INTERVAL_MS,
+                              memory_order_relaxed);
+        allowlist_check(al);
+    }
+    pthread_mutex_unlock(&al->reload_mu);
+}
+
+int keys_allowlist_refresh(keys_allowlist_t *al)
+{
+    if (al == NULL || al->path == NULL)
+        return 0;
+    pthread_mutex_lock(&al->reload_mu);
+    atomic_store_explicit(&al->next_check_ms, sp_now_ms() + KEYS_RELOAD_INTERVAL_MS,
+                          memory_order_relaxed);
+    int rc = allowlist_check(al);
+    pthread_mutex_unlock(&al->reload_mu);
+    return rc;
 }
 
 bool keys_allowlist_find_raw(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
                              const char **name)
 {
-    const allow_entry_t *e = list ? allowlist_lookup(list, key) : NULL;
+    const char *found = NULL;
+    if (list != NULL) {
+        allowlist_maybe_check(list);
+        keys_allowlist_t *al = (keys_allowlist_t *)list;
+        pthread_rwlock_rdlock(&al->lock);
+        const allow_entry_t *e = entries_find(&al->cur, key);
+        found = e ? e->name : NULL; /* interned: outlives the entry */
+        pthread_rwlock_unlock(&al->lock);
+    }
     if (name != NULL)
-        *name = e ? e->name : NULL;
-    return e != NULL;
+        *name = found;
+    return found != NULL;
 }
 
 bool keys_allowlist_find_name(const keys_allowlist_t *list, const char *name,
                               char out_z85[KEYS_Z85_LEN + 1])
 {
-    const allow_entry_t *e = list && name ? allowlist_lookup_name(list, name) : NULL;
+    if (list == NULL || name == NULL)
+        return false;
+    allowlist_maybe_check(list);
+    keys_allowlist_t *al = (keys_allowlist_t *)list;
+    pthread_rwlock_rdlock(&al->lock);
+    const allow_entry_t *e = entries_find_name(&al->cur, name);
     if (e != NULL && out_z85 != NULL)
         memcpy(out_z85, e->z85, KEYS_Z85_LEN + 1);
+    pthread_rwlock_unlock(&al->lock);
     return e != NULL;
 }
 
 size_t keys_allowlist_count(const keys_allowlist_t *list)
 {
-    return list ? list->count : 0;
+    if (list == NULL)
+        return 0;
+    allowlist_maybe_check(list);
+    keys_allowlist_t *al = (keys_allowlist_t *)list;
+    pthread_rwlock_rdlock(&al->lock);
+    size_t n = al->cur.n;
+    pthread_rwlock_unlock(&al->lock);
+    return n;
 }
 
 void keys_allowlist_destroy(keys_allowlist_t **listp)
 {
     if (listp == NULL || *listp == NULL)
         return;
-    keys_allowlist_t *list = *listp;
-    for (size_t i = 0; i < list->count; i++)
-        free(list->entries[i].name);
-    free(list->entries);
-    free(list);
+    keys_allowlist_t *al = *listp;
+    free(al->cur.v);
+    for (size_t i = 0; i < al->nnames; i++)
+        free(al->names[i]);
+    free(al->names);
+    free(al->path);
+    pthread_rwlock_destroy(&al->lock);
+    pthread_mutex_destroy(&al->reload_mu);
+    free(al);
     *listp = NULL;
 }

@@ -12,8 +12,35 @@
  *     <40 Z85 characters> <member name: the rest of the line>
  * Keys and names are both unique within a list.
  *
- * A keys_allowlist_t is immutable once loaded, so any thread (including a
- * ZAP handler thread) may query it while it lives. */
+ * Reload. An allow-list loaded from a file follows the file while the
+ * process runs, so a machine joins a running cluster when its key is
+ * appended to the file on every member, and leaves it when its line is
+ * deleted. Every lookup (keys_allowlist_find_raw, _find_name, _count) first
+ * checks, at most once per KEYS_RELOAD_INTERVAL_MS of the monotonic clock,
+ * whether the file changed (one stat: device, inode, size, mtime); if it did,
+ * the file is read and validated in full and its members replace the current
+ * ones at once (lookups on other threads see either the old list or the new
+ * one, never a mix). A new version that cannot be read or parsed, is not a
+ * regular file, is writable by others, or lists no keys at all (likely a
+ * file caught between truncation and rewrite) is refused: the previous
+ * members stay in force, one error is logged per refused version ("cluster
+ * keys FILE:LINE: ...; keeping the previous N keys"), and the next edit is
+ * tried afresh. Each applied reload logs one info line with the members
+ * added and removed. Replace the file atomically (write a temporary file in
+ * the same directory, then rename it over the old one); an in-place rewrite
+ * is picked up as well, but a check landing mid-write may briefly see part
+ * of it. Lists built in code (keys_allowlist_new) never reload.
+ *
+ * What a removal does to connections: ZeroMQ authenticates a CURVE peer only
+ * during the handshake, and offers no way to close one peer's established
+ * session, so removing a key refuses its new handshakes but does not tear
+ * down a session already open. (The transport also re-checks the key of
+ * every request, so requests on such a session are dropped from the next
+ * check on, and the peer's next reconnect is refused.)
+ *
+ * Every function may be called from any thread, concurrently (a ZAP handler
+ * thread, the membership thread and worker threads all look up), while the
+ * list lives. */
 #ifndef SP_KEYS_H
 #define SP_KEYS_H
 
@@ -51,21 +78,35 @@ bool keys_z85_valid(const char *text);
 
 typedef struct keys_allowlist keys_allowlist_t;
 
-/* Loads an allow-list file. Returns NULL and fills err (file, line, reason)
- * on a malformed line, a duplicate key or a duplicate name. The caller owns
- * the result. */
+/* How often lookups look at the allow-list file for changes. */
+#define KEYS_RELOAD_INTERVAL_MS 1000
+
+/* Loads an allow-list file, which the list then follows (see Reload above).
+ * Returns NULL and fills err (file, line, reason) on a malformed line, a
+ * duplicate key or a duplicate name, or a file that is not a regular file or
+ * is writable by others. The caller owns the result. */
 keys_allowlist_t *keys_allowlist_load(const char *path, char *err, size_t errlen);
 /* An empty list, for building one in code (tests, tools). */
 keys_allowlist_t *keys_allowlist_new(void);
 /* Adds a member; returns 0, SP_EINVAL for a bad key or name (empty, over 128
  * characters, or with control characters), or -EEXIST if the key or the
- * name is already listed. */
+ * name is already listed. On a list loaded from a file, the next reload
+ * replaces what was added with the file's contents. */
 int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const char *name);
+/* Re-reads the file now if it changed, regardless of when it was last
+ * checked. Returns 0 if the file is unchanged or was reloaded, SP_EKEY if
+ * the current version was refused (also on later calls, until it changes
+ * again; the error is logged only the first time), or -EAGAIN if the file
+ * kept changing while it was read (nothing was decided; try again). A list
+ * built in code returns 0. */
+int keys_allowlist_refresh(keys_allowlist_t *al);
+
 /* Looks up a raw 32-byte public key (as a ZAP handler receives it). Returns
  * true if listed; *name (may be NULL) then points at the member's name,
- * valid while the list lives. */
+ * valid while the list lives, even after a reload removed the member. */
 bool keys_allowlist_find_raw(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
                              const char **name);
+/* The number of members now listed. */
 size_t keys_allowlist_count(const keys_allowlist_t *list);
 /* Looks up a member by name; copies its Z85 public key into out and returns
  * true if listed. */
