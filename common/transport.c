@@ -4,7 +4,13 @@
  * sockets handed to it (all sockets are made in transport_server_start()
  * and passed on through pthread_create, which is a full memory barrier):
  *   zap     REP on inproc://zeromq.zap.01: admits CURVE keys in the
- *           allow-list, answering with the Z85 key as the ZAP user id.
+ *           allow-list, answering with the Z85 key as the ZAP user id. The
+ *           allow-list follows its file (keys.h), so a key appended there
+ *           is admitted, and a removed one refused, from the next check on
+ *           (at most a second later). ZAP is asked only at the handshake:
+ *           an established session outlives the removal of its key, but
+ *           the broker re-checks the key of every request and drops the
+ *           requests of a removed one, and its reconnect is refused.
  *   broker  the TCP ROUTER facing clients ("frontend"), an inproc ROUTER
  *           facing the workers ("backend") and an inproc PAIR on which
  *           transport_server_destroy() says stop. It validates each request
@@ -577,8 +583,10 @@ static void broker_dispatch(broker_t *b)
 }
 
 /* Fills meta from the connection's ZAP user id. Returns false (and logs) if
- * the peer is not a listed key, which ZAP should already have ensured: this
- * is a second lock on the same door. */
+ * the peer is not a listed key, which ZAP ensured at the handshake: this is
+ * a second lock on the same door, and the one that stops a session opened
+ * before its key was removed from the allow-list. meta->peer_name stays
+ * valid while the allow-list lives, across reloads. */
 static bool broker_identify(broker_t *b, zmq_msg_t *frame, job_meta_t *meta)
 {
     const char *user = zmq_msg_gets(frame, "User-Id");
@@ -588,8 +596,8 @@ static bool broker_identify(broker_t *b, zmq_msg_t *frame, job_meta_t *meta)
     sp_strlcpy(meta->peer_addr, addr ? addr : "?", sizeof meta->peer_addr);
     if (user == NULL || !keys_z85_valid(user) || zmq_z85_decode(raw, user) == NULL ||
         !keys_allowlist_find_raw(b->srv->allowed, raw, &meta->peer_name)) {
-        log_error("transport %s: request from %s without a listed key (user id '%.40s'); "
-                  "dropped",
+        log_error("transport %s: request from %s without a listed key (user id '%.40s', "
+                  "removed from the allow-list?); dropped",
                   b->srv->endpoint, meta->peer_addr, user ? user : "");
         return false;
     }
