@@ -44,6 +44,7 @@
 #define CONFLICT_VERSION 1
 
 #define LOCK_STRIPES 1024
+#define PARTITIONS 65536u /* partition numbers are two key bytes */
 #define BLOB_FILE_BYTES (256u << 20)
 
 /* Longest attribute value a record accepts (PS3.5's longest indexed VR, LT,
@@ -73,6 +74,13 @@ typedef struct {
     bool writer;              /* closed by a deleter */
 } gate_t;
 
+/* The summary of one partition as last computed, at generation gen (0 =
+ * nothing cached). */
+typedef struct {
+    uint64_t gen;
+    store_partition_summary_t sum;
+} sum_cache_t;
+
 struct store {
     rocksdb_t *db;
     rocksdb_column_family_handle_t *cf[CF_COUNT];
@@ -87,6 +95,13 @@ struct store {
     /* Puts of a study pass its gate shared; store_delete_partition() closes
      * it (exclusive) while it deletes the study. */
     gate_t study_gates[LOCK_STRIPES];
+    /* Summaries for anti-entropy rounds (store_partition_summaries):
+     * part_gen[p] is bumped after every write that changes partition p's
+     * instances; sums[p] (under sum_lock) is valid while its gen equals
+     * part_gen[p]. A partition known empty is a valid summary of count 0. */
+    _Atomic uint64_t *part_gen;
+    sum_cache_t *sums;
+    pthread_mutex_t sum_lock;
     _Atomic uint64_t instances;
     _Atomic uint64_t bytes;
     _Atomic uint64_t studies;
@@ -605,9 +620,36 @@ static void gate_open(gate_t *g)
     pthread_mutex_unlock(&g->mu);
 }
 
+/* Invalidates a partition's cached summary. Called after a write that
+ * changes its instances has committed (or failed): a summary computed from
+ * reads begun before the bump is then never taken as current, and one begun
+ * after it sees the write. */
+static void part_touched(store_t *s, uint32_t part)
+{
+    atomic_fetch_add(&s->part_gen[part], 1);
+}
+
 /* ---- open / close ------------------------------------------------- */
 
-/* Counts instances, bytes, studies and kept conflicts for store_stats(). */
+/* Starts the summary cache with every partition known empty; count_at_open()
+ * then drops the cached summary of each partition it finds an instance in. */
+static void sums_init(store_t *s)
+{
+    uint8_t none[SP_DIGEST_LEN];
+    sp_digest("", 0, none);
+    s->part_gen = sp_calloc(PARTITIONS, sizeof *s->part_gen);
+    s->sums = sp_calloc(PARTITIONS, sizeof *s->sums);
+    pthread_mutex_init(&s->sum_lock, NULL);
+    for (uint32_t p = 0; p < PARTITIONS; p++) {
+        atomic_init(&s->part_gen[p], 1);
+        s->sums[p].gen = 1;
+        s->sums[p].sum.partition = p;
+        memcpy(s->sums[p].sum.digest, none, SP_DIGEST_LEN);
+    }
+}
+
+/* Counts instances, bytes, studies and kept conflicts for store_stats(),
+ * and notes which partitions hold instances for the summary cache. */
 static int count_at_open(store_t *s)
 {
     scan_t sc;
@@ -621,10 +663,11 @@ static int count_at_open(store_t *s)
     scan_prefix(&sc, s, NULL, CF_INDEX, "I", 1);
     for (; scan_valid(&sc); scan_next(&sc)) {
         size_t kn, vn;
-        const char *v = scan_value(&sc, &vn);
+        const char *k = scan_key(&sc, &kn), *v = scan_value(&sc, &vn);
         uint64_t size = 0;
+        if (kn >= 3)
+            s->sums[part_of(k + 1)].gen = 0; /* even if corrupt: summaries report it */
         if (rec_decode(v, vn, 'I', NULL, &size, NULL) != 0) {
-            const char *k = scan_key(&sc, &kn);
             log_error("store: corrupt index record %s (not counted)",
                       key_text(k, kn, text, sizeof text));
             continue;
@@ -704,6 +747,7 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
         pthread_mutex_init(&s->study_gates[i].mu, NULL);
         pthread_cond_init(&s->study_gates[i].cv, NULL);
     }
+    sums_init(s);
     s->cache = rocksdb_cache_create_lru(c.block_cache_bytes);
     s->wo_sync = rocksdb_writeoptions_create();
     rocksdb_writeoptions_set_sync(s->wo_sync, 1);
@@ -807,6 +851,10 @@ void store_close(store_t **sp)
         pthread_mutex_destroy(&s->study_gates[i].mu);
         pthread_cond_destroy(&s->study_gates[i].cv);
     }
+    if (s->sums)
+        pthread_mutex_destroy(&s->sum_lock);
+    free(s->sums);
+    free((void *)s->part_gen);
     free(s->path);
     free(s);
     *sp = NULL;
@@ -1074,6 +1122,7 @@ int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
 
     char *err = NULL;
     rocksdb_write(s->db, s->wo_sync, wb, &err);
+    part_touched(s, in->partition);
     if (err) {
         char what[160];
         sp_fmt(what, sizeof what, "%s of study %s", sop, study);
@@ -1237,11 +1286,10 @@ int store_list(store_t *s, const char *study_uid, const char *series_uid, store_
     return rc ? rc : rc2;
 }
 
-int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIGEST_LEN],
-                           uint64_t *count, uint64_t *bytes)
+/* Computes a partition's summary from its instance records (one iterator,
+ * so one state of the partition). Returns 0 or SP_EDB. */
+static int partition_summary(store_t *s, uint32_t partition, store_partition_summary_t *out)
 {
-    if (!s || partition > 0xffff)
-        return SP_EINVAL;
     crypto_generichash_state st;
     crypto_generichash_init(&st, NULL, 0, SP_DIGEST_LEN);
     uint64_t n = 0, total = 0;
@@ -1269,17 +1317,78 @@ int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIG
     }
     int rc2 = scan_close(&sc, "a partition");
     rc = rc ? rc : rc2;
-    uint8_t d[SP_DIGEST_LEN];
-    crypto_generichash_final(&st, d, SP_DIGEST_LEN);
+    memset(out, 0, sizeof *out);
+    crypto_generichash_final(&st, out->digest, SP_DIGEST_LEN);
+    out->partition = partition;
+    out->count = n;
+    out->bytes = total;
+    return rc;
+}
+
+int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIGEST_LEN],
+                           uint64_t *count, uint64_t *bytes)
+{
+    if (!s || partition > 0xffff)
+        return SP_EINVAL;
+    store_partition_summary_t sum;
+    int rc = partition_summary(s, partition, &sum);
     if (rc)
         return rc;
     if (digest)
-        memcpy(digest, d, SP_DIGEST_LEN);
+        memcpy(digest, sum.digest, SP_DIGEST_LEN);
     if (count)
-        *count = n;
+        *count = sum.count;
     if (bytes)
-        *bytes = total;
+        *bytes = sum.bytes;
     return 0;
+}
+
+/* Gets a partition's summary from the cache, or computes it and caches it
+ * unless a write touched the partition meanwhile. Called and returns with
+ * sum_lock held; drops it while reading the database. Returns 0 or SP_EDB. */
+static int summary_of(store_t *s, uint32_t p, store_partition_summary_t *out)
+{
+    uint64_t gen = atomic_load(&s->part_gen[p]);
+    if (s->sums[p].gen == gen) {
+        *out = s->sums[p].sum;
+        return 0;
+    }
+    pthread_mutex_unlock(&s->sum_lock);
+    int rc = partition_summary(s, p, out);
+    pthread_mutex_lock(&s->sum_lock);
+    if (rc == 0 && atomic_load(&s->part_gen[p]) == gen) {
+        s->sums[p].gen = gen;
+        s->sums[p].sum = *out;
+    }
+    return rc;
+}
+
+int store_partition_summaries(store_t *s, store_summary_fn fn, void *ctx)
+{
+    if (!s || !fn)
+        return SP_EINVAL;
+    int rc = 0, skipped = 0;
+    pthread_mutex_lock(&s->sum_lock);
+    for (uint32_t p = 0; p < PARTITIONS; p++) {
+        store_partition_summary_t sum;
+        int r = summary_of(s, p, &sum);
+        if (r) {
+            if (!skipped)
+                skipped = r; /* partition_summary() logged it */
+            continue;
+        }
+        if (sum.count == 0)
+            continue;
+        pthread_mutex_unlock(&s->sum_lock);
+        r = fn(ctx, &sum);
+        pthread_mutex_lock(&s->sum_lock);
+        if (r) {
+            rc = r < 0 ? r : 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->sum_lock);
+    return rc ? rc : skipped;
 }
 
 /* Parses a cursor "study/series/sop" into the 'I' key it names. */
@@ -2405,6 +2514,7 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
 
     char *err = NULL;
     rocksdb_write(s->db, s->wo_sync, wb, &err);
+    part_touched(s, part);
     if (err) {
         rc = db_fail(err, "delete of study", study);
         goto out;

@@ -44,11 +44,11 @@
 typedef struct store store_t;
 
 typedef struct {
-    char *path;                 /* database directory (created if missing) */
-    size_t blob_min_bytes;      /* values this size or more go to blob files; default 16 KiB */
-    size_t write_buffer_bytes;  /* memtable size per column family; default 64 MiB */
-    size_t block_cache_bytes;   /* default 128 MiB */
-    int background_jobs;        /* RocksDB flush/compaction threads; default 2 */
+    char *path;                /* database directory (created if missing) */
+    size_t blob_min_bytes;     /* values this size or more go to blob files; default 16 KiB */
+    size_t write_buffer_bytes; /* memtable size per column family; default 64 MiB */
+    size_t block_cache_bytes;  /* default 128 MiB */
+    int background_jobs;       /* RocksDB flush/compaction threads; default 2 */
 } store_config_t;
 
 void store_config_defaults(store_config_t *cfg);
@@ -64,17 +64,17 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
 void store_close(store_t **sp);
 
 typedef struct {
-    uint32_t partition;         /* < 65536 */
-    const attrs_t *attrs;       /* stored attrs; Study/Series/SOP Instance UIDs required */
-    const uint8_t *data;        /* the Part-10 bytes */
+    uint32_t partition;   /* < 65536 */
+    const attrs_t *attrs; /* stored attrs; Study/Series/SOP Instance UIDs required */
+    const uint8_t *data;  /* the Part-10 bytes */
     size_t len;
     uint8_t digest[SP_DIGEST_LEN]; /* BLAKE2b-256 of data, as the sender computed it */
 } store_put_t;
 
 typedef enum {
-    STORE_STORED = 0,  /* new instance, now durable */
-    STORE_DUPLICATE,   /* same UID, same bytes: nothing written */
-    STORE_CONFLICT,    /* same UID, different bytes: kept aside, original untouched */
+    STORE_STORED = 0, /* new instance, now durable */
+    STORE_DUPLICATE,  /* same UID, same bytes: nothing written */
+    STORE_CONFLICT,   /* same UID, different bytes: kept aside, original untouched */
 } store_outcome_t;
 
 /* Stores one instance durably. Verifies the digest (SP_EDIGEST), the UIDs
@@ -166,6 +166,36 @@ int store_find(store_t *s, const store_query_t *q, store_result_fn fn, void *ctx
 int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIGEST_LEN],
                            uint64_t *count, uint64_t *bytes);
 
+/* One non-empty partition as store_partition_summaries() reports it: the
+ * same count, bytes and digest as store_partition_digest() returns. */
+typedef struct {
+    uint32_t partition;
+    uint64_t count;
+    uint64_t bytes;
+    uint8_t digest[SP_DIGEST_LEN];
+} store_partition_summary_t;
+
+/* Return 0 to continue, non-zero to stop; a negative value is also passed
+ * back. p is valid only during the call. */
+typedef int (*store_summary_fn)(void *ctx, const store_partition_summary_t *p);
+
+/* Calls fn for each non-empty partition, in ascending order, with its
+ * store_partition_digest() values. Cheap when nothing changed: summaries
+ * are cached in memory per partition (about 5 MiB per store) and a
+ * partition is re-read only after a put or a deletion touched it
+ * (which partitions hold anything is learnt by store_open's count). A
+ * partition whose digest cannot be computed is skipped and the walk goes
+ * on. Returns 0 (also when fn asked to stop), fn's negative answer, or the
+ * first error of a skipped partition (SP_EDB, also for a corrupt record).
+ *
+ * Concurrency: safe against every other call. Writes bump a per-partition
+ * generation after they commit and a computed summary is cached only if
+ * the generation did not move while it was computed, so a summary never
+ * stays cached once a write it missed has returned. Each partition reflects
+ * one state of it; partitions are not read at one instant. fn is called
+ * with a store-wide summary lock released, so fn may call into the store. */
+int store_partition_summaries(store_t *s, store_summary_fn fn, void *ctx);
+
 /* Lists a partition's instances in key order, at most limit (0 = all),
  * starting after the cursor "study/series/sop" (NULL or "" = from the start;
  * the named instance need not exist any more). *next_cursor (caller frees;
@@ -205,9 +235,9 @@ typedef struct {
     uint64_t bytes;
     uint64_t studies;
     uint64_t conflicts;
-    uint64_t corrupt_reads;   /* digest mismatches seen since start */
-    uint64_t db_size_bytes;   /* SST + blob file size on disk, from RocksDB;
-                               * data still only in the WAL is not counted */
+    uint64_t corrupt_reads; /* digest mismatches seen since start */
+    uint64_t db_size_bytes; /* SST + blob file size on disk, from RocksDB;
+                             * data still only in the WAL is not counted */
 } store_stats_t;
 
 /* instances, bytes and studies count what store_put() stored (maintained

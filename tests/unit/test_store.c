@@ -1928,6 +1928,201 @@ static void test_delete_partition_corrupt_study_record(void **state)
     assert_int_equal(x.objects + x.index + x.secondary, 0);
 }
 
+/* ---- partition summaries ------------------------------------------------ */
+
+#define MAX_SUMS 256
+
+typedef struct {
+    store_partition_summary_t v[MAX_SUMS];
+    int n;
+    int stop_after; /* return stop_rc after this many; 0 = never */
+    int stop_rc;
+} sums_t;
+
+static int add_sum(void *ctx, const store_partition_summary_t *p)
+{
+    sums_t *sm = ctx;
+    assert_true(sm->n < MAX_SUMS);
+    if (sm->n > 0)
+        assert_true(p->partition > sm->v[sm->n - 1].partition);
+    sm->v[sm->n++] = *p;
+    return sm->stop_after && sm->n == sm->stop_after ? sm->stop_rc : 0;
+}
+
+static void summaries(store_t *s, sums_t *sm)
+{
+    memset(sm, 0, sizeof *sm);
+    assert_int_equal(store_partition_summaries(s, add_sum, sm), 0);
+}
+
+/* Checks each summary against store_partition_digest() and that exactly
+ * the partitions of `want` (ascending, n of them) are reported. */
+static void expect_summaries(store_t *s, const uint32_t *want, int n)
+{
+    static sums_t sm;
+    summaries(s, &sm);
+    assert_int_equal(sm.n, n);
+    for (int i = 0; i < n; i++) {
+        const store_partition_summary_t *p = &sm.v[i];
+        uint8_t d[SP_DIGEST_LEN];
+        uint64_t c = 0, b = 0;
+        assert_int_equal(p->partition, want[i]);
+        assert_int_equal(store_partition_digest(s, p->partition, d, &c, &b), 0);
+        assert_true(c > 0);
+        assert_int_equal(p->count, c);
+        assert_int_equal(p->bytes, b);
+        assert_memory_equal(p->digest, d, SP_DIGEST_LEN);
+    }
+}
+
+/* Puts count instances into partition part, in study 1.7.<part>. */
+static void put_into(store_t *s, uint32_t part, int first, int count, size_t len)
+{
+    for (int i = first; i < first + count; i++) {
+        char study[32], series[48], sop[64];
+        snprintf(study, sizeof study, "1.7.%u", part);
+        snprintf(series, sizeof series, "%s.%d", study, i % 3);
+        snprintf(sop, sizeof sop, "%s.%d", series, i);
+        inst_t in = simple(part, study, series, sop);
+        put_ok(s, &in, len + (size_t)i, part * 1000 + (uint32_t)i);
+    }
+}
+
+static void test_partition_summaries(void **state)
+{
+    fixture_t *fx = *state;
+    static sums_t sm;
+    summaries(fx->s, &sm);
+    assert_int_equal(sm.n, 0);
+    assert_int_equal(store_partition_summaries(NULL, add_sum, &sm), SP_EINVAL);
+    assert_int_equal(store_partition_summaries(fx->s, NULL, &sm), SP_EINVAL);
+
+    /* 40 partitions spread over the whole range, both ends included; the
+     * summaries are read in between so stale cache entries would show. */
+    uint32_t parts[40];
+    for (int i = 0; i < 40; i++)
+        parts[i] = i == 39 ? 65535 : (uint32_t)i * 1637;
+    for (int i = 0; i < 40; i++) {
+        put_into(fx->s, parts[i], 0, 1 + i % 4, 50);
+        if (i % 10 == 0)
+            expect_summaries(fx->s, parts, i + 1);
+    }
+    expect_summaries(fx->s, parts, 40);
+    expect_summaries(fx->s, parts, 40); /* from the cache, same answer */
+
+    /* A put changes its partition's summary, and only that one. */
+    summaries(fx->s, &sm);
+    store_partition_summary_t before = sm.v[7];
+    put_into(fx->s, parts[7], 10, 1, 77);
+    summaries(fx->s, &sm);
+    assert_int_equal(sm.v[7].count, before.count + 1);
+    assert_int_equal(sm.v[7].bytes, before.bytes + 87);
+    assert_memory_not_equal(sm.v[7].digest, before.digest, SP_DIGEST_LEN);
+    expect_summaries(fx->s, parts, 40);
+
+    /* A deletion removes the partition from the summaries. */
+    uint64_t deleted = 0;
+    assert_int_equal(store_delete_partition(fx->s, parts[39], &deleted), 0);
+    assert_int_equal(deleted, 4);
+    assert_int_equal(store_delete_partition(fx->s, parts[0], &deleted), 0);
+    expect_summaries(fx->s, parts + 1, 38);
+
+    /* A duplicate or a conflict changes nothing. */
+    inst_t one = simple(parts[5], "1.7.8185", "1.7.8185.0", "1.7.8185.0.99");
+    put_ok(fx->s, &one, 10, 1);
+    summaries(fx->s, &sm);
+    before = sm.v[4];
+    assert_int_equal(before.partition, parts[5]);
+    for (uint32_t seed = 1; seed <= 2; seed++) {
+        uint8_t *b = make_bytes(10, seed);
+        store_outcome_t out;
+        assert_int_equal(put_data(fx->s, &one, b, 10, &out), 0);
+        assert_int_equal(out, seed == 1 ? STORE_DUPLICATE : STORE_CONFLICT);
+        free(b);
+    }
+    summaries(fx->s, &sm);
+    assert_memory_equal(&sm.v[4], &before, sizeof before);
+    expect_summaries(fx->s, parts + 1, 38);
+
+    /* After reopening, the partitions holding instances are known again. */
+    reopen(fx);
+    expect_summaries(fx->s, parts + 1, 38);
+
+    /* fn can stop the walk; a negative answer comes back. */
+    memset(&sm, 0, sizeof sm);
+    sm.stop_after = 3;
+    sm.stop_rc = 1;
+    assert_int_equal(store_partition_summaries(fx->s, add_sum, &sm), 0);
+    assert_int_equal(sm.n, 3);
+    memset(&sm, 0, sizeof sm);
+    sm.stop_after = 2;
+    sm.stop_rc = -77;
+    assert_int_equal(store_partition_summaries(fx->s, add_sum, &sm), -77);
+    assert_int_equal(sm.n, 2);
+}
+
+#define SUM_PARTS 6
+#define SUM_PUTS 150
+
+typedef struct {
+    store_t *s;
+    int id;
+    int errors;
+    atomic_int *running;
+} sum_writer_t;
+
+static void *sum_writer(void *arg)
+{
+    sum_writer_t *w = arg;
+    for (int i = 0; i < SUM_PUTS; i++) {
+        char study[32], series[48], sop[64];
+        uint32_t part = 300 + (uint32_t)((i + w->id) % SUM_PARTS);
+        snprintf(study, sizeof study, "1.8.%u.%d", part, w->id);
+        snprintf(series, sizeof series, "%s.1", study);
+        snprintf(sop, sizeof sop, "%s.%d", series, i);
+        inst_t in = simple(part, study, series, sop);
+        uint8_t *b = make_bytes(100, (uint32_t)(w->id * 1000 + i));
+        store_outcome_t out;
+        if (put_data(w->s, &in, b, 100, &out) != 0 || out != STORE_STORED)
+            w->errors++;
+        free(b);
+        /* One partition deleted half way: deletions invalidate too. */
+        if (w->id % THREADS == 0 && i == SUM_PUTS / 2 &&
+            store_delete_partition(w->s, 300, NULL) != 0)
+            w->errors++;
+    }
+    atomic_fetch_sub(w->running, 1);
+    return NULL;
+}
+
+/* Summaries computed while puts land are never left cached stale: once the
+ * writers are done, every summary equals a fresh digest. */
+static void test_partition_summaries_concurrent(void **state)
+{
+    fixture_t *fx = *state;
+    for (int round = 0; round < 3; round++) {
+        pthread_t t[THREADS];
+        sum_writer_t w[THREADS];
+        atomic_int running = THREADS;
+        for (int i = 0; i < THREADS; i++) {
+            w[i] = (sum_writer_t){.s = fx->s, .id = round * THREADS + i, .running = &running};
+            assert_int_equal(pthread_create(&t[i], NULL, sum_writer, &w[i]), 0);
+        }
+        /* Summarise continuously while they write. */
+        static sums_t sm;
+        while (atomic_load(&running) > 0)
+            summaries(fx->s, &sm);
+        for (int i = 0; i < THREADS; i++) {
+            pthread_join(t[i], NULL);
+            assert_int_equal(w[i].errors, 0);
+        }
+        uint32_t want[SUM_PARTS];
+        for (int i = 0; i < SUM_PARTS; i++)
+            want[i] = 300 + (uint32_t)i;
+        expect_summaries(fx->s, want, SUM_PARTS);
+    }
+}
+
 int main(void)
 {
     log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
@@ -1959,6 +2154,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_delete_partition_racing_puts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_partition_corrupt_study_record, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_partition_summaries, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_partition_summaries_concurrent, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
