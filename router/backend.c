@@ -1,5 +1,13 @@
-/* backend.c - placement, quorum writes, scatter/gather queries and replica
- * fallback for the router (backend.h). */
+/* backend.c - placement from the gossiped view, sloppy-quorum writes with
+ * stand-ins, scatter/gather queries and fallback reads for the router
+ * (backend.h).
+ *
+ * Owns: the current view snapshot (view_t, reference-counted: a request
+ * holds the one it started with while the backend moves on to a newer one),
+ * the per-member failure records (down_rec_t, kept until the backend is
+ * destroyed so that every snapshot may point at them) and a thread-local
+ * table of transport clients per worker thread. Borrows the membership and
+ * the key allow-list. */
 #include "backend.h"
 
 #include "../common/base.h"
@@ -9,45 +17,247 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* A view older than this is rebuilt even if its version did not move, so
+ * that keys added to (or changed in) the cluster key file are picked up. */
+#define VIEW_MAX_AGE_MS KEYS_RELOAD_INTERVAL_MS
+
+/* What this router saw of one member at one endpoint: a call to it failed
+ * (timeout, unreachable), so requests skip it until `until`, unless gossip
+ * has since seen it come back with a higher incarnation. Shared by every
+ * snapshot listing the member there; freed with the backend. */
+typedef struct down_rec {
+    char id[GOSSIP_ID_MAX];
+    char endpoint[GOSSIP_ENDPOINT_MAX];
+    _Atomic int64_t until;        /* sp_now_ms() */
+    _Atomic uint64_t incarnation; /* the member's incarnation when marked */
+    struct down_rec *next;
+} down_rec_t;
+
+/* One storage member of a snapshot. */
+typedef struct {
+    char id[GOSSIP_ID_MAX];
+    char endpoint[GOSSIP_ENDPOINT_MAX];
+    char site[GOSSIP_SITE_MAX];
+    char key[KEYS_Z85_LEN + 1]; /* from the cluster keys, by name */
+    double weight;
+    uint64_t incarnation;
+    gossip_state_t state;
+    bool placed; /* listed by membership_placement() */
+    down_rec_t *down;
+} member_t;
+
+/* An immutable snapshot of the storage members and the two rings built
+ * from them. */
+typedef struct {
+    atomic_uint refs;
+    uint64_t version; /* membership_view_version() it was built at */
+    int64_t built_ms;
+    member_t *m; /* sorted by id */
+    size_t n;
+    ring_member_t *placed; /* ring over the placed members */
+    size_t *placed_at;     /* their indexes in m */
+    size_t nplaced;
+    ring_member_t *prev; /* ring over ALIVE, SUSPECT and DRAINING members: the previous owners */
+    size_t *prev_at;
+    size_t nprev;
+} view_t;
+
 struct backend {
     backend_config_t cfg;
-    backend_node_t *nodes; /* deep copy of cfg.nodes */
-    ring_member_t *members;
-    _Atomic int64_t *down_until; /* per node: skip in queries until then (sp_now_ms) */
+    pthread_mutex_t view_mu; /* guards view, downs, warned_version */
+    view_t *view;
+    down_rec_t *downs;
+    uint64_t warned_version; /* members without a key were logged at this version */
     pthread_key_t conn_key;
 };
 
-/* One thread's connections: a transport client per node, made on first use. */
+/* ---- per-thread clients ------------------------------------------------- */
+
 typedef struct {
-    backend_t *b;
-    transport_client_t **clients;
+    char id[GOSSIP_ID_MAX];
+    char endpoint[GOSSIP_ENDPOINT_MAX];
+    char key[KEYS_Z85_LEN + 1];
+    transport_client_t *client;
+} conn_entry_t;
+
+/* One thread's connections: a transport client per member id, remade when
+ * the member's endpoint or key changes. */
+typedef struct {
+    conn_entry_t *v;
+    size_t n;
 } conn_t;
 
 static void conn_destroy(void *p)
 {
     conn_t *c = p;
-    for (size_t i = 0; i < c->b->cfg.nnodes; i++)
-        transport_client_destroy(&c->clients[i]);
-    free(c->clients);
+    for (size_t i = 0; i < c->n; i++)
+        transport_client_destroy(&c->v[i].client);
+    free(c->v);
     free(c);
 }
 
-static transport_client_t *client_for(backend_t *b, size_t node)
+static transport_client_t *client_for(backend_t *b, const member_t *m)
 {
     conn_t *c = pthread_getspecific(b->conn_key);
     if (c == NULL) {
         c = sp_calloc(1, sizeof *c);
-        c->b = b;
-        c->clients = sp_calloc(b->cfg.nnodes, sizeof *c->clients);
         pthread_setspecific(b->conn_key, c);
     }
-    if (c->clients[node] == NULL)
-        c->clients[node] = transport_client_new(&b->cfg.transport, &b->cfg.self,
-                                                b->nodes[node].public_z85, b->nodes[node].endpoint);
-    return c->clients[node];
+    conn_entry_t *e = NULL;
+    for (size_t i = 0; i < c->n && e == NULL; i++)
+        if (strcmp(c->v[i].id, m->id) == 0)
+            e = &c->v[i];
+    if (e != NULL && strcmp(e->endpoint, m->endpoint) == 0 && strcmp(e->key, m->key) == 0)
+        return e->client;
+    if (e == NULL) {
+        c->v = sp_realloc(c->v, (c->n + 1) * sizeof *c->v);
+        e = &c->v[c->n++];
+        memset(e, 0, sizeof *e);
+        sp_strlcpy(e->id, m->id, sizeof e->id);
+    }
+    transport_client_destroy(&e->client);
+    sp_strlcpy(e->endpoint, m->endpoint, sizeof e->endpoint);
+    sp_strlcpy(e->key, m->key, sizeof e->key);
+    e->client = transport_client_new(&b->cfg.transport, &b->cfg.self, m->key, m->endpoint);
+    return e->client;
+}
+
+/* ---- views -------------------------------------------------------------- */
+
+static void view_release(view_t *v)
+{
+    if (v == NULL || atomic_fetch_sub(&v->refs, 1) != 1)
+        return;
+    free(v->m);
+    free(v->placed);
+    free(v->placed_at);
+    free(v->prev);
+    free(v->prev_at);
+    free(v);
+}
+
+/* The failure record of a member at an endpoint, made on first use. Called
+ * with view_mu held. */
+static down_rec_t *down_rec(backend_t *b, const char *id, const char *endpoint)
+{
+    for (down_rec_t *d = b->downs; d; d = d->next)
+        if (strcmp(d->id, id) == 0 && strcmp(d->endpoint, endpoint) == 0)
+            return d;
+    down_rec_t *d = sp_calloc(1, sizeof *d);
+    sp_strlcpy(d->id, id, sizeof d->id);
+    sp_strlcpy(d->endpoint, endpoint, sizeof d->endpoint);
+    atomic_init(&d->until, 0);
+    atomic_init(&d->incarnation, 0);
+    d->next = b->downs;
+    b->downs = d;
+    return d;
+}
+
+static int member_cmp(const void *a, const void *b)
+{
+    return strcmp(((const member_t *)a)->id, ((const member_t *)b)->id);
+}
+
+/* Adds a storage member to v unless it is already there or has no key in
+ * the cluster keys (then *unkeyed is raised). Called with view_mu held. */
+static void view_add(backend_t *b, view_t *v, const gossip_member_t *g, bool placed,
+                     size_t *unkeyed)
+{
+    for (size_t i = 0; i < v->n; i++)
+        if (strcmp(v->m[i].id, g->id) == 0)
+            return;
+    member_t *m = &v->m[v->n];
+    memset(m, 0, sizeof *m);
+    if (!keys_allowlist_find_name(b->cfg.keys, g->id, m->key)) {
+        if (b->warned_version != v->version)
+            log_warn("storage member %s (%s) is not in the cluster keys; not using it", g->id,
+                     g->endpoint);
+        (*unkeyed)++;
+        return;
+    }
+    sp_strlcpy(m->id, g->id, sizeof m->id);
+    sp_strlcpy(m->endpoint, g->endpoint, sizeof m->endpoint);
+    sp_strlcpy(m->site, g->site, sizeof m->site);
+    m->weight = g->weight;
+    m->incarnation = g->incarnation;
+    m->state = g->state;
+    m->placed = placed;
+    m->down = down_rec(b, g->id, g->endpoint);
+    v->n++;
+}
+
+/* Builds a snapshot of the membership view at `version` (read before the
+ * view, so a change during the build only makes the next request rebuild).
+ * Called with view_mu held. */
+static view_t *view_build(backend_t *b, uint64_t version)
+{
+    view_t *v = sp_calloc(1, sizeof *v);
+    atomic_init(&v->refs, 1);
+    v->version = version;
+    v->built_ms = sp_now_ms();
+
+    gossip_member_t *all = NULL;
+    size_t nall = membership_view(b->cfg.membership, &all);
+    size_t cap = nall + 8, npl;
+    gossip_member_t *pl = sp_calloc(cap, sizeof *pl);
+    while ((npl = membership_placement(b->cfg.membership, pl, cap)) > cap) {
+        cap = npl + 8;
+        pl = sp_realloc(pl, cap * sizeof *pl);
+    }
+    v->m = sp_calloc(nall + npl + 1, sizeof *v->m);
+    size_t unkeyed = 0;
+    for (size_t i = 0; i < npl; i++)
+        view_add(b, v, &pl[i], true, &unkeyed);
+    /* The members that hold data or answer queries without owning
+     * partitions (DRAINING), and any the placement copy missed. */
+    for (size_t i = 0; i < nall; i++)
+        if (all[i].role == GOSSIP_STORAGE && gossip_state_reachable(all[i].state))
+            view_add(b, v, &all[i], false, &unkeyed);
+    free(all);
+    free(pl);
+    b->warned_version = version;
+    qsort(v->m, v->n, sizeof *v->m, member_cmp);
+
+    v->placed = sp_calloc(v->n + 1, sizeof *v->placed);
+    v->placed_at = sp_calloc(v->n + 1, sizeof *v->placed_at);
+    v->prev = sp_calloc(v->n + 1, sizeof *v->prev);
+    v->prev_at = sp_calloc(v->n + 1, sizeof *v->prev_at);
+    for (size_t i = 0; i < v->n; i++) {
+        member_t *m = &v->m[i];
+        ring_member_t r = {m->id, m->site, m->weight};
+        if (m->placed) {
+            v->placed_at[v->nplaced] = i;
+            v->placed[v->nplaced++] = r;
+        }
+        if (m->state == GOSSIP_ALIVE || m->state == GOSSIP_SUSPECT || m->state == GOSSIP_DRAINING) {
+            v->prev_at[v->nprev] = i;
+            v->prev[v->nprev++] = r;
+        }
+    }
+    log_debug("view %llu: %zu storage members, %zu placed, %zu previous owners, %zu without key",
+              (unsigned long long)version, v->n, v->nplaced, v->nprev, unkeyed);
+    return v;
+}
+
+/* The current snapshot, rebuilt first if the view moved on or the snapshot
+ * is old; the caller releases it with view_release(). */
+static view_t *view_acquire(backend_t *b)
+{
+    uint64_t version = membership_view_version(b->cfg.membership);
+    pthread_mutex_lock(&b->view_mu);
+    view_t *v = b->view;
+    if (v == NULL || v->version != version || sp_now_ms() - v->built_ms > VIEW_MAX_AGE_MS) {
+        v = view_build(b, version);
+        view_release(b->view);
+        b->view = v;
+    }
+    atomic_fetch_add(&v->refs, 1);
+    pthread_mutex_unlock(&b->view_mu);
+    return v;
 }
 
 backend_t *backend_new(const backend_config_t *cfg)
@@ -57,17 +267,7 @@ backend_t *backend_new(const backend_config_t *cfg)
     /* The backend falls back across replicas itself; a transport-level
      * retry would only multiply the wait on a dead node. */
     b->cfg.transport.retries = 0;
-    b->nodes = sp_calloc(cfg->nnodes, sizeof *b->nodes);
-    b->members = sp_calloc(cfg->nnodes, sizeof *b->members);
-    b->down_until = sp_calloc(cfg->nnodes, sizeof *b->down_until);
-    for (size_t i = 0; i < cfg->nnodes; i++) {
-        b->nodes[i] = cfg->nodes[i];
-        b->nodes[i].id = sp_strdup(cfg->nodes[i].id);
-        b->nodes[i].endpoint = sp_strdup(cfg->nodes[i].endpoint);
-        b->nodes[i].site = sp_strdup(cfg->nodes[i].site);
-        b->members[i] = (ring_member_t){b->nodes[i].id, b->nodes[i].site, b->nodes[i].weight};
-    }
-    b->cfg.nodes = b->nodes;
+    pthread_mutex_init(&b->view_mu, NULL);
     pthread_key_create(&b->conn_key, conn_destroy);
     return b;
 }
@@ -80,47 +280,171 @@ void backend_destroy(backend_t **bp)
     /* Worker threads have exited by now, so their connections are closed;
      * the calling thread may still hold one. */
     conn_t *c = pthread_getspecific(b->conn_key);
-    if (c)
+    if (c) {
         conn_destroy(c);
-    pthread_key_delete(b->conn_key);
-    for (size_t i = 0; i < b->cfg.nnodes; i++) {
-        free(b->nodes[i].id);
-        free(b->nodes[i].endpoint);
-        free(b->nodes[i].site);
+        pthread_setspecific(b->conn_key, NULL);
     }
-    free(b->nodes);
-    free(b->members);
-    free((void *)b->down_until);
+    pthread_key_delete(b->conn_key);
+    view_release(b->view);
+    while (b->downs) {
+        down_rec_t *d = b->downs;
+        b->downs = d->next;
+        free(d);
+    }
+    pthread_mutex_destroy(&b->view_mu);
     free(b);
     *bp = NULL;
 }
 
-static size_t owners_of(backend_t *b, const char *study_uid, uint32_t *partition, size_t *owners)
+size_t backend_placed_count(backend_t *b)
 {
-    *partition = ring_partition(study_uid);
-    return ring_owners(b->members, b->cfg.nnodes, *partition, (size_t)b->cfg.replicas, owners);
+    view_t *v = view_acquire(b);
+    size_t n = v->nplaced;
+    view_release(v);
+    return n;
 }
 
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition, const char **owners)
+/* ---- placement ---------------------------------------------------------- */
+
+static bool reachable(const member_t *m)
+{
+    return gossip_state_reachable(m->state);
+}
+
+static bool is_down(const member_t *m)
+{
+    return atomic_load(&m->down->until) > sp_now_ms() &&
+           m->incarnation <= atomic_load(&m->down->incarnation);
+}
+
+static void mark_down(backend_t *b, const member_t *m, int rc)
+{
+    int64_t now = sp_now_ms();
+    atomic_store(&m->down->incarnation, m->incarnation);
+    if (atomic_exchange(&m->down->until, now + b->cfg.retry_down_ms) < now)
+        log_warn("node %s (%s) did not answer: %s; requests skip it for %d ms unless gossip "
+                 "sees it back",
+                 m->id, m->endpoint, sp_strerror(rc), b->cfg.retry_down_ms);
+}
+
+/* Writes the indexes (into v->m) of the partition's N owners into owners;
+ * returns their count. */
+static size_t owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
 {
     size_t idx[RING_MAX_REPLICAS];
-    size_t k = owners_of(b, study_uid, partition, idx);
+    size_t k = ring_owners(v->placed, v->nplaced, partition, (size_t)b->cfg.replicas, idx);
     for (size_t i = 0; i < k; i++)
-        owners[i] = b->nodes[idx[i]].id;
+        owners[i] = v->placed_at[idx[i]];
     return k;
 }
 
-static void mark_down(backend_t *b, size_t node, int rc)
+/* The same over the previous owners' ring. */
+static size_t previous_owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
 {
-    int64_t until = sp_now_ms() + b->cfg.retry_down_ms;
-    if (atomic_exchange(&b->down_until[node], until) < sp_now_ms())
-        log_warn("node %s (%s) did not answer: %s; queries skip it for %d ms", b->nodes[node].id,
-                 b->nodes[node].endpoint, sp_strerror(rc), b->cfg.retry_down_ms);
+    size_t idx[RING_MAX_REPLICAS];
+    size_t k = ring_owners(v->prev, v->nprev, partition, (size_t)b->cfg.replicas, idx);
+    for (size_t i = 0; i < k; i++)
+        owners[i] = v->prev_at[idx[i]];
+    return k;
 }
 
-static bool is_down(backend_t *b, size_t node)
+static bool contains(const size_t *set, size_t n, size_t x)
 {
-    return atomic_load(&b->down_until[node]) > sp_now_ms();
+    for (size_t i = 0; i < n; i++)
+        if (set[i] == x)
+            return true;
+    return false;
+}
+
+/* A partition's write plan: the owners that get the put themselves, and a
+ * stand-in for each owner that is DOWN or locally marked down, taken from
+ * the extended preference list (every placed member, in the partition's
+ * order) among members that are reachable, not locally down and not a
+ * target yet. */
+typedef struct {
+    size_t owners[RING_MAX_REPLICAS];
+    size_t nowners;
+    size_t targets[RING_MAX_REPLICAS]; /* owners first, then stand-ins */
+    size_t ntargets;
+    size_t nstand_ins;
+    size_t missing[RING_MAX_REPLICAS]; /* owners without a target of their own */
+    size_t nmissing;
+} plan_t;
+
+static void plan_partition(backend_t *b, const view_t *v, uint32_t partition, const char *study,
+                           plan_t *p)
+{
+    memset(p, 0, sizeof *p);
+    p->nowners = owners_of(b, v, partition, p->owners);
+    for (size_t i = 0; i < p->nowners; i++) {
+        const member_t *o = &v->m[p->owners[i]];
+        if (reachable(o) && !is_down(o))
+            p->targets[p->ntargets++] = p->owners[i];
+        else
+            p->missing[p->nmissing++] = p->owners[i];
+    }
+    if (p->nmissing == 0)
+        return;
+    size_t ext[RING_MAX_REPLICAS];
+    size_t k = ring_owners(v->placed, v->nplaced, partition, v->nplaced, ext);
+    for (size_t i = 0; i < k && p->nstand_ins < p->nmissing; i++) {
+        size_t c = v->placed_at[ext[i]];
+        const member_t *m = &v->m[c];
+        if (!reachable(m) || is_down(m) || contains(p->targets, p->ntargets, c))
+            continue;
+        if (study)
+            log_debug("study %s partition %u: %s stands in for %s", study, partition, m->id,
+                      v->m[p->missing[p->nstand_ins]].id);
+        p->targets[p->ntargets++] = c;
+        p->nstand_ins++;
+    }
+}
+
+/* The read candidates of a partition, in the order they are asked (see
+ * backend.h), de-duplicated; members not reachable are left out. The
+ * owners that are neither joining nor locally down come first, rotated by
+ * spread. Writes at most v->n indexes into out and returns the count. */
+static size_t read_candidates(backend_t *b, const view_t *v, uint32_t partition, unsigned spread,
+                              size_t *out)
+{
+    plan_t p;
+    plan_partition(b, v, partition, NULL, &p);
+    size_t n = 0;
+    /* The owners that should have everything, rotated among themselves. */
+    size_t first[RING_MAX_REPLICAS], nfirst = 0;
+    for (size_t i = 0; i < p.nowners; i++) {
+        const member_t *o = &v->m[p.owners[i]];
+        if (reachable(o) && o->state != GOSSIP_JOINING)
+            first[nfirst++] = p.owners[i];
+    }
+    for (size_t i = 0; i < nfirst; i++)
+        out[n++] = first[(i + spread) % nfirst];
+    for (size_t i = p.ntargets - p.nstand_ins; i < p.ntargets; i++)
+        if (!contains(out, n, p.targets[i]))
+            out[n++] = p.targets[i];
+    size_t prev[RING_MAX_REPLICAS];
+    size_t k = previous_owners_of(b, v, partition, prev);
+    for (size_t i = 0; i < k; i++)
+        if (reachable(&v->m[prev[i]]) && !contains(out, n, prev[i]))
+            out[n++] = prev[i];
+    /* Joining owners are still filling: asked after the previous owners. */
+    for (size_t i = 0; i < p.nowners; i++)
+        if (reachable(&v->m[p.owners[i]]) && !contains(out, n, p.owners[i]))
+            out[n++] = p.owners[i];
+    return n;
+}
+
+size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
+                      char (*owners)[GOSSIP_ID_MAX])
+{
+    view_t *v = view_acquire(b);
+    size_t idx[RING_MAX_REPLICAS];
+    *partition = ring_partition(study_uid);
+    size_t k = owners_of(b, v, *partition, idx);
+    for (size_t i = 0; i < k; i++)
+        sp_strlcpy(owners[i], v->m[idx[i]].id, GOSSIP_ID_MAX);
+    view_release(v);
+    return k;
 }
 
 /* ---- put ---------------------------------------------------------------- */
@@ -144,7 +468,7 @@ static bool put_acknowledged(void *ctx, size_t index, const transport_response_t
 /* Counts one replica's answer into res. A replica still writing when the
  * quorum was reached is neither acknowledged nor failed: its copy lands
  * later (its reply is discarded), so it must not be marked down. */
-static void tally_put(backend_t *b, size_t node, transport_call_t *call, bool quorum,
+static void tally_put(backend_t *b, const member_t *m, transport_call_t *call, bool quorum,
                       backend_put_result_t *res)
 {
     wire_reply_t rep;
@@ -167,12 +491,33 @@ static void tally_put(backend_t *b, size_t node, transport_call_t *call, bool qu
         if (rc == 0)
             sp_fmt(err, sizeof err, "%s", rep.error ? rep.error : sp_strerror(rep.status));
         if (res->detail[0] == '\0')
-            sp_fmt(res->detail, sizeof res->detail, "%s: %s", b->nodes[node].id, err);
+            sp_fmt(res->detail, sizeof res->detail, "%s: %s", m->id, err);
         if (call->rc == SP_ETIMEOUT || call->rc == SP_EUNAVAIL)
-            mark_down(b, node, call->rc);
+            mark_down(b, m, call->rc);
     }
     if (rc == 0)
         wire_reply_free(&rep);
+}
+
+/* res->detail for a put that cannot reach W targets: the owners without a
+ * target of their own and why, shortest first (it ends up in a 64-character
+ * Error Comment). */
+static void describe_shortage(const view_t *v, const plan_t *p, backend_put_result_t *res)
+{
+    if (p->nowners == 0) {
+        sp_fmt(res->detail, sizeof res->detail, "no storage member known");
+        return;
+    }
+    size_t at = 0;
+    for (size_t i = 0; i < p->nmissing && at < sizeof res->detail; i++) {
+        const member_t *m = &v->m[p->missing[i]];
+        at += (size_t)snprintf(res->detail + at, sizeof res->detail - at, "%s%s %s",
+                               i == 0 ? "" : ", ", m->id,
+                               reachable(m) ? "not answering" : gossip_state_name(m->state));
+    }
+    if (at < sizeof res->detail)
+        snprintf(res->detail + at, sizeof res->detail - at, "%sonly %zu targets", at ? "; " : "",
+                 p->ntargets);
 }
 
 int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_t len,
@@ -183,9 +528,24 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     const char *study = attrs_get(attrs, ATTR_STUDY_INSTANCE_UID);
     if (study == NULL)
         return SP_EINVAL;
-    wire_request_t req = {.kind = WIRE_PUT};
-    size_t owners[RING_MAX_REPLICAS];
-    size_t n = owners_of(b, study, &req.partition, owners);
+    view_t *v = view_acquire(b);
+    wire_request_t req = {.kind = WIRE_PUT, .partition = ring_partition(study)};
+    plan_t p;
+    plan_partition(b, v, req.partition, study, &p);
+    /* Stand-ins too few: an owner this router saw fail, but gossip still
+     * calls reachable, may be back already; better tried than a failure. */
+    for (size_t i = 0; i < p.nowners && p.ntargets < (size_t)b->cfg.write_quorum; i++) {
+        const member_t *o = &v->m[p.owners[i]];
+        if (reachable(o) && is_down(o))
+            p.targets[p.ntargets++] = p.owners[i];
+    }
+    res->stand_ins = (int)p.nstand_ins;
+    if (p.ntargets < (size_t)b->cfg.write_quorum) {
+        /* W cannot be reached: nothing is written, the modality retries. */
+        describe_shortage(v, &p, res);
+        view_release(v);
+        return SP_EUNAVAIL;
+    }
     for (size_t i = 0; i < ATTR_STORED_COUNT; i++)
         req.attrs.v[i] = attrs->v[i]; /* borrowed for encoding only */
     sp_digest(part10, len, req.digest);
@@ -193,9 +553,10 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     size_t head_len;
     wire_encode_request(&req, &head, &head_len);
 
+    size_t n = p.ntargets;
     transport_call_t calls[RING_MAX_REPLICAS];
     for (size_t i = 0; i < n; i++)
-        calls[i] = (transport_call_t){.client = client_for(b, owners[i]),
+        calls[i] = (transport_call_t){.client = client_for(b, &v->m[p.targets[i]]),
                                       .head = head,
                                       .head_len = head_len,
                                       .body = part10,
@@ -205,12 +566,11 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     bool quorum = acked >= (size_t)b->cfg.write_quorum;
     free(head);
     for (size_t i = 0; i < n; i++) {
-        tally_put(b, owners[i], &calls[i], quorum, res);
+        tally_put(b, &v->m[p.targets[i]], &calls[i], quorum, res);
         if (calls[i].rc == 0)
             transport_response_free(&calls[i].resp);
     }
-    if (n < (size_t)b->cfg.write_quorum && res->detail[0] == '\0')
-        sp_fmt(res->detail, sizeof res->detail, "only %zu storage nodes configured", n);
+    view_release(v);
     if (res->conflicts > 0)
         return SP_ECONFLICT;
     return res->acknowledged >= b->cfg.write_quorum ? 0 : SP_EUNAVAIL;
@@ -218,29 +578,30 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
 
 /* ---- find --------------------------------------------------------------- */
 
-/* Adds to targets the replicas of every study UID in a "uid1\uid2" list. */
-static size_t study_targets(backend_t *b, const char *list, bool *target)
+/* Marks as targets the read candidates of every study UID in a
+ * "uid1\uid2" list; returns how many members were added. */
+static size_t study_targets(backend_t *b, const view_t *v, const char *list, bool *target)
 {
     size_t count = 0;
+    size_t *cand = sp_calloc(v->n + 1, sizeof *cand);
     char *copy = sp_strdup(list), *save = NULL;
     for (char *uid = strtok_r(copy, "\\", &save); uid; uid = strtok_r(NULL, "\\", &save)) {
-        uint32_t partition;
-        size_t owners[RING_MAX_REPLICAS];
-        size_t k = owners_of(b, uid, &partition, owners);
-        /* Replicas known to be down are left out while another is up, so a
-         * query (and every retrieve, which resolves through one) does not
-         * wait out the timeout on a dead node. */
+        size_t k = read_candidates(b, v, ring_partition(uid), 0, cand);
+        /* Members this router saw fail are left out while another is up,
+         * so a query (and every retrieve, which resolves through one) does
+         * not wait out the timeout on a dead node. */
         size_t up = 0;
         for (size_t i = 0; i < k; i++)
-            up += !is_down(b, owners[i]);
+            up += !is_down(&v->m[cand[i]]);
         for (size_t i = 0; i < k; i++) {
-            if (up > 0 && is_down(b, owners[i]))
+            if (up > 0 && is_down(&v->m[cand[i]]))
                 continue;
-            count += !target[owners[i]];
-            target[owners[i]] = true;
+            count += !target[cand[i]];
+            target[cand[i]] = true;
         }
     }
     free(copy);
+    free(cand);
     return count;
 }
 
@@ -254,9 +615,11 @@ static int merged_cmp(const void *a, const void *b)
     return strcmp(((const merged_t *)a)->key, ((const merged_t *)b)->key);
 }
 
-/* Sends one find to the chosen nodes and collects every decoded reply. */
-static int find_gather(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
-                       const bool *target, wire_reply_t *replies, bool *partial, bool *truncated)
+/* Sends one find to the chosen members and collects every decoded reply
+ * (replies[i] for member i). */
+static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs_t *keys,
+                       size_t limit, const bool *target, wire_reply_t *replies, bool *partial,
+                       bool *truncated)
 {
     wire_request_t req = {.kind = WIRE_FIND,
                           .level = level,
@@ -267,40 +630,42 @@ static int find_gather(backend_t *b, level_t level, const attrs_t *keys, size_t 
     uint8_t *head;
     size_t head_len;
     wire_encode_request(&req, &head, &head_len);
-    transport_call_t *calls = sp_calloc(b->cfg.nnodes, sizeof *calls);
-    size_t *which = sp_calloc(b->cfg.nnodes, sizeof *which);
+    transport_call_t *calls = sp_calloc(v->n + 1, sizeof *calls);
+    size_t *which = sp_calloc(v->n + 1, sizeof *which);
     size_t n = 0;
-    for (size_t i = 0; i < b->cfg.nnodes; i++) {
+    for (size_t i = 0; i < v->n; i++) {
         if (!target[i])
             continue;
         which[n] = i;
-        calls[n++] =
-            (transport_call_t){.client = client_for(b, i), .head = head, .head_len = head_len};
+        calls[n++] = (transport_call_t){
+            .client = client_for(b, &v->m[i]), .head = head, .head_len = head_len};
     }
     transport_call_many(calls, n, n, b->cfg.query_timeout_ms, NULL, NULL);
     free(head);
     size_t answered = 0;
     for (size_t i = 0; i < n; i++) {
         char err[256];
+        const member_t *m = &v->m[which[i]];
+        wire_reply_t *rep = &replies[which[i]];
         int rc = calls[i].rc;
         if (rc == 0) {
-            rc = wire_decode_reply(calls[i].resp.head, calls[i].resp.head_len, &replies[i], err,
-                                   sizeof err);
+            rc =
+                wire_decode_reply(calls[i].resp.head, calls[i].resp.head_len, rep, err, sizeof err);
             transport_response_free(&calls[i].resp);
-            if (rc == 0 && replies[i].status != 0) {
-                log_warn("find on node %s failed: %s", b->nodes[which[i]].id,
-                         replies[i].error ? replies[i].error : sp_strerror(replies[i].status));
-                rc = replies[i].status;
-                wire_reply_free(&replies[i]);
+            if (rc == 0 && rep->status != 0) {
+                log_warn("find on node %s failed: %s", m->id,
+                         rep->error ? rep->error : sp_strerror(rep->status));
+                rc = rep->status;
+                wire_reply_free(rep);
             } else if (rc != 0) {
-                log_warn("find on node %s: malformed reply: %s", b->nodes[which[i]].id, err);
+                log_warn("find on node %s: malformed reply: %s", m->id, err);
             }
         } else {
-            mark_down(b, which[i], rc);
+            mark_down(b, m, rc);
         }
         if (rc == 0) {
             answered++;
-            *truncated |= replies[i].truncated;
+            *truncated |= rep->truncated;
         } else {
             *partial = true;
         }
@@ -380,19 +745,20 @@ static int emit_with_patient_totals(backend_t *b, const attrs_t *patient, backen
 int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                  backend_match_fn fn, void *ctx, bool *partial)
 {
-    bool *target = sp_calloc(b->cfg.nnodes, sizeof *target);
+    view_t *v = view_acquire(b);
+    bool *target = sp_calloc(v->n + 1, sizeof *target);
     const char *studies = attrs_get(keys, ATTR_STUDY_INSTANCE_UID);
     size_t ntarget = 0;
     if (studies && studies[0] && !strchr(studies, '*') && !strchr(studies, '?'))
-        ntarget = study_targets(b, studies, target);
+        ntarget = study_targets(b, v, studies, target);
     if (ntarget == 0) {
-        /* Scatter to every node that is not known to be down; if all are,
-         * try them all anyway. */
-        for (size_t i = 0; i < b->cfg.nnodes; i++)
-            ntarget += target[i] = !is_down(b, i);
+        /* Scatter to every reachable storage member not known to be down;
+         * if all are, to every reachable one anyway. */
+        for (size_t i = 0; i < v->n; i++)
+            ntarget += target[i] = reachable(&v->m[i]) && !is_down(&v->m[i]);
         if (ntarget == 0)
-            for (size_t i = 0; i < b->cfg.nnodes; i++)
-                target[i] = true;
+            for (size_t i = 0; i < v->n; i++)
+                target[i] = reachable(&v->m[i]);
     }
     /* The unique key is always needed to merge replicas' answers. */
     attrs_t q = {0};
@@ -400,15 +766,16 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     if (attrs_get(&q, attr_unique_key(level)) == NULL)
         attrs_set(&q, attr_unique_key(level), "");
 
-    wire_reply_t *replies = sp_calloc(b->cfg.nnodes, sizeof *replies);
+    wire_reply_t *replies = sp_calloc(v->n + 1, sizeof *replies);
     bool part = false, truncated = false;
-    int rc = find_gather(b, level, &q, limit ? limit + 1 : 0, target, replies, &part, &truncated);
+    int rc =
+        find_gather(b, v, level, &q, limit ? limit + 1 : 0, target, replies, &part, &truncated);
     size_t total = 0;
-    for (size_t i = 0; i < b->cfg.nnodes; i++)
+    for (size_t i = 0; i < v->n; i++)
         total += replies[i].nmatches;
     merged_t *all = sp_calloc(total ? total : 1, sizeof *all);
     size_t k = 0;
-    for (size_t i = 0; i < b->cfg.nnodes; i++)
+    for (size_t i = 0; i < v->n; i++)
         for (size_t j = 0; j < replies[i].nmatches; j++)
             all[k++] = (merged_t){attrs_str(&replies[i].matches[j], attr_unique_key(level)),
                                   &replies[i].matches[j]};
@@ -430,11 +797,12 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     if (rc == 0 && truncated)
         rc = SP_ELIMIT;
     free(all);
-    for (size_t i = 0; i < b->cfg.nnodes; i++)
+    for (size_t i = 0; i < v->n; i++)
         wire_reply_free(&replies[i]);
     free(replies);
     free(target);
     attrs_clear(&q);
+    view_release(v);
     if (partial)
         *partial = part;
     return rc;
@@ -442,22 +810,22 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
 
 /* ---- fetch -------------------------------------------------------------- */
 
-/* Reads one instance from one node. Returns 0 with *out set, or an error. */
-static int fetch_from(backend_t *b, size_t node, const uint8_t *head, size_t head_len,
+/* Reads one instance from one member. Returns 0 with *out set, or an error. */
+static int fetch_from(backend_t *b, const member_t *m, const uint8_t *head, size_t head_len,
                       const char *sop_uid, uint8_t **out, size_t *len)
 {
     transport_response_t resp;
-    int rc = transport_call(client_for(b, node), head, head_len, NULL, 0, b->cfg.fetch_timeout_ms,
-                            &resp);
+    int rc =
+        transport_call(client_for(b, m), head, head_len, NULL, 0, b->cfg.fetch_timeout_ms, &resp);
     if (rc != 0) {
-        mark_down(b, node, rc);
+        mark_down(b, m, rc);
         return rc;
     }
     wire_reply_t rep;
     char err[256];
     rc = wire_decode_reply(resp.head, resp.head_len, &rep, err, sizeof err);
     if (rc != 0) {
-        log_warn("node %s: malformed reply to get %s: %s", b->nodes[node].id, sop_uid, err);
+        log_warn("node %s: malformed reply to get %s: %s", m->id, sop_uid, err);
         transport_response_free(&resp);
         return rc;
     }
@@ -470,7 +838,7 @@ static int fetch_from(backend_t *b, size_t node, const uint8_t *head, size_t hea
         *len = resp.body_len;
         resp.body = NULL;
     } else if (rc != SP_ENOTFOUND) {
-        log_warn("node %s cannot return %s: %s", b->nodes[node].id, sop_uid,
+        log_warn("node %s cannot return %s: %s", m->id, sop_uid,
                  rep.error ? rep.error : sp_strerror(rc));
     }
     wire_reply_free(&rep);
@@ -481,27 +849,38 @@ static int fetch_from(backend_t *b, size_t node, const uint8_t *head, size_t hea
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len)
 {
-    uint32_t partition;
-    size_t owners[RING_MAX_REPLICAS];
-    size_t n = owners_of(b, study_uid, &partition, owners);
+    view_t *v = view_acquire(b);
+    size_t *order = sp_calloc(v->n + 1, sizeof *order);
+    size_t n = read_candidates(b, v, ring_partition(study_uid), spread, order);
+    /* The last resort: every other reachable storage member (a study may
+     * sit anywhere while the view moves). */
+    for (size_t i = 0; i < v->n; i++)
+        if (reachable(&v->m[i]) && !contains(order, n, i))
+            order[n++] = i;
     wire_request_t req = {.kind = WIRE_GET, .sop_uid = (char *)sop_uid};
     uint8_t *head;
     size_t head_len;
     wire_encode_request(&req, &head, &head_len);
     bool all_missing = true;
     int rc = SP_EUNAVAIL;
-    /* Replicas believed up first, in placement order; then the others. */
+    /* Members not seen failing first, in candidate order; then the others
+     * (judged once: one that fails in the first pass is not asked again). */
+    bool *down = sp_calloc(n + 1, sizeof *down);
+    for (size_t k = 0; k < n; k++)
+        down[k] = is_down(&v->m[order[k]]);
     for (int pass = 0; pass < 2 && rc != 0; pass++) {
         for (size_t k = 0; k < n && rc != 0; k++) {
-            size_t node = owners[(k + spread) % n];
-            if (is_down(b, node) != (pass == 1))
+            if (down[k] != (pass == 1))
                 continue;
-            rc = fetch_from(b, node, head, head_len, sop_uid, out, len);
+            rc = fetch_from(b, &v->m[order[k]], head, head_len, sop_uid, out, len);
             all_missing &= rc == SP_ENOTFOUND;
         }
     }
+    free(down);
     free(head);
+    free(order);
+    view_release(v);
     if (rc != 0)
-        rc = all_missing ? SP_ENOTFOUND : SP_EUNAVAIL;
+        rc = all_missing && n > 0 ? SP_ENOTFOUND : SP_EUNAVAIL;
     return rc;
 }

@@ -1,16 +1,47 @@
 /* backend.h - the router's side of the cluster: placement of studies on
- * storage nodes, quorum writes, scatter/gather queries, and fetching
- * instances from any replica that has them.
+ * storage members taken from the gossiped view, sloppy-quorum writes with
+ * hinted stand-ins, scatter/gather queries, and fetching instances from any
+ * member that has them.
+ *
+ * Placement. The storage members placed in the router's membership view
+ * (membership_placement(): states ALIVE, JOINING, SUSPECT and DOWN, sorted
+ * by id) whose names are listed in the cluster keys (their public key comes
+ * from there, by name) form the ring; a study's N owners are
+ * ring_owners(placed, N) of its partition. The backend keeps an immutable,
+ * reference-counted snapshot of this per view version (rebuilt when the
+ * version moves, and at most once a second otherwise, so that a key added
+ * to the key file is picked up); a request uses one snapshot from start to
+ * end while other threads may already use a newer one.
+ *
+ * Writes (sloppy quorum). Each owner that gossip says is reachable and that
+ * this router has not just seen fail (see retry_down_ms) gets the put; each
+ * other owner (DOWN, or locally marked down) is replaced by a stand-in: the
+ * next member of the partition's extended preference list (ring_owners over
+ * every placed member) that is reachable, not locally down and not already
+ * a target. The stand-in stores the instance like any other; storage nodes
+ * hand it back to the owner themselves once it is up (no hint message).
+ * Success still needs W durable acknowledgements. If stand-ins are too few
+ * to reach W targets, owners marked down only locally are tried anyway.
+ *
+ * Reads. A partition's candidates are, de-duplicated and skipping members
+ * that are not reachable: the owners (those still JOINING, i.e. filling,
+ * last), the stand-ins a put would use now, and the previous owners
+ * (ring_owners(N) over the storage members that are ALIVE, SUSPECT or
+ * DRAINING: the view without joiners but with members that drain and still
+ * hold data). Members locally marked down come after all others.
  *
  * Threads: every function may be called from any DICOM worker thread at
  * once. Each thread gets its own transport clients (ZeroMQ sockets are not
- * thread-safe), created on first use and closed when the thread exits. The
- * node list and settings are read-only after backend_new(). */
+ * thread-safe), one per member id and endpoint (a member that comes back on
+ * another endpoint gets a new one), created on first use and closed when the
+ * thread exits. Settings are read-only after backend_new(). */
 #ifndef SP_BACKEND_H
 #define SP_BACKEND_H
 
 #include "../common/attrs.h"
+#include "../common/gossip.h"
 #include "../common/keys.h"
+#include "../common/membership.h"
 #include "../common/transport.h"
 
 #include <stdbool.h>
@@ -18,24 +49,16 @@
 #include <stdint.h>
 
 typedef struct {
-    char *id;       /* node name, as in the cluster key file */
-    char *endpoint; /* tcp://host:port */
-    char *site;
-    double weight;
-    char public_z85[KEYS_Z85_LEN + 1];
-} backend_node_t;
-
-typedef struct {
-    const backend_node_t *nodes; /* copied */
-    size_t nnodes;
-    keys_pair_t self; /* the router's key pair */
+    membership_t *membership;     /* the router's view; borrowed, outlives the backend */
+    const keys_allowlist_t *keys; /* cluster keys; borrowed, outlives the backend */
+    keys_pair_t self;             /* the router's key pair */
     transport_config_t transport;
     int replicas;         /* N */
     int write_quorum;     /* W */
     int store_timeout_ms; /* waiting for W acknowledgements */
     int query_timeout_ms; /* waiting for find / list answers */
     int fetch_timeout_ms; /* per replica, reading one instance */
-    int retry_down_ms;    /* skip a node that just failed for this long */
+    int retry_down_ms;    /* skip a member that just failed for this long */
     bool case_insensitive_names;
 } backend_config_t;
 
@@ -44,46 +67,55 @@ typedef struct backend backend_t;
 backend_t *backend_new(const backend_config_t *cfg);
 void backend_destroy(backend_t **bp);
 
+/* The number of storage members placed in the current view (those that own
+ * partitions). */
+size_t backend_placed_count(backend_t *b);
+
 typedef struct {
     int acknowledged; /* replicas that hold the instance durably (stored or duplicate) */
     int conflicts;    /* replicas holding different bytes under the same SOP UID */
     int failed;       /* replicas that answered an error or not at all */
     int pending;      /* replicas still writing when the quorum was reached */
     int needed;       /* W */
+    int stand_ins;    /* targets that stood in for an owner */
     char detail[256]; /* the first error, for logs and Error Comment */
 } backend_put_result_t;
 
-/* Stores Part-10 bytes on the study's N replicas and returns once W of them
- * acknowledged durably, or all answered, or the store timeout passed.
- * attrs must hold the Study/Series/SOP Instance UIDs. Returns 0 when at
- * least W acknowledged (and no replica reported a conflict), SP_ECONFLICT,
- * or SP_EUNAVAIL when fewer than W acknowledged in time. */
+/* Stores Part-10 bytes on the study's N owners, or on stand-ins for owners
+ * that are down (see above), and returns once W of them acknowledged
+ * durably, or all answered, or the store timeout passed. attrs must hold the
+ * Study/Series/SOP Instance UIDs. Returns 0 when at least W acknowledged
+ * (and no replica reported a conflict), SP_ECONFLICT, or SP_EUNAVAIL when
+ * fewer than W acknowledged in time (res->detail says why). */
 int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_t len,
                 backend_put_result_t *res);
 
 /* Called for each merged, de-duplicated match; return non-zero to stop. */
 typedef int (*backend_match_fn)(void *ctx, const attrs_t *match);
 
-/* Runs a C-FIND over the cluster: sent to the study's replicas when keys name
- * StudyInstanceUID values, else scattered to every node; merged without
- * duplicates by the level's unique key, at most limit matches (0 = none).
- * Returns 0, SP_ELIMIT when the limit cut the result, SP_EUNAVAIL when no
- * node answered, or the callback's non-zero value. *partial (may be NULL)
- * is set when some node did not answer (results may then be incomplete only
- * if every replica of some study was among them). */
+/* Runs a C-FIND over the cluster: sent to the read candidates of each
+ * study's partition when keys name StudyInstanceUID values, else scattered
+ * to every reachable storage member (ALIVE, SUSPECT, JOINING, DRAINING);
+ * merged without duplicates by the level's unique key, at most limit matches
+ * (0 = none). Returns 0, SP_ELIMIT when the limit cut the result,
+ * SP_EUNAVAIL when no member answered, or the callback's non-zero value.
+ * *partial (may be NULL) is set when some member did not answer (results may
+ * then be incomplete only if every copy of some study was among them). */
 int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                  backend_match_fn fn, void *ctx, bool *partial);
 
-/* Reads one instance's Part-10 bytes from the first replica of its study
- * that has a good copy (digest verified by the node on read), trying
- * each replica in placement order rotated by `spread` (so concurrent readers
- * can share the load). *out is malloc'd. Returns 0,
- * SP_ENOTFOUND, or SP_EUNAVAIL. */
+/* Reads one instance's Part-10 bytes from the first read candidate of its
+ * study's partition that has a good copy (digest verified by the node on
+ * read), the owners rotated by `spread` (so concurrent readers share the
+ * load); as a last resort from every other reachable storage member (a
+ * NOTFOUND on one is not final). *out is malloc'd. Returns 0, SP_ENOTFOUND
+ * (every member asked answered it has none), or SP_EUNAVAIL. */
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len);
 
-/* The partition and replica node ids (at most RING_MAX_REPLICAS) of a study. */
+/* The partition and owner ids (at most RING_MAX_REPLICAS, copied into
+ * owners) of a study in the current view. */
 size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      const char **owners);
+                      char (*owners)[GOSSIP_ID_MAX]);
 
 #endif

@@ -1,28 +1,40 @@
 /* router.c - shardpacs-router: the DICOM front door. Loads its configuration
- * and keys, connects the backend (the storage nodes) and serves DICOM
- * associations through the adapter (dicom.h), answering C-ECHO, C-STORE,
- * C-FIND, C-MOVE and C-GET with the handlers in scp.c.
+ * and keys, joins cluster gossip as a non-storage member (membership.c, over
+ * a transport server of its own that answers gossip only), takes placement
+ * from the gossiped view (backend.c) and serves DICOM associations through
+ * the adapter (dicom.h), answering C-ECHO, C-STORE, C-FIND, C-MOVE and C-GET
+ * with the handlers in scp.c.
  *
- * Threads: the main thread sets up and waits for SIGINT/SIGTERM; the DICOM
- * worker threads call the handlers. Settings are read-only after start-up. */
+ * Threads: the main thread sets up, waits for the first storage members and
+ * then for SIGINT/SIGTERM; the DICOM worker threads call the handlers, the
+ * transport's workers answer gossip, membership runs a thread of its own.
+ * Settings are read-only after start-up. */
 #include "../common/base.h"
 #include "../common/config.h"
 #include "../common/keys.h"
 #include "../common/log.h"
+#include "../common/membership.h"
+#include "../common/transport.h"
+#include "../common/wire.h"
 #include "backend.h"
 #include "dicom.h"
 #include "scp.h"
 
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
-#define ROUTER_MAX_NODES 256
 #define ROUTER_MAX_DESTS 256
 
 typedef struct {
+    char *id;
+    char *listen;
+    char *site;
     char *ae_title;
     char *bind;
     int port;
@@ -40,63 +52,15 @@ typedef struct {
     int query_timeout;
     int fetch_timeout;
     int retry_down;
+    int join_timeout;
+    membership_settings_t cluster;
     int max_results;
     bool case_insensitive_names;
     char *log_level;
-    /* [nodes] entries, "name = tcp://host:port [site=S] [weight=W]" */
-    backend_node_t nodes[ROUTER_MAX_NODES];
-    size_t nnodes;
     /* [destinations] entries, "AE = host:port" */
     scp_destination_t dests[ROUTER_MAX_DESTS];
     size_t ndests;
 } router_settings_t;
-
-/* Parses one [nodes] line. The node's public key comes from the cluster key
- * file, looked up by name once the file is loaded. */
-static int parse_node(void *target, const char *name, const char *value, char *why, size_t len)
-{
-    router_settings_t *s = target;
-    if (s->nnodes == ROUTER_MAX_NODES) {
-        sp_fmt(why, len, "is one node too many (at most %d)", ROUTER_MAX_NODES);
-        return -1;
-    }
-    for (size_t i = 0; i < s->nnodes; i++) {
-        if (strcmp(s->nodes[i].id, name) == 0) {
-            sp_fmt(why, len, "is listed twice");
-            return -1;
-        }
-    }
-    char *copy = sp_strdup(value), *save = NULL;
-    backend_node_t n = {.id = sp_strdup(name), .site = NULL, .weight = 1.0};
-    int rc = 0;
-    for (char *tok = strtok_r(copy, " \t", &save); tok && rc == 0;
-         tok = strtok_r(NULL, " \t", &save)) {
-        if (strncmp(tok, "tcp://", 6) == 0 && n.endpoint == NULL) {
-            n.endpoint = sp_strdup(tok);
-        } else if (strncmp(tok, "site=", 5) == 0 && tok[5] && n.site == NULL) {
-            n.site = sp_strdup(tok + 5);
-        } else if (strncmp(tok, "weight=", 7) == 0) {
-            char *end;
-            n.weight = strtod(tok + 7, &end);
-            if (*end != '\0' || !(n.weight > 0 && n.weight <= 1000))
-                rc = -1;
-        } else {
-            rc = -1;
-        }
-    }
-    free(copy);
-    if (rc != 0 || n.endpoint == NULL) {
-        sp_fmt(why, len, "expects 'tcp://HOST:PORT [site=S] [weight=W]', not '%s'", value);
-        free(n.id);
-        free(n.endpoint);
-        free(n.site);
-        return -1;
-    }
-    if (n.site == NULL)
-        n.site = sp_strdup("default");
-    s->nodes[s->nnodes++] = n;
-    return 0;
-}
 
 /* Parses one [destinations] line: "AE = host:port". */
 static int parse_destination(void *target, const char *name, const char *value, char *why,
@@ -125,6 +89,12 @@ static int parse_destination(void *target, const char *name, const char *value, 
     }
 
 static const config_option_t router_options[] = {
+    OPT("router", "id", CONFIG_STRING, id, "router1", 0, 0,
+        "Member name of this router, as listed in the cluster keys"),
+    OPT("router", "listen", CONFIG_STRING, listen, "tcp://127.0.0.1:7400", 0, 0,
+        "ZeroMQ endpoint for gossip (tcp://HOST:PORT; PORT * picks a free one)"),
+    OPT("router", "site", CONFIG_STRING, site, "default", 0, 0,
+        "Failure domain (data centre, building) this router is in"),
     OPT("dicom", "ae_title", CONFIG_STRING, ae_title, "SHARDPACS", 0, 0,
         "AE title this archive answers to"),
     OPT("dicom", "bind", CONFIG_STRING, bind, "0.0.0.0", 0, 0, "Address the DICOM port listens on"),
@@ -143,7 +113,7 @@ static const config_option_t router_options[] = {
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
-        "Allow-list of member public keys; node keys are looked up here by name"),
+        "Allow-list of member public keys; storage members' keys are looked up here by name"),
     OPT("cluster", "replicas", CONFIG_INT, replicas, "3", 1, 16, "Copies of every study (N)"),
     OPT("cluster", "write_quorum", CONFIG_INT, write_quorum, "2", 1, 16,
         "Durable copies before C-STORE answers Success (W)"),
@@ -154,14 +124,15 @@ static const config_option_t router_options[] = {
     OPT("cluster", "fetch_timeout", CONFIG_MS, fetch_timeout, "30s", 100, 600000,
         "Longest wait for one replica to return one instance"),
     OPT("cluster", "retry_down", CONFIG_MS, retry_down, "5s", 0, 600000,
-        "How long a node that failed to answer is skipped by queries"),
+        "How long a node that failed to answer is skipped (unless gossip sees it back)"),
+    OPT("cluster", "join_timeout", CONFIG_MS, join_timeout, "30s", 0, 3600000,
+        "At start, longest wait for the first storage member before serving DICOM anyway"),
+    MEMBERSHIP_OPTIONS(router_settings_t, cluster, "0"),
     OPT("query", "max_results", CONFIG_INT, max_results, "10000", 1, 10000000,
         "Most matches one C-FIND returns"),
     OPT("query", "case_insensitive_names", CONFIG_BOOL, case_insensitive_names, "true", 0, 0,
         "Person names match regardless of case"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
-    {"nodes", "*", CONFIG_ENTRIES, 0, "n1 = tcp://127.0.0.1:7401 site=A weight=1", 0, 0,
-     "Storage nodes: one line each, name = endpoint [site=S] [weight=W]", parse_node},
     {"destinations", "*", CONFIG_ENTRIES, 0, "VIEWER = 192.0.2.10:104", 0, 0,
      "C-MOVE destinations: AE title = host:port", parse_destination},
 };
@@ -169,16 +140,11 @@ static const config_option_t router_options[] = {
 static void settings_free(router_settings_t *s)
 {
     config_free(router_options, SP_ARRAY_LEN(router_options), s);
-    for (size_t i = 0; i < s->nnodes; i++) {
-        free(s->nodes[i].id);
-        free(s->nodes[i].endpoint);
-        free(s->nodes[i].site);
-    }
     for (size_t i = 0; i < s->ndests; i++)
         free(s->dests[i].host);
 }
 
-/* Checks what the option table cannot: cross-field rules and node keys. */
+/* Checks what the option table cannot: cross-field rules. */
 static int settings_check(router_settings_t *s, const char *path, char *err, size_t errlen)
 {
     log_level_t level;
@@ -187,8 +153,17 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
                s->log_level);
         return SP_ECONFIG;
     }
-    if (s->nnodes == 0) {
-        sp_fmt(err, errlen, "%s: [nodes] lists no storage node", path);
+    if (strlen(s->id) == 0 || strlen(s->id) >= GOSSIP_ID_MAX) {
+        sp_fmt(err, errlen, "%s: [router] id must be 1 to %d characters", path, GOSSIP_ID_MAX - 1);
+        return SP_ECONFIG;
+    }
+    if (strlen(s->site) == 0 || strlen(s->site) >= GOSSIP_SITE_MAX) {
+        sp_fmt(err, errlen, "%s: [router] site must be 1 to %d characters", path,
+               GOSSIP_SITE_MAX - 1);
+        return SP_ECONFIG;
+    }
+    if (strncmp(s->listen, "tcp://", 6) != 0) {
+        sp_fmt(err, errlen, "%s: [router] listen '%s' is not tcp://HOST:PORT", path, s->listen);
         return SP_ECONFIG;
     }
     if (s->write_quorum > s->replicas) {
@@ -203,16 +178,87 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
     return 0;
 }
 
-/* Looks up every node's public key in the cluster key file by name. */
-static int resolve_node_keys(router_settings_t *s, const keys_allowlist_t *keys, char *err,
-                             size_t errlen)
+/* What the transport workers share: the membership, once started. */
+typedef struct {
+    _Atomic(membership_t *) membership;
+} router_t;
+
+static void reply_error(wire_reply_t *rep, int code, const char *text)
 {
-    for (size_t i = 0; i < s->nnodes; i++) {
-        if (!keys_allowlist_find_name(keys, s->nodes[i].id, s->nodes[i].public_z85)) {
-            sp_fmt(err, errlen, "node %s is not listed in %s", s->nodes[i].id, s->cluster_keys);
-            return SP_EKEY;
-        }
+    rep->status = code;
+    free(rep->error);
+    rep->error = sp_strdup(text);
+}
+
+/* The router's cluster port answers gossip and refuses everything else
+ * (it stores nothing): runs on the transport's worker threads. */
+static void router_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
+{
+    router_t *r = ctx;
+    wire_request_t w;
+    wire_reply_t rep = {0};
+    char err[256];
+    int rc = wire_decode_request(req->head, req->head_len, &w, err, sizeof err);
+    if (rc != 0) {
+        log_warn("refused request %llu from %s (%s): %s", (unsigned long long)req->id,
+                 req->peer_name, req->peer_key, err);
+        reply_error(&rep, rc, err);
+    } else if (req->body_len != 0) {
+        reply_error(&rep, SP_EPROTO, "unexpected body");
+        wire_request_free(&w);
+    } else {
+        rep.kind = w.kind;
+        membership_t *m = atomic_load(&r->membership);
+        if (w.kind != WIRE_GOSSIP)
+            reply_error(&rep, SP_EUNKNOWN, "a router answers gossip only");
+        else if (m == NULL)
+            reply_error(&rep, SP_EUNAVAIL, "membership not started yet");
+        else
+            membership_handle(m, req, &w, &rep);
+        wire_request_free(&w);
     }
+    wire_encode_reply(&rep, &out->head, &out->head_len);
+    wire_reply_free(&rep);
+}
+
+/* Waits up to timeout_ms for SIGINT/SIGTERM (blocked in every thread);
+ * returns the signal, or 0 when none came. */
+static int wait_signal_ms(int timeout_ms)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    struct timespec ts = {.tv_sec = timeout_ms / 1000,
+                          .tv_nsec = (long)(timeout_ms % 1000) * 1000000L};
+    int sig = sigtimedwait(&set, NULL, &ts);
+    return sig > 0 ? sig : 0;
+}
+
+/* Waits until the view places at least one storage member, at most
+ * timeout_ms. Returns a shutdown signal that arrived meanwhile, or 0. */
+static int wait_for_storage(backend_t *backend, int timeout_ms)
+{
+    int64_t start = sp_now_ms(), next_log = start + 5000;
+    size_t n;
+    while ((n = backend_placed_count(backend)) == 0) {
+        int64_t now = sp_now_ms();
+        if (now - start >= timeout_ms) {
+            log_warn("no storage member in the view after %d ms ([cluster] join_timeout); "
+                     "serving DICOM anyway (stores fail until members are known)",
+                     timeout_ms);
+            return 0;
+        }
+        if (now >= next_log) {
+            log_info("waiting for storage members to show up in gossip (%lld s so far)",
+                     (long long)((now - start) / 1000));
+            next_log = now + 5000;
+        }
+        int sig = wait_signal_ms(50);
+        if (sig != 0)
+            return sig;
+    }
+    log_info("view holds %zu storage members after %lld ms", n, (long long)(sp_now_ms() - start));
     return 0;
 }
 
@@ -222,9 +268,11 @@ static int router_run(router_settings_t *s)
     keys_allowlist_t *keys = NULL;
     backend_t *backend = NULL;
     dicom_server_t *server = NULL;
-    backend_config_t bc = {.nodes = s->nodes,
-                           .nnodes = s->nnodes,
-                           .replicas = s->replicas,
+    transport_server_t *srv = NULL;
+    membership_t *m = NULL;
+    router_t router;
+    atomic_init(&router.membership, NULL);
+    backend_config_t bc = {.replicas = s->replicas,
                            .write_quorum = s->write_quorum,
                            .store_timeout_ms = s->store_timeout,
                            .query_timeout_ms = s->query_timeout,
@@ -234,14 +282,43 @@ static int router_run(router_settings_t *s)
     int rc = keys_load_pair(s->key_pair, &bc.self, err, sizeof err);
     if (rc == 0 && (keys = keys_allowlist_load(s->cluster_keys, err, sizeof err)) == NULL)
         rc = SP_EKEY;
-    if (rc == 0)
-        rc = resolve_node_keys(s, keys, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);
         goto out;
     }
+
+    /* Gossip: a transport server of its own, then membership. */
+    transport_config_t tc;
+    transport_config_defaults(&tc);
+    tc.workers = 2;
+    srv = transport_server_new(&tc, &bc.self, keys, router_handle, &router);
+    char bound[256];
+    rc = transport_server_start(srv, s->listen, bound, sizeof bound);
+    if (rc != 0) {
+        log_error("cannot listen on %s: %s", s->listen, sp_strerror(rc));
+        goto out;
+    }
+    membership_self_t me = {.id = s->id,
+                            .endpoint = bound,
+                            .site = s->site,
+                            .role = GOSSIP_ROUTER,
+                            .initial_state = GOSSIP_ALIVE};
+    rc = membership_start_settings(&s->cluster, &me, &bc.self, keys, &m);
+    if (rc != 0)
+        goto out;
+    atomic_store(&router.membership, m);
+    log_info("router %s (site %s) gossiping on %s, %zu cluster keys", s->id, s->site, bound,
+             keys_allowlist_count(keys));
+
+    bc.membership = m;
+    bc.keys = keys;
     transport_config_defaults(&bc.transport);
     backend = backend_new(&bc);
+    int sig = wait_for_storage(backend, s->join_timeout);
+    if (sig != 0) {
+        log_info("signal %d: shutting down", sig);
+        goto out;
+    }
 
     scp_t scp = {.backend = backend,
                  .ae_title = s->ae_title,
@@ -266,14 +343,17 @@ static int router_run(router_settings_t *s)
         log_error("cannot start DICOM service on %s:%d: %s", s->bind, s->port, err);
         goto out;
     }
-    log_info("router %s listening on %s:%d; %zu nodes, N=%d W=%d, %zu move destinations",
-             s->ae_title, s->bind, dicom_server_port(server), s->nnodes, s->replicas,
-             s->write_quorum, s->ndests);
+    log_info("router %s listening on %s:%d; %zu storage members, N=%d W=%d, %zu move "
+             "destinations",
+             s->ae_title, s->bind, dicom_server_port(server), backend_placed_count(backend),
+             s->replicas, s->write_quorum, s->ndests);
 
-    int sig = sp_signals_wait();
+    sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
 out:
     dicom_server_stop(&server);
+    transport_server_destroy(&srv); /* no handler uses membership after this */
+    membership_stop(&m);
     backend_destroy(&backend);
     keys_allowlist_destroy(&keys);
     return rc;

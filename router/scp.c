@@ -25,8 +25,10 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
     free(part10);
     const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
     if (rc == 0) {
-        log_debug("stored %s of study %s from %s on %d replicas", req->sop_instance_uid, study,
-                  req->peer->calling_ae, res.acknowledged);
+        log_debug("stored %s of study %s from %s on %d replicas (%d stand-ins among the "
+                  "targets)",
+                  req->sop_instance_uid, study, req->peer->calling_ae, res.acknowledged,
+                  res.stand_ins);
         return DICOM_SUCCESS;
     }
     if (rc == SP_ECONFLICT) {
