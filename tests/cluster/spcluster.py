@@ -1,10 +1,15 @@
 """Helpers for process-level tests: keys, configuration files and real
 shardpacs-node processes on free loopback ports, driven with the real
-`shardpacs` command line client; whole clusters (N nodes and any number of
-shardpacs-router processes with real CURVE keys, `cluster()`); DCMTK tool
-helpers (every DCMTK tool runs with TCP_NODELAY=1, see
-/work/shared/TOOLCHAIN.md), a bit-preserving storescp (`Scp`) and a minimal
-raw DICOM client (`raw_store`) for requests no DCMTK tool will send.
+`shardpacs` command line client; whole gossiping clusters (N nodes and any
+number of shardpacs-router processes with real CURVE keys, `cluster()`;
+nodes can be added, killed, paused and restarted); DCMTK tool helpers (every
+DCMTK tool runs with TCP_NODELAY=1, see /work/shared/TOOLCHAIN.md), a
+bit-preserving storescp (`Scp`) and a minimal raw DICOM client
+(`raw_store`) for requests no DCMTK tool will send.
+
+Configuration text is merged per section and key (`merge_ini`): the loaders
+refuse a key given twice, so options a caller passes replace the defaults
+written here instead of repeating them.
 
 Every process a test starts is stopped by the fixture that started it."""
 import os
@@ -42,6 +47,74 @@ def keygen(path: Path, pub: Path = None) -> str:
     return run_cli(*args).stdout.decode().strip()
 
 
+# ---- configuration text -------------------------------------------------------------
+
+def parse_ini(text) -> dict:
+    """{section: {key: value}} of INI text (or a dict of that shape, copied),
+    in order; comments and blank lines are dropped."""
+    if isinstance(text, dict):
+        return {sec: dict(keys) for sec, keys in text.items()}
+    out, section = {}, None
+    for raw in (text or "").splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            out.setdefault(section, {})
+            continue
+        assert section is not None and "=" in line, f"not an option line: {raw!r}"
+        key, value = line.split("=", 1)
+        out[section][key.strip()] = value.strip()
+    return out
+
+
+def merge_ini(*parts) -> str:
+    """INI text of every part (INI text or {section: {key: value}}) merged in
+    order: a later part's key replaces an earlier one's in the same section,
+    so no key is given twice."""
+    merged = {}
+    for part in parts:
+        for sec, keys in parse_ini(part).items():
+            merged.setdefault(sec, {}).update(keys)
+    return "".join(f"[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items())
+                   for sec, keys in merged.items())
+
+
+# Short membership timings for tests: a dead member is suspect within a few
+# probes and down about a second later; nothing goes out (re-replicated)
+# unless a test asks for it.
+TEST_GOSSIP = {"gossip": {"probe_interval": "200ms", "probe_timeout": "100ms",
+                          "suspicion_mult": "3", "suspicion_max_mult": "2",
+                          "sync_interval": "1s", "down_to_out": "10m"}}
+# Repair rounds every second (a node announces itself alive after its first).
+TEST_REPAIR = {"repair": {"interval": "1s"}}
+
+_help_cache = {}
+
+
+def binary_knows_section(binary: Path, section: str) -> bool:
+    """True if `binary --help-config` lists [section] (older builds may not)."""
+    key = (str(binary), section)
+    if key not in _help_cache:
+        p = subprocess.run([str(binary), "--help-config"], capture_output=True, timeout=20)
+        _help_cache[key] = f"[{section}]" in p.stdout.decode(errors="replace")
+    return _help_cache[key]
+
+
+MEMBER_LINE = re.compile(r"member (\S+) (new|alive|suspect|down|out|joining|draining|left) -> "
+                         r"(alive|suspect|down|out|joining|draining|left)\b")
+
+
+def member_states(log_text: str) -> dict:
+    """{member: state} as a process's log last reported each one (the
+    membership logs every change it sees: "member n2 alive -> suspect ...")."""
+    out = {}
+    for m in MEMBER_LINE.finditer(log_text):
+        out[m.group(1)] = m.group(3)
+    return out
+
+
 class Node:
     """One shardpacs-node process with its own folder, keys and config."""
 
@@ -62,10 +135,18 @@ class Node:
         self.log = self.dir / "node.log"
         self.proc = None
         self.endpoint = None
+        self.site = None
+        self.log_offset = 0
+
+    def configure(self, *overrides):
+        """Merges options (INI text or {section: {key: value}}) into the
+        config file, replacing keys already there (read at the next start)."""
+        self.config.write_text(merge_ini(self.config.read_text(), *overrides))
 
     def start(self, timeout=20):
         if self.ready.exists():
             self.ready.unlink()
+        self.log_offset = self.log.stat().st_size if self.log.exists() else 0
         logf = open(self.log, "ab")
         self.proc = subprocess.Popen([str(NODE_BIN), "--config", str(self.config),
                                       "--ready-file", str(self.ready)],
@@ -117,12 +198,31 @@ class Node:
         """SIGTERM (SIGKILL after 15 s); returns the exit status."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.send_signal(signal.SIGCONT)  # a paused node must see the SIGTERM
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode if self.proc else None
+
+    def pause(self):
+        """SIGSTOP: the process stays but answers nothing (resume() undoes it)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def log_text(self, this_run=False):
+        """The node's log (only what the current process wrote, if this_run)."""
+        if not self.log.exists():
+            return ""
+        data = self.log.read_bytes()
+        return data[self.log_offset if this_run else 0:].decode(errors="replace")
+
+    def member_states(self) -> dict:
+        """{member: state} as the current process last logged each one."""
+        return member_states(self.log_text(this_run=True))
 
     def stats(self, key: Path) -> dict:
         """The node's `stats` answer as a dict."""
@@ -254,11 +354,15 @@ class Scp:
 
 class Router:
     """One shardpacs-router process: its own key pair (which must be listed
-    in the cluster keys), a config naming the nodes and the C-MOVE
-    destinations, and a DICOM port chosen here (retried when taken)."""
+    in the cluster keys), a config joining gossip through the given nodes
+    (seeds: every node's NAME@endpoint, read when the router starts) and
+    naming the C-MOVE destinations, and a DICOM port chosen here (retried
+    when taken). `cluster_opts` are [cluster] options and `extra` any other
+    options (INI text or {section: {key: value}}); both replace the defaults
+    written here key by key."""
 
     def __init__(self, root: Path, name: str, cluster_keys: Path, nodes, ae_title="SHARDPACS",
-                 replicas=3, quorum=2, dests=None, cluster_opts=None, extra=""):
+                 replicas=3, quorum=2, dests=None, cluster_opts=None, extra="", site=None):
         self.dir = Path(root) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -271,33 +375,39 @@ class Router:
         self.dests = dict(dests or {})
         self.cluster_opts = dict(cluster_opts or {})
         self.extra = extra
+        self.site = site
         self.config = self.dir / "router.conf"
         self.log = self.dir / "router.log"
         self.proc = None
         self.port = None
+        self.log_offset = 0
 
     def _write_config(self):
-        lines = ["[dicom]", f"ae_title = {self.ae}", "bind = 127.0.0.1", f"port = {self.port}",
-                 "acse_timeout = 5s",
-                 "[keys]", f"key_pair = {self.key}", f"cluster_keys = {self.cluster_keys}",
-                 "[cluster]", f"replicas = {self.replicas}", f"write_quorum = {self.quorum}"]
-        lines += [f"{k} = {v}" for k, v in self.cluster_opts.items()]
-        lines += ["[log]", "level = info", "[nodes]"]
-        for n in self.nodes:
-            site = f" site={n.site}" if getattr(n, "site", None) else ""
-            lines.append(f"{n.name} = {n.endpoint}{site}")
-        lines.append("[destinations]")
-        lines += [f"{ae} = 127.0.0.1:{port}" for ae, port in self.dests.items()]
-        self.config.write_text("\n".join(lines) + "\n" + self.extra)
+        seeds = ",".join(f"{n.name}@{n.endpoint}" for n in self.nodes if n.endpoint)
+        base = {"router": {"id": self.name, "listen": "tcp://127.0.0.1:*"},
+                "dicom": {"ae_title": self.ae, "bind": "127.0.0.1", "port": str(self.port),
+                          "acse_timeout": "5s"},
+                "keys": {"key_pair": str(self.key), "cluster_keys": str(self.cluster_keys)},
+                "cluster": {"seeds": seeds, "replicas": str(self.replicas),
+                            "write_quorum": str(self.quorum)},
+                "log": {"level": "info"}}
+        if self.site:
+            base["router"]["site"] = self.site
+        if self.dests:
+            base["destinations"] = {ae: f"127.0.0.1:{port}" for ae, port in self.dests.items()}
+        self.config.write_text(merge_ini(base, TEST_GOSSIP, {"cluster": self.cluster_opts},
+                                         self.extra))
 
-    def start(self, timeout=20, port=None):
+    def start(self, timeout=40, port=None):
         """Starts on `port` (default: the previous one, else a free one) and
-        returns once the router logged that it listens there. A free port
+        returns once the router logged that it listens there (after it saw
+        the first storage member in gossip, or its join_timeout). A free port
         taken by someone else meanwhile is replaced by another one."""
         for attempt in range(5):
             self.port = port or self.port or free_port()
             self._write_config()
             offset = self.log.stat().st_size if self.log.exists() else 0
+            self.log_offset = offset
             logf = open(self.log, "ab")
             self.proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(self.config)],
                                          stdout=logf, stderr=logf)
@@ -336,53 +446,117 @@ class Router:
                 self.proc.wait()
         return self.proc.returncode if self.proc else None
 
-    def log_text(self):
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+    def log_text(self, this_run=False):
+        if not self.log.exists():
+            return ""
+        data = self.log.read_bytes()
+        return data[self.log_offset if this_run else 0:].decode(errors="replace")
+
+    def member_states(self) -> dict:
+        """{member: state} as the current process last logged each one."""
+        return member_states(self.log_text(this_run=True))
+
+
+def wait_until(pred, timeout, what, last=None):
+    """Polls pred() every 0.1 s until it returns something true (returned);
+    raises AssertionError naming `what` (and last(), if given) after timeout
+    seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"; last seen: {last()}" if last else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+        time.sleep(0.1)
 
 
 class Cluster:
-    """N storage nodes and one or more routers over them, all with real CURVE
-    keys listed in one cluster key file (nodes as n1..nN, routers as
-    router1.., plus an operator key `admin_key` for the shardpacs CLI). Every
-    node is pinned to the port it got, so kill9()/stop() and restart() bring
-    it back where the routers look for it. Routers are all made (and their
-    keys listed) up front, since nodes read the key file at start-up."""
+    """N storage nodes gossiping with each other and one or more routers
+    over them, all with real CURVE keys listed in one cluster key file
+    (nodes as n1..nN, routers as router1.., plus an operator key `admin_key`
+    for the shardpacs CLI).
+
+    n1 starts first and is every other node's seed; once all run, each
+    node's seeds are rewritten to every other node for its next start.
+    Every node is pinned to the port it got, so kill9()/stop() and restart()
+    bring it back where the others know it. Routers join gossip with every
+    node as a seed. The constructor returns once every node and router has
+    logged every storage node alive (bounded wait; each process logs member
+    state changes). Routers are all made (and their keys listed) up front.
+
+    Options: `cluster_opts` go to the routers' [cluster] section;
+    `node_extra` / `router_extra` (INI text or {section: {key: value}}) are
+    merged into every node's / router's configuration, replacing the test
+    defaults (TEST_GOSSIP: short probes, down_to_out 10m; TEST_REPAIR for
+    nodes) key by key; `sites` gives node i its [node] site."""
 
     def __init__(self, root: Path, nodes=3, replicas=3, quorum=2, dests=None, routers=1,
-                 cluster_opts=None, sites=None):
+                 cluster_opts=None, sites=None, node_extra="", router_extra="",
+                 wait_timeout=60):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keys = self.root / "cluster.keys"
         self.keys.write_text("")
         self.admin_key = self.root / "admin.key"
-        admin_pub = keygen(self.admin_key)
-        self.nodes = []
-        for i in range(nodes):
-            site = sites[i] if sites else None
-            n = Node(self.root, f"n{i + 1}", self.keys)
-            n.site = site
-            if site:
-                n.config.write_text(n.config.read_text().replace(
-                    f"id = {n.name}\n", f"id = {n.name}\nsite = {site}\n"))
-            self.nodes.append(n)
+        self._admin_pub = keygen(self.admin_key)
         self.replicas, self.quorum = replicas, quorum
         self.dests = dict(dests or {})
         self.cluster_opts = dict(cluster_opts or {})
+        self.node_extra, self.router_extra = node_extra, router_extra
+        self.nodes = []
+        for i in range(nodes):
+            self._new_node(sites[i] if sites else None)
         self.routers = [self._new_router(f"router{i + 1}") for i in range(routers)]
-        self._write_keys(admin_pub)
-        for n in self.nodes:
-            n.start()
-            n.pin_endpoint()
-        for r in self.routers:
-            r.start()
+        self._write_keys()
+        try:
+            for n in self.nodes:
+                self._configure_node(n)
+                n.start()
+                n.pin_endpoint()
+            for n in self.nodes:
+                self._set_seeds(n)
+            for r in self.routers:
+                r.start()
+            self.wait_alive(timeout=wait_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _new_node(self, site=None) -> Node:
+        n = Node(self.root, f"n{len(self.nodes) + 1}", self.keys)
+        n.site = site
+        self.nodes.append(n)
+        return n
+
+    def _configure_node(self, n: Node):
+        """The node's cluster options: replicas, test timings, the seed n1
+        (none for n1 itself), its site, then node_extra on top."""
+        base = {"node": {"site": n.site} if n.site else {},
+                "cluster": {"replicas": str(self.replicas)}}
+        first = self.nodes[0]
+        if n is not first and first.endpoint:
+            base["cluster"]["seeds"] = f"{first.name}@{first.endpoint}"
+        parts = [base, TEST_GOSSIP]
+        if binary_knows_section(NODE_BIN, "repair"):
+            parts.append(TEST_REPAIR)
+        n.configure(*parts, self.node_extra)
+
+    def _set_seeds(self, n: Node):
+        """Seeds for the node's next start: every other node, so a restarted
+        node (n1 included) rejoins at once."""
+        others = ",".join(f"{m.name}@{m.endpoint}" for m in self.nodes
+                          if m is not n and m.endpoint)
+        if others:
+            n.configure({"cluster": {"seeds": others}})
 
     def _new_router(self, name):
         return Router(self.root, name, self.keys, self.nodes, replicas=self.replicas,
-                      quorum=self.quorum, dests=self.dests, cluster_opts=self.cluster_opts)
+                      quorum=self.quorum, dests=self.dests, cluster_opts=self.cluster_opts,
+                      extra=self.router_extra)
 
-    def _write_keys(self, admin_pub=None):
-        if admin_pub is not None:
-            self._admin_pub = admin_pub
+    def _write_keys(self):
         lines = [f"{n.public} {n.name}" for n in self.nodes]
         lines += [f"{r.public} {r.name}" for r in self.routers]
         lines.append(f"{self._admin_pub} admin")
@@ -396,6 +570,56 @@ class Cluster:
 
     def node(self, name) -> Node:
         return next(n for n in self.nodes if n.name == name)
+
+    def processes(self):
+        """Every node and router whose process runs."""
+        return [p for p in self.nodes + self.routers if p.alive()]
+
+    def views(self) -> dict:
+        """{process name: {member: state}} of every running node and router,
+        as each last logged it."""
+        return {p.name: p.member_states() for p in self.processes()}
+
+    def sees(self, member: str, states, observers=None) -> bool:
+        """True when every observer (default: every running node and router
+        other than `member`) last logged `member` in one of `states`."""
+        states = (states,) if isinstance(states, str) else tuple(states)
+        observers = observers if observers is not None else \
+            [p for p in self.processes() if p.name != member]
+        return all(p.member_states().get(member) in states for p in observers)
+
+    def wait_member(self, member: str, states, observers=None, timeout=30):
+        """Waits until every observer sees `member` in one of `states`."""
+        wait_until(lambda: self.sees(member, states, observers), timeout,
+                   f"{member} {states} in every view", self.views)
+
+    def wait_alive(self, names=None, timeout=60):
+        """Waits until every running node and router has logged every running
+        storage node in `names` (default all) alive."""
+        def done():
+            want = [n.name for n in self.nodes if n.alive() and (names is None or
+                                                                 n.name in names)]
+            return all(self.sees(m, "alive") for m in want)
+        wait_until(done, timeout, "every storage node alive in every view", self.views)
+
+    def add_node(self, site=None, start=True) -> Node:
+        """A new storage node n<K+1>: its key is appended to the cluster key
+        file (running members re-read it within about a second), it is
+        seeded with every running node and started (unless start=False) and
+        pinned. Returns without waiting for the others to see it (see
+        wait_alive / wait_member)."""
+        n = self._new_node(site)
+        self._write_keys()
+        time.sleep(1.2)  # let every running member pick up the new key first
+        self._configure_node(n)
+        seeds = ",".join(f"{m.name}@{m.endpoint}" for m in self.nodes
+                         if m is not n and m.endpoint and m.alive())
+        if seeds:
+            n.configure({"cluster": {"seeds": seeds}})
+        if start:
+            n.start()
+            n.pin_endpoint()
+        return n
 
     def stop(self):
         """Stops routers, then nodes; returns {name: exit status}."""
@@ -414,13 +638,15 @@ class Cluster:
 
 
 def cluster(tmp_path: Path, nodes=3, replicas=3, quorum=2, dests=None, routers=1,
-            cluster_opts=None, sites=None) -> Cluster:
-    """Starts `nodes` storage nodes and `routers` routers (AE SHARDPACS, each
-    on its own free DICOM port) over them with N=`replicas`, W=`quorum` and
-    the C-MOVE destinations `dests` ({AE: port on 127.0.0.1}). The caller
-    stops it (`with cluster(...) as c:` or `c.stop()`)."""
+            cluster_opts=None, sites=None, node_extra="", router_extra="") -> Cluster:
+    """Starts `nodes` gossiping storage nodes and `routers` routers (AE
+    SHARDPACS, each on its own free DICOM port) over them with
+    N=`replicas`, W=`quorum` and the C-MOVE destinations `dests` ({AE: port
+    on 127.0.0.1}), and waits until all of them see every node alive. The
+    caller stops it (`with cluster(...) as c:` or `c.stop()`)."""
     return Cluster(tmp_path, nodes=nodes, replicas=replicas, quorum=quorum, dests=dests,
-                   routers=routers, cluster_opts=cluster_opts, sites=sites)
+                   routers=routers, cluster_opts=cluster_opts, sites=sites,
+                   node_extra=node_extra, router_extra=router_extra)
 
 
 # ---- a minimal raw DICOM client ------------------------------------------------------
