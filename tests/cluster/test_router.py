@@ -767,11 +767,16 @@ def test_one_node_killed_stores_succeed_and_all_is_retrievable(small, ref, tmp_p
     status, files, out = get(c.routers[1], tmp_path / "g", "STUDY", {S: study})
     assert status == 0x0000, out[-3000:]
     check_received(ref, files, ref.uids(StudyInstanceUID=study), converted_ok=True)
-    # Both routers have met the dead node by now: further retrieves must not
-    # wait for it again (each wait is a whole query/fetch timeout, 8 s here,
-    # 10 s / 30 s by default).
-    for r in c.routers:
-        assert "node n1 " in r.log_text() and "did not answer" in r.log_text()
+    # Both routers know the node is dead by now, from a request it did not
+    # answer or from gossip (down): further retrieves must not wait for it
+    # again (each wait is a whole query/fetch timeout, 8 s here, 10 s / 30 s
+    # by default).
+    def knows_dead(r):
+        text = r.log_text()
+        return ("node n1 " in text and "did not answer" in text) or \
+            r.member_states().get("n1") == "down"
+    sc.wait_until(lambda: all(knows_dead(r) for r in c.routers), 20,
+                  "both routers knowing n1 is dead", c.views)
     t0 = time.monotonic()
     status, out, received = _move_all(c, c.router, dest, ref, before + after)
     took = time.monotonic() - t0
@@ -808,6 +813,7 @@ def test_two_nodes_killed_stores_fail_and_nothing_is_half_acknowledged(small, re
     # the nodes come back; the modality retries and now succeeds
     c.node("n2").restart()
     c.node("n3").restart()
+    c.wait_alive()  # the routers learn from gossip that they are back
     assert_all_success(store(c.router, ref.batches(failing)), failing)
     status, out, received = _move_all(c, c.routers[1], dest, ref, before + failing)
     assert status == 0x0000, out[-3000:]
@@ -922,6 +928,7 @@ def test_node_back_from_the_dead_does_not_make_find_stale(tmp_path, ref):
         c.router.kill9()
         c.node("n1").restart()
         c.router.start()
+        c.wait_alive()
         assert node_instances(c, c.node("n1")) == 3
         assert [node_instances(c, n) for n in c.nodes[1:]] == [7, 7]
         keys = {S: "", "PatientID": "SPT0001", "ModalitiesInStudy": "",
@@ -975,8 +982,11 @@ def test_calling_ae_allow_list(small):
     """With [dicom] allowed_callers set, only those calling AE titles get an
     association; others are rejected (calling AE title not recognised)."""
     c, _ = small
+    # Its key is not in the cluster keys: it serves DICOM at once without
+    # waiting for gossip, which is all this test needs.
     r = sc.Router(c.root, "guarded", c.keys, c.nodes,
-                  extra="[dicom]\nallowed_callers = MODALITY1, VIEWER2\n")
+                  extra="[dicom]\nallowed_callers = MODALITY1, VIEWER2\n"
+                        "[cluster]\njoin_timeout = 0s\n")
     r.start()
     try:
         for ae in ("MODALITY1", "VIEWER2"):
@@ -1009,3 +1019,115 @@ def test_patient_counts_are_cluster_wide(ref, tmp_path):
         got = {r["PatientID"]: [int(r[k]) for k in count_keys] for r in rsps}
         assert got == {w["PatientID"]: [int(w[k]) for k in count_keys] for w in want}
         assert any(v[0] > 1 for v in got.values())  # some patient has several studies
+
+
+# ---- placement from gossip: new members, stand-ins ----------------------------------------
+
+def _fresh_studies(tmp_path, count, pid):
+    """count one-instance studies with fresh UIDs, saved as explicit VR
+    files; returns [(study UID, SOP Instance UID, path)]."""
+    out = []
+    for i in range(count):
+        ds = _image(pid=pid, name=f"Gossip^{pid}{i}")
+        path = _save(ds, tmp_path / f"{pid}-{i}.dcm")
+        out.append((ds.StudyInstanceUID, ds.SOPInstanceUID, path))
+    return out
+
+
+def _holders(c, study, skip=()):
+    """Names of the running nodes (but those in skip) holding any instance of
+    a study."""
+    return sorted(n.name for n in c.nodes
+                  if n.alive() and n.name not in skip and n.list_study(c.admin_key, study))
+
+
+def _keys_reloaded(c, timeout=5.0):
+    """True once every running node and router logged a reload of the
+    cluster key file (processes follow the file while they run)."""
+    def reloaded(p):
+        return re.search(r"cluster keys \S+ reloaded", p.log_text(this_run=True))
+    procs = [p for p in c.nodes[:-1] + c.routers if p.alive()]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(reloaded(p) for p in procs):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_router_learns_a_new_node_from_gossip(tmp_path):
+    """A fourth node is added to a running cluster (key appended to the key
+    file, started with seeds): the router learns it from gossip, without any
+    configuration change, and places new studies on it. With W = N = 3 a
+    Success means every owner stored the instance, so right after the
+    stores the studies the router placed on n4 are on n4."""
+    with sc.cluster(tmp_path / "grow", nodes=3, replicas=3, quorum=3,
+                    cluster_opts=FAST) as c:
+        n4 = c.add_node()
+        if not _keys_reloaded(c):
+            pytest.skip("running members do not re-read cluster.keys yet, so a node "
+                        "added to a running cluster is refused (common/keys.c reload)")
+        c.wait_alive(timeout=60)
+        log = c.router.log_text()
+        assert re.search(r"member n4 new -> (joining|alive)", log), log[-3000:]
+        assert c.router.member_states()["n4"] == "alive"
+        studies = _fresh_studies(tmp_path, 8, "GROW")
+        assert_all_success(store(c.router, [("-xe", [p for _, _, p in studies])]),
+                           [u for _, u, _ in studies])
+        on_n4 = [s for s, u, _ in studies if u in n4.list_study(c.admin_key, s)]
+        # each study has 3 owners among 4 nodes: (1/4)^8 that n4 owns none
+        assert on_n4, "no new study was placed on the new node"
+        for study, uid, _ in studies:
+            holders = _holders(c, study)
+            assert len(holders) == 3, (study, holders)
+        # what n4 holds is readable through the router
+        status, files, out = get(c.router, tmp_path / "g", "STUDY", {S: on_n4[0]})
+        assert status == 0x0000 and len(files) == 1, out[-3000:]
+        echo(c.router)
+
+
+@pytest.mark.parametrize("how", ["kill9", "sigstop"])
+def test_store_with_an_owner_down_goes_to_a_stand_in(tmp_path, how):
+    """4 nodes, N = 3, W = 3: with n2 dead (kill -9) or paused (SIGSTOP) and
+    known down by the router's gossip, only 3 nodes are reachable, so every
+    study n2 owns can only reach W through a stand-in. Every store answers
+    Success, the stand-in really holds the instance (checked on it with the
+    CLI) and everything is readable through the router (C-GET)."""
+    c = sc.cluster(tmp_path / "sloppy", nodes=4, replicas=3, quorum=3, cluster_opts=FAST,
+                   router_extra={"log": {"level": "debug"}})
+    victim = c.node("n2")
+    try:
+        if how == "kill9":
+            victim.kill9()
+        else:
+            victim.pause()
+        c.wait_member("n2", "down", observers=[c.router], timeout=30)
+        studies = _fresh_studies(tmp_path, 8, "SLOPPY")
+        assert_all_success(store(c.router, [("-xe", [p for _, _, p in studies])]),
+                           [u for _, u, _ in studies])
+        stood = re.findall(r"study (\S+) partition \d+: (\S+) stands in for n2",
+                           c.router.log_text())
+        by_study = dict(stood)
+        mine = [s for s, _, _ in studies if s in by_study]
+        # n2 owns a study with probability 3/4: (1/4)^8 that it owns none
+        assert mine, "no store needed a stand-in"
+        for study, uid, path in studies:
+            if study in by_study:
+                stand_in = c.node(by_study[study])
+                assert stand_in.name != "n2"
+                held = stand_in.list_study(c.admin_key, study)
+                assert uid in held, (study, stand_in.name, held)
+            # W = 3 acknowledged copies, all on live nodes
+            holders = _holders(c, study, skip=("n2",))
+            assert len(holders) == 3, (study, holders)
+        for i, (study, uid, path) in enumerate(studies):
+            status, files, out = get(c.router, tmp_path / f"g{i}", "STUDY", {S: study})
+            assert status == 0x0000 and list(files) == [uid], out[-3000:]
+            got, want = pydicom.dcmread(str(files[uid])), pydicom.dcmread(str(path))
+            assert got.PixelData == want.PixelData and got.PatientName == want.PatientName
+        assert c.router.alive()
+        echo(c.router)
+    finally:
+        if how == "sigstop" and victim.alive():
+            victim.resume()
+        c.stop()
