@@ -1259,6 +1259,28 @@ static int entry_call(const char *k, size_t kn, const char *v, size_t vn, store_
     return r;
 }
 
+/* Calls fn for each instance record whose key starts with prefix, in key
+ * order. Returns 0 (also when fn asked to stop), fn's negative answer, or
+ * SP_EDB (also for a corrupt record); `what` names the range in logs. */
+static int list_prefix(store_t *s, const buf_t *prefix, store_entry_fn fn, void *ctx,
+                       const char *what)
+{
+    int rc = 0;
+    scan_t sc;
+    scan_prefix(&sc, s, NULL, CF_INDEX, prefix->p, prefix->len);
+    for (; scan_valid(&sc); scan_next(&sc)) {
+        size_t kn, vn;
+        const char *k = scan_key(&sc, &kn), *v = scan_value(&sc, &vn);
+        int r = entry_call(k, kn, v, vn, fn, ctx);
+        if (r < 0)
+            rc = r;
+        if (r)
+            break;
+    }
+    int rc2 = scan_close(&sc, what);
+    return rc ? rc : rc2;
+}
+
 int store_list(store_t *s, const char *study_uid, const char *series_uid, store_entry_fn fn,
                void *ctx)
 {
@@ -1270,20 +1292,9 @@ int store_list(store_t *s, const char *study_uid, const char *series_uid, store_
         return rc == SP_ENOTFOUND ? 0 : rc;
     buf_t prefix = {0};
     key_loc(&prefix, 'I', part, study_uid, series_uid, NULL, true);
-    scan_t sc;
-    scan_prefix(&sc, s, NULL, CF_INDEX, prefix.p, prefix.len);
+    rc = list_prefix(s, &prefix, fn, ctx, study_uid);
     buf_free(&prefix);
-    for (; scan_valid(&sc); scan_next(&sc)) {
-        size_t kn, vn;
-        const char *k = scan_key(&sc, &kn), *v = scan_value(&sc, &vn);
-        int r = entry_call(k, kn, v, vn, fn, ctx);
-        if (r < 0)
-            rc = r;
-        if (r)
-            break;
-    }
-    int rc2 = scan_close(&sc, study_uid);
-    return rc ? rc : rc2;
+    return rc;
 }
 
 /* Computes a partition's summary from its instance records (one iterator,
@@ -2395,6 +2406,20 @@ static int batch_study_sec_scan(rocksdb_writebatch_t *wb, store_t *s, uint32_t p
     return rc;
 }
 
+/* Sets *empty to whether a study has no key of one kind ('R' records, or
+ * type 0 for objects) in the partition. Returns 0 or SP_EDB. */
+static int study_range_empty(store_t *s, char type, int cf, uint32_t part, const char *study,
+                             bool *empty)
+{
+    buf_t k = {0};
+    scan_t sc;
+    key_loc(&k, type, part, study, NULL, NULL, true);
+    scan_prefix(&sc, s, NULL, cf, k.p, k.len);
+    *empty = !scan_valid(&sc);
+    buf_free(&k);
+    return scan_close(&sc, study);
+}
+
 /* Deletes everything of one study of a partition in one synced WriteBatch:
  * the study record, series and instance records and objects (range
  * deletes: each is the contiguous range [type]P|study\0...), the study
@@ -2402,8 +2427,8 @@ static int batch_study_sec_scan(rocksdb_writebatch_t *wb, store_t *s, uint32_t p
  * of its SOPs (point deletes, the SOPs read from the instance records).
  * The caller holds the study's gate closed, so no put of the study runs and
  * these reads see the study's final state. Returns 0 with the number of
- * instances deleted in *ninst, or SP_EDB / SP_ENOSPACE with nothing of the
- * study deleted. */
+ * instances deleted in *ninst (nothing written when the study has nothing
+ * here), or SP_EDB / SP_ENOSPACE with nothing of the study deleted. */
 static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *ninst)
 {
     rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
@@ -2411,7 +2436,7 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
     char *val = NULL, text[256];
     size_t vlen = 0;
     attrs_t t = {0};
-    uint64_t n = 0, bytes = 0, nconf = 0, nstudy = 0;
+    uint64_t n = 0, bytes = 0, nconf = 0, nstudy = 0, nkeys = 0;
     bool derived = false;
     *ninst = 0;
 
@@ -2435,6 +2460,7 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
             rc = SP_EDB;
             break;
         }
+        nkeys++;
         if (rec_decode(iv, vn, 'I', NULL, &size, NULL) == 0) {
             n++;
             bytes += size;
@@ -2499,11 +2525,24 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
     }
     key_uid(&k, 'S', study);
     rc = db_get(s, s->ro, CF_SECONDARY, &k, &val, &vlen, study);
-    if (rc == 0 && vlen == 2 && part_of(val) == part)
+    if (rc == 0 && vlen == 2 && part_of(val) == part) {
         rocksdb_writebatch_delete_cf(wb, s->cf[CF_SECONDARY], k.p, k.len);
-    else if (rc != 0 && rc != SP_ENOTFOUND)
+        nkeys++;
+    } else if (rc != 0 && rc != SP_ENOTFOUND) {
         goto out;
+    }
     rc = 0;
+    /* A study with nothing here costs no write: each deletion leaves range
+     * tombstones that every new iterator of the memtable must fragment, and
+     * hand-off may ask about absent studies often. */
+    if (nkeys == 0 && nstudy == 0) {
+        bool empty = true;
+        rc = study_range_empty(s, 'R', CF_INDEX, part, study, &empty);
+        if (rc == 0 && empty)
+            rc = study_range_empty(s, 0, CF_OBJECTS, part, study, &empty);
+        if (rc || empty)
+            goto out;
+    }
 
     key_loc(&k, 'R', part, study, NULL, NULL, true);
     batch_delete_prefix(wb, s, CF_INDEX, &k);
@@ -2583,15 +2622,12 @@ static int next_study(scan_t sc[STUDY_KEY_KINDS], uint32_t part, const char *aft
     return rc;
 }
 
-int store_delete_partition(store_t *s, uint32_t partition, uint64_t *deleted)
+/* Calls fn with each study UID of a partition in ascending order, as of a
+ * snapshot taken now, so the walk ends even while puts keep creating
+ * studies in the partition. Returns 0 (also when fn asked to stop), fn's
+ * negative answer, or SP_EDB. */
+static int walk_studies(store_t *s, uint32_t partition, store_study_fn fn, void *ctx)
 {
-    if (deleted)
-        *deleted = 0;
-    if (!s || partition > 0xffff)
-        return SP_EINVAL;
-    /* Studies are enumerated on a snapshot taken now, so the walk ends even
-     * while puts keep creating studies in the partition; each study is then
-     * deleted from its current state under its closed gate. */
     const rocksdb_snapshot_t *snap = rocksdb_create_snapshot(s->db);
     scan_t sc[STUDY_KEY_KINDS];
     buf_t prefix = {0};
@@ -2602,35 +2638,121 @@ int store_delete_partition(store_t *s, uint32_t partition, uint64_t *deleted)
     }
     buf_free(&prefix);
     char study[65] = "", after[65] = "";
-    uint64_t total = 0;
-    size_t studies = 0;
     int rc;
     while ((rc = next_study(sc, partition, after, study)) == 0) {
-        uint64_t n = 0;
-        gate_t *g = &s->study_gates[stripe(study)];
-        gate_close(g);
-        rc = delete_study(s, partition, study, &n);
-        gate_open(g);
+        rc = fn(ctx, study);
         if (rc)
             break;
-        total += n;
-        studies++;
-        if (deleted)
-            *deleted = total;
         memcpy(after, study, sizeof after);
     }
-    if (rc == SP_ENOTFOUND)
+    if (rc > 0 || rc == SP_ENOTFOUND)
         rc = 0;
     for (size_t i = 0; i < STUDY_KEY_KINDS; i++) {
         int rc2 = scan_close(&sc[i], "a partition");
         rc = rc ? rc : rc2;
     }
     rocksdb_release_snapshot(s->db, snap);
+    return rc;
+}
+
+int store_partition_studies(store_t *s, uint32_t partition, store_study_fn fn, void *ctx)
+{
+    if (!s || !fn || partition > 0xffff)
+        return SP_EINVAL;
+    return walk_studies(s, partition, fn, ctx);
+}
+
+typedef struct {
+    store_held_fn held;
+    void *ctx;
+} held_check_t;
+
+static int held_entry(void *ctx, const store_entry_t *e)
+{
+    const held_check_t *h = ctx;
+    return h->held(h->ctx, e) ? 0 : SP_ECONFLICT;
+}
+
+/* Deletes one study of a partition (delete_study) with its gate closed, so
+ * that puts of the study land wholly before or wholly after. When held is
+ * not NULL, first asks it about every instance of the study and deletes
+ * nothing (SP_ECONFLICT) unless all are held; the gate stays closed from
+ * that check to the write, so nothing held() was not asked about is
+ * deleted. Returns 0 with *ninst set, or as delete_study. */
+static int delete_study_gated(store_t *s, uint32_t part, const char *study, store_held_fn held,
+                              void *ctx, uint64_t *ninst)
+{
+    gate_t *g = &s->study_gates[stripe(study)];
+    int rc = 0;
+    *ninst = 0;
+    gate_close(g);
+    if (held) {
+        held_check_t h = {held, ctx};
+        buf_t prefix = {0};
+        key_loc(&prefix, 'I', part, study, NULL, NULL, true);
+        rc = list_prefix(s, &prefix, held_entry, &h, study);
+        buf_free(&prefix);
+    }
+    if (rc == 0)
+        rc = delete_study(s, part, study, ninst);
+    gate_open(g);
+    return rc;
+}
+
+int store_delete_study_if(store_t *s, uint32_t partition, const char *study_uid, store_held_fn held,
+                          void *ctx, uint64_t *deleted)
+{
+    uint64_t n = 0;
+    if (deleted)
+        *deleted = 0;
+    if (!s || partition > 0xffff || !sp_uid_valid(study_uid) || !held)
+        return SP_EINVAL;
+    int rc = delete_study_gated(s, partition, study_uid, held, ctx, &n);
+    if (rc == 0 && n)
+        log_debug("store: deleted study %s of partition %u (%llu instances, all held elsewhere)",
+                  study_uid, (unsigned)partition, (unsigned long long)n);
+    if (deleted)
+        *deleted = n;
+    return rc;
+}
+
+/* A partition deletion in progress (store_delete_partition). */
+typedef struct {
+    store_t *s;
+    uint32_t part;
+    uint64_t total;
+    size_t studies;
+    uint64_t *deleted;
+} part_delete_t;
+
+static int delete_next_study(void *ctx, const char *study)
+{
+    part_delete_t *d = ctx;
+    uint64_t n = 0;
+    int rc = delete_study_gated(d->s, d->part, study, NULL, NULL, &n);
+    if (rc)
+        return rc;
+    d->total += n;
+    d->studies++;
+    if (d->deleted)
+        *d->deleted = d->total;
+    return 0;
+}
+
+int store_delete_partition(store_t *s, uint32_t partition, uint64_t *deleted)
+{
+    if (deleted)
+        *deleted = 0;
+    if (!s || partition > 0xffff)
+        return SP_EINVAL;
+    /* Each study is deleted from its current state under its closed gate. */
+    part_delete_t d = {.s = s, .part = partition, .deleted = deleted};
+    int rc = walk_studies(s, partition, delete_next_study, &d);
     if (rc)
         log_error("store: deleting partition %u stopped after %zu studies (%llu instances)",
-                  (unsigned)partition, studies, (unsigned long long)total);
+                  (unsigned)partition, d.studies, (unsigned long long)d.total);
     else
         log_info("store: deleted partition %u: %zu studies, %llu instances", (unsigned)partition,
-                 studies, (unsigned long long)total);
+                 d.studies, (unsigned long long)d.total);
     return rc;
 }

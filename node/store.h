@@ -28,7 +28,8 @@
  * Concurrent store_put() calls from many threads share fsyncs (RocksDB's
  * group commit); puts of the same SOP Instance UID are serialised by a
  * striped lock so idempotence and conflict detection hold under races, and
- * a study's deletion (store_delete_partition) excludes puts of that study.
+ * a study's deletion (store_delete_partition, store_delete_study_if)
+ * excludes puts of that study.
  *
  * Every function is thread-safe unless noted. */
 #ifndef SP_STORE_H
@@ -229,6 +230,43 @@ int store_partition_list(store_t *s, uint32_t partition, const char *cursor, siz
  * empty stops routing writes to it first. Puts of other partitions that
  * share a stripe wait at most for one study's synced batch. */
 int store_delete_partition(store_t *s, uint32_t partition, uint64_t *deleted);
+
+/* Return 0 to continue, non-zero to stop; a negative value is also passed
+ * back. study_uid is valid only during the call. */
+typedef int (*store_study_fn)(void *ctx, const char *study_uid);
+
+/* Calls fn with the UID of each study that has anything (a record or an
+ * object) in the partition, in ascending order, as of the call's start
+ * (one snapshot). Returns 0 (also when fn asked to stop), fn's negative
+ * answer, SP_EINVAL (partition), or SP_EDB (also for a corrupt key). Takes
+ * no lock; fn may call into the store. */
+int store_partition_studies(store_t *s, uint32_t partition, store_study_fn fn, void *ctx);
+
+/* Answers whether an instance (valid only during the call) is held where
+ * it should be, e.g. by every owner of its partition with this digest. */
+typedef bool (*store_held_fn)(void *ctx, const store_entry_t *e);
+
+/* Deletes one study of a partition only if held() is true for each of its
+ * instances, for a non-owner handing a study off. With the study's gate
+ * closed (no put of the study runs), calls held() for every instance of
+ * the study in key order; if all are held, deletes the study exactly as
+ * store_delete_partition() deletes each study (one synced WriteBatch, so
+ * the study is wholly present or wholly gone after a crash) and returns 0
+ * with *deleted (may be NULL) set. Returns SP_ECONFLICT when not every
+ * instance is held elsewhere (held() returned false; nothing deleted, the
+ * remaining instances not asked about), 0 with *deleted = 0 for a study
+ * without instances in the partition, SP_EINVAL (partition, UID, NULL
+ * held), or SP_EDB (also for a corrupt record) / SP_ENOSPACE with nothing
+ * deleted.
+ *
+ * Concurrency: a put of the study racing with the call lands wholly before
+ * the gate closes (and then held() is asked about it) or after it opens
+ * (and is stored as new, STORE_STORED); an instance held() was not asked
+ * about is never deleted. held() runs with the gate closed: it must be
+ * quick and must not put into the study (that would deadlock); puts of
+ * other studies sharing the gate's stripe wait for it too. */
+int store_delete_study_if(store_t *s, uint32_t partition, const char *study_uid, store_held_fn held,
+                          void *ctx, uint64_t *deleted);
 
 typedef struct {
     uint64_t instances;

@@ -2123,6 +2123,279 @@ static void test_partition_summaries_concurrent(void **state)
     }
 }
 
+/* ---- per-study hand-off deletion ------------------------------------- */
+
+#define MAX_STUDIES 16
+
+typedef struct {
+    char v[MAX_STUDIES][65];
+    int n;
+    int stop_after;
+} studies_t;
+
+static int add_study(void *ctx, const char *study_uid)
+{
+    studies_t *st = ctx;
+    assert_true(st->n < MAX_STUDIES);
+    strcpy(st->v[st->n++], study_uid);
+    return st->stop_after && st->n == st->stop_after;
+}
+
+/* The study UIDs of a partition joined with commas. */
+static void studies_of(store_t *s, uint32_t part, char *out, size_t size)
+{
+    studies_t st = {0};
+    assert_int_equal(store_partition_studies(s, part, add_study, &st), 0);
+    out[0] = '\0';
+    for (int i = 0; i < st.n; i++)
+        snprintf(out + strlen(out), size - strlen(out), "%s%s", i ? "," : "", st.v[i]);
+}
+
+/* What held() was asked: SOPs in order, and whether it says yes. */
+typedef struct {
+    char sop[64][65];
+    uint8_t digest[64][SP_DIGEST_LEN];
+    int n;
+    const char *refuse; /* this SOP is not held */
+} asked_t;
+
+static bool held_record(void *ctx, const store_entry_t *e)
+{
+    asked_t *a = ctx;
+    assert_true(a->n < 64);
+    strcpy(a->sop[a->n], e->sop_uid);
+    memcpy(a->digest[a->n], e->digest, SP_DIGEST_LEN);
+    a->n++;
+    return !(a->refuse && strcmp(a->refuse, e->sop_uid) == 0);
+}
+
+static void test_delete_study_if(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t a[5], b[3];
+    char sops[8][32];
+    for (int i = 0; i < 5; i++) {
+        sprintf(sops[i], "1.4.1.%d.%d", i % 2, i);
+        a[i] = simple(7, "1.4.1", i % 2 ? "1.4.1.1" : "1.4.1.0", sops[i]);
+        put_ok(fx->s, &a[i], 200 + (size_t)i, (uint32_t)i);
+    }
+    for (int i = 0; i < 3; i++) {
+        sprintf(sops[5 + i], "1.4.2.1.%d", i);
+        b[i] = simple(7, "1.4.2", "1.4.2.1", sops[5 + i]);
+        b[i].pid = "PAT4";
+        put_ok(fx->s, &b[i], 300 + (size_t)i, 10 + (uint32_t)i);
+    }
+    inst_t c = simple(8, "1.4.3", "1.4.3.1", "1.4.3.1.1");
+    put_ok(fx->s, &c, 100, 20);
+
+    char got[256];
+    studies_of(fx->s, 7, got, sizeof got);
+    assert_string_equal(got, "1.4.1,1.4.2");
+    studies_of(fx->s, 8, got, sizeof got);
+    assert_string_equal(got, "1.4.3");
+    studies_of(fx->s, 9, got, sizeof got);
+    assert_string_equal(got, "");
+    studies_t st = {.stop_after = 1};
+    assert_int_equal(store_partition_studies(fx->s, 7, add_study, &st), 0);
+    assert_int_equal(st.n, 1);
+    assert_int_equal(store_partition_studies(fx->s, 65536, add_study, &st), SP_EINVAL);
+    assert_int_equal(store_partition_studies(fx->s, 7, NULL, &st), SP_EINVAL);
+
+    /* One instance of 1.4.2 not held: nothing of it is deleted. */
+    static asked_t asked;
+    memset(&asked, 0, sizeof asked);
+    asked.refuse = "1.4.2.1.1";
+    uint64_t deleted = 99;
+    store_stats_t before = stats(fx->s);
+    assert_int_equal(store_delete_study_if(fx->s, 7, "1.4.2", held_record, &asked, &deleted),
+                     SP_ECONFLICT);
+    assert_int_equal(deleted, 0);
+    assert_int_equal(asked.n, 2); /* stopped at the first one not held */
+    for (int i = 0; i < 3; i++)
+        check_get(fx->s, &b[i], 300 + (size_t)i, 10 + (uint32_t)i);
+    store_stats_t after = stats(fx->s);
+    assert_int_equal(after.instances, before.instances);
+    assert_int_equal(after.studies, before.studies);
+
+    /* All of 1.4.1 held: it goes, in one piece; held() saw every instance
+     * with its digest, in key order. */
+    memset(&asked, 0, sizeof asked);
+    assert_int_equal(store_delete_study_if(fx->s, 7, "1.4.1", held_record, &asked, &deleted), 0);
+    assert_int_equal(deleted, 5);
+    assert_int_equal(asked.n, 5);
+    const int order[5] = {0, 2, 4, 1, 3}; /* series 1.4.1.0 first */
+    for (int i = 0; i < 5; i++) {
+        uint8_t *bytes = make_bytes(200 + (size_t)order[i], (uint32_t)order[i]);
+        uint8_t d[SP_DIGEST_LEN];
+        sp_digest(bytes, 200 + (size_t)order[i], d);
+        free(bytes);
+        assert_string_equal(asked.sop[i], sops[order[i]]);
+        assert_memory_equal(asked.digest[i], d, SP_DIGEST_LEN);
+        store_object_t o;
+        assert_int_equal(store_get(fx->s, sops[i], &o), SP_ENOTFOUND);
+    }
+    after = stats(fx->s);
+    assert_int_equal(after.instances, before.instances - 5);
+    assert_int_equal(after.studies, before.studies - 1);
+    assert_int_equal(after.bytes, before.bytes - (200 + 201 + 202 + 203 + 204));
+    studies_of(fx->s, 7, got, sizeof got);
+    assert_string_equal(got, "1.4.2");
+    EXPECT(fx->s, ATTR_STUDY_INSTANCE_UID, "1.4.3", {LEVEL_STUDY, 0, {"PatientID", "PAT1"}});
+    EXPECT(fx->s, ATTR_STUDY_INSTANCE_UID, "1.4.2", {LEVEL_STUDY, 0, {"PatientID", "PAT4"}});
+    uint64_t count = 0;
+    assert_int_equal(store_partition_digest(fx->s, 7, NULL, &count, NULL), 0);
+    assert_int_equal(count, 3);
+    static sums_t sm;
+    summaries(fx->s, &sm);
+    assert_int_equal(sm.n, 2);
+    assert_int_equal(sm.v[0].count, 3);
+
+    /* A study that is not there (or not in that partition): nothing asked. */
+    memset(&asked, 0, sizeof asked);
+    deleted = 99;
+    assert_int_equal(store_delete_study_if(fx->s, 7, "1.4.1", held_record, &asked, &deleted), 0);
+    assert_int_equal(deleted, 0);
+    assert_int_equal(store_delete_study_if(fx->s, 7, "1.4.3", held_record, &asked, &deleted), 0);
+    assert_int_equal(deleted, 0);
+    assert_int_equal(asked.n, 0);
+    check_get(fx->s, &c, 100, 20);
+
+    assert_int_equal(store_delete_study_if(fx->s, 7, "1.4.2", NULL, NULL, &deleted), SP_EINVAL);
+    assert_int_equal(store_delete_study_if(fx->s, 7, "1..4", held_record, &asked, &deleted),
+                     SP_EINVAL);
+    assert_int_equal(store_delete_study_if(fx->s, 65536, "1.4.2", held_record, &asked, &deleted),
+                     SP_EINVAL);
+
+    /* Counts agree with a fresh count at open. */
+    after = stats(fx->s);
+    reopen(fx);
+    store_stats_t again = stats(fx->s);
+    assert_int_equal(again.instances, after.instances);
+    assert_int_equal(again.bytes, after.bytes);
+    assert_int_equal(again.studies, after.studies);
+}
+
+#define RACE_PUTS 300
+
+typedef struct {
+    store_t *s;
+    atomic_int n; /* puts finished */
+    int errors;
+} study_putter_t;
+
+static void race_sop(int i, char *sop)
+{
+    sprintf(sop, "1.4.9.1.%d", i);
+}
+
+static void *study_putter(void *arg)
+{
+    study_putter_t *p = arg;
+    for (int i = 0; i < RACE_PUTS; i++) {
+        char sop[32];
+        race_sop(i, sop);
+        inst_t in = simple(12, "1.4.9", "1.4.9.1", sop);
+        uint8_t *b = make_bytes(100 + (size_t)i, (uint32_t)i);
+        store_outcome_t out;
+        if (put_data(p->s, &in, b, 100 + (size_t)i, &out) != 0 || out != STORE_STORED)
+            p->errors++;
+        free(b);
+        atomic_fetch_add(&p->n, 1);
+    }
+    return NULL;
+}
+
+/* What one racing deletion asked held() about, by put number. */
+typedef struct {
+    int batch[RACE_PUTS];
+    int nbatch;
+    int refuse_at; /* answer "not held" for the refuse_at-th instance; 0 = never */
+    bool invalid;  /* asked about something the putter did not put */
+} race_held_t;
+
+static bool race_held(void *ctx, const store_entry_t *e)
+{
+    race_held_t *r = ctx;
+    int i = atoi(e->sop_uid + strlen("1.4.9.1."));
+    if (i < 0 || i >= RACE_PUTS || r->nbatch >= RACE_PUTS) {
+        r->invalid = true; /* asserted by the caller (the gate is closed here) */
+        return false;
+    }
+    r->batch[r->nbatch++] = i;
+    return r->nbatch != r->refuse_at;
+}
+
+/* A put racing with store_delete_study_if() into the same study is either
+ * among the instances held() was asked about (and deleted with them) or
+ * survives whole; never deleted unasked. Every third call refuses at its
+ * second instance: nothing it was asked about is deleted. */
+static void test_delete_study_if_racing_puts(void **state)
+{
+    fixture_t *fx = *state;
+    static race_held_t r;
+    static int deleted_by[RACE_PUTS]; /* deletions that were asked about it */
+    memset(deleted_by, 0, sizeof deleted_by);
+    study_putter_t p = {.s = fx->s};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, study_putter, &p), 0);
+    uint64_t total = 0;
+    int calls = 0, deletions = 0, refusals = 0, bad = 0;
+    while (atomic_load(&p.n) < RACE_PUTS) {
+        /* Paced so the putter is not starved by the closing gate, at
+         * varying offsets from its puts. */
+        usleep(100 + (useconds_t)(calls % 7) * 150);
+        memset(&r, 0, sizeof r);
+        r.refuse_at = calls++ % 3 == 2 ? 2 : 0;
+        uint64_t n = 99;
+        int rc = store_delete_study_if(fx->s, 12, "1.4.9", race_held, &r, &n);
+        /* Failures are counted, not asserted, until the putter is joined. */
+        bad += r.invalid;
+        if (rc == SP_ECONFLICT) {
+            bad += r.nbatch != r.refuse_at || n != 0;
+            refusals++;
+            continue;
+        }
+        bad += rc != 0 || n != (uint64_t)r.nbatch;
+        for (int i = 0; i < r.nbatch; i++)
+            deleted_by[r.batch[i]]++;
+        total += n;
+        deletions += n > 0;
+    }
+    pthread_join(t, NULL);
+    assert_int_equal(bad, 0);
+    assert_int_equal(p.errors, 0);
+    assert_true(deletions > 0);
+    assert_true(refusals > 0);
+
+    /* Every put was deleted by exactly one call that asked about it, or is
+     * still there, bit-exact. */
+    uint64_t present = 0, gone = 0;
+    for (int i = 0; i < RACE_PUTS; i++) {
+        char sop[32];
+        race_sop(i, sop);
+        store_object_t o;
+        int rc = store_get(fx->s, sop, &o);
+        assert_true(deleted_by[i] <= 1);
+        if (deleted_by[i]) {
+            assert_int_equal(rc, SP_ENOTFOUND);
+            gone++;
+            continue;
+        }
+        assert_int_equal(rc, 0);
+        uint8_t *want = make_bytes(100 + (size_t)i, (uint32_t)i);
+        assert_int_equal(o.len, 100 + (size_t)i);
+        assert_memory_equal(o.data, want, o.len);
+        free(want);
+        store_object_free(&o);
+        present++;
+    }
+    assert_int_equal(gone, total);
+    assert_int_equal(stats(fx->s).instances, present);
+    uint64_t count = 0;
+    assert_int_equal(store_partition_digest(fx->s, 12, NULL, &count, NULL), 0);
+    assert_int_equal(count, present);
+}
+
 int main(void)
 {
     log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
@@ -2156,6 +2429,8 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_partition_summaries, setup, teardown),
         cmocka_unit_test_setup_teardown(test_partition_summaries_concurrent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_study_if, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_delete_study_if_racing_puts, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
