@@ -862,6 +862,60 @@ void store_close(store_t **sp)
 
 /* ---- put ------------------------------------------------------------ */
 
+/* Reads the object of an instance and checks it against the size and
+ * digest of its instance record. Returns 0 with *data (release with
+ * rocksdb_free) and *len; SP_EDIGEST when the bytes are bad (digest or size
+ * mismatch, or RocksDB's own checksum of an SST block or blob record
+ * failed), counted in corrupt_reads; SP_ENOTFOUND when the instance record
+ * has no object; or SP_EDB / SP_ENOSPACE for another read error. Each
+ * failure is logged. *len is the size read also for a mismatch (0 when
+ * nothing was read). */
+static int object_read(store_t *s, const rocksdb_readoptions_t *ro, const loc_t *loc,
+                       const char *sop, uint64_t size, const uint8_t *digest, char **data,
+                       size_t *len)
+{
+    buf_t k = {0};
+    char *err = NULL;
+    uint8_t got[SP_DIGEST_LEN];
+    *len = 0;
+    key_loc(&k, 0, loc->part, loc->study, loc->series, sop, false);
+    *data = rocksdb_get_cf(s->db, ro, s->cf[CF_OBJECTS], k.p, k.len, len, &err);
+    buf_free(&k);
+    if (err) {
+        *data = NULL;
+        *len = 0;
+        /* RocksDB's own checksums (SST blocks, blob records) failed: the bytes
+         * on disk are bad, which is the same fault as a digest mismatch. */
+        int rc = strncmp(err, "Corruption", 10) == 0 ? SP_EDIGEST : db_code(err);
+        if (rc == SP_EDIGEST) {
+            atomic_fetch_add(&s->corrupt_reads, 1);
+            log_error("store: corrupt object SOP %s of study %s: %s", sop, loc->study, err);
+        } else {
+            log_error("store: read of object SOP %s of study %s: %s", sop, loc->study, err);
+        }
+        rocksdb_free(err);
+        return rc;
+    }
+    if (!*data) {
+        log_error("store: SOP %s of study %s has an index record but no object", sop, loc->study);
+        return SP_ENOTFOUND;
+    }
+    sp_digest(*data, *len, got);
+    if (*len == size && memcmp(got, digest, SP_DIGEST_LEN) == 0)
+        return 0;
+    char want_hex[2 * SP_DIGEST_LEN + 1], got_hex[2 * SP_DIGEST_LEN + 1];
+    sp_hex(digest, SP_DIGEST_LEN, want_hex);
+    sp_hex(got, SP_DIGEST_LEN, got_hex);
+    atomic_fetch_add(&s->corrupt_reads, 1);
+    log_error("store: corrupt object SOP %s of study %s in partition %u: digest %s "
+              "(%zu bytes), expected %s (%llu bytes)",
+              sop, loc->study, (unsigned)loc->part, got_hex, *len, want_hex,
+              (unsigned long long)size);
+    rocksdb_free(*data);
+    *data = NULL;
+    return SP_EDIGEST;
+}
+
 /* Looks up the partition a study is stored under. Returns 0, SP_ENOTFOUND,
  * or SP_EDB. */
 static int study_partition(store_t *s, const rocksdb_readoptions_t *ro, const char *study,
@@ -903,10 +957,41 @@ static int sop_locate(store_t *s, const rocksdb_readoptions_t *ro, const char *s
     return rc;
 }
 
-/* The SOP is already stored (at loc): a duplicate when the digests agree,
- * else a conflict whose copy is kept aside once (conflicts CF, synced). */
+/* A repair of a SOP stored with the sender's digest (at loc): a duplicate
+ * when the stored object verifies, else the object is rewritten with the
+ * verified bytes (synced; the index records, which hold the digest, stay). */
+static int object_repair(store_t *s, const store_put_t *in, const char *sop, const loc_t *loc,
+                         store_outcome_t *outcome)
+{
+    char *data = NULL, *err = NULL;
+    size_t len = 0;
+    int rc = object_read(s, s->ro_object, loc, sop, in->len, in->digest, &data, &len);
+    rocksdb_free(data);
+    if (rc == 0) {
+        *outcome = STORE_DUPLICATE;
+        return 0;
+    }
+    /* Any failure to read back what the record promises (bad bytes, a
+     * missing object, an I/O error) is cured by the verified bytes. */
+    buf_t k = {0};
+    key_loc(&k, 0, loc->part, loc->study, loc->series, sop, false);
+    rocksdb_put_cf(s->db, s->wo_sync, s->cf[CF_OBJECTS], k.p, k.len, (const char *)in->data,
+                   in->len, &err);
+    buf_free(&k);
+    part_touched(s, loc->part);
+    if (err)
+        return db_fail(err, "repair of SOP", sop);
+    log_info("store: repaired SOP %s of study %s in partition %u (%zu bytes)", sop, loc->study,
+             (unsigned)loc->part, in->len);
+    *outcome = STORE_STORED;
+    return 0;
+}
+
+/* The SOP is already stored (at loc): a duplicate when the digests agree
+ * (for a repair, after object_repair), else a conflict whose copy is kept
+ * aside once (conflicts CF, synced). */
 static int put_existing(store_t *s, const store_put_t *in, const char *sop, const loc_t *loc,
-                        store_outcome_t *outcome)
+                        bool repair, store_outcome_t *outcome)
 {
     uint8_t have[SP_DIGEST_LEN];
     uint64_t have_size = 0;
@@ -919,6 +1004,8 @@ static int put_existing(store_t *s, const store_put_t *in, const char *sop, cons
     if (rc)
         return rc;
     if (memcmp(have, in->digest, SP_DIGEST_LEN) == 0) {
+        if (repair)
+            return object_repair(s, in, sop, loc, outcome);
         *outcome = STORE_DUPLICATE;
         return 0;
     }
@@ -1001,7 +1088,10 @@ static bool put_attrs_valid(const attrs_t *a)
     return true;
 }
 
-int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
+/* store_put(), or store_repair() when repair is set: the same validation
+ * and locking; they differ only for a SOP already stored with the same
+ * digest (put_existing). */
+static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome_t *outcome)
 {
     if (!s || !in || !in->attrs || !outcome)
         return SP_EINVAL;
@@ -1055,7 +1145,7 @@ int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
         rc = sop_locate(s, s->ro, sop, &loc);
     }
     if (rc == 0) {
-        rc = put_existing(s, in, sop, &loc, outcome);
+        rc = put_existing(s, in, sop, &loc, repair, outcome);
         goto out;
     }
     if (rc != SP_ENOTFOUND)
@@ -1149,6 +1239,16 @@ out:
     return rc;
 }
 
+int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome)
+{
+    return put_one(s, in, false, outcome);
+}
+
+int store_repair(store_t *s, const store_put_t *in, store_outcome_t *outcome)
+{
+    return put_one(s, in, true, outcome);
+}
+
 /* ---- get ------------------------------------------------------------ */
 
 int store_get(store_t *s, const char *sop_uid, store_object_t *out)
@@ -1159,11 +1259,9 @@ int store_get(store_t *s, const char *sop_uid, store_object_t *out)
     if (!sp_uid_valid(sop_uid))
         return SP_EINVAL;
     loc_t loc;
-    buf_t k = {0};
-    char *err = NULL, *data = NULL;
+    char *data = NULL;
     size_t len = 0;
     uint64_t size = 0;
-    uint8_t digest[SP_DIGEST_LEN];
     int rc = sop_locate(s, s->ro, sop_uid, &loc);
     if (rc)
         return rc;
@@ -1174,52 +1272,16 @@ int store_get(store_t *s, const char *sop_uid, store_object_t *out)
                   loc.study);
         rc = SP_EDB;
     }
-    if (rc)
-        goto fail;
-
-    key_loc(&k, 0, loc.part, loc.study, loc.series, sop_uid, false);
-    data = rocksdb_get_cf(s->db, s->ro_object, s->cf[CF_OBJECTS], k.p, k.len, &len, &err);
-    buf_free(&k);
-    if (err) {
-        /* RocksDB's own checksums (SST blocks, blob records) failed: the bytes
-         * on disk are bad, which is the same fault as a digest mismatch. */
-        if (strncmp(err, "Corruption", 10) == 0) {
-            atomic_fetch_add(&s->corrupt_reads, 1);
-            log_error("store: corrupt object SOP %s of study %s: %s", sop_uid, loc.study, err);
-            rc = SP_EDIGEST;
-        } else {
-            rc = db_code(err);
-            log_error("store: read of object SOP %s of study %s: %s", sop_uid, loc.study, err);
-        }
-        rocksdb_free(err);
-        goto fail;
-    }
-    if (!data) {
-        log_error("store: SOP %s of study %s has an index record but no object", sop_uid,
-                  loc.study);
-        rc = SP_EDB;
-        goto fail;
-    }
-    sp_digest(data, len, digest);
-    if (len != size || memcmp(digest, out->digest, SP_DIGEST_LEN) != 0) {
-        char want[2 * SP_DIGEST_LEN + 1], got[2 * SP_DIGEST_LEN + 1];
-        sp_hex(out->digest, SP_DIGEST_LEN, want);
-        sp_hex(digest, SP_DIGEST_LEN, got);
-        atomic_fetch_add(&s->corrupt_reads, 1);
-        log_error("store: corrupt object SOP %s of study %s in partition %u: digest %s "
-                  "(%zu bytes), expected %s (%llu bytes)",
-                  sop_uid, loc.study, (unsigned)loc.part, got, len, want, (unsigned long long)size);
-        rocksdb_free(data);
-        rc = SP_EDIGEST;
-        goto fail;
+    if (rc == 0)
+        rc = object_read(s, s->ro_object, &loc, sop_uid, size, out->digest, &data, &len);
+    if (rc) {
+        store_object_free(out);
+        return rc == SP_ENOTFOUND ? SP_EDB : rc;
     }
     out->partition = loc.part;
     out->data = (uint8_t *)data;
     out->len = len;
     return 0;
-fail:
-    store_object_free(out);
-    return rc;
 }
 
 void store_object_free(store_object_t *o)

@@ -183,7 +183,7 @@ typedef int (*store_summary_fn)(void *ctx, const store_partition_summary_t *p);
 /* Calls fn for each non-empty partition, in ascending order, with its
  * store_partition_digest() values. Cheap when nothing changed: summaries
  * are cached in memory per partition (about 5 MiB per store) and a
- * partition is re-read only after a put or a deletion touched it
+ * partition is re-read only after a put, repair or deletion touched it
  * (which partitions hold anything is learnt by store_open's count). A
  * partition whose digest cannot be computed is skipped and the walk goes
  * on. Returns 0 (also when fn asked to stop), fn's negative answer, or the
@@ -268,12 +268,26 @@ typedef bool (*store_held_fn)(void *ctx, const store_entry_t *e);
 int store_delete_study_if(store_t *s, uint32_t partition, const char *study_uid, store_held_fn held,
                           void *ctx, uint64_t *deleted);
 
+/* Repairs a corrupt local copy with verified bytes from elsewhere. Same
+ * input, validation, errors and locking as store_put(); when the SOP is
+ * already stored with the same recorded digest but its stored object fails
+ * verification (digest mismatch, a RocksDB checksum or read error, or a
+ * missing object), rewrites the object (synced), logs it and returns 0 with
+ * STORE_STORED. When the stored copy verifies, STORE_DUPLICATE (nothing
+ * written); a different recorded digest is a STORE_CONFLICT exactly as in
+ * store_put(); an absent SOP is stored as store_put() would. Only the
+ * object is rewritten: the index records, the only copy of the digest, are
+ * kept. Crash safety: the rewrite is one synced put, so after a crash the
+ * object is the old (corrupt) value or the repaired one. */
+int store_repair(store_t *s, const store_put_t *in, store_outcome_t *outcome);
+
 typedef struct {
     uint64_t instances;
     uint64_t bytes;
     uint64_t studies;
     uint64_t conflicts;
-    uint64_t corrupt_reads; /* digest mismatches seen since start */
+    uint64_t corrupt_reads; /* corrupt objects seen since start (reads,
+                             * repairs) */
     uint64_t db_size_bytes; /* SST + blob file size on disk, from RocksDB;
                              * data still only in the WAL is not counted */
 } store_stats_t;

@@ -502,11 +502,11 @@ static bool flip_in_file(const char *path, const uint8_t *needle, size_t n)
     return false;
 }
 
-static void test_corrupt_blob_file_detected(void **state)
+/* Flushes the store's objects to files and flips a bit of one object
+ * (size bytes from make_bytes(size, seed)) inside its blob file, where only
+ * RocksDB's blob record checksum notices it. */
+static void corrupt_in_blob_file(fixture_t *fx, size_t size, uint32_t seed)
 {
-    fixture_t *fx = *state;
-    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
-    put_ok(fx->s, &large, 80000, 5);
     store_close(&fx->s);
 
     /* Flush the memtable so the object lands in a blob file on disk. */
@@ -520,7 +520,7 @@ static void test_corrupt_blob_file_detected(void **state)
     rocksdb_flushoptions_destroy(fo);
     raw_close(&r);
 
-    uint8_t *data = make_bytes(80000, 5);
+    uint8_t *data = make_bytes(size, seed);
     DIR *d = opendir(fx->dir);
     assert_non_null(d);
     struct dirent *de;
@@ -530,14 +530,21 @@ static void test_corrupt_blob_file_detected(void **state)
         if (len > 5 && strcmp(de->d_name + len - 5, ".blob") == 0) {
             char path[512];
             snprintf(path, sizeof path, "%s/%s", fx->dir, de->d_name);
-            flipped += flip_in_file(path, data + 40000, 64);
+            flipped += flip_in_file(path, data + size / 2, 64);
         }
     }
     closedir(d);
     free(data);
     assert_int_equal(flipped, 1);
-
     fx->s = open_at(fx->dir);
+}
+
+static void test_corrupt_blob_file_detected(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    put_ok(fx->s, &large, 80000, 5);
+    corrupt_in_blob_file(fx, 80000, 5);
     expect_corrupt(fx->s, large.sop);
     assert_int_equal(stats(fx->s).corrupt_reads, 1);
 }
@@ -2396,6 +2403,139 @@ static void test_delete_study_if_racing_puts(void **state)
     assert_int_equal(count, present);
 }
 
+/* ---- repair ------------------------------------------------------------ */
+
+static int repair_data(store_t *s, const inst_t *in, const uint8_t *data, size_t len,
+                       store_outcome_t *out)
+{
+    attrs_t a;
+    inst_attrs(in, &a);
+    store_put_t p = {.partition = in->part, .attrs = &a, .data = data, .len = len};
+    sp_digest(data, len, p.digest);
+    int rc = store_repair(s, &p, out);
+    attrs_clear(&a);
+    return rc;
+}
+
+static store_outcome_t repair(store_t *s, const inst_t *in, size_t len, uint32_t seed)
+{
+    uint8_t *b = make_bytes(len, seed);
+    store_outcome_t out = (store_outcome_t)-1;
+    assert_int_equal(repair_data(s, in, b, len, &out), 0);
+    free(b);
+    return out;
+}
+
+static void test_repair(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t small = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.2");
+    inst_t good = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.3");
+    inst_t lost = simple(7, "1.2.3", "1.2.3.2", "1.2.3.2.1");
+    put_ok(fx->s, &small, 500, 1);
+    put_ok(fx->s, &large, 100000, 2);
+    put_ok(fx->s, &good, 700, 3);
+    put_ok(fx->s, &lost, 900, 4);
+    uint8_t d7[SP_DIGEST_LEN];
+    uint64_t c7 = 0, b7 = 0;
+    assert_int_equal(store_partition_digest(fx->s, 7, d7, &c7, &b7), 0);
+    store_close(&fx->s);
+
+    /* Damage three objects behind the store's back: two flipped bytes (an
+     * inline value and a blob), one object gone. */
+    raw_db_t r;
+    raw_open(&r, fx->dir);
+    flip_object_byte(&r, &small, 17);
+    flip_object_byte(&r, &large, 99999);
+    char key[256], *err = NULL;
+    size_t kn = object_key(&lost, key);
+    rocksdb_writeoptions_t *wo = rocksdb_writeoptions_create();
+    rocksdb_delete_cf(r.db, wo, raw_cf(&r, "objects"), key, kn, &err);
+    assert_null(err);
+    rocksdb_writeoptions_destroy(wo);
+    raw_close(&r);
+    fx->s = open_at(fx->dir);
+    expect_corrupt(fx->s, small.sop);
+    expect_corrupt(fx->s, large.sop);
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, lost.sop, &o), SP_EDB);
+
+    /* Repairs with the good bytes put them back; nothing else changes. */
+    store_stats_t before = stats(fx->s);
+    assert_int_equal(repair(fx->s, &small, 500, 1), STORE_STORED);
+    assert_int_equal(repair(fx->s, &large, 100000, 2), STORE_STORED);
+    assert_int_equal(repair(fx->s, &lost, 900, 4), STORE_STORED);
+    check_get(fx->s, &small, 500, 1);
+    check_get(fx->s, &large, 100000, 2);
+    check_get(fx->s, &lost, 900, 4);
+    store_stats_t after = stats(fx->s);
+    assert_int_equal(after.instances, before.instances);
+    assert_int_equal(after.bytes, before.bytes);
+    assert_int_equal(after.corrupt_reads, before.corrupt_reads + 2);
+
+    /* A copy that verifies is a duplicate: nothing written. */
+    assert_int_equal(repair(fx->s, &small, 500, 1), STORE_DUPLICATE);
+    assert_int_equal(repair(fx->s, &good, 700, 3), STORE_DUPLICATE);
+
+    /* Different bytes are a conflict, kept aside; the original stays. */
+    assert_int_equal(repair(fx->s, &good, 700, 99), STORE_CONFLICT);
+    check_get(fx->s, &good, 700, 3);
+    assert_int_equal(stats(fx->s).conflicts, 1);
+
+    /* An absent SOP is stored as a put would. */
+    inst_t fresh = simple(7, "1.2.3", "1.2.3.2", "1.2.3.2.2");
+    assert_int_equal(repair(fx->s, &fresh, 300, 5), STORE_STORED);
+    check_get(fx->s, &fresh, 300, 5);
+    assert_int_equal(stats(fx->s).instances, before.instances + 1);
+    assert_int_equal(repair(fx->s, &fresh, 300, 5), STORE_DUPLICATE);
+
+    /* Validation as store_put's. */
+    uint8_t *b = make_bytes(300, 5);
+    attrs_t a;
+    inst_attrs(&fresh, &a);
+    store_put_t p = {.partition = 7, .attrs = &a, .data = b, .len = 300};
+    sp_digest(b, 299, p.digest);
+    store_outcome_t out;
+    assert_int_equal(store_repair(fx->s, &p, &out), SP_EDIGEST);
+    sp_digest(b, 300, p.digest);
+    p.partition = 8; /* the study is in partition 7 */
+    attrs_set(&a, ATTR_SOP_INSTANCE_UID, "1.2.3.2.3");
+    assert_int_equal(store_repair(fx->s, &p, &out), SP_EINVAL);
+    attrs_set(&a, ATTR_SOP_INSTANCE_UID, "1..2");
+    assert_int_equal(store_repair(fx->s, &p, &out), SP_EINVAL);
+    attrs_clear(&a);
+    free(b);
+
+    /* The partition's digest counts the same instances as before (plus the
+     * new one), and the repairs survive a restart. */
+    static sums_t sm;
+    summaries(fx->s, &sm);
+    assert_int_equal(sm.n, 1);
+    assert_int_equal(sm.v[0].count, c7 + 1);
+    assert_int_equal(sm.v[0].bytes, b7 + 300);
+    reopen(fx);
+    check_get(fx->s, &small, 500, 1);
+    check_get(fx->s, &large, 100000, 2);
+    check_get(fx->s, &lost, 900, 4);
+}
+
+/* A blob whose file is damaged (RocksDB's blob checksum fails, no digest
+ * comparison needed) is repaired too. */
+static void test_repair_blob_file(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t large = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    put_ok(fx->s, &large, 80000, 5);
+    corrupt_in_blob_file(fx, 80000, 5);
+    expect_corrupt(fx->s, large.sop);
+    assert_int_equal(repair(fx->s, &large, 80000, 5), STORE_STORED);
+    check_get(fx->s, &large, 80000, 5);
+    assert_int_equal(repair(fx->s, &large, 80000, 5), STORE_DUPLICATE);
+    reopen(fx);
+    check_get(fx->s, &large, 80000, 5);
+}
+
 int main(void)
 {
     log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
@@ -2431,6 +2571,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_partition_summaries_concurrent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_study_if, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_study_if_racing_puts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_repair, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_repair_blob_file, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
