@@ -281,13 +281,35 @@ int store_delete_study_if(store_t *s, uint32_t partition, const char *study_uid,
  * object is the old (corrupt) value or the repaired one. */
 int store_repair(store_t *s, const store_put_t *in, store_outcome_t *outcome);
 
+/* Verifies stored objects in the background, a bounded step per call.
+ * Reads up to max_objects (0 = no limit) instances in key order across all
+ * partitions, starting after `cursor` (NULL or "" = from the beginning;
+ * otherwise a *next_cursor of an earlier call, an opaque string), checks
+ * each object against the size and BLAKE2b digest of its instance record,
+ * and calls on_corrupt (may be NULL) with the instance's entry for each
+ * mismatch or unreadable (missing, RocksDB checksum or read error) object;
+ * each such object is also counted in corrupt_reads and logged. Instances
+ * whose index record is corrupt are logged and skipped. *next_cursor gets a
+ * cursor to continue from (caller frees), or NULL when the pass reached the
+ * end; on_corrupt returning non-zero stops the step early (a negative
+ * answer is returned) and the cursor resumes after that instance.
+ * *checked and *bytes_read (each may be NULL) get the objects and bytes
+ * read, for the caller's throttle. Returns 0, SP_EINVAL (malformed
+ * cursor), on_corrupt's negative answer, or SP_EDB.
+ *
+ * Concurrency: reads one snapshot per call and takes no lock, so puts and
+ * deletions proceed; an instance deleted since the snapshot is still
+ * checked as it was, never reported missing. */
+int store_scrub(store_t *s, const char *cursor, size_t max_objects, store_entry_fn on_corrupt,
+                void *ctx, char **next_cursor, uint64_t *checked, uint64_t *bytes_read);
+
 typedef struct {
     uint64_t instances;
     uint64_t bytes;
     uint64_t studies;
     uint64_t conflicts;
     uint64_t corrupt_reads; /* corrupt objects seen since start (reads,
-                             * repairs) */
+                             * scrubs, repairs) */
     uint64_t db_size_bytes; /* SST + blob file size on disk, from RocksDB;
                              * data still only in the WAL is not counted */
 } store_stats_t;
