@@ -2,15 +2,19 @@
  * (store.h).
  *
  * Any thread may call any function once store_open() has returned; the
- * store_t owns the database, its column family handles, the block cache and
- * two arrays of striped mutexes. Puts of the same SOP Instance UID are
+ * store_t owns the database, its column family handles, the block cache,
+ * two arrays of striped mutexes, the study gates and the per-partition
+ * summary cache. Puts (and repairs) of the same SOP Instance UID are
  * serialised by a SOP stripe; the first put of a new study also holds a
  * study stripe so the study record and its secondary entries are written
  * exactly once. Every put also passes its study's gate (a striped
- * shared/exclusive lock) that store_delete_partition() closes while it
- * deletes that study. No lock is global and none is held while RocksDB is
- * read for a query, so puts of different instances reach rocksdb_write()
- * concurrently and share fsyncs through RocksDB's group commit.
+ * shared/exclusive lock) that store_delete_partition() and
+ * store_delete_study_if() close while they delete that study. No lock on
+ * the write path is global and none is held while RocksDB is read for a
+ * query or a scrub, so puts of different instances reach rocksdb_write()
+ * concurrently and share fsyncs through RocksDB's group commit. The one
+ * store-wide lock guards the summary cache and is never held across a
+ * database read.
  *
  * Write amplification: with the WAL on, every object is written twice on
  * the way in - once to the WAL (synced before the put returns), once to a
