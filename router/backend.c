@@ -359,8 +359,8 @@ static bool contains(const size_t *set, size_t n, size_t x)
 /* A partition's write plan: the owners that get the put themselves, and a
  * stand-in for each owner that is DOWN or locally marked down, taken from
  * the extended preference list (every placed member, in the partition's
- * order) among members that are reachable, not locally down and not a
- * target yet. */
+ * order) among members that are reachable, not locally down and not owners
+ * themselves. */
 typedef struct {
     size_t owners[RING_MAX_REPLICAS];
     size_t nowners;
@@ -376,13 +376,20 @@ static void plan_partition(backend_t *b, const view_t *v, uint32_t partition, co
 {
     memset(p, 0, sizeof *p);
     p->nowners = owners_of(b, v, partition, p->owners);
+    bool failed[RING_MAX_REPLICAS]; /* judged once: the clock moves */
     for (size_t i = 0; i < p->nowners; i++) {
         const member_t *o = &v->m[p->owners[i]];
-        if (reachable(o) && !is_down(o))
+        failed[i] = reachable(o) && is_down(o);
+        if (reachable(o) && !failed[i])
             p->targets[p->ntargets++] = p->owners[i];
-        else
+        else if (!reachable(o))
             p->missing[p->nmissing++] = p->owners[i];
     }
+    /* Owners only this router saw fail come last: when stand-ins are too
+     * few, those are the ones a put may still try (backend_put). */
+    for (size_t i = 0; i < p->nowners; i++)
+        if (failed[i])
+            p->missing[p->nmissing++] = p->owners[i];
     if (p->nmissing == 0)
         return;
     size_t ext[RING_MAX_REPLICAS];
@@ -390,7 +397,7 @@ static void plan_partition(backend_t *b, const view_t *v, uint32_t partition, co
     for (size_t i = 0; i < k && p->nstand_ins < p->nmissing; i++) {
         size_t c = v->placed_at[ext[i]];
         const member_t *m = &v->m[c];
-        if (!reachable(m) || is_down(m) || contains(p->targets, p->ntargets, c))
+        if (!reachable(m) || is_down(m) || contains(p->owners, p->nowners, c))
             continue;
         if (study)
             log_debug("study %s partition %u: %s stands in for %s", study, partition, m->id,
@@ -532,13 +539,12 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     wire_request_t req = {.kind = WIRE_PUT, .partition = ring_partition(study)};
     plan_t p;
     plan_partition(b, v, req.partition, study, &p);
-    /* Stand-ins too few: an owner this router saw fail, but gossip still
-     * calls reachable, may be back already; better tried than a failure. */
-    for (size_t i = 0; i < p.nowners && p.ntargets < (size_t)b->cfg.write_quorum; i++) {
-        const member_t *o = &v->m[p.owners[i]];
-        if (reachable(o) && is_down(o))
-            p.targets[p.ntargets++] = p.owners[i];
-    }
+    /* An owner only this router saw fail (gossip still calls it reachable)
+     * and left without a stand-in gets the put anyway: it may be back
+     * already, and the put does not wait for it once W others answered. */
+    for (size_t i = p.nstand_ins; i < p.nmissing; i++)
+        if (reachable(&v->m[p.missing[i]]) && !contains(p.targets, p.ntargets, p.missing[i]))
+            p.targets[p.ntargets++] = p.missing[i];
     res->stand_ins = (int)p.nstand_ins;
     if (p.ntargets < (size_t)b->cfg.write_quorum) {
         /* W cannot be reached: nothing is written, the modality retries. */

@@ -20,8 +20,11 @@
  * every placed member) that is reachable, not locally down and not already
  * a target. The stand-in stores the instance like any other; storage nodes
  * hand it back to the owner themselves once it is up (no hint message).
- * Success still needs W durable acknowledgements. If stand-ins are too few
- * to reach W targets, owners marked down only locally are tried anyway.
+ * Success still needs W durable acknowledgements. An owner marked down
+ * only locally (gossip still calls it reachable) for which no stand-in is
+ * free gets the put anyway: it may be back already, and the put does not
+ * wait for it once W others acknowledged. With fewer than W targets nothing
+ * is sent and the put fails at once.
  *
  * Reads. A partition's candidates are, de-duplicated and skipping members
  * that are not reachable: the owners (those still JOINING, i.e. filling,
