@@ -14,6 +14,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../common/membership.h"
+#include "healer.h"
 #include "store.h"
 
 #include <errno.h>
@@ -44,6 +45,11 @@ typedef struct {
     char *log_level;
     int replicas;
     membership_settings_t cluster;
+    int repair_interval_ms;
+    size_t repair_rate;
+    int repair_streams;
+    int scrub_interval_ms;
+    size_t scrub_rate;
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                              \
@@ -85,6 +91,16 @@ static const config_option_t node_options[] = {
     OPT("cluster", "replicas", CONFIG_INT, replicas, "3", 1, 16,
         "Copies of every study (N); the same value on every node and router"),
     MEMBERSHIP_OPTIONS(node_settings_t, cluster, "1"),
+    OPT("repair", "interval", CONFIG_MS, repair_interval_ms, "30s", 100, 86400000,
+        "Anti-entropy round period (a round also starts when membership changes)"),
+    OPT("repair", "rate", CONFIG_SIZE, repair_rate, "50M", 0, 1LL << 40,
+        "Re-replication, hand-off and repair copies: bytes per second in total (0 = unlimited)"),
+    OPT("repair", "streams", CONFIG_INT, repair_streams, "2", 1, 64,
+        "Partitions copied in parallel"),
+    OPT("repair", "scrub_interval", CONFIG_MS, scrub_interval_ms, "24h", 100, 2000000000,
+        "Pause between two scrubber passes over every stored object"),
+    OPT("repair", "scrub_rate", CONFIG_SIZE, scrub_rate, "20M", 0, 1LL << 40,
+        "Scrubber reads: bytes per second (0 = unlimited)"),
 };
 
 typedef struct {
@@ -92,6 +108,7 @@ typedef struct {
     store_t *store;
     int64_t started_ms;
     _Atomic(membership_t *) membership; /* set once serving; NULL before */
+    _Atomic(healer_t *) healer;         /* likewise */
 } node_t;
 
 static void reply_error(wire_reply_t *rep, int code, const char *text)
@@ -126,6 +143,9 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
 {
     store_object_t obj;
     int rc = store_get(node->store, w->sop_uid, &obj);
+    healer_t *h = atomic_load(&node->healer);
+    if (rc == SP_EDIGEST && h != NULL)
+        healer_note_corrupt(h, w->sop_uid); /* repaired from a replica soon */
     if (rc != 0) {
         char text[256];
         reply_error(rep, rc, sp_fmt(text, sizeof text, "get %s: %s", w->sop_uid, sp_strerror(rc)));
@@ -175,8 +195,27 @@ static void handle_find(node_t *node, const wire_request_t *w, wire_reply_t *rep
         reply_error(rep, rc, sp_strerror(rc));
 }
 
+static int add_summary(void *ctx, const store_partition_summary_t *p)
+{
+    wire_reply_t *rep = ctx;
+    if (rep->ndigests % 256 == 0)
+        rep->digests = sp_realloc(rep->digests, (rep->ndigests + 256) * sizeof *rep->digests);
+    wire_partition_digest_t *d = &rep->digests[rep->ndigests++];
+    d->partition = p->partition;
+    d->count = p->count;
+    d->bytes = p->bytes;
+    memcpy(d->digest, p->digest, SP_DIGEST_LEN);
+    return 0;
+}
+
 static void handle_partition_digest(node_t *node, const wire_request_t *w, wire_reply_t *rep)
 {
+    if (w->nonempty) {
+        int rc = store_partition_summaries(node->store, add_summary, rep);
+        if (rc != 0)
+            reply_error(rep, rc, sp_strerror(rc));
+        return;
+    }
     rep->digests = sp_calloc(w->npartitions, sizeof *rep->digests);
     rep->ndigests = w->npartitions;
     for (size_t i = 0; i < w->npartitions; i++) {
@@ -187,6 +226,37 @@ static void handle_partition_digest(node_t *node, const wire_request_t *w, wire_
             reply_error(rep, rc, sp_strerror(rc));
             return;
         }
+    }
+}
+
+static void handle_status(node_t *node, const wire_request_t *w, wire_reply_t *rep)
+{
+    healer_t *h = atomic_load(&node->healer);
+    membership_t *m = atomic_load(&node->membership);
+    if (h == NULL || m == NULL) {
+        reply_error(rep, SP_EUNAVAIL, "starting up");
+        return;
+    }
+    if (w->cluster) {
+        int rc = healer_cluster_status(h, &rep->status_body);
+        if (rc != 0)
+            reply_error(rep, rc, sp_strerror(rc));
+        return;
+    }
+    rep->status_body.from_id = sp_strdup(node->settings->id);
+    rep->status_body.replicas = (uint32_t)node->settings->replicas;
+    rep->status_body.view_version = membership_view_version(m);
+    healer_member_status(h, wire_reply_add_member(rep));
+}
+
+static void handle_drain(node_t *node, const wire_request_t *w, wire_reply_t *rep)
+{
+    healer_t *h = atomic_load(&node->healer);
+    char why[256];
+    int rc = h ? healer_drain(h, w->node_id, why, sizeof why) : SP_EUNAVAIL;
+    if (rc != 0) {
+        reply_error(rep, rc, h ? why : "starting up");
+        log_warn("drain request from %s: %s", node->settings->id, h ? why : "starting up");
     }
 }
 
@@ -243,6 +313,8 @@ static void node_handle(void *ctx, const transport_request_t *req, transport_rep
             break;
         case WIRE_FIND: handle_find(node, &w, &rep); break;
         case WIRE_PARTITION_DIGEST: handle_partition_digest(node, &w, &rep); break;
+        case WIRE_STATUS: handle_status(node, &w, &rep); break;
+        case WIRE_DRAIN: handle_drain(node, &w, &rep); break;
         case WIRE_PARTITION_LIST: handle_partition_list(node, &w, &rep); break;
         case WIRE_STATS: handle_stats(node, &rep); break;
         case WIRE_GOSSIP: {
@@ -290,8 +362,10 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     keys_allowlist_t *allowed = NULL;
     transport_server_t *srv = NULL;
     membership_t *m = NULL;
+    healer_t *h = NULL;
     node_t node = {.settings = s, .started_ms = sp_now_ms()};
     atomic_init(&node.membership, NULL);
+    atomic_init(&node.healer, NULL);
     int rc = keys_load_pair(s->key_pair, &self, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);
@@ -335,11 +409,31 @@ static int node_run(const node_settings_t *s, const char *ready_file)
                             .endpoint = bound,
                             .site = s->site,
                             .role = GOSSIP_STORAGE,
-                            .initial_state = GOSSIP_ALIVE};
+                            .initial_state = GOSSIP_JOINING};
     rc = membership_start_settings(&s->cluster, &me, &self, allowed, &m);
     if (rc != 0)
         goto out;
     atomic_store(&node.membership, m);
+    healer_config_t hc = {.self_id = s->id,
+                          .replicas = s->replicas,
+                          .interval_ms = s->repair_interval_ms,
+                          .rate_bytes = s->repair_rate,
+                          .streams = s->repair_streams,
+                          .scrub_interval_ms = s->scrub_interval_ms,
+                          .scrub_rate_bytes = s->scrub_rate,
+                          .call_timeout_ms = 10000,
+                          .expect_peers = s->cluster.seeds[0] != '\0'};
+    transport_config_defaults(&hc.transport);
+    hc.transport.chunk_bytes = s->chunk_size;
+    hc.transport.max_frame_bytes = s->chunk_size + 65536;
+    hc.transport.max_body_bytes = s->max_object_size;
+    hc.transport.retries = 0;
+    h = healer_start(&hc, node.store, m, &self, allowed);
+    if (h == NULL) {
+        rc = SP_EUNKNOWN;
+        goto out;
+    }
+    atomic_store(&node.healer, h);
     if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
@@ -349,6 +443,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     log_info("signal %d: shutting down", sig);
 out:
     transport_server_destroy(&srv); /* no handler uses membership after this */
+    healer_stop(&h);
     membership_stop(&m);
     store_close(&node.store);
     keys_allowlist_destroy(&allowed);
