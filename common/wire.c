@@ -590,6 +590,7 @@ void wire_request_free(wire_request_t *req)
     free(req->series_uid);
     free(req->partitions);
     free(req->cursor);
+    free(req->node_id);
     gossip_msg_clear(&req->gossip);
     memset(req, 0, sizeof *req);
 }
