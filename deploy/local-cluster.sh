@@ -171,9 +171,9 @@ m = {x["id"]: x for x in s["members"]}
 sys.exit(0 if eval(sys.argv[1]) else 1)' "$2" <<<"$json"
 }
 
-# Waits (at most $3 seconds) until status_is $1 $2; $4 says what for errors.
+# Waits (at most $3 seconds) until status_is $1 $2.
 wait_status() {
-  local dir=$1 expr=$2 secs=$3 what=$4 i
+  local dir=$1 expr=$2 secs=$3 i
   for ((i = 0; i < secs * 10; i++)); do
     status_is "$dir" "$expr" && return 0
     sleep 0.1
