@@ -12,7 +12,7 @@ import time
 import pytest
 import zmq
 
-from spcluster import Node, keygen
+from spcluster import Node, keygen, wait_until as wait_for
 
 GOSSIP = ("[gossip]\nprobe_interval = 200ms\nprobe_timeout = 100ms\nsuspicion_mult = 3\n"
           "suspicion_max_mult = 2\nsync_interval = 1s\ndown_to_out = 3s\n")
@@ -29,15 +29,6 @@ def transitions(node, since=0):
 def view(node):
     """{member: last logged state}."""
     return {m: b for m, _, b, _ in transitions(node)}
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

@@ -12,22 +12,12 @@ import time
 
 import pytest
 
-from spcluster import Node, keygen, run_cli
+from spcluster import Node, keygen, run_cli, wait_until as wait_for
 
 TIMINGS = ("[gossip]\nprobe_interval = 200ms\nprobe_timeout = 100ms\nsuspicion_mult = 3\n"
            "suspicion_max_mult = 2\nsync_interval = 1s\ndown_to_out = 10m\n"
            "[repair]\ninterval = 300ms\nrate = 0\nstreams = 2\nscrub_interval = 1h\n")
 ROOT = "1.2.826.0.1.3680043.8.498.77"
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Nodes:
