@@ -39,7 +39,7 @@ PY=/usr/bin/python3
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '4,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '5,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
