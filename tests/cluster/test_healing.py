@@ -22,9 +22,7 @@ Run: SP_BUILD_DIR=/work/main/build /usr/bin/python3 -m pytest -q -s tests/cluste
 """
 import collections
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -401,11 +399,11 @@ class Healing:
         return distinct, per_node
 
     def pause(self, name):
-        os.kill(self.node(name).proc.pid, signal.SIGSTOP)
+        self.node(name).pause()
         self.paused.add(name)
 
     def resume(self, name):
-        os.kill(self.node(name).proc.pid, signal.SIGCONT)
+        self.node(name).resume()
         self.paused.discard(name)
 
     def stop(self):
