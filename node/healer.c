@@ -220,9 +220,11 @@ static int remote_list(healer_t *h, transport_client_t *c, uint32_t part, set_t 
 }
 
 /* Reads one instance from a member and stores it here (store_put checks the
- * digest of the bytes). repair: replace a corrupt local copy. */
+ * digest of the bytes). repair: replace a corrupt local copy. *outcome (may
+ * be NULL) tells whether anything was written. */
 static int copy_instance(healer_t *h, transport_client_t *c, const char *sop, bool repair,
-                         const uint8_t *want_digest, char *err, size_t errlen)
+                         const uint8_t *want_digest, store_outcome_t *outcome_out, char *err,
+                         size_t errlen)
 {
     wire_request_t req = {.kind = WIRE_GET, .sop_uid = (char *)sop};
     wire_reply_t rep;
@@ -245,6 +247,8 @@ static int copy_instance(healer_t *h, transport_client_t *c, const char *sop, bo
             log_warn("repair: %s differs from the copy already here; kept as a conflict", sop);
         else if (outcome == STORE_STORED && !repair)
             note_copied(h, raw.body_len);
+        if (rc == 0 && outcome_out)
+            *outcome_out = outcome;
     }
     wire_reply_free(&rep);
     transport_response_free(&raw);
@@ -421,7 +425,8 @@ static int pull_partition(healer_t *h, transport_client_t *c, const char *peer, 
             continue;
         }
         throttle_take(h, &h->copy_throttle, theirs.v[i].size);
-        int one = copy_instance(h, c, theirs.v[i].sop, false, theirs.v[i].digest, err, sizeof err);
+        int one =
+            copy_instance(h, c, theirs.v[i].sop, false, theirs.v[i].digest, NULL, err, sizeof err);
         atomic_fetch_sub(&h->bytes_pending, theirs.v[i].size);
         want -= theirs.v[i].size;
         if (one == 0)
@@ -735,10 +740,15 @@ static void repair_one(healer_t *h, const char *sop)
         transport_client_t *c = client_new(h, &view[i]);
         if (c == NULL)
             continue;
-        if (copy_instance(h, c, sop, true, NULL, err, sizeof err) == 0) {
+        store_outcome_t outcome = STORE_DUPLICATE;
+        if (copy_instance(h, c, sop, true, NULL, &outcome, err, sizeof err) == 0) {
             done = true;
-            atomic_fetch_add(&h->repaired, 1);
-            log_info("repair: replaced the corrupt copy of %s with %s's", sop, view[i].id);
+            /* DUPLICATE: the local copy verified after all (e.g. repaired by
+             * an earlier report of the same SOP). */
+            if (outcome == STORE_STORED) {
+                atomic_fetch_add(&h->repaired, 1);
+                log_info("repair: replaced the corrupt copy of %s with %s's", sop, view[i].id);
+            }
         }
         transport_client_destroy(&c);
     }
