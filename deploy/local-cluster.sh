@@ -95,12 +95,10 @@ write_node_conf() {
     echo "replicas = $REPLICAS"
     echo "seeds = $seeds"
     gossip_conf
-    if "$bin/shardpacs-node" --help-config 2>/dev/null | grep -q '^\[repair\]'; then
-      echo "[repair]"
-      echo "interval = $REPAIR_INTERVAL"
-      echo "rate = $REPAIR_RATE"
-      echo "scrub_interval = $SCRUB_INTERVAL"
-    fi
+    echo "[repair]"
+    echo "interval = $REPAIR_INTERVAL"
+    echo "rate = $REPAIR_RATE"
+    echo "scrub_interval = $SCRUB_INTERVAL"
   } >"$dir/n$k/node.conf"
 }
 
@@ -181,7 +179,6 @@ wait_status() {
   return 1
 }
 
-router_has_gossip() { "$bin/shardpacs-router" --help-config 2>/dev/null | grep -q '^\[router\]'; }
 
 cmd_up() {
   local dir=$1; shift
@@ -251,18 +248,13 @@ ENV
   done
   for i in $(seq 1 "$nodes"); do set_seeds "$dir" "n$i"; done
 
-  # The router: a gossip member seeded with every node (or, for a router
-  # built before gossip, the static node list).
+  # The router: a gossip member seeded with every node.
   # shellcheck disable=SC1091
   source "$dir/cluster.env"
-  local gossip=0
-  router_has_gossip && gossip=1
   {
-    if ((gossip)); then
-      echo "[router]"
-      echo "id = router"
-      echo "listen = tcp://127.0.0.1:*"
-    fi
+    echo "[router]"
+    echo "id = router"
+    echo "listen = tcp://127.0.0.1:*"
     cat <<CONF
 [dicom]
 ae_title = SHARDPACS
@@ -275,17 +267,10 @@ cluster_keys = cluster.keys
 replicas = $replicas
 write_quorum = $quorum
 CONF
-    if ((gossip)); then
-      local all=""
-      for i in $(seq 1 "$nodes"); do all+="${all:+,}n$i@$(cat "$dir/n$i/ready")"; done
-      echo "seeds = $all"
-      gossip_conf
-    else
-      echo "[nodes]"
-      for i in $(seq 1 "$nodes"); do
-        echo "n$i = $(cat "$dir/n$i/ready")${site_of[$((i - 1))]:+ site=${site_of[$((i - 1))]}}"
-      done
-    fi
+    local all=""
+    for i in $(seq 1 "$nodes"); do all+="${all:+,}n$i@$(cat "$dir/n$i/ready")"; done
+    echo "seeds = $all"
+    gossip_conf
     echo "[destinations]"
     for d in "${dests[@]+"${dests[@]}"}"; do
       echo "${d%%=*} = ${d#*=}"
@@ -309,7 +294,7 @@ CONF
   # round) and, with a gossiping router, the router seen too.
   if cluster_status "$dir" --json >/dev/null; then
     local want="all(m.get(f'n{i}', {}).get('state') == 'alive' for i in range(1, $nodes + 1))"
-    ((gossip)) && want+=" and m.get('router', {}).get('state') == 'alive'"
+    want+=" and m.get('router', {}).get('state') == 'alive'"
     wait_status "$dir" "$want" 60 ||
       die "not every member became alive within 60 s; see $dir/n*/node.log, $dir/router.log and '$0 status $dir'"
   else
