@@ -870,10 +870,12 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
     bool all_missing = true;
     int rc = SP_EUNAVAIL;
     /* Members not seen failing first, in candidate order; then the others
-     * (judged once: one that fails in the first pass is not asked again). */
+     * (judged once: one that fails in the first pass is not asked again).
+     * A member gossip suspects counts as failing: it is most likely dead,
+     * and asking it first would stall the retrieve for a fetch timeout. */
     bool *down = sp_calloc(n + 1, sizeof *down);
     for (size_t k = 0; k < n; k++)
-        down[k] = is_down(&v->m[order[k]]);
+        down[k] = is_down(&v->m[order[k]]) || v->m[order[k]].state == GOSSIP_SUSPECT;
     for (int pass = 0; pass < 2 && rc != 0; pass++) {
         for (size_t k = 0; k < n && rc != 0; k++) {
             if (down[k] != (pass == 1))
