@@ -409,26 +409,23 @@ void membership_stop(membership_t **mp)
     *mp = NULL;
 }
 
-static int refuse(wire_reply_t *rep, int code, const char *text)
-{
-    rep->status = code;
-    free(rep->error);
-    rep->error = sp_strdup(text);
-    return code;
-}
-
 int membership_handle(membership_t *m, const transport_request_t *req, const wire_request_t *w,
                       wire_reply_t *rep)
 {
     const gossip_msg_t *msg = &w->gossip;
     char text[384];
     rep->kind = WIRE_GOSSIP;
+    if (m == NULL) {
+        wire_reply_error(rep, SP_EUNAVAIL, "membership not started yet");
+        return SP_EUNAVAIL;
+    }
     if (req->peer_name == NULL || strcmp(msg->from_id, req->peer_name) != 0) {
         sp_fmt(text, sizeof text, "gossip from_id '%s' is not the caller's name '%s'", msg->from_id,
                req->peer_name ? req->peer_name : "");
         log_warn("refused gossip message (kind %d) from %s (%s): %s", (int)msg->kind,
                  req->peer_name ? req->peer_name : "?", req->peer_key ? req->peer_key : "?", text);
-        return refuse(rep, SP_EPROTO, text);
+        wire_reply_error(rep, SP_EPROTO, text);
+        return SP_EPROTO;
     }
     pthread_mutex_lock(&m->lock);
     int rc = gossip_receive(m->g, sp_now_ms(), msg);
@@ -455,7 +452,8 @@ int membership_handle(membership_t *m, const transport_request_t *req, const wir
         sp_fmt(text, sizeof text, "gossip message (kind %d) from %s refused: %s", (int)msg->kind,
                req->peer_name, sp_strerror(rc));
         log_warn("%s", text);
-        return refuse(rep, rc, text);
+        wire_reply_error(rep, rc, text);
+        return rc;
     }
     return 0;
 }

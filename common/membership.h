@@ -111,7 +111,8 @@ int membership_start_settings(const membership_settings_t *s, const membership_s
 /* Stops the thread, closes its clients and frees *mp (NULL accepted). */
 void membership_stop(membership_t **mp);
 
-/* Handles one WIRE_GOSSIP request on a transport worker thread. Refuses
+/* Handles one WIRE_GOSSIP request on a transport worker thread (m NULL:
+ * SP_EUNAVAIL, membership not started yet). Refuses
  * (SP_EPROTO in rep, and a log line) a message whose from_id is not the
  * CURVE-authenticated caller's name; otherwise hands it to the state machine
  * and puts the direct answer addressed to the caller (ACK to a PING, SYNC to a

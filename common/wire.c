@@ -3,6 +3,7 @@
 #include "wire.h"
 
 #include "keys.h"
+#include "log.h"
 #include "shardpacs.pb-c.h"
 
 #include <math.h>
@@ -1097,4 +1098,35 @@ int wire_call(transport_client_t *c, const wire_request_t *req, const uint8_t *b
     if (rc != 0)
         transport_response_free(raw);
     return rc;
+}
+
+void wire_reply_error(wire_reply_t *rep, int code, const char *text)
+{
+    rep->status = code;
+    free(rep->error);
+    rep->error = sp_strdup(text);
+}
+
+void wire_serve(const transport_request_t *req, transport_reply_t *out, wire_dispatch_fn dispatch,
+                void *ctx)
+{
+    wire_request_t w;
+    wire_reply_t rep = {0};
+    char err[256];
+    int rc = wire_decode_request(req->head, req->head_len, &w, err, sizeof err);
+    if (rc != 0) {
+        log_warn("refused request %llu from %s (%s): %s", (unsigned long long)req->id,
+                 req->peer_name, req->peer_key, err);
+        wire_reply_error(&rep, rc, err);
+    } else {
+        if (w.kind != WIRE_PUT && req->body_len != 0) {
+            wire_reply_error(&rep, SP_EPROTO, "unexpected body");
+        } else {
+            rep.kind = w.kind;
+            dispatch(ctx, req, &w, &rep, out);
+        }
+        wire_request_free(&w);
+    }
+    wire_encode_reply(&rep, &out->head, &out->head_len);
+    wire_reply_free(&rep);
 }

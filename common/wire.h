@@ -169,6 +169,18 @@ int wire_call(transport_client_t *c, const wire_request_t *req, const uint8_t *b
               size_t body_len, int timeout_ms, wire_reply_t *rep, transport_response_t *raw,
               char *err, size_t errlen);
 
+/* Sets a reply's error status and text (replacing any earlier text). */
+void wire_reply_error(wire_reply_t *rep, int code, const char *text);
+
+/* Handles a request for a program's transport server: decodes it (a
+ * malformed one is refused with the reason, and logged), refuses a body on
+ * any kind but PUT, calls dispatch for a valid request with rep->kind set,
+ * then encodes rep into out. dispatch may hand a body to out (GET). */
+typedef void (*wire_dispatch_fn)(void *ctx, const transport_request_t *req, const wire_request_t *w,
+                                 wire_reply_t *rep, transport_reply_t *out);
+void wire_serve(const transport_request_t *req, transport_reply_t *out, wire_dispatch_fn dispatch,
+                void *ctx);
+
 /* Growable arrays for building replies. */
 wire_instance_t *wire_reply_add_instance(wire_reply_t *rep);
 attrs_t *wire_reply_add_match(wire_reply_t *rep);

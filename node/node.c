@@ -111,13 +111,6 @@ typedef struct {
     _Atomic(healer_t *) healer;         /* likewise */
 } node_t;
 
-static void reply_error(wire_reply_t *rep, int code, const char *text)
-{
-    rep->status = code;
-    free(rep->error);
-    rep->error = sp_strdup(text);
-}
-
 static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
                        wire_reply_t *rep)
 {
@@ -128,10 +121,10 @@ static void handle_put(node_t *node, const transport_request_t *req, const wire_
     int rc = store_put(node->store, &put, &outcome);
     if (rc != 0) {
         char text[256];
-        reply_error(rep, rc,
-                    sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
-                           attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID), req->peer_name,
-                           sp_strerror(rc)));
+        wire_reply_error(rep, rc,
+                         sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
+                                attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID), req->peer_name,
+                                sp_strerror(rc)));
         log_error("%s", text);
         return;
     }
@@ -148,7 +141,8 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
         healer_note_corrupt(h, w->sop_uid); /* repaired from a replica soon */
     if (rc != 0) {
         char text[256];
-        reply_error(rep, rc, sp_fmt(text, sizeof text, "get %s: %s", w->sop_uid, sp_strerror(rc)));
+        wire_reply_error(rep, rc,
+                         sp_fmt(text, sizeof text, "get %s: %s", w->sop_uid, sp_strerror(rc)));
         return;
     }
     rep->partition = obj.partition;
@@ -192,7 +186,7 @@ static void handle_find(node_t *node, const wire_request_t *w, wire_reply_t *rep
     if (rc == SP_ELIMIT)
         rep->truncated = true;
     else if (rc != 0)
-        reply_error(rep, rc, sp_strerror(rc));
+        wire_reply_error(rep, rc, sp_strerror(rc));
 }
 
 static int add_summary(void *ctx, const store_partition_summary_t *p)
@@ -213,7 +207,7 @@ static void handle_partition_digest(node_t *node, const wire_request_t *w, wire_
     if (w->nonempty) {
         int rc = store_partition_summaries(node->store, add_summary, rep);
         if (rc != 0)
-            reply_error(rep, rc, sp_strerror(rc));
+            wire_reply_error(rep, rc, sp_strerror(rc));
         return;
     }
     rep->digests = sp_calloc(w->npartitions, sizeof *rep->digests);
@@ -223,7 +217,7 @@ static void handle_partition_digest(node_t *node, const wire_request_t *w, wire_
         d->partition = w->partitions[i];
         int rc = store_partition_digest(node->store, d->partition, d->digest, &d->count, &d->bytes);
         if (rc != 0) {
-            reply_error(rep, rc, sp_strerror(rc));
+            wire_reply_error(rep, rc, sp_strerror(rc));
             return;
         }
     }
@@ -234,13 +228,13 @@ static void handle_status(node_t *node, const wire_request_t *w, wire_reply_t *r
     healer_t *h = atomic_load(&node->healer);
     membership_t *m = atomic_load(&node->membership);
     if (h == NULL || m == NULL) {
-        reply_error(rep, SP_EUNAVAIL, "starting up");
+        wire_reply_error(rep, SP_EUNAVAIL, "starting up");
         return;
     }
     if (w->cluster) {
         int rc = healer_cluster_status(h, &rep->status_body);
         if (rc != 0)
-            reply_error(rep, rc, sp_strerror(rc));
+            wire_reply_error(rep, rc, sp_strerror(rc));
         return;
     }
     rep->status_body.from_id = sp_strdup(node->settings->id);
@@ -255,7 +249,7 @@ static void handle_drain(node_t *node, const wire_request_t *w, wire_reply_t *re
     char why[256];
     int rc = h ? healer_drain(h, w->node_id, why, sizeof why) : SP_EUNAVAIL;
     if (rc != 0) {
-        reply_error(rep, rc, h ? why : "starting up");
+        wire_reply_error(rep, rc, h ? why : "starting up");
         log_warn("drain request from %s: %s", node->settings->id, h ? why : "starting up");
     }
 }
@@ -266,7 +260,7 @@ static void handle_partition_list(node_t *node, const wire_request_t *w, wire_re
     int rc = store_partition_list(node->store, w->partition, w->cursor, limit, add_entry, rep,
                                   &rep->next_cursor);
     if (rc != 0)
-        reply_error(rep, rc, sp_strerror(rc));
+        wire_reply_error(rep, rc, sp_strerror(rc));
 }
 
 static void handle_stats(node_t *node, wire_reply_t *rep)
@@ -274,7 +268,7 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
     store_stats_t st;
     int rc = store_stats(node->store, &st);
     if (rc != 0) {
-        reply_error(rep, rc, sp_strerror(rc));
+        wire_reply_error(rep, rc, sp_strerror(rc));
         return;
     }
     rep->stats = (wire_stats_t){.node_id = sp_strdup(node->settings->id),
@@ -287,50 +281,34 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
                                 .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
 }
 
-/* The transport handler: decode, dispatch, encode. Runs on worker threads. */
-static void node_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
+/* Runs one valid request (wire_serve decoded it) on a worker thread. */
+static void node_dispatch(void *ctx, const transport_request_t *req, const wire_request_t *w,
+                          wire_reply_t *rep, transport_reply_t *out)
 {
     node_t *node = ctx;
-    wire_request_t w;
-    wire_reply_t rep = {0};
-    char err[256];
-    int rc = wire_decode_request(req->head, req->head_len, &w, err, sizeof err);
-    if (rc != 0) {
-        log_warn("refused request %llu from %s (%s): %s", (unsigned long long)req->id,
-                 req->peer_name, req->peer_key, err);
-        reply_error(&rep, rc, err);
-    } else if (w.kind != WIRE_PUT && req->body_len != 0) {
-        reply_error(&rep, SP_EPROTO, "unexpected body");
-    } else {
-        rep.kind = w.kind;
-        switch (w.kind) {
-        case WIRE_PUT: handle_put(node, req, &w, &rep); break;
-        case WIRE_GET: handle_get(node, &w, &rep, out); break;
-        case WIRE_LIST:
-            rc = store_list(node->store, w.study_uid, w.series_uid, add_entry, &rep);
-            if (rc != 0)
-                reply_error(&rep, rc, sp_strerror(rc));
-            break;
-        case WIRE_FIND: handle_find(node, &w, &rep); break;
-        case WIRE_PARTITION_DIGEST: handle_partition_digest(node, &w, &rep); break;
-        case WIRE_STATUS: handle_status(node, &w, &rep); break;
-        case WIRE_DRAIN: handle_drain(node, &w, &rep); break;
-        case WIRE_PARTITION_LIST: handle_partition_list(node, &w, &rep); break;
-        case WIRE_STATS: handle_stats(node, &rep); break;
-        case WIRE_GOSSIP: {
-            membership_t *m = atomic_load(&node->membership);
-            if (m == NULL)
-                reply_error(&rep, SP_EUNAVAIL, "membership not started yet");
-            else
-                membership_handle(m, req, &w, &rep);
-            break;
-        }
-        default: reply_error(&rep, SP_EUNKNOWN, "unknown request"); break;
-        }
-        wire_request_free(&w);
+    int rc;
+    switch (w->kind) {
+    case WIRE_PUT: handle_put(node, req, w, rep); break;
+    case WIRE_GET: handle_get(node, w, rep, out); break;
+    case WIRE_LIST:
+        rc = store_list(node->store, w->study_uid, w->series_uid, add_entry, rep);
+        if (rc != 0)
+            wire_reply_error(rep, rc, sp_strerror(rc));
+        break;
+    case WIRE_FIND: handle_find(node, w, rep); break;
+    case WIRE_PARTITION_DIGEST: handle_partition_digest(node, w, rep); break;
+    case WIRE_PARTITION_LIST: handle_partition_list(node, w, rep); break;
+    case WIRE_STATS: handle_stats(node, rep); break;
+    case WIRE_STATUS: handle_status(node, w, rep); break;
+    case WIRE_DRAIN: handle_drain(node, w, rep); break;
+    case WIRE_GOSSIP: membership_handle(atomic_load(&node->membership), req, w, rep); break;
+    default: wire_reply_error(rep, SP_EUNKNOWN, "unknown request"); break;
     }
-    wire_encode_reply(&rep, &out->head, &out->head_len);
-    wire_reply_free(&rep);
+}
+
+static void node_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
+{
+    wire_serve(req, out, node_dispatch, ctx);
 }
 
 static void usage(FILE *f)

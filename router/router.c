@@ -183,42 +183,22 @@ typedef struct {
     _Atomic(membership_t *) membership;
 } router_t;
 
-static void reply_error(wire_reply_t *rep, int code, const char *text)
-{
-    rep->status = code;
-    free(rep->error);
-    rep->error = sp_strdup(text);
-}
-
 /* The router's cluster port answers gossip and refuses everything else
  * (it stores nothing): runs on the transport's worker threads. */
+static void router_dispatch(void *ctx, const transport_request_t *req, const wire_request_t *w,
+                            wire_reply_t *rep, transport_reply_t *out)
+{
+    (void)out;
+    router_t *r = ctx;
+    if (w->kind != WIRE_GOSSIP)
+        wire_reply_error(rep, SP_EUNKNOWN, "a router answers gossip only");
+    else
+        membership_handle(atomic_load(&r->membership), req, w, rep);
+}
+
 static void router_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
 {
-    router_t *r = ctx;
-    wire_request_t w;
-    wire_reply_t rep = {0};
-    char err[256];
-    int rc = wire_decode_request(req->head, req->head_len, &w, err, sizeof err);
-    if (rc != 0) {
-        log_warn("refused request %llu from %s (%s): %s", (unsigned long long)req->id,
-                 req->peer_name, req->peer_key, err);
-        reply_error(&rep, rc, err);
-    } else if (req->body_len != 0) {
-        reply_error(&rep, SP_EPROTO, "unexpected body");
-        wire_request_free(&w);
-    } else {
-        rep.kind = w.kind;
-        membership_t *m = atomic_load(&r->membership);
-        if (w.kind != WIRE_GOSSIP)
-            reply_error(&rep, SP_EUNKNOWN, "a router answers gossip only");
-        else if (m == NULL)
-            reply_error(&rep, SP_EUNAVAIL, "membership not started yet");
-        else
-            membership_handle(m, req, &w, &rep);
-        wire_request_free(&w);
-    }
-    wire_encode_reply(&rep, &out->head, &out->head_len);
-    wire_reply_free(&rep);
+    wire_serve(req, out, router_dispatch, ctx);
 }
 
 /* Waits up to timeout_ms for SIGINT/SIGTERM (blocked in every thread);

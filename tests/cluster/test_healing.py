@@ -35,6 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataset as gen  # noqa: E402
 import spcluster as sc  # noqa: E402
+from spcluster import wait_until as wait_for  # noqa: E402
 
 AE = "SHARDPACS"
 SMALL, CT, STUDIES = 300, 12, 10
@@ -51,20 +52,6 @@ CLI_ENV = {"SHARDPACS_TIMEOUT_MS": "3000"}
 
 
 # ---- waiting ------------------------------------------------------------------------
-
-def wait_for(pred, timeout, what, last=None):
-    """Polls pred() until it returns something true (returned) or timeout
-    seconds pass (AssertionError naming `what` and, if given, last())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f"; last seen: {last()}" if last else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
-        time.sleep(0.1)
-
 
 @pytest.fixture
 def report(request, capsys):
