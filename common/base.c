@@ -132,6 +132,8 @@ void sp_strlcpy(char *dst, const char *src, size_t dst_size)
 
 char *sp_fmt(char *buf, size_t size, const char *fmt, ...)
 {
+    if (buf == NULL || size == 0)
+        return buf;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, size, fmt, ap);

@@ -57,7 +57,8 @@ bool sp_uid_valid(const char *uid);
 /* Copies at most dst_size-1 bytes of src into dst and terminates it. */
 void sp_strlcpy(char *dst, const char *src, size_t dst_size);
 
-/* Formats into a caller buffer, always terminated; returns the buffer. */
+/* Formats into a caller buffer, always terminated; returns the buffer. A
+ * NULL buffer or a size of 0 formats nothing (optional error buffers). */
 char *sp_fmt(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* Lower-case hex of n bytes into out (2n+1 bytes). */

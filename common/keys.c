@@ -21,7 +21,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,19 +40,6 @@ static const char z85_alphabet[] = "0123456789"
                                    "abcdefghijklmnopqrstuvwxyz"
                                    "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
                                    ".-:+=^!/*?&<>()[]{}@%$#";
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Checks the alphabet and that every 5-character group stays below 2^32:
  * zmq_z85_decode would otherwise wrap around silently, so two different
@@ -265,8 +251,8 @@ static int keyfile_parse(const char *path, char *text, keyfile_t *kf, char *err,
             continue;
         char *eq = strchr(line, '=');
         if (eq == NULL) {
-            set_err(err, errlen, "%s:%u: expected 'public-key = <key>' or 'secret-key = <key>'",
-                    path, lineno);
+            sp_fmt(err, errlen, "%s:%u: expected 'public-key = <key>' or 'secret-key = <key>'",
+                   path, lineno);
             return SP_EKEY;
         }
         char *name_end = eq;
@@ -286,16 +272,16 @@ static int keyfile_parse(const char *path, char *text, keyfile_t *kf, char *err,
             dst = kf->secret_z85;
             seen = &kf->has_secret;
         } else {
-            set_err(err, errlen, "%s:%u: unknown setting '%.40s'", path, lineno, line);
+            sp_fmt(err, errlen, "%s:%u: unknown setting '%.40s'", path, lineno, line);
             return SP_EKEY;
         }
         if (*seen) {
-            set_err(err, errlen, "%s:%u: %s given twice", path, lineno, line);
+            sp_fmt(err, errlen, "%s:%u: %s given twice", path, lineno, line);
             return SP_EKEY;
         }
         if (!keys_z85_valid(value)) {
-            set_err(err, errlen, "%s:%u: %s is not a valid 40-character Z85 key", path, lineno,
-                    line);
+            sp_fmt(err, errlen, "%s:%u: %s is not a valid 40-character Z85 key", path, lineno,
+                   line);
             return SP_EKEY;
         }
         memcpy(dst, value, KEYS_Z85_LEN + 1);
@@ -310,7 +296,7 @@ static int keyfile_load(const char *path, bool secret, keyfile_t *kf, char *err,
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        set_err(err, errlen, "%s: cannot open key file: %s", path, strerror(errno));
+        sp_fmt(err, errlen, "%s: cannot open key file: %s", path, strerror(errno));
         return SP_EKEY;
     }
     int rc = 0;
@@ -320,29 +306,29 @@ static int keyfile_load(const char *path, bool secret, keyfile_t *kf, char *err,
     /* fstat on the open descriptor: the mode checked is the mode of the
      * file actually read, not of whatever the path names a moment later. */
     if (fstat(fd, &st) != 0) {
-        set_err(err, errlen, "%s: cannot stat key file: %s", path, strerror(errno));
+        sp_fmt(err, errlen, "%s: cannot stat key file: %s", path, strerror(errno));
         rc = SP_EKEY;
         goto out;
     }
     if (!S_ISREG(st.st_mode)) {
-        set_err(err, errlen, "%s: not a regular file", path);
+        sp_fmt(err, errlen, "%s: not a regular file", path);
         rc = SP_EKEY;
         goto out;
     }
     if (secret && (st.st_mode & 077) != 0) {
-        set_err(err, errlen,
-                "%s: key pair file has mode %04o, which lets group or others access the "
-                "secret key; refusing it (run: chmod 600 %s)",
-                path, (unsigned)(st.st_mode & 07777), path);
+        sp_fmt(err, errlen,
+               "%s: key pair file has mode %04o, which lets group or others access the "
+               "secret key; refusing it (run: chmod 600 %s)",
+               path, (unsigned)(st.st_mode & 07777), path);
         rc = SP_EKEY;
         goto out;
     }
     rc = read_fd(fd, KEYS_FILE_MAX, &text, &len);
     if (rc != 0) {
         if (rc == SP_EKEY)
-            set_err(err, errlen, "%s: not a key file (too large or binary)", path);
+            sp_fmt(err, errlen, "%s: not a key file (too large or binary)", path);
         else
-            set_err(err, errlen, "%s: cannot read key file: %s", path, strerror(-rc));
+            sp_fmt(err, errlen, "%s: cannot read key file: %s", path, strerror(-rc));
         rc = SP_EKEY;
         goto out;
     }
@@ -364,13 +350,13 @@ int keys_load_pair(const char *path, keys_pair_t *out, char *err, size_t errlen)
     if (rc != 0)
         goto out;
     if (!kf.has_public || !kf.has_secret) {
-        set_err(err, errlen, "%s: key pair file lacks %s", path,
-                kf.has_public ? "secret-key" : "public-key");
+        sp_fmt(err, errlen, "%s: key pair file lacks %s", path,
+               kf.has_public ? "secret-key" : "public-key");
         rc = SP_EKEY;
         goto out;
     }
     if (!pair_matches(kf.public_z85, kf.secret_z85)) {
-        set_err(err, errlen, "%s: secret-key does not belong to the stated public-key", path);
+        sp_fmt(err, errlen, "%s: secret-key does not belong to the stated public-key", path);
         rc = SP_EKEY;
         goto out;
     }
@@ -387,7 +373,7 @@ int keys_load_public(const char *path, char out_z85[KEYS_Z85_LEN + 1], char *err
     out_z85[0] = '\0';
     int rc = keyfile_load(path, false, &kf, err, errlen);
     if (rc == 0 && !kf.has_public) {
-        set_err(err, errlen, "%s: no public-key line", path);
+        sp_fmt(err, errlen, "%s: no public-key line", path);
         rc = SP_EKEY;
     }
     if (rc == 0)
@@ -563,30 +549,30 @@ static int allowlist_parse_line(entries_t *es, const char *path, unsigned lineno
         name++;
     uint8_t raw[KEYS_RAW_LEN];
     if (!z85_to_raw(line, raw)) {
-        set_err(err, errlen,
-                "%s:%u: first word is not a 40-character Z85 public key (it has %zu characters)",
-                path, lineno, key_len);
+        sp_fmt(err, errlen,
+               "%s:%u: first word is not a 40-character Z85 public key (it has %zu characters)",
+               path, lineno, key_len);
         return SP_EKEY;
     }
     if (*name == '\0') {
-        set_err(err, errlen, "%s:%u: missing member name after the key", path, lineno);
+        sp_fmt(err, errlen, "%s:%u: missing member name after the key", path, lineno);
         return SP_EKEY;
     }
     if (!name_valid(name)) {
-        set_err(err, errlen, "%s:%u: member name is too long or has control characters", path,
-                lineno);
+        sp_fmt(err, errlen, "%s:%u: member name is too long or has control characters", path,
+               lineno);
         return SP_EKEY;
     }
     const allow_entry_t *dup = entries_find(es, raw);
     if (dup != NULL) {
-        set_err(err, errlen, "%s:%u: key already listed on line %u (as '%s')", path, lineno,
-                dup->line, dup->name);
+        sp_fmt(err, errlen, "%s:%u: key already listed on line %u (as '%s')", path, lineno,
+               dup->line, dup->name);
         return SP_EKEY;
     }
     dup = entries_find_name(es, name);
     if (dup != NULL) {
-        set_err(err, errlen, "%s:%u: name '%s' already used on line %u", path, lineno, name,
-                dup->line);
+        sp_fmt(err, errlen, "%s:%u: name '%s' already used on line %u", path, lineno, name,
+               dup->line);
         return SP_EKEY;
     }
     allow_entry_t *e = entries_push(es);
@@ -638,7 +624,7 @@ static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool 
     for (int attempt = 0; attempt < ALLOWLIST_READ_TRIES; attempt++) {
         fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
-            set_err(err, errlen, "%s: cannot open allow-list: %s", path, strerror(errno));
+            sp_fmt(err, errlen, "%s: cannot open allow-list: %s", path, strerror(errno));
             return SP_EKEY;
         }
         /* The identity comes from before the read: if the file changes
@@ -646,31 +632,31 @@ static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool 
          * again, rather than trusting a half-read version forever. */
         struct stat st;
         if (fstat(fd, &st) != 0) {
-            set_err(err, errlen, "%s: cannot stat allow-list: %s", path, strerror(errno));
+            sp_fmt(err, errlen, "%s: cannot stat allow-list: %s", path, strerror(errno));
             rc = SP_EKEY;
             goto out;
         }
         file_id_of(&st, id);
         *id_known = true;
         if (!S_ISREG(st.st_mode)) {
-            set_err(err, errlen, "%s: not a regular file", path);
+            sp_fmt(err, errlen, "%s: not a regular file", path);
             rc = SP_EKEY;
             goto out;
         }
         if ((st.st_mode & S_IWOTH) != 0) {
-            set_err(err, errlen,
-                    "%s: allow-list has mode %04o, which lets anyone on this machine add a key; "
-                    "refusing it (run: chmod o-w %s)",
-                    path, (unsigned)(st.st_mode & 07777), path);
+            sp_fmt(err, errlen,
+                   "%s: allow-list has mode %04o, which lets anyone on this machine add a key; "
+                   "refusing it (run: chmod o-w %s)",
+                   path, (unsigned)(st.st_mode & 07777), path);
             rc = SP_EKEY;
             goto out;
         }
         rc = read_fd(fd, KEYS_ALLOWLIST_MAX, &text, &len);
         if (rc != 0) {
             if (rc == SP_EKEY)
-                set_err(err, errlen, "%s: not an allow-list (too large or binary)", path);
+                sp_fmt(err, errlen, "%s: not an allow-list (too large or binary)", path);
             else
-                set_err(err, errlen, "%s: cannot read allow-list: %s", path, strerror(-rc));
+                sp_fmt(err, errlen, "%s: cannot read allow-list: %s", path, strerror(-rc));
             rc = SP_EKEY;
             goto out;
         }
@@ -686,7 +672,7 @@ static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool 
         rc = -EAGAIN;
     }
     if (rc == -EAGAIN) {
-        set_err(err, errlen, "%s: allow-list kept changing while being read", path);
+        sp_fmt(err, errlen, "%s: allow-list kept changing while being read", path);
         goto out;
     }
 

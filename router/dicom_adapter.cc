@@ -56,7 +56,6 @@ extern "C" {
 
 #include <atomic>
 #include <condition_variable>
-#include <cstdarg>
 #include <cstring>
 #include <deque>
 #include <exception>
@@ -74,18 +73,6 @@ extern "C" {
 static const Uint32 READ_ALL = 0xFFFFFFFFu;
 
 /* ---- small helpers ------------------------------------------------------ */
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err == NULL || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* Removes DICOM padding (trailing spaces and NULs). */
 static std::string trim_value(const OFString &s)
@@ -394,7 +381,7 @@ extern "C" int dicom_parse_attrs(const uint8_t *dataset, size_t len,
                                  size_t errlen)
 {
     if (out == NULL || (dataset == NULL && len > 0)) {
-        set_err(err, errlen, "invalid argument");
+        sp_fmt(err, errlen, "invalid argument");
         return SP_EINVAL;
     }
     try {
@@ -403,12 +390,12 @@ extern "C" int dicom_parse_attrs(const uint8_t *dataset, size_t len,
         std::string why;
         int rc = parse_attrs_internal(dataset, len, transfer_syntax_uid, ds, out, why);
         if (rc != 0)
-            set_err(err, errlen, "%s", why.c_str());
+            sp_fmt(err, errlen, "%s", why.c_str());
         return rc;
     } catch (const std::exception &e) {
-        set_err(err, errlen, "exception: %s", e.what());
+        sp_fmt(err, errlen, "exception: %s", e.what());
     } catch (...) {
-        set_err(err, errlen, "unknown exception");
+        sp_fmt(err, errlen, "unknown exception");
     }
     return SP_EINVAL;
 }
@@ -940,7 +927,7 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
 {
     try {
         if (r->begun) {
-            set_err(err, errlen, "retrieve already begun");
+            sp_fmt(err, errlen, "retrieve already begun");
             return SP_EINVAL;
         }
         r->total = (unsigned)count;
@@ -949,19 +936,19 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
             return 0;
         }
         if (host == NULL || port <= 0 || port > 65535) {
-            set_err(err, errlen, "invalid destination address");
+            sp_fmt(err, errlen, "invalid destination address");
             return SP_EINVAL;
         }
         dicom_server *srv = r->a->srv;
         OFCondition cond = make_network(NET_REQUESTOR, srv->cfg.acse_timeout_s, -1, &r->subnet);
         if (cond.bad()) {
-            set_err(err, errlen, "cannot create network: %s", cond.text());
+            sp_fmt(err, errlen, "cannot create network: %s", cond.text());
             return SP_EUNAVAIL;
         }
         T_ASC_Parameters *params = NULL;
         cond = ASC_createAssociationParameters(&params, srv->cfg.max_pdu);
         if (cond.bad()) {
-            set_err(err, errlen, "%s", cond.text());
+            sp_fmt(err, errlen, "%s", cond.text());
             return SP_EUNAVAIL;
         }
         ASC_setAPTitles(params, srv->ae_title.c_str(), r->dest.c_str(), NULL);
@@ -1027,8 +1014,8 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
                 why = std::string("association rejected: ") +
                       ASC_printRejectParameters(s, &rej).c_str();
             }
-            set_err(err, errlen, "cannot associate with %s at %s: %s", r->dest.c_str(),
-                    addr.c_str(), why.c_str());
+            sp_fmt(err, errlen, "cannot associate with %s at %s: %s", r->dest.c_str(), addr.c_str(),
+                   why.c_str());
             if (r->sub) {
                 ASC_dropAssociation(r->sub);
                 ASC_destroyAssociation(&r->sub);
@@ -1038,7 +1025,7 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
             return SP_EUNAVAIL;
         }
         if (ASC_countAcceptedPresentationContexts(r->sub->params) == 0) {
-            set_err(err, errlen, "%s accepted no presentation context", r->dest.c_str());
+            sp_fmt(err, errlen, "%s accepted no presentation context", r->dest.c_str());
             ASC_abortAssociation(r->sub);
             ASC_destroyAssociation(&r->sub);
             return SP_EUNAVAIL;
@@ -1046,9 +1033,9 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
         r->begun = true;
         return 0;
     } catch (const std::exception &e) {
-        set_err(err, errlen, "exception: %s", e.what());
+        sp_fmt(err, errlen, "exception: %s", e.what());
     } catch (...) {
-        set_err(err, errlen, "unknown exception");
+        sp_fmt(err, errlen, "unknown exception");
     }
     return SP_EUNAVAIL;
 }
@@ -1532,7 +1519,7 @@ static std::set<std::string> parse_ae_list(const char *text)
 {
     std::set<std::string> out;
     std::string cur;
-    for (const char *p = text ? text : ""; ; p++) {
+    for (const char *p = text ? text : "";; p++) {
         if (*p == ',' || *p == ' ' || *p == '\t' || *p == '\0') {
             if (!cur.empty())
                 out.insert(cur);
@@ -1766,11 +1753,11 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         *out = NULL;
         dcmtk_init_once();
         if (!g_dict_ok) {
-            set_err(err, errlen, "DICOM data dictionary not loaded (check DCMDICTPATH)");
+            sp_fmt(err, errlen, "DICOM data dictionary not loaded (check DCMDICTPATH)");
             return SP_ECONFIG;
         }
         if (cfg->ae_title == NULL || cfg->ae_title[0] == 0 || strlen(cfg->ae_title) > 16) {
-            set_err(err, errlen, "AE title must be 1-16 characters");
+            sp_fmt(err, errlen, "AE title must be 1-16 characters");
             return SP_EINVAL;
         }
         srv = new dicom_server;
@@ -1799,13 +1786,13 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         std::string why;
         int rc = open_listener(srv, why);
         if (rc != 0) {
-            set_err(err, errlen, "%s", why.c_str());
+            sp_fmt(err, errlen, "%s", why.c_str());
             server_free(srv);
             return rc;
         }
         if (pipe2(srv->wake, O_CLOEXEC) != 0) {
             rc = -errno;
-            set_err(err, errlen, "pipe: %s", strerror(errno));
+            sp_fmt(err, errlen, "pipe: %s", strerror(errno));
             server_free(srv);
             return rc;
         }
@@ -1814,7 +1801,7 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
             OFCondition cond =
                 make_network(NET_ACCEPTOR, srv->cfg.acse_timeout_s, srv->listen_fd, &net);
             if (cond.bad()) {
-                set_err(err, errlen, "cannot initialise DCMTK network: %s", cond.text());
+                sp_fmt(err, errlen, "cannot initialise DCMTK network: %s", cond.text());
                 server_free(srv);
                 return SP_EUNAVAIL;
             }
@@ -1831,9 +1818,9 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         *out = srv;
         return 0;
     } catch (const std::exception &e) {
-        set_err(err, errlen, "exception: %s", e.what());
+        sp_fmt(err, errlen, "exception: %s", e.what());
     } catch (...) {
-        set_err(err, errlen, "unknown exception");
+        sp_fmt(err, errlen, "unknown exception");
     }
     /* Threads are started last; if starting one threw, stop the ones that run. */
     if (srv && (srv->acceptor.joinable() || !srv->workers.empty() || srv->rejecter.joinable())) {
