@@ -290,55 +290,83 @@ static int keyfile_parse(const char *path, char *text, keyfile_t *kf, char *err,
     return 0;
 }
 
+/* What a file read by read_checked() must be, and how its messages name
+ * it. A refused mode reads "PATH: SUBJECT has mode M, which lets RISK;
+ * refusing it (run: FIX PATH)". */
+typedef struct {
+    const char *what;   /* "key file" */
+    const char *a_what; /* "a key file" */
+    size_t max;         /* largest size accepted */
+    mode_t forbidden;   /* mode bits that refuse the file */
+    const char *subject, *risk, *fix;
+} file_rule_t;
+
+/* Opens path, checks that the open file is a regular file with none of the
+ * forbidden mode bits (fstat on the descriptor: the mode checked is the mode
+ * of the file actually read, not of whatever the path names a moment
+ * later), and reads it whole. *st gets the fstat result, *statted whether
+ * it was taken (also when the file is then refused). Returns 0 with *text
+ * (NUL-terminated; the caller clears and frees it) and *len, or SP_EKEY with
+ * the reason in err. */
+static int read_checked(const char *path, const file_rule_t *rule, struct stat *st, bool *statted,
+                        char **text, size_t *len, char *err, size_t errlen)
+{
+    *statted = false;
+    *text = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        sp_fmt(err, errlen, "%s: cannot open %s: %s", path, rule->what, strerror(errno));
+        return SP_EKEY;
+    }
+    int rc = SP_EKEY;
+    if (fstat(fd, st) != 0) {
+        sp_fmt(err, errlen, "%s: cannot stat %s: %s", path, rule->what, strerror(errno));
+        goto out;
+    }
+    *statted = true;
+    if (!S_ISREG(st->st_mode)) {
+        sp_fmt(err, errlen, "%s: not a regular file", path);
+        goto out;
+    }
+    if ((st->st_mode & rule->forbidden) != 0) {
+        sp_fmt(err, errlen, "%s: %s has mode %04o, which lets %s; refusing it (run: %s %s)", path,
+               rule->subject, (unsigned)(st->st_mode & 07777), rule->risk, rule->fix, path);
+        goto out;
+    }
+    rc = read_fd(fd, rule->max, text, len);
+    if (rc == SP_EKEY)
+        sp_fmt(err, errlen, "%s: not %s (too large or binary)", path, rule->a_what);
+    else if (rc != 0)
+        sp_fmt(err, errlen, "%s: cannot read %s: %s", path, rule->what, strerror(-rc));
+    rc = rc == 0 ? 0 : SP_EKEY;
+out:
+    close(fd);
+    return rc;
+}
+
 /* Opens and reads a key file. When secret is true the file must be a regular
  * file that group and others can neither read nor write. */
 static int keyfile_load(const char *path, bool secret, keyfile_t *kf, char *err, size_t errlen)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        sp_fmt(err, errlen, "%s: cannot open key file: %s", path, strerror(errno));
-        return SP_EKEY;
-    }
-    int rc = 0;
-    char *text = NULL;
-    size_t len = 0;
+    const file_rule_t rule = {.what = "key file",
+                              .a_what = "a key file",
+                              .max = KEYS_FILE_MAX,
+                              .forbidden = secret ? 077 : 0,
+                              .subject = "key pair file",
+                              .risk = "group or others access the secret key",
+                              .fix = "chmod 600"};
     struct stat st;
-    /* fstat on the open descriptor: the mode checked is the mode of the
-     * file actually read, not of whatever the path names a moment later. */
-    if (fstat(fd, &st) != 0) {
-        sp_fmt(err, errlen, "%s: cannot stat key file: %s", path, strerror(errno));
-        rc = SP_EKEY;
-        goto out;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        sp_fmt(err, errlen, "%s: not a regular file", path);
-        rc = SP_EKEY;
-        goto out;
-    }
-    if (secret && (st.st_mode & 077) != 0) {
-        sp_fmt(err, errlen,
-               "%s: key pair file has mode %04o, which lets group or others access the "
-               "secret key; refusing it (run: chmod 600 %s)",
-               path, (unsigned)(st.st_mode & 07777), path);
-        rc = SP_EKEY;
-        goto out;
-    }
-    rc = read_fd(fd, KEYS_FILE_MAX, &text, &len);
-    if (rc != 0) {
-        if (rc == SP_EKEY)
-            sp_fmt(err, errlen, "%s: not a key file (too large or binary)", path);
-        else
-            sp_fmt(err, errlen, "%s: cannot read key file: %s", path, strerror(-rc));
-        rc = SP_EKEY;
-        goto out;
-    }
-    rc = keyfile_parse(path, text, kf, err, errlen);
-out:
+    bool statted;
+    char *text;
+    size_t len;
+    int rc = read_checked(path, &rule, &st, &statted, &text, &len, err, errlen);
+    if (rc == 0)
+        rc = keyfile_parse(path, text, kf, err, errlen);
     if (text != NULL) {
         explicit_bzero(text, len);
         free(text);
     }
-    close(fd);
     return rc;
 }
 
@@ -615,59 +643,33 @@ static bool file_id_equal(const file_id_t *a, const file_id_t *b)
 static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool *id_known,
                           char *err, size_t errlen)
 {
+    static const file_rule_t rule = {.what = "allow-list",
+                                     .a_what = "an allow-list",
+                                     .max = KEYS_ALLOWLIST_MAX,
+                                     .forbidden = S_IWOTH,
+                                     .subject = "allow-list",
+                                     .risk = "anyone on this machine add a key",
+                                     .fix = "chmod o-w"};
     memset(out, 0, sizeof *out);
     *id_known = false;
     int rc = 0;
     char *text = NULL;
     size_t len = 0;
-    int fd = -1;
     for (int attempt = 0; attempt < ALLOWLIST_READ_TRIES; attempt++) {
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0) {
-            sp_fmt(err, errlen, "%s: cannot open allow-list: %s", path, strerror(errno));
-            return SP_EKEY;
-        }
+        free(text);
         /* The identity comes from before the read: if the file changes
          * during it, the next check sees a different identity and reads it
          * again, rather than trusting a half-read version forever. */
         struct stat st;
-        if (fstat(fd, &st) != 0) {
-            sp_fmt(err, errlen, "%s: cannot stat allow-list: %s", path, strerror(errno));
-            rc = SP_EKEY;
+        rc = read_checked(path, &rule, &st, id_known, &text, &len, err, errlen);
+        if (*id_known)
+            file_id_of(&st, id);
+        if (rc != 0)
             goto out;
-        }
-        file_id_of(&st, id);
-        *id_known = true;
-        if (!S_ISREG(st.st_mode)) {
-            sp_fmt(err, errlen, "%s: not a regular file", path);
-            rc = SP_EKEY;
-            goto out;
-        }
-        if ((st.st_mode & S_IWOTH) != 0) {
-            sp_fmt(err, errlen,
-                   "%s: allow-list has mode %04o, which lets anyone on this machine add a key; "
-                   "refusing it (run: chmod o-w %s)",
-                   path, (unsigned)(st.st_mode & 07777), path);
-            rc = SP_EKEY;
-            goto out;
-        }
-        rc = read_fd(fd, KEYS_ALLOWLIST_MAX, &text, &len);
-        if (rc != 0) {
-            if (rc == SP_EKEY)
-                sp_fmt(err, errlen, "%s: not an allow-list (too large or binary)", path);
-            else
-                sp_fmt(err, errlen, "%s: cannot read allow-list: %s", path, strerror(-rc));
-            rc = SP_EKEY;
-            goto out;
-        }
         if ((off_t)len == st.st_size)
             break;
         /* Written to in place while we read: what we got may be half of
          * one version and half of another. */
-        free(text);
-        text = NULL;
-        close(fd);
-        fd = -1;
         *id_known = false;
         rc = -EAGAIN;
     }
@@ -690,8 +692,6 @@ static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool 
     }
 out:
     free(text);
-    if (fd >= 0)
-        close(fd);
     return rc;
 }
 
