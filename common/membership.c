@@ -492,13 +492,18 @@ uint64_t membership_view_version(membership_t *m)
     return v;
 }
 
+void membership_self(membership_t *m, gossip_member_t *out)
+{
+    pthread_mutex_lock(&m->lock);
+    gossip_lookup(m->g, m->self_id, out); /* a member always knows itself */
+    pthread_mutex_unlock(&m->lock);
+}
+
 gossip_state_t membership_self_state(membership_t *m)
 {
     gossip_member_t me;
-    pthread_mutex_lock(&m->lock);
-    int rc = gossip_lookup(m->g, m->self_id, &me);
-    pthread_mutex_unlock(&m->lock);
-    return rc == 0 ? me.state : GOSSIP_ALIVE;
+    membership_self(m, &me);
+    return me.state;
 }
 
 int membership_set_self_state(membership_t *m, gossip_state_t state)

@@ -126,7 +126,8 @@ int membership_handle(membership_t *m, const transport_request_t *req, const wir
 size_t membership_snapshot(membership_t *m, gossip_member_t *out, size_t max);
 size_t membership_placement(membership_t *m, gossip_member_t *out, size_t max);
 uint64_t membership_view_version(membership_t *m);
-/* This member's own state as it announces it. */
+/* This member's own record, and its state, as it announces them. */
+void membership_self(membership_t *m, gossip_member_t *out);
 gossip_state_t membership_self_state(membership_t *m);
 /* Announces a state this member chooses for itself (gossip_set_self_state). */
 int membership_set_self_state(membership_t *m, gossip_state_t state);

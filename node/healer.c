@@ -642,6 +642,19 @@ static void round_figures(healer_t *h, const round_t *r)
 
 /* Announces the state this round earned: a joiner that caught up is
  * ALIVE; a drained node is LEFT and stops its process. */
+static int any_partition(void *ctx, const store_partition_summary_t *p)
+{
+    (void)p;
+    *(bool *)ctx = true;
+    return 1; /* one is enough */
+}
+
+static bool holds_nothing(healer_t *h)
+{
+    bool any = false;
+    return store_partition_summaries(h->store, any_partition, &any) == 0 && !any;
+}
+
 static void round_transitions(healer_t *h, const round_t *r, bool complete, size_t still_held)
 {
     gossip_state_t state = membership_self_state(h->m);
@@ -652,12 +665,9 @@ static void round_transitions(healer_t *h, const round_t *r, bool complete, size
         log_info("repair: caught up with every holder; %s is alive", h->self_id);
         membership_set_self_state(h->m, GOSSIP_ALIVE);
     }
-    if (state == GOSSIP_DRAINING && complete && still_held == 0) {
-        bool empty = true;
-        for (uint32_t p = 0; p < RING_PARTITIONS; p++)
-            empty = empty && !r->mine[p].present;
-        if (!empty)
-            return;
+    /* Re-read after the hand-off: a put from a router with an older view
+     * may have landed since the round's summaries were taken. */
+    if (state == GOSSIP_DRAINING && complete && still_held == 0 && holds_nothing(h)) {
         log_info("drain: every partition is held by its owners; %s leaves the cluster", h->self_id);
         membership_set_self_state(h->m, GOSSIP_LEFT);
         nap(h, 3LL * h->cfg.interval_ms > 2000 ? 3LL * h->cfg.interval_ms : 2000);
@@ -674,11 +684,6 @@ static void round_run(healer_t *h)
     round_figures(h, &r);
     size_t failed = round_pull(h, &r);
     size_t still = round_handoff(h, &r, clients);
-    if (still == 0 && membership_self_state(h->m) == GOSSIP_DRAINING) {
-        /* Re-read what is held after the hand-off. */
-        memset(r.mine, 0, RING_PARTITIONS * sizeof *r.mine);
-        store_partition_summaries(h->store, mine_add, r.mine);
-    }
     round_transitions(h, &r, missing == 0 && failed == 0, still);
     for (size_t i = 0; i < r.npeers; i++)
         transport_client_destroy(&clients[i]);
@@ -863,14 +868,11 @@ void healer_stop(healer_t **hp)
 
 /* ---- status and drain --------------------------------------------------- */
 
-void healer_member_status(healer_t *h, wire_member_status_t *out)
+/* This node's figures, with the partitions held counted from mine. */
+static void own_figures(healer_t *h, const psum_t *mine, wire_member_status_t *out)
 {
     memset(out, 0, sizeof *out);
-    gossip_member_t *view = NULL;
-    size_t n = membership_view(h->m, &view);
-    if (n > 0)
-        out->member = view[0]; /* the snapshot lists this member first */
-    free(view);
+    membership_self(h->m, &out->member);
     out->reachable = true;
     store_stats_t st;
     if (store_stats(h->store, &st) == 0) {
@@ -878,11 +880,8 @@ void healer_member_status(healer_t *h, wire_member_status_t *out)
         out->bytes = st.bytes;
         out->disk_bytes = st.db_size_bytes;
     }
-    psum_t *mine = sp_calloc(RING_PARTITIONS, sizeof *mine);
-    store_partition_summaries(h->store, mine_add, mine);
     for (uint32_t p = 0; p < RING_PARTITIONS; p++)
         out->partitions_held += mine[p].present;
-    free(mine);
     out->partitions_owned = atomic_load(&h->partitions_owned);
     out->hints_pending = atomic_load(&h->hints_pending);
     out->repair_bytes_done = atomic_load(&h->bytes_done);
@@ -891,6 +890,14 @@ void healer_member_status(healer_t *h, wire_member_status_t *out)
     out->scrub_checked = atomic_load(&h->scrub_checked);
     out->scrub_corrupt = atomic_load(&h->scrub_corrupt);
     out->repaired = atomic_load(&h->repaired);
+}
+
+void healer_member_status(healer_t *h, wire_member_status_t *out)
+{
+    psum_t *mine = sp_calloc(RING_PARTITIONS, sizeof *mine);
+    store_partition_summaries(h->store, mine_add, mine);
+    own_figures(h, mine, out);
+    free(mine);
 }
 
 /* Asks one member for its own status; fills *out's figures (keeps the
@@ -963,8 +970,7 @@ int healer_cluster_status(healer_t *h, wire_status_t *out)
     for (size_t i = 0; i < r.nview; i++) {
         wire_member_status_t *ms = &out->members[out->nmembers++];
         if (strcmp(r.view[i].id, h->self_id) == 0) {
-            healer_member_status(h, ms);
-            ms->member = r.view[i];
+            own_figures(h, r.mine, ms); /* the summaries round_gather just took */
             continue;
         }
         ms->member = r.view[i];
