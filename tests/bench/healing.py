@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 import dataset  # noqa: E402
+from spcluster import free_port  # noqa: E402
 
 CLUSTER_SH = ROOT / "deploy" / "local-cluster.sh"
 ENV = dict(os.environ, TCP_NODELAY="1")
@@ -48,14 +48,6 @@ LINE = re.compile(r"^(\S+Z) .*member (\S+) (\S+) -> (\S+) \(incarnation", re.M)
 
 def say(text):
     print(f"healing [{time.monotonic() - T0:4.0f}s]: {text}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def cluster(*args, check=True, timeout=300):

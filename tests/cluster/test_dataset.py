@@ -19,6 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dataset as gen  # noqa: E402
+from spcluster import free_port  # noqa: E402
 from dataset import (BASIC_TEXT_SR, CT_IMAGE, EXPLICIT_LE, IMPLICIT_LE, MR_IMAGE,  # noqa: E402
                      SC_IMAGE, make_bulk_set, make_test_set)
 
@@ -297,14 +298,6 @@ def test_match_value_unit():
 
 # ---- findscu output and a reference SCP (DCMTK's dcmqrscp) -------------------------------
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def qrscp(ds, tmp_path_factory):
     """dcmqrscp (fork mode: in single-process mode 3.6.7 crashes after the
@@ -312,7 +305,7 @@ def qrscp(ds, tmp_path_factory):
     base = tmp_path_factory.mktemp("qr")
     db = base / "db"
     db.mkdir()
-    port = _free_port()
+    port = free_port()
     cfg = base / "qr.cfg"
     cfg.write_text(f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
                    "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
@@ -491,7 +484,7 @@ def test_command_line(tmp_path):
 def test_storescu_batches_keep_transfer_syntax(ds, tmp_path):
     """storescu with the option of DataSet.storescu_batches() sends every file
     in its stored transfer syntax (storescp +xa accepts them all)."""
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "rcv"
     out.mkdir()
     log = open(tmp_path / "scp.log", "wb")

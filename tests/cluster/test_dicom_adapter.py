@@ -33,14 +33,6 @@ AE = "SHARDPACS"
 TOOL_TIMEOUT = 30
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def run(args, timeout=TOOL_TIMEOUT, check=True):
     p = subprocess.run([str(a) for a in args], env=ENV, capture_output=True, text=True,
                        timeout=timeout)
@@ -167,7 +159,7 @@ class Scp:
     def __init__(self, directory, aet, accept_all):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = spcluster.free_port()
         args = ["storescp", "--bit-preserving", "-aet", aet, "-od", self.dir, "-uf"]
         if accept_all:
             args.append("+xa")
@@ -198,7 +190,7 @@ def env(data, tmp_path_factory):
     proc = subprocess.Popen(
         [str(HARNESS), "--ae", AE, "--acse-timeout", "10",
          f"DEST=127.0.0.1:{dest.port}", f"PLAIN=127.0.0.1:{plain.port}",
-         f"DEAD=127.0.0.1:{free_port()}"],
+         f"DEAD=127.0.0.1:{spcluster.free_port()}"],
         env=ENV, stdout=subprocess.PIPE, stderr=open(base / "harness.log", "w"), text=True)
     line = proc.stdout.readline()
     assert line.strip().isdigit(), f"harness did not print a port: {line!r}"
