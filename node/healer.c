@@ -111,11 +111,28 @@ static void throttle_take(healer_t *h, throttle_t *t, uint64_t bytes)
         nap(h, (start - now + 999) / 1000);
 }
 
+/* The copy rate: the open window's once it spans 200 ms (short repairs
+ * finish inside one window), else the last closed window's. */
+static double copy_rate(healer_t *h)
+{
+    pthread_mutex_lock(&h->rate_lock);
+    int64_t span = sp_now_ms() - h->window_start_ms;
+    double rate = h->window_bytes > 0 && span >= 200
+                      ? (double)h->window_bytes * 1000.0 / (double)span
+                      : atomic_load(&h->rate);
+    pthread_mutex_unlock(&h->rate_lock);
+    return rate;
+}
+
 static void note_copied(healer_t *h, uint64_t bytes)
 {
     atomic_fetch_add(&h->bytes_done, bytes);
     pthread_mutex_lock(&h->rate_lock);
     int64_t now = sp_now_ms();
+    /* A window opens with its first copy: idle time before it is not
+     * repair time (it made the first rate after a quiet spell tiny). */
+    if (h->window_bytes == 0)
+        h->window_start_ms = now;
     h->window_bytes += bytes;
     if (now - h->window_start_ms >= 1000) {
         atomic_store(&h->rate,
@@ -689,8 +706,12 @@ static void round_run(healer_t *h)
         transport_client_destroy(&clients[i]);
     free(clients);
     round_free(&r);
-    if (atomic_load(&h->bytes_pending) == 0)
+    if (atomic_load(&h->bytes_pending) == 0) {
+        pthread_mutex_lock(&h->rate_lock);
+        h->window_bytes = 0;
         atomic_store(&h->rate, 0.0);
+        pthread_mutex_unlock(&h->rate_lock);
+    }
 }
 
 static void *round_main(void *arg)
@@ -886,7 +907,7 @@ static void own_figures(healer_t *h, const psum_t *mine, wire_member_status_t *o
     out->hints_pending = atomic_load(&h->hints_pending);
     out->repair_bytes_done = atomic_load(&h->bytes_done);
     out->repair_bytes_pending = atomic_load(&h->bytes_pending);
-    out->repair_rate = atomic_load(&h->rate);
+    out->repair_rate = copy_rate(h);
     out->scrub_checked = atomic_load(&h->scrub_checked);
     out->scrub_corrupt = atomic_load(&h->scrub_corrupt);
     out->repaired = atomic_load(&h->repaired);
