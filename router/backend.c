@@ -327,25 +327,28 @@ static void mark_down(backend_t *b, const member_t *m, int rc)
                  m->id, m->endpoint, sp_strerror(rc), b->cfg.retry_down_ms);
 }
 
-/* Writes the indexes (into v->m) of the partition's N owners into owners;
- * returns their count. */
-static size_t owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
+/* Writes the indexes (into v->m) of the partition's N owners over a ring
+ * (ring[i] is v->m[at[i]]) into owners; returns their count. */
+static size_t owners_over(backend_t *b, const ring_member_t *ring, const size_t *at, size_t n,
+                          uint32_t partition, size_t *owners)
 {
     size_t idx[RING_MAX_REPLICAS];
-    size_t k = ring_owners(v->placed, v->nplaced, partition, (size_t)b->cfg.replicas, idx);
+    size_t k = ring_owners(ring, n, partition, (size_t)b->cfg.replicas, idx);
     for (size_t i = 0; i < k; i++)
-        owners[i] = v->placed_at[idx[i]];
+        owners[i] = at[idx[i]];
     return k;
 }
 
-/* The same over the previous owners' ring. */
+/* The owners over the placed members. */
+static size_t owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
+{
+    return owners_over(b, v->placed, v->placed_at, v->nplaced, partition, owners);
+}
+
+/* The owners the view had before its joining members came (see backend.h). */
 static size_t previous_owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
 {
-    size_t idx[RING_MAX_REPLICAS];
-    size_t k = ring_owners(v->prev, v->nprev, partition, (size_t)b->cfg.replicas, idx);
-    for (size_t i = 0; i < k; i++)
-        owners[i] = v->prev_at[idx[i]];
-    return k;
+    return owners_over(b, v->prev, v->prev_at, v->nprev, partition, owners);
 }
 
 static bool contains(const size_t *set, size_t n, size_t x)
