@@ -39,6 +39,13 @@ const char *sp_strerror(int code)
     return "unknown error";
 }
 
+void sp_assert_fail(const char *cond, const char *file, int line, const char *func)
+{
+    fprintf(stderr, "shardpacs: %s:%d: %s: invariant '%s' failed\n", file, line, func, cond);
+    fflush(stderr);
+    abort();
+}
+
 static void *check_alloc(void *p, size_t n)
 {
     if (p == NULL && n != 0) {

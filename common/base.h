@@ -66,6 +66,14 @@ void sp_hex(const uint8_t *in, size_t n, char *out);
 
 #define SP_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
+/* An invariant of ShardPACS's own code: always checked (release builds
+ * too), and on failure prints file:line and the condition, then aborts.
+ * Never for anything that came from the network, a file or a peer: that is
+ * validated and turned into an error code. */
+#define SP_ASSERT(cond) ((cond) ? (void)0 : sp_assert_fail(#cond, __FILE__, __LINE__, __func__))
+void sp_assert_fail(const char *cond, const char *file, int line, const char *func)
+    __attribute__((noreturn));
+
 /* Daemon signal handling. sp_signals_block() must run in main() before any
  * thread starts: it blocks SIGINT and SIGTERM (every thread inherits the mask,
  * so only sp_signals_wait() sees them) and ignores SIGPIPE (a peer closing a
