@@ -210,6 +210,9 @@ static void out_reserve(out_t *o, size_t n)
 
 static void out_mem(out_t *o, const void *p, size_t n)
 {
+    /* An empty value may come as NULL, which memcpy must never see. */
+    if (n == 0)
+        return;
     out_reserve(o, n);
     memcpy(o->p + o->len, p, n);
     o->len += n;

@@ -29,7 +29,9 @@
 
 /* Which delimiters reset the ISO 2022 state to value 1 of (0008,0005)
  * (PS3.5 6.1.2.5.3). Every VR resets at CR, LF, FF, TAB and other C0
- * controls except ESC. */
+ * controls except ESC; the delimiters below only while G0 holds a
+ * single-byte set (in JIS X 0208 their bytes are halves of characters, the
+ * encoder having had to switch back before a real delimiter). */
 typedef enum {
     CHARSET_VR_PN,     /* person name: also at '^', '=' and '\\' */
     CHARSET_VR_STRING, /* SH, LO, UC, CS...: also at the value delimiter '\\' */
