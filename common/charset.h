@@ -42,7 +42,9 @@ typedef enum {
 enum {
     CHARSET_LOSSY_ESCAPED = 1u << 0, /* some bytes are in the escaped form */
     CHARSET_UNKNOWN_TERM = 1u << 1,  /* a value of (0008,0005) is not a defined term */
-    CHARSET_GUESSED = 1u << 2,       /* no (0008,0005), bytes >= 0x80: UTF-8 or Latin-1 guessed */
+    /* No (0008,0005) and bytes >= 0x80: UTF-8 or Latin-1 guessed; or bytes
+     * >= 0x80 while G1 was empty, read as the one G1 set (0008,0005) declares. */
+    CHARSET_GUESSED = 1u << 2,
     CHARSET_NONSTANDARD_TERM = 1u << 3,  /* a term was accepted despite case, spaces, '_'/'-'/' '
                                             variants or a combination the standard forbids */
     CHARSET_UNDECLARED_ESCAPE = 1u << 4, /* an escape sequence designated a set that (0008,0005)
