@@ -11,6 +11,7 @@
 
 #include "base.h"
 #include "log.h"
+#include "placement.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -1026,7 +1027,7 @@ size_t gossip_placement(const gossip_t *g, gossip_member_t *out, size_t max)
     size_t n = 0;
     for (size_t i = 0; i < g->n_recs; i++) {
         const gossip_member_t *m = &g->recs[i].m;
-        if (m->role == GOSSIP_STORAGE && gossip_state_placed(m->state))
+        if (placement_is_placed(m))
             all[n++] = *m;
     }
     qsort(all, n, sizeof *all, by_id);
