@@ -1,5 +1,5 @@
-/* healer.c - anti-entropy, re-replication, hand-off, drain and scrubbing
- * for a storage node (healer.h).
+/* repair.c - anti-entropy, re-replication, hand-off, drain and scrubbing
+ * for a storage node (repair.h).
  *
  * Threads: the round thread runs rounds and, per round with work, up to
  * [repair] streams copy threads; the scrubber thread scrubs and repairs.
@@ -8,7 +8,7 @@
  *
  * Owns: the threads, their clients, the corrupt queue. Borrows the store,
  * the membership, the key pair and the allow-list from the node. */
-#include "healer.h"
+#include "repair.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
@@ -40,8 +40,8 @@ typedef struct {
     int64_t next_us; /* when the next caller may go */
 } throttle_t;
 
-struct healer {
-    healer_config_t cfg;
+struct repair {
+    repair_config_t cfg;
     char self_id[GOSSIP_ID_MAX];
     store_t *store;
     membership_t *m;
@@ -75,8 +75,8 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Sleeps up to ms, in short steps so that healer_stop() is prompt. */
-static void nap(healer_t *h, int64_t ms)
+/* Sleeps up to ms, in short steps so that repair_stop() is prompt. */
+static void nap(repair_t *h, int64_t ms)
 {
     int64_t end = sp_now_ms() + ms;
     while (!atomic_load(&h->stop)) {
@@ -96,7 +96,7 @@ static void throttle_init(throttle_t *t, uint64_t rate)
     t->next_us = 0;
 }
 
-static void throttle_take(healer_t *h, throttle_t *t, uint64_t bytes)
+static void throttle_take(repair_t *h, throttle_t *t, uint64_t bytes)
 {
     if (t->rate == 0)
         return;
@@ -113,7 +113,7 @@ static void throttle_take(healer_t *h, throttle_t *t, uint64_t bytes)
 
 /* The copy rate: the open window's once it spans 200 ms (short repairs
  * finish inside one window), else the last closed window's. */
-static double copy_rate(healer_t *h)
+static double copy_rate(repair_t *h)
 {
     pthread_mutex_lock(&h->rate_lock);
     int64_t span = sp_now_ms() - h->window_start_ms;
@@ -124,7 +124,7 @@ static double copy_rate(healer_t *h)
     return rate;
 }
 
-static void note_copied(healer_t *h, uint64_t bytes)
+static void note_copied(repair_t *h, uint64_t bytes)
 {
     atomic_fetch_add(&h->bytes_done, bytes);
     pthread_mutex_lock(&h->rate_lock);
@@ -144,7 +144,7 @@ static void note_copied(healer_t *h, uint64_t bytes)
 }
 
 /* A client for a member, or NULL if its name is not in the allow-list. */
-static transport_client_t *client_new(healer_t *h, const gossip_member_t *peer)
+static transport_client_t *client_new(repair_t *h, const gossip_member_t *peer)
 {
     char key[KEYS_Z85_LEN + 1];
     if (!keys_allowlist_find_name(h->allowed, peer->id, key)) {
@@ -209,7 +209,7 @@ static int set_add_entry(void *ctx, const store_entry_t *e)
 }
 
 /* Lists a whole partition of a member into a sorted set. */
-static int remote_list(healer_t *h, transport_client_t *c, uint32_t part, set_t *out, char *err,
+static int remote_list(repair_t *h, transport_client_t *c, uint32_t part, set_t *out, char *err,
                        size_t errlen)
 {
     char *cursor = NULL;
@@ -239,7 +239,7 @@ static int remote_list(healer_t *h, transport_client_t *c, uint32_t part, set_t 
 /* Reads one instance from a member and stores it here (store_put checks the
  * digest of the bytes). repair: replace a corrupt local copy. *outcome (may
  * be NULL) tells whether anything was written. */
-static int copy_instance(healer_t *h, transport_client_t *c, const char *sop, bool repair,
+static int copy_instance(repair_t *h, transport_client_t *c, const char *sop, bool repair,
                          const uint8_t *want_digest, store_outcome_t *outcome_out, char *err,
                          size_t errlen)
 {
@@ -301,7 +301,7 @@ static int mine_add(void *ctx, const store_partition_summary_t *p)
 }
 
 /* Fills the view, placement and owners of every partition. */
-static void round_placement(healer_t *h, round_t *r)
+static void round_placement(repair_t *h, round_t *r)
 {
     r->nview = membership_view(h->m, &r->view);
     r->placed = sp_calloc(r->nview ? r->nview : 1, sizeof *r->placed);
@@ -338,7 +338,7 @@ static bool storage_live(const gossip_member_t *m)
 }
 
 /* Asks a member for the summaries of its non-empty partitions. */
-static psum_t *remote_sums(healer_t *h, transport_client_t *c, char *err, size_t errlen)
+static psum_t *remote_sums(repair_t *h, transport_client_t *c, char *err, size_t errlen)
 {
     wire_request_t req = {.kind = WIRE_PARTITION_DIGEST, .nonempty = true};
     wire_reply_t rep;
@@ -360,7 +360,7 @@ static psum_t *remote_sums(healer_t *h, transport_client_t *c, char *err, size_t
 
 /* Gathers this node's summaries and every reachable peer's. Returns the
  * number of peers that did not answer. */
-static size_t round_gather(healer_t *h, round_t *r, transport_client_t **clients)
+static size_t round_gather(repair_t *h, round_t *r, transport_client_t **clients)
 {
     r->mine = sp_calloc(RING_PARTITIONS, sizeof *r->mine);
     if (store_partition_summaries(h->store, mine_add, r->mine) != 0)
@@ -409,7 +409,7 @@ typedef struct {
 } pull_t;
 
 typedef struct {
-    healer_t *h;
+    repair_t *h;
     const round_t *r;
     const pull_t *tasks;
     size_t ntasks;
@@ -418,7 +418,7 @@ typedef struct {
 } pull_run_t;
 
 /* Copies from a peer every instance of a partition this node lacks. */
-static int pull_partition(healer_t *h, transport_client_t *c, const char *peer, uint32_t part)
+static int pull_partition(repair_t *h, transport_client_t *c, const char *peer, uint32_t part)
 {
     set_t mine = {0}, theirs = {0};
     char *cursor = NULL, err[512];
@@ -468,7 +468,7 @@ static int pull_partition(healer_t *h, transport_client_t *c, const char *peer, 
 static void *pull_main(void *arg)
 {
     pull_run_t *run = arg;
-    healer_t *h = run->h;
+    repair_t *h = run->h;
     transport_client_t **clients = sp_calloc(run->r->npeers ? run->r->npeers : 1, sizeof *clients);
     for (;;) {
         size_t i = atomic_fetch_add(&run->next, 1);
@@ -492,7 +492,7 @@ static void *pull_main(void *arg)
 
 /* Pulls every owned partition whose digest differs at a holder, in
  * parallel streams. Returns the number of failed pulls. */
-static size_t round_pull(healer_t *h, const round_t *r)
+static size_t round_pull(repair_t *h, const round_t *r)
 {
     pull_t *tasks = NULL;
     size_t ntasks = 0, cap = 0;
@@ -572,7 +572,7 @@ static int add_study(void *ctx, const char *study_uid)
 
 /* Deletes the studies of a partition this node no longer owns that every
  * owner holds completely. Returns 0 when the partition is now empty here. */
-static int handoff_partition(healer_t *h, const round_t *r, transport_client_t **clients,
+static int handoff_partition(repair_t *h, const round_t *r, transport_client_t **clients,
                              uint32_t part)
 {
     size_t n = r->replicas;
@@ -624,7 +624,7 @@ static int handoff_partition(healer_t *h, const round_t *r, transport_client_t *
 
 /* Hands off every partition held here and not owned. Returns how many are
  * still held. */
-static size_t round_handoff(healer_t *h, const round_t *r, transport_client_t **clients)
+static size_t round_handoff(repair_t *h, const round_t *r, transport_client_t **clients)
 {
     size_t still = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS && !atomic_load(&h->stop); p++)
@@ -643,7 +643,7 @@ static bool knows_other_storage(const round_t *r, const char *self_id)
     return false;
 }
 
-static void round_figures(healer_t *h, const round_t *r)
+static void round_figures(repair_t *h, const round_t *r)
 {
     uint64_t hints = 0;
     uint32_t owned = 0;
@@ -666,13 +666,13 @@ static int any_partition(void *ctx, const store_partition_summary_t *p)
     return 1; /* one is enough */
 }
 
-static bool holds_nothing(healer_t *h)
+static bool holds_nothing(repair_t *h)
 {
     bool any = false;
     return store_partition_summaries(h->store, any_partition, &any) == 0 && !any;
 }
 
-static void round_transitions(healer_t *h, const round_t *r, bool complete, size_t still_held)
+static void round_transitions(repair_t *h, const round_t *r, bool complete, size_t still_held)
 {
     gossip_state_t state = membership_self_state(h->m);
     /* Without seeds this is the first member: there is nobody to catch up
@@ -692,7 +692,7 @@ static void round_transitions(healer_t *h, const round_t *r, bool complete, size
     }
 }
 
-static void round_run(healer_t *h)
+static void round_run(repair_t *h)
 {
     round_t r = {0};
     round_placement(h, &r);
@@ -716,7 +716,7 @@ static void round_run(healer_t *h)
 
 static void *round_main(void *arg)
 {
-    healer_t *h = arg;
+    repair_t *h = arg;
     uint64_t seen_version = 0;
     while (!atomic_load(&h->stop)) {
         seen_version = membership_view_version(h->m);
@@ -732,7 +732,7 @@ static void *round_main(void *arg)
 
 /* ---- scrubbing and repair of corrupt copies ----------------------------- */
 
-void healer_note_corrupt(healer_t *h, const char *sop_uid)
+void repair_note_corrupt(repair_t *h, const char *sop_uid)
 {
     pthread_mutex_lock(&h->queue_lock);
     bool known = false;
@@ -745,16 +745,16 @@ void healer_note_corrupt(healer_t *h, const char *sop_uid)
 
 static int scrub_found(void *ctx, const store_entry_t *e)
 {
-    healer_t *h = ctx;
+    repair_t *h = ctx;
     atomic_fetch_add(&h->scrub_corrupt, 1);
     log_warn("scrub: %s (study %s, partition %u) fails its digest; repairing from a replica",
              e->sop_uid, e->study_uid, (unsigned)e->partition);
-    healer_note_corrupt(h, e->sop_uid);
+    repair_note_corrupt(h, e->sop_uid);
     return 0;
 }
 
 /* Replaces a corrupt local copy with a good one from any live member. */
-static void repair_one(healer_t *h, const char *sop)
+static void repair_one(repair_t *h, const char *sop)
 {
     gossip_member_t *view = NULL;
     size_t n = membership_view(h->m, &view);
@@ -784,7 +784,7 @@ static void repair_one(healer_t *h, const char *sop)
     free(view);
 }
 
-static void repair_queued(healer_t *h)
+static void repair_queued(repair_t *h)
 {
     for (;;) {
         char sop[65];
@@ -804,7 +804,7 @@ static void repair_queued(healer_t *h)
 
 static void *scrub_main(void *arg)
 {
-    healer_t *h = arg;
+    repair_t *h = arg;
     char *cursor = NULL;
     while (!atomic_load(&h->stop)) {
         repair_queued(h);
@@ -832,10 +832,10 @@ static void *scrub_main(void *arg)
 
 /* ---- life cycle --------------------------------------------------------- */
 
-healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t *m,
+repair_t *repair_start(const repair_config_t *cfg, store_t *store, membership_t *m,
                        const keys_pair_t *self, const keys_allowlist_t *allowed)
 {
-    healer_t *h = sp_calloc(1, sizeof *h);
+    repair_t *h = sp_calloc(1, sizeof *h);
     h->cfg = *cfg;
     if (h->cfg.streams < 1)
         h->cfg.streams = 1;
@@ -858,7 +858,7 @@ healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t 
         h->scrub_started = true;
     if (!h->scrub_started) {
         log_error("repair: cannot start threads");
-        healer_stop(&h);
+        repair_stop(&h);
         return NULL;
     }
     log_info("repair: rounds every %d ms, %d streams at %llu bytes/s; scrub at %llu bytes/s, "
@@ -868,9 +868,9 @@ healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t 
     return h;
 }
 
-void healer_stop(healer_t **hp)
+void repair_stop(repair_t **hp)
 {
-    healer_t *h = *hp;
+    repair_t *h = *hp;
     if (h == NULL)
         return;
     atomic_store(&h->stop, true);
@@ -890,7 +890,7 @@ void healer_stop(healer_t **hp)
 /* ---- status and drain --------------------------------------------------- */
 
 /* This node's figures, with the partitions held counted from mine. */
-static void own_figures(healer_t *h, const psum_t *mine, wire_member_status_t *out)
+static void own_figures(repair_t *h, const psum_t *mine, wire_member_status_t *out)
 {
     memset(out, 0, sizeof *out);
     membership_self(h->m, &out->member);
@@ -913,7 +913,7 @@ static void own_figures(healer_t *h, const psum_t *mine, wire_member_status_t *o
     out->repaired = atomic_load(&h->repaired);
 }
 
-void healer_member_status(healer_t *h, wire_member_status_t *out)
+void repair_member_status(repair_t *h, wire_member_status_t *out)
 {
     psum_t *mine = sp_calloc(RING_PARTITIONS, sizeof *mine);
     store_partition_summaries(h->store, mine_add, mine);
@@ -923,7 +923,7 @@ void healer_member_status(healer_t *h, wire_member_status_t *out)
 
 /* Asks one member for its own status; fills *out's figures (keeps the
  * member record from this node's view). */
-static bool remote_status(healer_t *h, transport_client_t *c, wire_member_status_t *out)
+static bool remote_status(repair_t *h, transport_client_t *c, wire_member_status_t *out)
 {
     wire_request_t req = {.kind = WIRE_STATUS, .cluster = false};
     wire_reply_t rep;
@@ -977,7 +977,7 @@ static void count_under_replicated(const round_t *r, wire_status_t *out)
     }
 }
 
-int healer_cluster_status(healer_t *h, wire_status_t *out)
+int repair_cluster_status(repair_t *h, wire_status_t *out)
 {
     round_t r = {0};
     round_placement(h, &r);
@@ -1008,7 +1008,7 @@ int healer_cluster_status(healer_t *h, wire_status_t *out)
     return 0;
 }
 
-int healer_drain(healer_t *h, const char *node_id, char *why, size_t whylen)
+int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen)
 {
     if (strcmp(node_id, h->self_id) != 0) {
         sp_fmt(why, whylen, "this is %s, not %s: send the drain to the node itself", h->self_id,
