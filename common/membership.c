@@ -466,14 +466,6 @@ size_t membership_snapshot(membership_t *m, gossip_member_t *out, size_t max)
     return n;
 }
 
-size_t membership_placement(membership_t *m, gossip_member_t *out, size_t max)
-{
-    pthread_mutex_lock(&m->lock);
-    size_t n = gossip_placement(m->g, out, max);
-    pthread_mutex_unlock(&m->lock);
-    return n;
-}
-
 size_t membership_view(membership_t *m, gossip_member_t **out)
 {
     pthread_mutex_lock(&m->lock);

@@ -124,7 +124,6 @@ int membership_handle(membership_t *m, const transport_request_t *req, const wir
 /* Copies of the state machine's view (see gossip.h for each); safe from
  * any thread. */
 size_t membership_snapshot(membership_t *m, gossip_member_t *out, size_t max);
-size_t membership_placement(membership_t *m, gossip_member_t *out, size_t max);
 uint64_t membership_view_version(membership_t *m);
 /* This member's own record, and its state, as it announces them. */
 void membership_self(membership_t *m, gossip_member_t *out);

@@ -12,6 +12,7 @@
 
 #include "../common/base.h"
 #include "../common/log.h"
+#include "../common/placement.h"
 #include "../common/ring.h"
 
 #include <pthread.h>
@@ -278,12 +279,10 @@ static int copy_instance(repair_t *h, transport_client_t *c, const char *sop, bo
 typedef struct {
     gossip_member_t *view;
     size_t nview;
-    gossip_member_t *placed;
-    ring_member_t *ring;
-    size_t nplaced;
-    size_t replicas;        /* min(N, nplaced) */
-    size_t *owners;         /* RING_PARTITIONS * replicas indexes into placed */
-    long self_placed;       /* index of this node in placed, or -1 */
+    placement_t pl;         /* over view */
+    size_t replicas;        /* min(N, placed members) */
+    size_t *owners;         /* RING_PARTITIONS * replicas indexes into view */
+    long self_at;           /* index of this node in view, or -1 */
     psum_t *mine;           /* RING_PARTITIONS */
     gossip_member_t *peers; /* other reachable storage members */
     psum_t **sums;          /* per peer; NULL if it did not answer */
@@ -300,27 +299,23 @@ static int mine_add(void *ctx, const store_partition_summary_t *p)
     return 0;
 }
 
-/* Fills the view, placement and owners of every partition. */
+/* Fills the view, placement and owners of every partition. The owners come
+ * from placement.c over one copy of the view, as routers and the CLI compute
+ * them. */
 static void round_placement(repair_t *h, round_t *r)
 {
     r->nview = membership_view(h->m, &r->view);
-    r->placed = sp_calloc(r->nview ? r->nview : 1, sizeof *r->placed);
-    r->nplaced = membership_placement(h->m, r->placed, r->nview);
-    if (r->nplaced > r->nview)
-        r->nplaced = r->nview;
-    r->ring = sp_calloc(r->nplaced ? r->nplaced : 1, sizeof *r->ring);
-    r->self_placed = -1;
-    for (size_t i = 0; i < r->nplaced; i++) {
-        r->ring[i] = (ring_member_t){
-            .id = r->placed[i].id, .site = r->placed[i].site, .weight = r->placed[i].weight};
-        if (strcmp(r->placed[i].id, h->self_id) == 0)
-            r->self_placed = (long)i;
-    }
-    size_t n = (size_t)h->cfg.replicas;
-    r->replicas = n < r->nplaced ? n : r->nplaced;
+    placement_init(&r->pl, r->view, r->nview, (size_t)h->cfg.replicas);
+    r->self_at = -1;
+    for (size_t i = 0; i < r->nview; i++)
+        if (strcmp(r->view[i].id, h->self_id) == 0)
+            r->self_at = (long)i;
+    r->replicas = r->pl.replicas < r->pl.nplaced ? r->pl.replicas : r->pl.nplaced;
     r->owners = sp_calloc(RING_PARTITIONS * (r->replicas ? r->replicas : 1), sizeof *r->owners);
-    for (uint32_t p = 0; r->replicas && p < RING_PARTITIONS; p++)
-        ring_owners(r->ring, r->nplaced, p, r->replicas, &r->owners[p * r->replicas]);
+    for (uint32_t p = 0; r->replicas && p < RING_PARTITIONS; p++) {
+        size_t k = placement_owners(&r->pl, p, &r->owners[p * r->replicas]);
+        SP_ASSERT(k == r->replicas);
+    }
 }
 
 static bool owns(const round_t *r, uint32_t p, long who)
@@ -329,12 +324,6 @@ static bool owns(const round_t *r, uint32_t p, long who)
         if (r->owners[p * r->replicas + i] == (size_t)who)
             return true;
     return false;
-}
-
-static bool storage_live(const gossip_member_t *m)
-{
-    return m->role == GOSSIP_STORAGE && gossip_state_holds_data(m->state) &&
-           gossip_state_reachable(m->state);
 }
 
 /* Asks a member for the summaries of its non-empty partitions. */
@@ -369,7 +358,7 @@ static size_t round_gather(repair_t *h, round_t *r, transport_client_t **clients
     r->sums = sp_calloc(r->nview ? r->nview : 1, sizeof *r->sums);
     size_t missing = 0;
     for (size_t i = 0; i < r->nview; i++) {
-        if (strcmp(r->view[i].id, h->self_id) == 0 || !storage_live(&r->view[i]))
+        if (strcmp(r->view[i].id, h->self_id) == 0 || !placement_is_readable(&r->view[i]))
             continue;
         size_t k = r->npeers++;
         r->peers[k] = r->view[i];
@@ -392,8 +381,7 @@ static void round_free(round_t *r)
     free(r->peers);
     free(r->mine);
     free(r->owners);
-    free(r->ring);
-    free(r->placed);
+    placement_clear(&r->pl);
     free(r->view);
     memset(r, 0, sizeof *r);
 }
@@ -497,7 +485,7 @@ static size_t round_pull(repair_t *h, const round_t *r)
     pull_t *tasks = NULL;
     size_t ntasks = 0, cap = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS; p++) {
-        if (!owns(r, p, r->self_placed))
+        if (!owns(r, p, r->self_at))
             continue;
         pull_t t = {.partition = p};
         for (size_t k = 0; k < r->npeers; k++) {
@@ -580,7 +568,7 @@ static int handoff_partition(repair_t *h, const round_t *r, transport_client_t *
     int rc = n > 0 ? 0 : SP_EUNAVAIL;
     char err[512] = "no owners";
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        const gossip_member_t *owner = &r->placed[r->owners[part * n + i]];
+        const gossip_member_t *owner = &r->view[r->owners[part * n + i]];
         size_t k = 0;
         while (k < r->npeers && strcmp(r->peers[k].id, owner->id) != 0)
             k++;
@@ -628,7 +616,7 @@ static size_t round_handoff(repair_t *h, const round_t *r, transport_client_t **
 {
     size_t still = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS && !atomic_load(&h->stop); p++)
-        if (r->mine[p].present && !owns(r, p, r->self_placed))
+        if (r->mine[p].present && !owns(r, p, r->self_at))
             still += handoff_partition(h, r, clients, p) != 0;
     return still;
 }
@@ -648,7 +636,7 @@ static void round_figures(repair_t *h, const round_t *r)
     uint64_t hints = 0;
     uint32_t owned = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS; p++) {
-        bool mine = owns(r, p, r->self_placed);
+        bool mine = owns(r, p, r->self_at);
         owned += mine;
         if (!mine && r->mine[p].present)
             hints += r->mine[p].count;
@@ -761,7 +749,7 @@ static void repair_one(repair_t *h, const char *sop)
     char err[512] = "no other live storage member";
     bool done = false;
     for (size_t i = 0; i < n && !done && !atomic_load(&h->stop); i++) {
-        if (strcmp(view[i].id, h->self_id) == 0 || !storage_live(&view[i]))
+        if (strcmp(view[i].id, h->self_id) == 0 || !placement_is_readable(&view[i]))
             continue;
         transport_client_t *c = client_new(h, &view[i]);
         if (c == NULL)
@@ -959,9 +947,10 @@ static void count_under_replicated(const round_t *r, wire_status_t *out)
         const psum_t *first = NULL;
         bool under = r->replicas < (size_t)out->replicas;
         for (size_t i = 0; i < r->replicas && !under; i++) {
-            const gossip_member_t *owner = &r->placed[r->owners[p * r->replicas + i]];
+            size_t at = r->owners[p * r->replicas + i];
+            const gossip_member_t *owner = &r->view[at];
             const psum_t *s = NULL;
-            if (r->self_placed >= 0 && owner == &r->placed[r->self_placed])
+            if (r->self_at >= 0 && at == (size_t)r->self_at)
                 s = &r->mine[p];
             for (size_t k = 0; k < r->npeers && s == NULL; k++)
                 if (strcmp(r->peers[k].id, owner->id) == 0 && r->sums[k])
@@ -1021,9 +1010,8 @@ int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen)
     gossip_member_t *view = NULL;
     size_t n = membership_view(h->m, &view), others = 0;
     for (size_t i = 0; i < n; i++)
-        others += strcmp(view[i].id, h->self_id) != 0 && view[i].role == GOSSIP_STORAGE &&
-                  (view[i].state == GOSSIP_ALIVE || view[i].state == GOSSIP_JOINING ||
-                   view[i].state == GOSSIP_SUSPECT);
+        others += strcmp(view[i].id, h->self_id) != 0 && placement_is_placed(&view[i]) &&
+                  placement_is_writable(&view[i]); /* ALIVE, JOINING or SUSPECT */
     free(view);
     if (others < (size_t)h->cfg.replicas) {
         sp_fmt(why, whylen,
