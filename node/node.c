@@ -120,15 +120,27 @@ static void handle_put(node_t *node, const transport_request_t *req, const wire_
     store_outcome_t outcome;
     int rc = store_put(node->store, &put, &outcome);
     if (rc != 0) {
-        char text[256];
+        char text[320];
         wire_reply_error(rep, rc,
-                         sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
-                                attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID), req->peer_name,
-                                sp_strerror(rc)));
-        log_error("%s", text);
+                         sp_fmt(text, sizeof text,
+                                "put of SOP %s of study %s (partition %u) from %s failed: %s",
+                                attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID),
+                                attrs_str(&w->attrs, ATTR_STUDY_INSTANCE_UID),
+                                (unsigned)w->partition, req->peer_name, sp_strerror(rc)));
+        /* The store logged a database failure with RocksDB's message
+         * already; a refused instance is logged here, naming the sender. */
+        if (rc != SP_EDB && rc != SP_ENOSPACE)
+            log_warn("%s", text);
         return;
     }
     rep->outcome = (wire_outcome_t)outcome;
+}
+
+/* transport_reply_t.body_free for a body the store allocated. */
+static void body_free_store(void *body, void *hint)
+{
+    (void)hint;
+    store_buffer_free(body);
 }
 
 static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
@@ -148,8 +160,9 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
     rep->partition = obj.partition;
     attrs_copy(&rep->attrs, &obj.attrs);
     memcpy(rep->digest, obj.digest, SP_DIGEST_LEN);
-    out->body = obj.data; /* handed to the transport, which frees it */
+    out->body = obj.data; /* handed to the transport, which frees it with the store's free */
     out->body_len = obj.len;
+    out->body_free = body_free_store;
     obj.data = NULL;
     store_object_free(&obj);
 }

@@ -260,7 +260,8 @@ static int copy_instance(repair_t *h, transport_client_t *c, const char *sop, bo
         store_outcome_t outcome;
         rc = repair ? store_repair(h->store, &put, &outcome) : store_put(h->store, &put, &outcome);
         if (rc != 0)
-            sp_fmt(err, errlen, "storing %s: %s", sop, sp_strerror(rc));
+            sp_fmt(err, errlen, "storing %s (partition %u): %s", sop, (unsigned)rep.partition,
+                   sp_strerror(rc));
         else if (outcome == STORE_CONFLICT)
             log_warn("repair: %s differs from the copy already here; kept as a conflict", sop);
         else if (outcome == STORE_STORED && !repair)

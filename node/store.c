@@ -1131,18 +1131,12 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     const char *series = attrs_get(in->attrs, ATTR_SERIES_INSTANCE_UID);
     const char *sop = attrs_get(in->attrs, ATTR_SOP_INSTANCE_UID);
     if (!sp_uid_valid(study) || !sp_uid_valid(series) || !sp_uid_valid(sop) ||
-        in->partition > 0xffff || in->len == 0 || !in->data || !put_attrs_valid(in->attrs)) {
-        log_warn("store: refusing SOP %s of study %s: bad UID, partition, value or empty object",
-                 sop ? sop : "(none)", study ? study : "(none)");
-        return SP_EINVAL;
-    }
+        in->partition > 0xffff || in->len == 0 || !in->data || !put_attrs_valid(in->attrs))
+        return SP_EINVAL; /* the caller logs it, naming the sender */
     uint8_t digest[SP_DIGEST_LEN];
     sp_digest(in->data, in->len, digest);
-    if (memcmp(digest, in->digest, SP_DIGEST_LEN) != 0) {
-        log_warn("store: refusing SOP %s of study %s: bytes do not match the sender's digest", sop,
-                 study);
-        return SP_EDIGEST;
-    }
+    if (memcmp(digest, in->digest, SP_DIGEST_LEN) != 0)
+        return SP_EDIGEST; /* likewise */
 
     pthread_mutex_t *sop_lock = &s->sop_locks[stripe(sop)], *study_lock = NULL;
     size_t gate = stripe(study), gate2 = SIZE_MAX;
@@ -1212,9 +1206,7 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     if (rc)
         goto out;
     if (!new_study && part != in->partition) {
-        log_warn("store: refusing SOP %s: study %s is stored in partition %u, not %u", sop, study,
-                 (unsigned)part, (unsigned)in->partition);
-        rc = SP_EINVAL;
+        rc = SP_EINVAL; /* the caller logs it, naming the sender and the partition it sent */
         goto out;
     }
 
@@ -1329,8 +1321,13 @@ void store_object_free(store_object_t *o)
     if (!o)
         return;
     attrs_clear(&o->attrs);
-    rocksdb_free(o->data);
+    store_buffer_free(o->data);
     memset(o, 0, sizeof *o);
+}
+
+void store_buffer_free(void *data)
+{
+    rocksdb_free(data);
 }
 
 /* ---- listing -------------------------------------------------------- */
