@@ -118,15 +118,10 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len);
 
-/* The partition and owner ids (at most RING_MAX_REPLICAS, copied into
- * owners) of a study in the current view. */
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      char (*owners)[GOSSIP_ID_MAX]);
-
 /* The owner ids (at most RING_MAX_REPLICAS, copied into owners) a router
  * with cfg's cluster keys and replicas computes for a partition over a
  * membership view (view[0..n), borrowed, as membership_view() returns it):
- * the snapshot building backend_locate() uses, without a membership or a
+ * the snapshot building every request uses, without a membership or a
  * backend, so that tests can compare it with the nodes' placement. */
 size_t backend_view_owners(const backend_config_t *cfg, const gossip_member_t *view, size_t n,
                            uint32_t partition, char (*owners)[GOSSIP_ID_MAX]);
