@@ -11,6 +11,7 @@
 
 #include "base.h"
 #include "log.h"
+#include "placement.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -137,6 +138,7 @@ static size_t rng_below(gossip_t *g, size_t n)
 
 static record_t *self_rec(gossip_t *g)
 {
+    SP_ASSERT(g->n_recs > 0); /* gossip_new() puts this member first, for good */
     return &g->recs[0];
 }
 
@@ -337,6 +339,7 @@ static void send_full_state(gossip_t *g, gossip_kind_t kind, long to_rec, const 
  * member is probed within one round without favouring it. */
 static void order_insert(gossip_t *g, size_t rec)
 {
+    SP_ASSERT(rec > 0 && rec < g->n_recs && g->n_order < g->n_recs);
     size_t at = rng_below(g, g->n_order + 1);
     memmove(g->order + at + 1, g->order + at, (g->n_order - at) * sizeof *g->order);
     g->order[at] = rec;
@@ -353,6 +356,7 @@ static size_t add_rec(gossip_t *g, const gossip_member_t *m)
         g->order = sp_realloc(g->order, g->cap_recs * sizeof *g->order);
         g->bcast = sp_realloc(g->bcast, g->cap_recs * sizeof *g->bcast);
     }
+    SP_ASSERT(g->n_recs < g->cap_recs);
     size_t i = g->n_recs++;
     memset(&g->recs[i], 0, sizeof g->recs[i]);
     g->recs[i].m = *m;
@@ -381,7 +385,11 @@ static bool may_go_out(const gossip_t *g, size_t rec)
  * of the view can see changed, and queueing it for dissemination. */
 static void apply(gossip_t *g, size_t rec, const gossip_member_t *u, int64_t now_ms)
 {
+    /* Precedence was decided by the caller: never this member's own record,
+     * never an older incarnation than the one held. */
+    SP_ASSERT(rec > 0 && rec < g->n_recs);
     record_t *r = &g->recs[rec];
+    SP_ASSERT(strcmp(r->m.id, u->id) == 0 && u->incarnation >= r->m.incarnation);
     bool visible = r->m.state != u->state || !same_attributes(&r->m, u);
     gossip_state_t was = r->m.state;
     r->m = *u;
@@ -1026,7 +1034,7 @@ size_t gossip_placement(const gossip_t *g, gossip_member_t *out, size_t max)
     size_t n = 0;
     for (size_t i = 0; i < g->n_recs; i++) {
         const gossip_member_t *m = &g->recs[i].m;
-        if (m->role == GOSSIP_STORAGE && gossip_state_placed(m->state))
+        if (placement_is_placed(m))
             all[n++] = *m;
     }
     qsort(all, n, sizeof *all, by_id);

@@ -256,10 +256,9 @@ size_t gossip_count(const gossip_t *g);
 size_t gossip_snapshot(const gossip_t *g, gossip_member_t *out, size_t max);
 /* Copies the member with this id into *out; returns 0 or SP_ENOTFOUND. */
 int gossip_lookup(const gossip_t *g, const char *id, gossip_member_t *out);
-/* Copies up to max storage members that are placed (see the table above:
+/* Copies up to max storage members that are placed (placement_is_placed:
  * ALIVE, JOINING, SUSPECT, DOWN) into out, sorted by id; returns their total
- * count. The caller builds ring_member_t entries from them (id, site,
- * weight) for ring_owners(). */
+ * count. Owners themselves come from placement.h over a whole view. */
 size_t gossip_placement(const gossip_t *g, gossip_member_t *out, size_t max);
 /* Increases whenever the local view changes (see above). Starts at 1. */
 uint64_t gossip_view_version(const gossip_t *g);

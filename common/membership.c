@@ -240,8 +240,14 @@ static void *membership_main(void *arg)
     return NULL;
 }
 
-int membership_start(const gossip_config_t *gcfg, const membership_seed_t *seeds, size_t n_seeds,
-                     const keys_pair_t *self, const keys_allowlist_t *allowed, membership_t **out)
+/* Starts membership. gcfg describes this member (id, endpoint, site, role,
+ * weight, timings); its seeds field is ignored and built from seeds (the own
+ * endpoint or own name is skipped). self and allowed are borrowed and must
+ * outlive the object; strings are copied. Returns 0 with *out owned by the
+ * caller, or a negative code (with a log line). */
+static int membership_start(const gossip_config_t *gcfg, const membership_seed_t *seeds,
+                            size_t n_seeds, const keys_pair_t *self,
+                            const keys_allowlist_t *allowed, membership_t **out)
 {
     *out = NULL;
     membership_t *m = sp_calloc(1, sizeof *m);
@@ -456,22 +462,6 @@ int membership_handle(membership_t *m, const transport_request_t *req, const wir
         return rc;
     }
     return 0;
-}
-
-size_t membership_snapshot(membership_t *m, gossip_member_t *out, size_t max)
-{
-    pthread_mutex_lock(&m->lock);
-    size_t n = gossip_snapshot(m->g, out, max);
-    pthread_mutex_unlock(&m->lock);
-    return n;
-}
-
-size_t membership_placement(membership_t *m, gossip_member_t *out, size_t max)
-{
-    pthread_mutex_lock(&m->lock);
-    size_t n = gossip_placement(m->g, out, max);
-    pthread_mutex_unlock(&m->lock);
-    return n;
 }
 
 size_t membership_view(membership_t *m, gossip_member_t **out)

@@ -2,7 +2,7 @@
  * routers alike): a SWIM state machine (gossip.h) driven by one thread over
  * the CURVE transport.
  *
- * membership_start() creates the state machine and a thread that ticks it,
+ * membership_start_settings() creates the state machine and a thread that ticks it,
  * sends what it hands out (one transport client per peer, owned by that
  * thread), feeds the direct answers back and sleeps until the next
  * deadline. membership_handle() is called by the node's transport workers
@@ -84,13 +84,6 @@ typedef struct {
 
 typedef struct membership membership_t;
 
-/* Starts membership. gcfg describes this member (id, endpoint, site, role,
- * weight, timings); its seeds field is ignored and built from seeds (the own
- * endpoint or own name is skipped). self and allowed are borrowed and must
- * outlive the object; strings are copied. Returns 0 with *out owned by the
- * caller, or a negative code (with a log line). */
-int membership_start(const gossip_config_t *gcfg, const membership_seed_t *seeds, size_t n_seeds,
-                     const keys_pair_t *self, const keys_allowlist_t *allowed, membership_t **out);
 /* This member, as membership_start_settings() needs it. */
 typedef struct {
     const char *id;
@@ -102,7 +95,8 @@ typedef struct {
 
 /* Validates settings (weight, probe timeout < interval, seed syntax), builds
  * the gossip configuration (incarnation and PRNG seed from the clock) and
- * calls membership_start(). Returns 0 or SP_ECONFIG / a start error, with a
+ * starts the state machine and its thread. self and allowed are borrowed
+ * and must outlive the object. Returns 0 or SP_ECONFIG / a start error, with a
  * log line naming the setting. */
 int membership_start_settings(const membership_settings_t *s, const membership_self_t *me,
                               const keys_pair_t *self, const keys_allowlist_t *allowed,
@@ -123,8 +117,6 @@ int membership_handle(membership_t *m, const transport_request_t *req, const wir
 
 /* Copies of the state machine's view (see gossip.h for each); safe from
  * any thread. */
-size_t membership_snapshot(membership_t *m, gossip_member_t *out, size_t max);
-size_t membership_placement(membership_t *m, gossip_member_t *out, size_t max);
 uint64_t membership_view_version(membership_t *m);
 /* This member's own record, and its state, as it announces them. */
 void membership_self(membership_t *m, gossip_member_t *out);

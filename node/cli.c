@@ -23,6 +23,7 @@
 #include "../common/base.h"
 #include "../common/keys.h"
 #include "../common/log.h"
+#include "../common/placement.h"
 #include "../common/ring.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
@@ -497,30 +498,18 @@ static const char *first_operand(int argc, char **argv)
     return NULL;
 }
 
-/* Placement as the nodes compute it (gossip_placement: storage members
- * that are placed, sorted by id), over a status reply's members. */
-static size_t locate_owners(const wire_status_t *st, uint32_t partition, size_t *owners,
-                            size_t *map)
+/* Placement as the nodes compute it (placement.c), over a status reply's
+ * members; writes indexes into st->members. */
+static size_t locate_owners(const wire_status_t *st, uint32_t partition, size_t *owners)
 {
-    ring_member_t ring[GOSSIP_MAX_MEMBERS];
-    size_t n = 0;
-    for (size_t i = 0; i < st->nmembers && n < GOSSIP_MAX_MEMBERS; i++) {
-        const gossip_member_t *m = &st->members[i].member;
-        if (m->role != GOSSIP_STORAGE || !gossip_state_placed(m->state))
-            continue;
-        size_t at = n++;
-        while (at > 0 && strcmp(ring[at - 1].id, m->id) > 0) {
-            ring[at] = ring[at - 1];
-            map[at] = map[at - 1];
-            at--;
-        }
-        ring[at] = (ring_member_t){.id = m->id, .site = m->site, .weight = m->weight};
-        map[at] = i;
-    }
-    size_t want = st->replicas < RING_MAX_REPLICAS ? st->replicas : RING_MAX_REPLICAS;
-    size_t k = ring_owners(ring, n, partition, want, owners);
-    for (size_t i = 0; i < k; i++)
-        owners[i] = map[owners[i]];
+    gossip_member_t *view = sp_calloc(st->nmembers ? st->nmembers : 1, sizeof *view);
+    for (size_t i = 0; i < st->nmembers; i++)
+        view[i] = st->members[i].member;
+    placement_t pl;
+    placement_init(&pl, view, st->nmembers, st->replicas);
+    size_t k = placement_owners(&pl, partition, owners);
+    placement_clear(&pl);
+    free(view);
     return k;
 }
 
@@ -552,9 +541,7 @@ static int locate(const keys_pair_t *self, const transport_config_t *tc, const w
     }
     uint32_t partition = ring_partition(study);
     size_t owners[RING_MAX_REPLICAS];
-    size_t *map = sp_calloc(st->nmembers ? st->nmembers : 1, sizeof *map);
-    size_t k = locate_owners(st, partition, owners, map);
-    free(map);
+    size_t k = locate_owners(st, partition, owners);
     json_t *o = json_object(), *reps = json_array();
     json_object_set_new(o, "study", json_string(study));
     json_object_set_new(o, "partition", json_integer(partition));

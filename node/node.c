@@ -14,7 +14,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../common/membership.h"
-#include "healer.h"
+#include "repair.h"
 #include "store.h"
 
 #include <errno.h>
@@ -108,7 +108,7 @@ typedef struct {
     store_t *store;
     int64_t started_ms;
     _Atomic(membership_t *) membership; /* set once serving; NULL before */
-    _Atomic(healer_t *) healer;         /* likewise */
+    _Atomic(repair_t *) repair;         /* likewise */
 } node_t;
 
 static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
@@ -120,15 +120,27 @@ static void handle_put(node_t *node, const transport_request_t *req, const wire_
     store_outcome_t outcome;
     int rc = store_put(node->store, &put, &outcome);
     if (rc != 0) {
-        char text[256];
+        char text[320];
         wire_reply_error(rep, rc,
-                         sp_fmt(text, sizeof text, "put of %s from %s failed: %s",
-                                attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID), req->peer_name,
-                                sp_strerror(rc)));
-        log_error("%s", text);
+                         sp_fmt(text, sizeof text,
+                                "put of SOP %s of study %s (partition %u) from %s failed: %s",
+                                attrs_str(&w->attrs, ATTR_SOP_INSTANCE_UID),
+                                attrs_str(&w->attrs, ATTR_STUDY_INSTANCE_UID),
+                                (unsigned)w->partition, req->peer_name, sp_strerror(rc)));
+        /* The store logged a database failure with RocksDB's message
+         * already; a refused instance is logged here, naming the sender. */
+        if (rc != SP_EDB && rc != SP_ENOSPACE)
+            log_warn("%s", text);
         return;
     }
     rep->outcome = (wire_outcome_t)outcome;
+}
+
+/* transport_reply_t.body_free for a body the store allocated. */
+static void body_free_store(void *body, void *hint)
+{
+    (void)hint;
+    store_buffer_free(body);
 }
 
 static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
@@ -136,9 +148,9 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
 {
     store_object_t obj;
     int rc = store_get(node->store, w->sop_uid, &obj);
-    healer_t *h = atomic_load(&node->healer);
+    repair_t *h = atomic_load(&node->repair);
     if (rc == SP_EDIGEST && h != NULL)
-        healer_note_corrupt(h, w->sop_uid); /* repaired from a replica soon */
+        repair_note_corrupt(h, w->sop_uid); /* repaired from a replica soon */
     if (rc != 0) {
         char text[256];
         wire_reply_error(rep, rc,
@@ -148,8 +160,9 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
     rep->partition = obj.partition;
     attrs_copy(&rep->attrs, &obj.attrs);
     memcpy(rep->digest, obj.digest, SP_DIGEST_LEN);
-    out->body = obj.data; /* handed to the transport, which frees it */
+    out->body = obj.data; /* handed to the transport, which frees it with the store's free */
     out->body_len = obj.len;
+    out->body_free = body_free_store;
     obj.data = NULL;
     store_object_free(&obj);
 }
@@ -225,14 +238,14 @@ static void handle_partition_digest(node_t *node, const wire_request_t *w, wire_
 
 static void handle_status(node_t *node, const wire_request_t *w, wire_reply_t *rep)
 {
-    healer_t *h = atomic_load(&node->healer);
+    repair_t *h = atomic_load(&node->repair);
     membership_t *m = atomic_load(&node->membership);
     if (h == NULL || m == NULL) {
         wire_reply_error(rep, SP_EUNAVAIL, "starting up");
         return;
     }
     if (w->cluster) {
-        int rc = healer_cluster_status(h, &rep->status_body);
+        int rc = repair_cluster_status(h, &rep->status_body);
         if (rc != 0)
             wire_reply_error(rep, rc, sp_strerror(rc));
         return;
@@ -240,14 +253,14 @@ static void handle_status(node_t *node, const wire_request_t *w, wire_reply_t *r
     rep->status_body.from_id = sp_strdup(node->settings->id);
     rep->status_body.replicas = (uint32_t)node->settings->replicas;
     rep->status_body.view_version = membership_view_version(m);
-    healer_member_status(h, wire_reply_add_member(rep));
+    repair_member_status(h, wire_reply_add_member(rep));
 }
 
 static void handle_drain(node_t *node, const wire_request_t *w, wire_reply_t *rep)
 {
-    healer_t *h = atomic_load(&node->healer);
+    repair_t *h = atomic_load(&node->repair);
     char why[256];
-    int rc = h ? healer_drain(h, w->node_id, why, sizeof why) : SP_EUNAVAIL;
+    int rc = h ? repair_drain(h, w->node_id, why, sizeof why) : SP_EUNAVAIL;
     if (rc != 0) {
         wire_reply_error(rep, rc, h ? why : "starting up");
         log_warn("drain request from %s: %s", node->settings->id, h ? why : "starting up");
@@ -340,10 +353,10 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     keys_allowlist_t *allowed = NULL;
     transport_server_t *srv = NULL;
     membership_t *m = NULL;
-    healer_t *h = NULL;
+    repair_t *h = NULL;
     node_t node = {.settings = s, .started_ms = sp_now_ms()};
     atomic_init(&node.membership, NULL);
-    atomic_init(&node.healer, NULL);
+    atomic_init(&node.repair, NULL);
     int rc = keys_load_pair(s->key_pair, &self, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);
@@ -392,7 +405,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     if (rc != 0)
         goto out;
     atomic_store(&node.membership, m);
-    healer_config_t hc = {.self_id = s->id,
+    repair_config_t hc = {.self_id = s->id,
                           .replicas = s->replicas,
                           .interval_ms = s->repair_interval_ms,
                           .rate_bytes = s->repair_rate,
@@ -406,12 +419,12 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     hc.transport.max_frame_bytes = s->chunk_size + 65536;
     hc.transport.max_body_bytes = s->max_object_size;
     hc.transport.retries = 0;
-    h = healer_start(&hc, node.store, m, &self, allowed);
+    h = repair_start(&hc, node.store, m, &self, allowed);
     if (h == NULL) {
         rc = SP_EUNKNOWN;
         goto out;
     }
-    atomic_store(&node.healer, h);
+    atomic_store(&node.repair, h);
     if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
@@ -421,7 +434,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     log_info("signal %d: shutting down", sig);
 out:
     transport_server_destroy(&srv); /* no handler uses membership after this */
-    healer_stop(&h);
+    repair_stop(&h);
     membership_stop(&m);
     store_close(&node.store);
     keys_allowlist_destroy(&allowed);

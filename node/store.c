@@ -177,6 +177,7 @@ static void buf_varint(buf_t *b, uint64_t v)
 
 static void buf_part(buf_t *b, uint32_t part)
 {
+    SP_ASSERT(part < PARTITIONS); /* two key bytes; callers validate what peers send */
     buf_byte(b, (part >> 8) & 0xff);
     buf_byte(b, part & 0xff);
 }
@@ -210,6 +211,12 @@ static bool prefix_end(buf_t *b, const char *prefix, size_t n)
     return true;
 }
 
+/* The partition in a key's or value's first two bytes. */
+static uint32_t part_of(const char *p)
+{
+    return (uint32_t)((unsigned char)p[0] << 8 | (unsigned char)p[1]);
+}
+
 /* Sets b to [type] P|study[\0series[\0sop]]; type 0 leaves it out (objects
  * keys). `tail` appends a final \0 so the key is the prefix of all children. */
 static void key_loc(buf_t *b, char type, uint32_t part, const char *study, const char *series,
@@ -230,6 +237,12 @@ static void key_loc(buf_t *b, char type, uint32_t part, const char *study, const
     }
     if (tail)
         buf_byte(b, 0);
+    /* The shape loc_parse() and part_of() read back: the partition in the
+     * two bytes after the type, then the UIDs with one NUL between each. */
+    size_t at = type ? 1 : 0;
+    SP_ASSERT(part_of(b->p + at) == part);
+    SP_ASSERT(b->len == at + 2 + strlen(study) + (series ? 1 + strlen(series) : 0) +
+                            (series && sop ? 1 + strlen(sop) : 0) + (tail ? 1 : 0));
 }
 
 /* Sets b to type|uid (the 'U' and 'S' secondary keys). */
@@ -238,6 +251,7 @@ static void key_uid(buf_t *b, char type, const char *uid)
     b->len = 0;
     buf_byte(b, (unsigned char)type);
     buf_str(b, uid);
+    SP_ASSERT(b->len == 1 + strlen(uid));
 }
 
 /* Builds the secondary key type|component\0study for one value of an indexed
@@ -256,10 +270,13 @@ static void sec_key(buf_t *b, char type, const char *comp, size_t n, const char 
     } else {
         buf_add(b, comp, n);
     }
+    size_t nul = b->len;
     buf_byte(b, 0);
     if (type == 'n')
         match_fold_name(b->p + at, b->p + at); /* same length, in place */
     buf_str(b, study);
+    /* sec_parse() splits value and study at the first NUL after the type. */
+    SP_ASSERT(b->p[0] == type && memchr(b->p + 1, 0, b->len - 1) == b->p + nul);
 }
 
 /* Walks the backslash-separated values of a (possibly multi-valued) value:
@@ -339,11 +356,6 @@ static int loc_parse(const char *p, size_t n, int parts, loc_t *out)
         cur += strlen(cur) + 1;
     }
     return cur == end + 1 ? 0 : SP_EDB;
-}
-
-static uint32_t part_of(const char *p)
-{
-    return (uint32_t)((unsigned char)p[0] << 8 | (unsigned char)p[1]);
 }
 
 /* ---- index records -------------------------------------------------- */
@@ -577,6 +589,21 @@ static int load_rec(store_t *s, const rocksdb_readoptions_t *ro, char kind, uint
     return rc;
 }
 
+/* The lock order of a put (put_one): the SOP stripe, then study gates in
+ * increasing stripe order, then the study creation stripe. A put records
+ * the rank of the last lock it took and asserts each next one ranks higher,
+ * so a change that breaks the order aborts at once instead of deadlocking
+ * once in a while. */
+#define RANK_SOP 0L
+#define RANK_GATE(i) (1L + (long)(i))
+#define RANK_STUDY (1L + LOCK_STRIPES)
+
+static void lock_order(long *last, long rank)
+{
+    SP_ASSERT(rank > *last);
+    *last = rank;
+}
+
 static size_t stripe(const char *uid)
 {
     uint64_t h = 1469598103934665603ull; /* FNV-1a */
@@ -630,6 +657,7 @@ static void gate_open(gate_t *g)
  * after it sees the write. */
 static void part_touched(store_t *s, uint32_t part)
 {
+    SP_ASSERT(part < PARTITIONS);
     atomic_fetch_add(&s->part_gen[part], 1);
 }
 
@@ -1103,18 +1131,12 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     const char *series = attrs_get(in->attrs, ATTR_SERIES_INSTANCE_UID);
     const char *sop = attrs_get(in->attrs, ATTR_SOP_INSTANCE_UID);
     if (!sp_uid_valid(study) || !sp_uid_valid(series) || !sp_uid_valid(sop) ||
-        in->partition > 0xffff || in->len == 0 || !in->data || !put_attrs_valid(in->attrs)) {
-        log_warn("store: refusing SOP %s of study %s: bad UID, partition, value or empty object",
-                 sop ? sop : "(none)", study ? study : "(none)");
-        return SP_EINVAL;
-    }
+        in->partition > 0xffff || in->len == 0 || !in->data || !put_attrs_valid(in->attrs))
+        return SP_EINVAL; /* the caller logs it, naming the sender */
     uint8_t digest[SP_DIGEST_LEN];
     sp_digest(in->data, in->len, digest);
-    if (memcmp(digest, in->digest, SP_DIGEST_LEN) != 0) {
-        log_warn("store: refusing SOP %s of study %s: bytes do not match the sender's digest", sop,
-                 study);
-        return SP_EDIGEST;
-    }
+    if (memcmp(digest, in->digest, SP_DIGEST_LEN) != 0)
+        return SP_EDIGEST; /* likewise */
 
     pthread_mutex_t *sop_lock = &s->sop_locks[stripe(sop)], *study_lock = NULL;
     size_t gate = stripe(study), gate2 = SIZE_MAX;
@@ -1125,12 +1147,15 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     bool new_study = false, new_series = false;
     uint32_t part = 0;
     loc_t loc;
+    long rank = -1;
     pthread_mutex_lock(sop_lock);
+    lock_order(&rank, RANK_SOP);
     /* The study's gate keeps store_delete_partition() out of this study from
      * the first read to the write, so a put lands wholly before or wholly
      * after the study's deletion. Lock order: SOP stripe, then gates in
      * increasing stripe order, then the study creation stripe. */
     gate_enter(&s->study_gates[gate]);
+    lock_order(&rank, RANK_GATE(gate));
 
     int rc = sop_locate(s, s->ro, sop, &loc);
     if (rc == 0 && strcmp(loc.study, study) != 0 && stripe(loc.study) != gate) {
@@ -1141,10 +1166,14 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
         gate2 = stripe(loc.study);
         if (gate2 < gate) {
             gate_leave(&s->study_gates[gate]);
+            rank = RANK_SOP;
             gate_enter(&s->study_gates[gate2]);
+            lock_order(&rank, RANK_GATE(gate2));
             gate_enter(&s->study_gates[gate]);
+            lock_order(&rank, RANK_GATE(gate));
         } else {
             gate_enter(&s->study_gates[gate2]);
+            lock_order(&rank, RANK_GATE(gate2));
         }
         rc = sop_locate(s, s->ro, sop, &loc);
     }
@@ -1164,6 +1193,7 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     if (rc == SP_ENOTFOUND) {
         study_lock = &s->study_locks[stripe(study)];
         pthread_mutex_lock(study_lock);
+        lock_order(&rank, RANK_STUDY);
         rc = study_partition(s, s->ro, study, &part);
         if (rc == SP_ENOTFOUND) {
             new_study = true;
@@ -1176,9 +1206,7 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     if (rc)
         goto out;
     if (!new_study && part != in->partition) {
-        log_warn("store: refusing SOP %s: study %s is stored in partition %u, not %u", sop, study,
-                 (unsigned)part, (unsigned)in->partition);
-        rc = SP_EINVAL;
+        rc = SP_EINVAL; /* the caller logs it, naming the sender and the partition it sent */
         goto out;
     }
 
@@ -1293,8 +1321,13 @@ void store_object_free(store_object_t *o)
     if (!o)
         return;
     attrs_clear(&o->attrs);
-    rocksdb_free(o->data);
+    store_buffer_free(o->data);
     memset(o, 0, sizeof *o);
+}
+
+void store_buffer_free(void *data)
+{
+    rocksdb_free(data);
 }
 
 /* ---- listing -------------------------------------------------------- */

@@ -82,7 +82,10 @@ typedef enum {
  * (SP_EINVAL), that len > 0 and no value exceeds 64 KiB (SP_EINVAL), and
  * that the study is not already in another partition (SP_EINVAL). Returns 0
  * with *outcome set, or a negative code (SP_EDB, SP_ENOSPACE) after which
- * nothing of the instance was written. The study and series records keep
+ * nothing of the instance was written. A RocksDB failure (SP_EDB,
+ * SP_ENOSPACE) is logged here with RocksDB's message; a refused instance
+ * (SP_EINVAL, SP_EDIGEST) is not: the caller logs it with the sender. The
+ * study and series records keep
  * the attributes of the first instance stored for them; the instance record
  * keeps all of this instance's attrs (returned by store_get). */
 int store_put(store_t *s, const store_put_t *in, store_outcome_t *outcome);
@@ -103,6 +106,10 @@ typedef struct {
  * corrupt_reads, no bytes returned) or SP_EDB. *out is zeroed on failure. */
 int store_get(store_t *s, const char *sop_uid, store_object_t *out);
 void store_object_free(store_object_t *o);
+/* Frees a buffer the store allocated (RocksDB's allocator, not necessarily
+ * malloc), e.g. a store_object_t's data taken over by the caller; NULL
+ * accepted. Thread-safe. */
+void store_buffer_free(void *data);
 
 /* An instance entry from an index scan; valid only during the callback.
  * sop_class_uid and transfer_syntax_uid are "" when they were not stored. */

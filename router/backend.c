@@ -4,14 +4,17 @@
  *
  * Owns: the current view snapshot (view_t, reference-counted: a request
  * holds the one it started with while the backend moves on to a newer one),
- * the per-member failure records (down_rec_t, kept until the backend is
- * destroyed so that every snapshot may point at them) and a thread-local
+ * the per-member avoid records (avoid_rec_t: members this router saw fail
+ * and skips for a while - its own judgement, not gossip's DOWN state; kept
+ * until the backend is destroyed so that every snapshot may point at them)
+ * and a thread-local
  * table of transport clients per worker thread. Borrows the membership and
  * the key allow-list. */
 #include "backend.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
+#include "../common/placement.h"
 #include "../common/ring.h"
 #include "../common/wire.h"
 
@@ -26,51 +29,46 @@
 #define VIEW_MAX_AGE_MS KEYS_RELOAD_INTERVAL_MS
 
 /* What this router saw of one member at one endpoint: a call to it failed
- * (timeout, unreachable), so requests skip it until `until`, unless gossip
+ * (timeout, unreachable), so requests avoid it until `until`, unless gossip
  * has since seen it come back with a higher incarnation. Shared by every
  * snapshot listing the member there; freed with the backend. */
-typedef struct down_rec {
+typedef struct avoid_rec {
     char id[GOSSIP_ID_MAX];
     char endpoint[GOSSIP_ENDPOINT_MAX];
     _Atomic int64_t until;        /* sp_now_ms() */
     _Atomic uint64_t incarnation; /* the member's incarnation when marked */
-    struct down_rec *next;
-} down_rec_t;
+    struct avoid_rec *next;
+} avoid_rec_t;
 
 /* One storage member of a snapshot. */
 typedef struct {
     char id[GOSSIP_ID_MAX];
     char endpoint[GOSSIP_ENDPOINT_MAX];
     char site[GOSSIP_SITE_MAX];
-    char key[KEYS_Z85_LEN + 1]; /* from the cluster keys, by name */
-    double weight;
+    char key[KEYS_Z85_LEN + 1]; /* from the cluster keys, by name; empty if absent */
+    bool keyed;                 /* listed in the cluster keys: this router can reach it */
     uint64_t incarnation;
     gossip_state_t state;
-    bool placed; /* listed by membership_placement() */
-    down_rec_t *down;
+    avoid_rec_t *avoid;
 } member_t;
 
-/* An immutable snapshot of the storage members and the two rings built
- * from them. */
+/* An immutable snapshot of the storage members (placed or readable, keyed
+ * or not) and their placement. */
 typedef struct {
     atomic_uint refs;
     uint64_t version; /* membership_view_version() it was built at */
     int64_t built_ms;
-    member_t *m; /* sorted by id */
+    gossip_member_t *g; /* the members as gossiped, sorted by id */
+    member_t *m;        /* m[i] is this router's record of g[i] */
     size_t n;
-    ring_member_t *placed; /* ring over the placed members */
-    size_t *placed_at;     /* their indexes in m */
-    size_t nplaced;
-    ring_member_t *prev; /* ring over ALIVE, SUSPECT and DRAINING members: the previous owners */
-    size_t *prev_at;
-    size_t nprev;
+    placement_t pl; /* over g: its indexes are indexes into m */
 } view_t;
 
 struct backend {
     backend_config_t cfg;
-    pthread_mutex_t view_mu; /* guards view, downs, warned_version */
+    pthread_mutex_t view_mu; /* guards view, avoids, warned_version */
     view_t *view;
-    down_rec_t *downs;
+    avoid_rec_t *avoids;
     uint64_t warned_version; /* members without a key were logged at this version */
     pthread_key_t conn_key;
 };
@@ -132,62 +130,77 @@ static void view_release(view_t *v)
 {
     if (v == NULL || atomic_fetch_sub(&v->refs, 1) != 1)
         return;
+    placement_clear(&v->pl);
     free(v->m);
-    free(v->placed);
-    free(v->placed_at);
-    free(v->prev);
-    free(v->prev_at);
+    free(v->g);
     free(v);
 }
 
-/* The failure record of a member at an endpoint, made on first use. Called
+/* The avoid record of a member at an endpoint, made on first use. Called
  * with view_mu held. */
-static down_rec_t *down_rec(backend_t *b, const char *id, const char *endpoint)
+static avoid_rec_t *avoid_rec(backend_t *b, const char *id, const char *endpoint)
 {
-    for (down_rec_t *d = b->downs; d; d = d->next)
+    for (avoid_rec_t *d = b->avoids; d; d = d->next)
         if (strcmp(d->id, id) == 0 && strcmp(d->endpoint, endpoint) == 0)
             return d;
-    down_rec_t *d = sp_calloc(1, sizeof *d);
+    avoid_rec_t *d = sp_calloc(1, sizeof *d);
     sp_strlcpy(d->id, id, sizeof d->id);
     sp_strlcpy(d->endpoint, endpoint, sizeof d->endpoint);
     atomic_init(&d->until, 0);
     atomic_init(&d->incarnation, 0);
-    d->next = b->downs;
-    b->downs = d;
+    d->next = b->avoids;
+    b->avoids = d;
     return d;
 }
 
-static int member_cmp(const void *a, const void *b)
+static int gossip_member_cmp(const void *a, const void *b)
 {
-    return strcmp(((const member_t *)a)->id, ((const member_t *)b)->id);
+    return strcmp(((const gossip_member_t *)a)->id, ((const gossip_member_t *)b)->id);
 }
 
-/* Adds a storage member to v unless it is already there or has no key in
- * the cluster keys (then *unkeyed is raised). Called with view_mu held. */
-static void view_add(backend_t *b, view_t *v, const gossip_member_t *g, bool placed,
-                     size_t *unkeyed)
+/* Builds a snapshot at `version` from a membership view (all[0..nall), as
+ * membership_view() returns it): the storage members that are placed or
+ * readable, whether or not their names are in the cluster keys. A member
+ * without a key keeps its place in the placement, so this router computes
+ * the same owners as the nodes; it is only unreachable from here (a
+ * stand-in takes its writes). Called with view_mu held, or on a private
+ * backend. */
+static view_t *view_from(backend_t *b, const gossip_member_t *all, size_t nall, uint64_t version)
 {
-    for (size_t i = 0; i < v->n; i++)
-        if (strcmp(v->m[i].id, g->id) == 0)
-            return;
-    member_t *m = &v->m[v->n];
-    memset(m, 0, sizeof *m);
-    if (!keys_allowlist_find_name(b->cfg.keys, g->id, m->key)) {
-        if (b->warned_version != v->version)
-            log_warn("storage member %s (%s) is not in the cluster keys; not using it", g->id,
-                     g->endpoint);
-        (*unkeyed)++;
-        return;
+    view_t *v = sp_calloc(1, sizeof *v);
+    atomic_init(&v->refs, 1);
+    v->version = version;
+    v->built_ms = sp_now_ms();
+    v->g = sp_calloc(nall + 1, sizeof *v->g);
+    for (size_t i = 0; i < nall; i++)
+        if (placement_is_placed(&all[i]) || placement_is_readable(&all[i]))
+            v->g[v->n++] = all[i];
+    qsort(v->g, v->n, sizeof *v->g, gossip_member_cmp);
+    v->m = sp_calloc(v->n + 1, sizeof *v->m);
+    size_t unkeyed = 0;
+    for (size_t i = 0; i < v->n; i++) {
+        const gossip_member_t *g = &v->g[i];
+        member_t *m = &v->m[i];
+        sp_strlcpy(m->id, g->id, sizeof m->id);
+        sp_strlcpy(m->endpoint, g->endpoint, sizeof m->endpoint);
+        m->keyed = keys_allowlist_find_name(b->cfg.keys, g->id, m->key);
+        if (!m->keyed) {
+            m->key[0] = '\0';
+            if (b->warned_version != version)
+                log_warn("storage member %s (%s) is not in the cluster keys: it keeps its "
+                         "partitions, but this router cannot reach it",
+                         g->id, g->endpoint);
+            unkeyed++;
+        }
+        m->incarnation = g->incarnation;
+        m->state = g->state;
+        m->avoid = avoid_rec(b, g->id, g->endpoint);
     }
-    sp_strlcpy(m->id, g->id, sizeof m->id);
-    sp_strlcpy(m->endpoint, g->endpoint, sizeof m->endpoint);
-    sp_strlcpy(m->site, g->site, sizeof m->site);
-    m->weight = g->weight;
-    m->incarnation = g->incarnation;
-    m->state = g->state;
-    m->placed = placed;
-    m->down = down_rec(b, g->id, g->endpoint);
-    v->n++;
+    b->warned_version = version;
+    placement_init(&v->pl, v->g, v->n, b->cfg.replicas > 0 ? (size_t)b->cfg.replicas : 0);
+    log_debug("view %llu: %zu storage members, %zu placed, %zu previous owners, %zu without key",
+              (unsigned long long)version, v->n, v->pl.nplaced, v->pl.nprev, unkeyed);
+    return v;
 }
 
 /* Builds a snapshot of the membership view at `version` (read before the
@@ -195,51 +208,10 @@ static void view_add(backend_t *b, view_t *v, const gossip_member_t *g, bool pla
  * Called with view_mu held. */
 static view_t *view_build(backend_t *b, uint64_t version)
 {
-    view_t *v = sp_calloc(1, sizeof *v);
-    atomic_init(&v->refs, 1);
-    v->version = version;
-    v->built_ms = sp_now_ms();
-
     gossip_member_t *all = NULL;
     size_t nall = membership_view(b->cfg.membership, &all);
-    size_t cap = nall + 8, npl;
-    gossip_member_t *pl = sp_calloc(cap, sizeof *pl);
-    while ((npl = membership_placement(b->cfg.membership, pl, cap)) > cap) {
-        cap = npl + 8;
-        pl = sp_realloc(pl, cap * sizeof *pl);
-    }
-    v->m = sp_calloc(nall + npl + 1, sizeof *v->m);
-    size_t unkeyed = 0;
-    for (size_t i = 0; i < npl; i++)
-        view_add(b, v, &pl[i], true, &unkeyed);
-    /* The members that hold data or answer queries without owning
-     * partitions (DRAINING), and any the placement copy missed. */
-    for (size_t i = 0; i < nall; i++)
-        if (all[i].role == GOSSIP_STORAGE && gossip_state_reachable(all[i].state))
-            view_add(b, v, &all[i], false, &unkeyed);
+    view_t *v = view_from(b, all, nall, version);
     free(all);
-    free(pl);
-    b->warned_version = version;
-    qsort(v->m, v->n, sizeof *v->m, member_cmp);
-
-    v->placed = sp_calloc(v->n + 1, sizeof *v->placed);
-    v->placed_at = sp_calloc(v->n + 1, sizeof *v->placed_at);
-    v->prev = sp_calloc(v->n + 1, sizeof *v->prev);
-    v->prev_at = sp_calloc(v->n + 1, sizeof *v->prev_at);
-    for (size_t i = 0; i < v->n; i++) {
-        member_t *m = &v->m[i];
-        ring_member_t r = {m->id, m->site, m->weight};
-        if (m->placed) {
-            v->placed_at[v->nplaced] = i;
-            v->placed[v->nplaced++] = r;
-        }
-        if (m->state == GOSSIP_ALIVE || m->state == GOSSIP_SUSPECT || m->state == GOSSIP_DRAINING) {
-            v->prev_at[v->nprev] = i;
-            v->prev[v->nprev++] = r;
-        }
-    }
-    log_debug("view %llu: %zu storage members, %zu placed, %zu previous owners, %zu without key",
-              (unsigned long long)version, v->n, v->nplaced, v->nprev, unkeyed);
     return v;
 }
 
@@ -286,9 +258,9 @@ void backend_destroy(backend_t **bp)
     }
     pthread_key_delete(b->conn_key);
     view_release(b->view);
-    while (b->downs) {
-        down_rec_t *d = b->downs;
-        b->downs = d->next;
+    while (b->avoids) {
+        avoid_rec_t *d = b->avoids;
+        b->avoids = d->next;
         free(d);
     }
     pthread_mutex_destroy(&b->view_mu);
@@ -299,56 +271,37 @@ void backend_destroy(backend_t **bp)
 size_t backend_placed_count(backend_t *b)
 {
     view_t *v = view_acquire(b);
-    size_t n = v->nplaced;
+    size_t n = v->pl.nplaced;
     view_release(v);
     return n;
 }
 
 /* ---- placement ---------------------------------------------------------- */
 
+/* Whether this router may send to a member: gossip says it is reachable
+ * and the cluster keys list it (without its key, CURVE cannot connect). */
 static bool reachable(const member_t *m)
 {
-    return gossip_state_reachable(m->state);
+    return m->keyed && gossip_state_reachable(m->state);
 }
 
-static bool is_down(const member_t *m)
+/* Whether this router saw the member fail lately (see avoid_rec_t). */
+static bool is_avoided(const member_t *m)
 {
-    return atomic_load(&m->down->until) > sp_now_ms() &&
-           m->incarnation <= atomic_load(&m->down->incarnation);
+    return atomic_load(&m->avoid->until) > sp_now_ms() &&
+           m->incarnation <= atomic_load(&m->avoid->incarnation);
 }
 
-static void mark_down(backend_t *b, const member_t *m, int rc)
+/* Records that a call to the member failed with rc: requests avoid it for
+ * avoid_failed_ms unless gossip sees it come back. */
+static void avoid_failed(backend_t *b, const member_t *m, int rc)
 {
     int64_t now = sp_now_ms();
-    atomic_store(&m->down->incarnation, m->incarnation);
-    if (atomic_exchange(&m->down->until, now + b->cfg.retry_down_ms) < now)
+    atomic_store(&m->avoid->incarnation, m->incarnation);
+    if (atomic_exchange(&m->avoid->until, now + b->cfg.avoid_failed_ms) < now)
         log_warn("node %s (%s) did not answer: %s; requests skip it for %d ms unless gossip "
                  "sees it back",
-                 m->id, m->endpoint, sp_strerror(rc), b->cfg.retry_down_ms);
-}
-
-/* Writes the indexes (into v->m) of the partition's N owners over a ring
- * (ring[i] is v->m[at[i]]) into owners; returns their count. */
-static size_t owners_over(backend_t *b, const ring_member_t *ring, const size_t *at, size_t n,
-                          uint32_t partition, size_t *owners)
-{
-    size_t idx[RING_MAX_REPLICAS];
-    size_t k = ring_owners(ring, n, partition, (size_t)b->cfg.replicas, idx);
-    for (size_t i = 0; i < k; i++)
-        owners[i] = at[idx[i]];
-    return k;
-}
-
-/* The owners over the placed members. */
-static size_t owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
-{
-    return owners_over(b, v->placed, v->placed_at, v->nplaced, partition, owners);
-}
-
-/* The owners the view had before its joining members came (see backend.h). */
-static size_t previous_owners_of(backend_t *b, const view_t *v, uint32_t partition, size_t *owners)
-{
-    return owners_over(b, v->prev, v->prev_at, v->nprev, partition, owners);
+                 m->id, m->endpoint, sp_strerror(rc), b->cfg.avoid_failed_ms);
 }
 
 static bool contains(const size_t *set, size_t n, size_t x)
@@ -360,10 +313,10 @@ static bool contains(const size_t *set, size_t n, size_t x)
 }
 
 /* A partition's write plan: the owners that get the put themselves, and a
- * stand-in for each owner that is DOWN or locally marked down, taken from
- * the extended preference list (every placed member, in the partition's
- * order) among members that are reachable, not locally down and not owners
- * themselves. */
+ * stand-in for each owner that is unreachable (DOWN, or not in this
+ * router's keys) or avoided, taken from the extended preference list
+ * (placement_preference) among members that are reachable, not avoided and
+ * not owners themselves. */
 typedef struct {
     size_t owners[RING_MAX_REPLICAS];
     size_t nowners;
@@ -374,15 +327,14 @@ typedef struct {
     size_t nmissing;
 } plan_t;
 
-static void plan_partition(backend_t *b, const view_t *v, uint32_t partition, const char *study,
-                           plan_t *p)
+static void plan_partition(const view_t *v, uint32_t partition, const char *study, plan_t *p)
 {
     memset(p, 0, sizeof *p);
-    p->nowners = owners_of(b, v, partition, p->owners);
+    p->nowners = placement_owners(&v->pl, partition, p->owners);
     bool failed[RING_MAX_REPLICAS]; /* judged once: the clock moves */
     for (size_t i = 0; i < p->nowners; i++) {
         const member_t *o = &v->m[p->owners[i]];
-        failed[i] = reachable(o) && is_down(o);
+        failed[i] = reachable(o) && is_avoided(o);
         if (reachable(o) && !failed[i])
             p->targets[p->ntargets++] = p->owners[i];
         else if (!reachable(o))
@@ -396,11 +348,11 @@ static void plan_partition(backend_t *b, const view_t *v, uint32_t partition, co
     if (p->nmissing == 0)
         return;
     size_t ext[RING_MAX_REPLICAS];
-    size_t k = ring_owners(v->placed, v->nplaced, partition, v->nplaced, ext);
+    size_t k = placement_preference(&v->pl, partition, ext);
     for (size_t i = 0; i < k && p->nstand_ins < p->nmissing; i++) {
-        size_t c = v->placed_at[ext[i]];
+        size_t c = ext[i];
         const member_t *m = &v->m[c];
-        if (!reachable(m) || is_down(m) || contains(p->owners, p->nowners, c))
+        if (!reachable(m) || is_avoided(m) || contains(p->owners, p->nowners, c))
             continue;
         if (study)
             log_debug("study %s partition %u: %s stands in for %s", study, partition, m->id,
@@ -412,13 +364,12 @@ static void plan_partition(backend_t *b, const view_t *v, uint32_t partition, co
 
 /* The read candidates of a partition, in the order they are asked (see
  * backend.h), de-duplicated; members not reachable are left out. The
- * owners that are neither joining nor locally down come first, rotated by
+ * owners that are neither joining nor avoided come first, rotated by
  * spread. Writes at most v->n indexes into out and returns the count. */
-static size_t read_candidates(backend_t *b, const view_t *v, uint32_t partition, unsigned spread,
-                              size_t *out)
+static size_t read_candidates(const view_t *v, uint32_t partition, unsigned spread, size_t *out)
 {
     plan_t p;
-    plan_partition(b, v, partition, NULL, &p);
+    plan_partition(v, partition, NULL, &p);
     size_t n = 0;
     /* The owners that should have everything, rotated among themselves. */
     size_t first[RING_MAX_REPLICAS], nfirst = 0;
@@ -433,7 +384,7 @@ static size_t read_candidates(backend_t *b, const view_t *v, uint32_t partition,
         if (!contains(out, n, p.targets[i]))
             out[n++] = p.targets[i];
     size_t prev[RING_MAX_REPLICAS];
-    size_t k = previous_owners_of(b, v, partition, prev);
+    size_t k = placement_previous_owners(&v->pl, partition, prev);
     for (size_t i = 0; i < k; i++)
         if (reachable(&v->m[prev[i]]) && !contains(out, n, prev[i]))
             out[n++] = prev[i];
@@ -442,19 +393,6 @@ static size_t read_candidates(backend_t *b, const view_t *v, uint32_t partition,
         if (reachable(&v->m[p.owners[i]]) && !contains(out, n, p.owners[i]))
             out[n++] = p.owners[i];
     return n;
-}
-
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      char (*owners)[GOSSIP_ID_MAX])
-{
-    view_t *v = view_acquire(b);
-    size_t idx[RING_MAX_REPLICAS];
-    *partition = ring_partition(study_uid);
-    size_t k = owners_of(b, v, *partition, idx);
-    for (size_t i = 0; i < k; i++)
-        sp_strlcpy(owners[i], v->m[idx[i]].id, GOSSIP_ID_MAX);
-    view_release(v);
-    return k;
 }
 
 /* ---- put ---------------------------------------------------------------- */
@@ -477,7 +415,7 @@ static bool put_acknowledged(void *ctx, size_t index, const transport_response_t
 
 /* Counts one replica's answer into res. A replica still writing when the
  * quorum was reached is neither acknowledged nor failed: its copy lands
- * later (its reply is discarded), so it must not be marked down. */
+ * later (its reply is discarded), so it must not be avoided. */
 static void tally_put(backend_t *b, const member_t *m, transport_call_t *call, bool quorum,
                       backend_put_result_t *res)
 {
@@ -503,7 +441,7 @@ static void tally_put(backend_t *b, const member_t *m, transport_call_t *call, b
         if (res->detail[0] == '\0')
             sp_fmt(res->detail, sizeof res->detail, "%s: %s", m->id, err);
         if (call->rc == SP_ETIMEOUT || call->rc == SP_EUNAVAIL)
-            mark_down(b, m, call->rc);
+            avoid_failed(b, m, call->rc);
     }
     if (rc == 0)
         wire_reply_free(&rep);
@@ -523,7 +461,9 @@ static void describe_shortage(const view_t *v, const plan_t *p, backend_put_resu
         const member_t *m = &v->m[p->missing[i]];
         at += (size_t)snprintf(res->detail + at, sizeof res->detail - at, "%s%s %s",
                                i == 0 ? "" : ", ", m->id,
-                               reachable(m) ? "not answering" : gossip_state_name(m->state));
+                               reachable(m) ? "not answering"
+                               : m->keyed   ? gossip_state_name(m->state)
+                                            : "without key");
     }
     if (at < sizeof res->detail)
         snprintf(res->detail + at, sizeof res->detail - at, "%sonly %zu targets", at ? "; " : "",
@@ -541,7 +481,7 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     view_t *v = view_acquire(b);
     wire_request_t req = {.kind = WIRE_PUT, .partition = ring_partition(study)};
     plan_t p;
-    plan_partition(b, v, req.partition, study, &p);
+    plan_partition(v, req.partition, study, &p);
     /* An owner only this router saw fail (gossip still calls it reachable)
      * and left without a stand-in gets the put anyway: it may be back
      * already, and the put does not wait for it once W others answered. */
@@ -589,21 +529,21 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
 
 /* Marks as targets the read candidates of every study UID in a
  * "uid1\uid2" list; returns how many members were added. */
-static size_t study_targets(backend_t *b, const view_t *v, const char *list, bool *target)
+static size_t study_targets(const view_t *v, const char *list, bool *target)
 {
     size_t count = 0;
     size_t *cand = sp_calloc(v->n + 1, sizeof *cand);
     char *copy = sp_strdup(list), *save = NULL;
     for (char *uid = strtok_r(copy, "\\", &save); uid; uid = strtok_r(NULL, "\\", &save)) {
-        size_t k = read_candidates(b, v, ring_partition(uid), 0, cand);
+        size_t k = read_candidates(v, ring_partition(uid), 0, cand);
         /* Members this router saw fail are left out while another is up,
          * so a query (and every retrieve, which resolves through one) does
          * not wait out the timeout on a dead node. */
         size_t up = 0;
         for (size_t i = 0; i < k; i++)
-            up += !is_down(&v->m[cand[i]]);
+            up += !is_avoided(&v->m[cand[i]]);
         for (size_t i = 0; i < k; i++) {
-            if (up > 0 && is_down(&v->m[cand[i]]))
+            if (up > 0 && is_avoided(&v->m[cand[i]]))
                 continue;
             count += !target[cand[i]];
             target[cand[i]] = true;
@@ -670,7 +610,7 @@ static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs
                 log_warn("find on node %s: malformed reply: %s", m->id, err);
             }
         } else {
-            mark_down(b, m, rc);
+            avoid_failed(b, m, rc);
         }
         if (rc == 0) {
             answered++;
@@ -759,12 +699,12 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     const char *studies = attrs_get(keys, ATTR_STUDY_INSTANCE_UID);
     size_t ntarget = 0;
     if (studies && studies[0] && !strchr(studies, '*') && !strchr(studies, '?'))
-        ntarget = study_targets(b, v, studies, target);
+        ntarget = study_targets(v, studies, target);
     if (ntarget == 0) {
-        /* Scatter to every reachable storage member not known to be down;
+        /* Scatter to every reachable storage member not avoided;
          * if all are, to every reachable one anyway. */
         for (size_t i = 0; i < v->n; i++)
-            ntarget += target[i] = reachable(&v->m[i]) && !is_down(&v->m[i]);
+            ntarget += target[i] = reachable(&v->m[i]) && !is_avoided(&v->m[i]);
         if (ntarget == 0)
             for (size_t i = 0; i < v->n; i++)
                 target[i] = reachable(&v->m[i]);
@@ -827,7 +767,7 @@ static int fetch_from(backend_t *b, const member_t *m, const uint8_t *head, size
     int rc =
         transport_call(client_for(b, m), head, head_len, NULL, 0, b->cfg.fetch_timeout_ms, &resp);
     if (rc != 0) {
-        mark_down(b, m, rc);
+        avoid_failed(b, m, rc);
         return rc;
     }
     wire_reply_t rep;
@@ -860,7 +800,7 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
 {
     view_t *v = view_acquire(b);
     size_t *order = sp_calloc(v->n + 1, sizeof *order);
-    size_t n = read_candidates(b, v, ring_partition(study_uid), spread, order);
+    size_t n = read_candidates(v, ring_partition(study_uid), spread, order);
     /* The last resort: every other reachable storage member (a study may
      * sit anywhere while the view moves). */
     for (size_t i = 0; i < v->n; i++)
@@ -876,22 +816,40 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
      * (judged once: one that fails in the first pass is not asked again).
      * A member gossip suspects counts as failing: it is most likely dead,
      * and asking it first would stall the retrieve for a fetch timeout. */
-    bool *down = sp_calloc(n + 1, sizeof *down);
+    bool *avoid = sp_calloc(n + 1, sizeof *avoid);
     for (size_t k = 0; k < n; k++)
-        down[k] = is_down(&v->m[order[k]]) || v->m[order[k]].state == GOSSIP_SUSPECT;
+        avoid[k] = is_avoided(&v->m[order[k]]) || v->m[order[k]].state == GOSSIP_SUSPECT;
     for (int pass = 0; pass < 2 && rc != 0; pass++) {
         for (size_t k = 0; k < n && rc != 0; k++) {
-            if (down[k] != (pass == 1))
+            if (avoid[k] != (pass == 1))
                 continue;
             rc = fetch_from(b, &v->m[order[k]], head, head_len, sop_uid, out, len);
             all_missing &= rc == SP_ENOTFOUND;
         }
     }
-    free(down);
+    free(avoid);
     free(head);
     free(order);
     view_release(v);
     if (rc != 0)
         rc = all_missing && n > 0 ? SP_ENOTFOUND : SP_EUNAVAIL;
     return rc;
+}
+
+size_t backend_view_owners(const backend_config_t *cfg, const gossip_member_t *view, size_t n,
+                           uint32_t partition, char (*owners)[GOSSIP_ID_MAX])
+{
+    backend_t b = {.cfg = *cfg, .warned_version = 1};
+    view_t *v = view_from(&b, view, n, 1);
+    size_t idx[RING_MAX_REPLICAS];
+    size_t k = placement_owners(&v->pl, partition, idx);
+    for (size_t i = 0; i < k; i++)
+        sp_strlcpy(owners[i], v->m[idx[i]].id, GOSSIP_ID_MAX);
+    view_release(v);
+    while (b.avoids) {
+        avoid_rec_t *d = b.avoids;
+        b.avoids = d->next;
+        free(d);
+    }
+    return k;
 }

@@ -3,25 +3,28 @@
  * hinted stand-ins, scatter/gather queries, and fetching instances from any
  * member that has them.
  *
- * Placement. The storage members placed in the router's membership view
- * (membership_placement(): states ALIVE, JOINING, SUSPECT and DOWN, sorted
- * by id) whose names are listed in the cluster keys (their public key comes
- * from there, by name) form the ring; a study's N owners are
- * ring_owners(placed, N) of its partition. The backend keeps an immutable,
+ * Placement comes from common/placement.h over the router's membership
+ * view, exactly as the storage nodes compute it: a study's N owners are
+ * placement_owners() of its partition. Members whose names are missing from
+ * the router's cluster keys (their public key comes from there, by name)
+ * still count in the placement; the router only cannot reach them, so it
+ * treats them as unreachable (a stand-in takes their writes, reads skip
+ * them) and logs a warning once per view version. The backend keeps an immutable,
  * reference-counted snapshot of this per view version (rebuilt when the
  * version moves, and at most once a second otherwise, so that a key added
  * to the key file is picked up); a request uses one snapshot from start to
  * end while other threads may already use a newer one.
  *
- * Writes (sloppy quorum). Each owner that gossip says is reachable and that
- * this router has not just seen fail (see retry_down_ms) gets the put; each
- * other owner (DOWN, or locally marked down) is replaced by a stand-in: the
- * next member of the partition's extended preference list (ring_owners over
- * every placed member) that is reachable, not locally down and not already
+ * Writes (sloppy quorum). Each owner that is reachable (gossip says so and
+ * its key is known) and that this router does not avoid (it just saw a call
+ * to it fail, see avoid_failed_ms; this is the router's own judgement, not
+ * gossip's DOWN state) gets the put; each other owner is replaced by a
+ * stand-in: the next member of the partition's extended preference list
+ * (placement_preference) that is reachable, not avoided and not already
  * a target. The stand-in stores the instance like any other; storage nodes
  * hand it back to the owner themselves once it is up (no hint message).
- * Success still needs W durable acknowledgements. An owner marked down
- * only locally (gossip still calls it reachable) for which no stand-in is
+ * Success still needs W durable acknowledgements. An owner only avoided
+ * (gossip still calls it reachable) for which no stand-in is
  * free gets the put anyway: it may be back already, and the put does not
  * wait for it once W others acknowledged. With fewer than W targets nothing
  * is sent and the put fails at once.
@@ -29,9 +32,8 @@
  * Reads. A partition's candidates are, de-duplicated and skipping members
  * that are not reachable: the owners (those still JOINING, i.e. filling,
  * last), the stand-ins a put would use now, and the previous owners
- * (ring_owners(N) over the storage members that are ALIVE, SUSPECT or
- * DRAINING: the view without joiners but with members that drain and still
- * hold data). Members locally marked down come after all others.
+ * (placement_previous_owners: the view without joiners but with members
+ * that drain and still hold data). Avoided members come after all others.
  *
  * Threads: every function may be called from any DICOM worker thread at
  * once. Each thread gets its own transport clients (ZeroMQ sockets are not
@@ -61,7 +63,7 @@ typedef struct {
     int store_timeout_ms; /* waiting for W acknowledgements */
     int query_timeout_ms; /* waiting for find / list answers */
     int fetch_timeout_ms; /* per replica, reading one instance */
-    int retry_down_ms;    /* skip a member that just failed for this long */
+    int avoid_failed_ms;  /* avoid a member that just failed for this long ([cluster] retry_down) */
     bool case_insensitive_names;
 } backend_config_t;
 
@@ -116,9 +118,12 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len);
 
-/* The partition and owner ids (at most RING_MAX_REPLICAS, copied into
- * owners) of a study in the current view. */
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      char (*owners)[GOSSIP_ID_MAX]);
+/* The owner ids (at most RING_MAX_REPLICAS, copied into owners) a router
+ * with cfg's cluster keys and replicas computes for a partition over a
+ * membership view (view[0..n), borrowed, as membership_view() returns it):
+ * the snapshot building every request uses, without a membership or a
+ * backend, so that tests can compare it with the nodes' placement. */
+size_t backend_view_owners(const backend_config_t *cfg, const gossip_member_t *view, size_t n,
+                           uint32_t partition, char (*owners)[GOSSIP_ID_MAX]);
 
 #endif

@@ -51,7 +51,7 @@ typedef struct {
     int store_timeout;
     int query_timeout;
     int fetch_timeout;
-    int retry_down;
+    int avoid_failed_ms;
     int join_timeout;
     membership_settings_t cluster;
     int max_results;
@@ -123,7 +123,7 @@ static const config_option_t router_options[] = {
         "Longest wait for the nodes' answers to one query"),
     OPT("cluster", "fetch_timeout", CONFIG_MS, fetch_timeout, "30s", 100, 600000,
         "Longest wait for one replica to return one instance"),
-    OPT("cluster", "retry_down", CONFIG_MS, retry_down, "5s", 0, 600000,
+    OPT("cluster", "retry_down", CONFIG_MS, avoid_failed_ms, "5s", 0, 600000,
         "How long a node that failed to answer is skipped (unless gossip sees it back)"),
     OPT("cluster", "join_timeout", CONFIG_MS, join_timeout, "30s", 0, 3600000,
         "At start, longest wait for the first storage member before serving DICOM anyway"),
@@ -257,7 +257,7 @@ static int router_run(router_settings_t *s)
                            .store_timeout_ms = s->store_timeout,
                            .query_timeout_ms = s->query_timeout,
                            .fetch_timeout_ms = s->fetch_timeout,
-                           .retry_down_ms = s->retry_down,
+                           .avoid_failed_ms = s->avoid_failed_ms,
                            .case_insensitive_names = s->case_insensitive_names};
     int rc = keys_load_pair(s->key_pair, &bc.self, err, sizeof err);
     if (rc == 0 && (keys = keys_allowlist_load(s->cluster_keys, err, sizeof err)) == NULL)

@@ -1,5 +1,5 @@
-/* healer.c - anti-entropy, re-replication, hand-off, drain and scrubbing
- * for a storage node (healer.h).
+/* repair.c - anti-entropy, re-replication, hand-off, drain and scrubbing
+ * for a storage node (repair.h).
  *
  * Threads: the round thread runs rounds and, per round with work, up to
  * [repair] streams copy threads; the scrubber thread scrubs and repairs.
@@ -8,10 +8,11 @@
  *
  * Owns: the threads, their clients, the corrupt queue. Borrows the store,
  * the membership, the key pair and the allow-list from the node. */
-#include "healer.h"
+#include "repair.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
+#include "../common/placement.h"
 #include "../common/ring.h"
 
 #include <pthread.h>
@@ -40,8 +41,8 @@ typedef struct {
     int64_t next_us; /* when the next caller may go */
 } throttle_t;
 
-struct healer {
-    healer_config_t cfg;
+struct repair {
+    repair_config_t cfg;
     char self_id[GOSSIP_ID_MAX];
     store_t *store;
     membership_t *m;
@@ -75,8 +76,8 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Sleeps up to ms, in short steps so that healer_stop() is prompt. */
-static void nap(healer_t *h, int64_t ms)
+/* Sleeps up to ms, in short steps so that repair_stop() is prompt. */
+static void nap(repair_t *h, int64_t ms)
 {
     int64_t end = sp_now_ms() + ms;
     while (!atomic_load(&h->stop)) {
@@ -96,7 +97,7 @@ static void throttle_init(throttle_t *t, uint64_t rate)
     t->next_us = 0;
 }
 
-static void throttle_take(healer_t *h, throttle_t *t, uint64_t bytes)
+static void throttle_take(repair_t *h, throttle_t *t, uint64_t bytes)
 {
     if (t->rate == 0)
         return;
@@ -113,7 +114,7 @@ static void throttle_take(healer_t *h, throttle_t *t, uint64_t bytes)
 
 /* The copy rate: the open window's once it spans 200 ms (short repairs
  * finish inside one window), else the last closed window's. */
-static double copy_rate(healer_t *h)
+static double copy_rate(repair_t *h)
 {
     pthread_mutex_lock(&h->rate_lock);
     int64_t span = sp_now_ms() - h->window_start_ms;
@@ -124,7 +125,7 @@ static double copy_rate(healer_t *h)
     return rate;
 }
 
-static void note_copied(healer_t *h, uint64_t bytes)
+static void note_copied(repair_t *h, uint64_t bytes)
 {
     atomic_fetch_add(&h->bytes_done, bytes);
     pthread_mutex_lock(&h->rate_lock);
@@ -144,7 +145,7 @@ static void note_copied(healer_t *h, uint64_t bytes)
 }
 
 /* A client for a member, or NULL if its name is not in the allow-list. */
-static transport_client_t *client_new(healer_t *h, const gossip_member_t *peer)
+static transport_client_t *client_new(repair_t *h, const gossip_member_t *peer)
 {
     char key[KEYS_Z85_LEN + 1];
     if (!keys_allowlist_find_name(h->allowed, peer->id, key)) {
@@ -209,7 +210,7 @@ static int set_add_entry(void *ctx, const store_entry_t *e)
 }
 
 /* Lists a whole partition of a member into a sorted set. */
-static int remote_list(healer_t *h, transport_client_t *c, uint32_t part, set_t *out, char *err,
+static int remote_list(repair_t *h, transport_client_t *c, uint32_t part, set_t *out, char *err,
                        size_t errlen)
 {
     char *cursor = NULL;
@@ -239,7 +240,7 @@ static int remote_list(healer_t *h, transport_client_t *c, uint32_t part, set_t 
 /* Reads one instance from a member and stores it here (store_put checks the
  * digest of the bytes). repair: replace a corrupt local copy. *outcome (may
  * be NULL) tells whether anything was written. */
-static int copy_instance(healer_t *h, transport_client_t *c, const char *sop, bool repair,
+static int copy_instance(repair_t *h, transport_client_t *c, const char *sop, bool repair,
                          const uint8_t *want_digest, store_outcome_t *outcome_out, char *err,
                          size_t errlen)
 {
@@ -259,7 +260,8 @@ static int copy_instance(healer_t *h, transport_client_t *c, const char *sop, bo
         store_outcome_t outcome;
         rc = repair ? store_repair(h->store, &put, &outcome) : store_put(h->store, &put, &outcome);
         if (rc != 0)
-            sp_fmt(err, errlen, "storing %s: %s", sop, sp_strerror(rc));
+            sp_fmt(err, errlen, "storing %s (partition %u): %s", sop, (unsigned)rep.partition,
+                   sp_strerror(rc));
         else if (outcome == STORE_CONFLICT)
             log_warn("repair: %s differs from the copy already here; kept as a conflict", sop);
         else if (outcome == STORE_STORED && !repair)
@@ -278,12 +280,10 @@ static int copy_instance(healer_t *h, transport_client_t *c, const char *sop, bo
 typedef struct {
     gossip_member_t *view;
     size_t nview;
-    gossip_member_t *placed;
-    ring_member_t *ring;
-    size_t nplaced;
-    size_t replicas;        /* min(N, nplaced) */
-    size_t *owners;         /* RING_PARTITIONS * replicas indexes into placed */
-    long self_placed;       /* index of this node in placed, or -1 */
+    placement_t pl;         /* over view */
+    size_t replicas;        /* min(N, placed members) */
+    size_t *owners;         /* RING_PARTITIONS * replicas indexes into view */
+    long self_at;           /* index of this node in view, or -1 */
     psum_t *mine;           /* RING_PARTITIONS */
     gossip_member_t *peers; /* other reachable storage members */
     psum_t **sums;          /* per peer; NULL if it did not answer */
@@ -300,27 +300,23 @@ static int mine_add(void *ctx, const store_partition_summary_t *p)
     return 0;
 }
 
-/* Fills the view, placement and owners of every partition. */
-static void round_placement(healer_t *h, round_t *r)
+/* Fills the view, placement and owners of every partition. The owners come
+ * from placement.c over one copy of the view, as routers and the CLI compute
+ * them. */
+static void round_placement(repair_t *h, round_t *r)
 {
     r->nview = membership_view(h->m, &r->view);
-    r->placed = sp_calloc(r->nview ? r->nview : 1, sizeof *r->placed);
-    r->nplaced = membership_placement(h->m, r->placed, r->nview);
-    if (r->nplaced > r->nview)
-        r->nplaced = r->nview;
-    r->ring = sp_calloc(r->nplaced ? r->nplaced : 1, sizeof *r->ring);
-    r->self_placed = -1;
-    for (size_t i = 0; i < r->nplaced; i++) {
-        r->ring[i] = (ring_member_t){
-            .id = r->placed[i].id, .site = r->placed[i].site, .weight = r->placed[i].weight};
-        if (strcmp(r->placed[i].id, h->self_id) == 0)
-            r->self_placed = (long)i;
-    }
-    size_t n = (size_t)h->cfg.replicas;
-    r->replicas = n < r->nplaced ? n : r->nplaced;
+    placement_init(&r->pl, r->view, r->nview, (size_t)h->cfg.replicas);
+    r->self_at = -1;
+    for (size_t i = 0; i < r->nview; i++)
+        if (strcmp(r->view[i].id, h->self_id) == 0)
+            r->self_at = (long)i;
+    r->replicas = r->pl.replicas < r->pl.nplaced ? r->pl.replicas : r->pl.nplaced;
     r->owners = sp_calloc(RING_PARTITIONS * (r->replicas ? r->replicas : 1), sizeof *r->owners);
-    for (uint32_t p = 0; r->replicas && p < RING_PARTITIONS; p++)
-        ring_owners(r->ring, r->nplaced, p, r->replicas, &r->owners[p * r->replicas]);
+    for (uint32_t p = 0; r->replicas && p < RING_PARTITIONS; p++) {
+        size_t k = placement_owners(&r->pl, p, &r->owners[p * r->replicas]);
+        SP_ASSERT(k == r->replicas);
+    }
 }
 
 static bool owns(const round_t *r, uint32_t p, long who)
@@ -331,14 +327,8 @@ static bool owns(const round_t *r, uint32_t p, long who)
     return false;
 }
 
-static bool storage_live(const gossip_member_t *m)
-{
-    return m->role == GOSSIP_STORAGE && gossip_state_holds_data(m->state) &&
-           gossip_state_reachable(m->state);
-}
-
 /* Asks a member for the summaries of its non-empty partitions. */
-static psum_t *remote_sums(healer_t *h, transport_client_t *c, char *err, size_t errlen)
+static psum_t *remote_sums(repair_t *h, transport_client_t *c, char *err, size_t errlen)
 {
     wire_request_t req = {.kind = WIRE_PARTITION_DIGEST, .nonempty = true};
     wire_reply_t rep;
@@ -360,7 +350,7 @@ static psum_t *remote_sums(healer_t *h, transport_client_t *c, char *err, size_t
 
 /* Gathers this node's summaries and every reachable peer's. Returns the
  * number of peers that did not answer. */
-static size_t round_gather(healer_t *h, round_t *r, transport_client_t **clients)
+static size_t round_gather(repair_t *h, round_t *r, transport_client_t **clients)
 {
     r->mine = sp_calloc(RING_PARTITIONS, sizeof *r->mine);
     if (store_partition_summaries(h->store, mine_add, r->mine) != 0)
@@ -369,7 +359,7 @@ static size_t round_gather(healer_t *h, round_t *r, transport_client_t **clients
     r->sums = sp_calloc(r->nview ? r->nview : 1, sizeof *r->sums);
     size_t missing = 0;
     for (size_t i = 0; i < r->nview; i++) {
-        if (strcmp(r->view[i].id, h->self_id) == 0 || !storage_live(&r->view[i]))
+        if (strcmp(r->view[i].id, h->self_id) == 0 || !placement_is_readable(&r->view[i]))
             continue;
         size_t k = r->npeers++;
         r->peers[k] = r->view[i];
@@ -392,8 +382,7 @@ static void round_free(round_t *r)
     free(r->peers);
     free(r->mine);
     free(r->owners);
-    free(r->ring);
-    free(r->placed);
+    placement_clear(&r->pl);
     free(r->view);
     memset(r, 0, sizeof *r);
 }
@@ -409,7 +398,7 @@ typedef struct {
 } pull_t;
 
 typedef struct {
-    healer_t *h;
+    repair_t *h;
     const round_t *r;
     const pull_t *tasks;
     size_t ntasks;
@@ -418,7 +407,7 @@ typedef struct {
 } pull_run_t;
 
 /* Copies from a peer every instance of a partition this node lacks. */
-static int pull_partition(healer_t *h, transport_client_t *c, const char *peer, uint32_t part)
+static int pull_partition(repair_t *h, transport_client_t *c, const char *peer, uint32_t part)
 {
     set_t mine = {0}, theirs = {0};
     char *cursor = NULL, err[512];
@@ -468,7 +457,7 @@ static int pull_partition(healer_t *h, transport_client_t *c, const char *peer, 
 static void *pull_main(void *arg)
 {
     pull_run_t *run = arg;
-    healer_t *h = run->h;
+    repair_t *h = run->h;
     transport_client_t **clients = sp_calloc(run->r->npeers ? run->r->npeers : 1, sizeof *clients);
     for (;;) {
         size_t i = atomic_fetch_add(&run->next, 1);
@@ -492,12 +481,12 @@ static void *pull_main(void *arg)
 
 /* Pulls every owned partition whose digest differs at a holder, in
  * parallel streams. Returns the number of failed pulls. */
-static size_t round_pull(healer_t *h, const round_t *r)
+static size_t round_pull(repair_t *h, const round_t *r)
 {
     pull_t *tasks = NULL;
     size_t ntasks = 0, cap = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS; p++) {
-        if (!owns(r, p, r->self_placed))
+        if (!owns(r, p, r->self_at))
             continue;
         pull_t t = {.partition = p};
         for (size_t k = 0; k < r->npeers; k++) {
@@ -572,7 +561,7 @@ static int add_study(void *ctx, const char *study_uid)
 
 /* Deletes the studies of a partition this node no longer owns that every
  * owner holds completely. Returns 0 when the partition is now empty here. */
-static int handoff_partition(healer_t *h, const round_t *r, transport_client_t **clients,
+static int handoff_partition(repair_t *h, const round_t *r, transport_client_t **clients,
                              uint32_t part)
 {
     size_t n = r->replicas;
@@ -580,7 +569,7 @@ static int handoff_partition(healer_t *h, const round_t *r, transport_client_t *
     int rc = n > 0 ? 0 : SP_EUNAVAIL;
     char err[512] = "no owners";
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        const gossip_member_t *owner = &r->placed[r->owners[part * n + i]];
+        const gossip_member_t *owner = &r->view[r->owners[part * n + i]];
         size_t k = 0;
         while (k < r->npeers && strcmp(r->peers[k].id, owner->id) != 0)
             k++;
@@ -624,11 +613,11 @@ static int handoff_partition(healer_t *h, const round_t *r, transport_client_t *
 
 /* Hands off every partition held here and not owned. Returns how many are
  * still held. */
-static size_t round_handoff(healer_t *h, const round_t *r, transport_client_t **clients)
+static size_t round_handoff(repair_t *h, const round_t *r, transport_client_t **clients)
 {
     size_t still = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS && !atomic_load(&h->stop); p++)
-        if (r->mine[p].present && !owns(r, p, r->self_placed))
+        if (r->mine[p].present && !owns(r, p, r->self_at))
             still += handoff_partition(h, r, clients, p) != 0;
     return still;
 }
@@ -643,12 +632,12 @@ static bool knows_other_storage(const round_t *r, const char *self_id)
     return false;
 }
 
-static void round_figures(healer_t *h, const round_t *r)
+static void round_figures(repair_t *h, const round_t *r)
 {
     uint64_t hints = 0;
     uint32_t owned = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS; p++) {
-        bool mine = owns(r, p, r->self_placed);
+        bool mine = owns(r, p, r->self_at);
         owned += mine;
         if (!mine && r->mine[p].present)
             hints += r->mine[p].count;
@@ -666,13 +655,13 @@ static int any_partition(void *ctx, const store_partition_summary_t *p)
     return 1; /* one is enough */
 }
 
-static bool holds_nothing(healer_t *h)
+static bool holds_nothing(repair_t *h)
 {
     bool any = false;
     return store_partition_summaries(h->store, any_partition, &any) == 0 && !any;
 }
 
-static void round_transitions(healer_t *h, const round_t *r, bool complete, size_t still_held)
+static void round_transitions(repair_t *h, const round_t *r, bool complete, size_t still_held)
 {
     gossip_state_t state = membership_self_state(h->m);
     /* Without seeds this is the first member: there is nobody to catch up
@@ -692,7 +681,7 @@ static void round_transitions(healer_t *h, const round_t *r, bool complete, size
     }
 }
 
-static void round_run(healer_t *h)
+static void round_run(repair_t *h)
 {
     round_t r = {0};
     round_placement(h, &r);
@@ -716,7 +705,7 @@ static void round_run(healer_t *h)
 
 static void *round_main(void *arg)
 {
-    healer_t *h = arg;
+    repair_t *h = arg;
     uint64_t seen_version = 0;
     while (!atomic_load(&h->stop)) {
         seen_version = membership_view_version(h->m);
@@ -732,7 +721,7 @@ static void *round_main(void *arg)
 
 /* ---- scrubbing and repair of corrupt copies ----------------------------- */
 
-void healer_note_corrupt(healer_t *h, const char *sop_uid)
+void repair_note_corrupt(repair_t *h, const char *sop_uid)
 {
     pthread_mutex_lock(&h->queue_lock);
     bool known = false;
@@ -745,23 +734,23 @@ void healer_note_corrupt(healer_t *h, const char *sop_uid)
 
 static int scrub_found(void *ctx, const store_entry_t *e)
 {
-    healer_t *h = ctx;
+    repair_t *h = ctx;
     atomic_fetch_add(&h->scrub_corrupt, 1);
     log_warn("scrub: %s (study %s, partition %u) fails its digest; repairing from a replica",
              e->sop_uid, e->study_uid, (unsigned)e->partition);
-    healer_note_corrupt(h, e->sop_uid);
+    repair_note_corrupt(h, e->sop_uid);
     return 0;
 }
 
 /* Replaces a corrupt local copy with a good one from any live member. */
-static void repair_one(healer_t *h, const char *sop)
+static void repair_one(repair_t *h, const char *sop)
 {
     gossip_member_t *view = NULL;
     size_t n = membership_view(h->m, &view);
     char err[512] = "no other live storage member";
     bool done = false;
     for (size_t i = 0; i < n && !done && !atomic_load(&h->stop); i++) {
-        if (strcmp(view[i].id, h->self_id) == 0 || !storage_live(&view[i]))
+        if (strcmp(view[i].id, h->self_id) == 0 || !placement_is_readable(&view[i]))
             continue;
         transport_client_t *c = client_new(h, &view[i]);
         if (c == NULL)
@@ -784,7 +773,7 @@ static void repair_one(healer_t *h, const char *sop)
     free(view);
 }
 
-static void repair_queued(healer_t *h)
+static void repair_queued(repair_t *h)
 {
     for (;;) {
         char sop[65];
@@ -804,7 +793,7 @@ static void repair_queued(healer_t *h)
 
 static void *scrub_main(void *arg)
 {
-    healer_t *h = arg;
+    repair_t *h = arg;
     char *cursor = NULL;
     while (!atomic_load(&h->stop)) {
         repair_queued(h);
@@ -832,10 +821,10 @@ static void *scrub_main(void *arg)
 
 /* ---- life cycle --------------------------------------------------------- */
 
-healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t *m,
+repair_t *repair_start(const repair_config_t *cfg, store_t *store, membership_t *m,
                        const keys_pair_t *self, const keys_allowlist_t *allowed)
 {
-    healer_t *h = sp_calloc(1, sizeof *h);
+    repair_t *h = sp_calloc(1, sizeof *h);
     h->cfg = *cfg;
     if (h->cfg.streams < 1)
         h->cfg.streams = 1;
@@ -858,7 +847,7 @@ healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t 
         h->scrub_started = true;
     if (!h->scrub_started) {
         log_error("repair: cannot start threads");
-        healer_stop(&h);
+        repair_stop(&h);
         return NULL;
     }
     log_info("repair: rounds every %d ms, %d streams at %llu bytes/s; scrub at %llu bytes/s, "
@@ -868,9 +857,9 @@ healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t 
     return h;
 }
 
-void healer_stop(healer_t **hp)
+void repair_stop(repair_t **hp)
 {
-    healer_t *h = *hp;
+    repair_t *h = *hp;
     if (h == NULL)
         return;
     atomic_store(&h->stop, true);
@@ -890,7 +879,7 @@ void healer_stop(healer_t **hp)
 /* ---- status and drain --------------------------------------------------- */
 
 /* This node's figures, with the partitions held counted from mine. */
-static void own_figures(healer_t *h, const psum_t *mine, wire_member_status_t *out)
+static void own_figures(repair_t *h, const psum_t *mine, wire_member_status_t *out)
 {
     memset(out, 0, sizeof *out);
     membership_self(h->m, &out->member);
@@ -913,7 +902,7 @@ static void own_figures(healer_t *h, const psum_t *mine, wire_member_status_t *o
     out->repaired = atomic_load(&h->repaired);
 }
 
-void healer_member_status(healer_t *h, wire_member_status_t *out)
+void repair_member_status(repair_t *h, wire_member_status_t *out)
 {
     psum_t *mine = sp_calloc(RING_PARTITIONS, sizeof *mine);
     store_partition_summaries(h->store, mine_add, mine);
@@ -923,7 +912,7 @@ void healer_member_status(healer_t *h, wire_member_status_t *out)
 
 /* Asks one member for its own status; fills *out's figures (keeps the
  * member record from this node's view). */
-static bool remote_status(healer_t *h, transport_client_t *c, wire_member_status_t *out)
+static bool remote_status(repair_t *h, transport_client_t *c, wire_member_status_t *out)
 {
     wire_request_t req = {.kind = WIRE_STATUS, .cluster = false};
     wire_reply_t rep;
@@ -959,9 +948,10 @@ static void count_under_replicated(const round_t *r, wire_status_t *out)
         const psum_t *first = NULL;
         bool under = r->replicas < (size_t)out->replicas;
         for (size_t i = 0; i < r->replicas && !under; i++) {
-            const gossip_member_t *owner = &r->placed[r->owners[p * r->replicas + i]];
+            size_t at = r->owners[p * r->replicas + i];
+            const gossip_member_t *owner = &r->view[at];
             const psum_t *s = NULL;
-            if (r->self_placed >= 0 && owner == &r->placed[r->self_placed])
+            if (r->self_at >= 0 && at == (size_t)r->self_at)
                 s = &r->mine[p];
             for (size_t k = 0; k < r->npeers && s == NULL; k++)
                 if (strcmp(r->peers[k].id, owner->id) == 0 && r->sums[k])
@@ -977,7 +967,7 @@ static void count_under_replicated(const round_t *r, wire_status_t *out)
     }
 }
 
-int healer_cluster_status(healer_t *h, wire_status_t *out)
+int repair_cluster_status(repair_t *h, wire_status_t *out)
 {
     round_t r = {0};
     round_placement(h, &r);
@@ -1008,7 +998,7 @@ int healer_cluster_status(healer_t *h, wire_status_t *out)
     return 0;
 }
 
-int healer_drain(healer_t *h, const char *node_id, char *why, size_t whylen)
+int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen)
 {
     if (strcmp(node_id, h->self_id) != 0) {
         sp_fmt(why, whylen, "this is %s, not %s: send the drain to the node itself", h->self_id,
@@ -1021,9 +1011,8 @@ int healer_drain(healer_t *h, const char *node_id, char *why, size_t whylen)
     gossip_member_t *view = NULL;
     size_t n = membership_view(h->m, &view), others = 0;
     for (size_t i = 0; i < n; i++)
-        others += strcmp(view[i].id, h->self_id) != 0 && view[i].role == GOSSIP_STORAGE &&
-                  (view[i].state == GOSSIP_ALIVE || view[i].state == GOSSIP_JOINING ||
-                   view[i].state == GOSSIP_SUSPECT);
+        others += strcmp(view[i].id, h->self_id) != 0 && placement_is_placed(&view[i]) &&
+                  placement_is_writable(&view[i]); /* ALIVE, JOINING or SUSPECT */
     free(view);
     if (others < (size_t)h->cfg.replicas) {
         sp_fmt(why, whylen,

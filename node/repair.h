@@ -1,4 +1,4 @@
-/* healer.h - a storage node's self-healing: anti-entropy rounds that pull
+/* repair.h - a storage node's self-healing: anti-entropy rounds that pull
  * what this node should hold from the members that hold it, hand-off of
  * what it holds but no longer owns, the scrubber, and the status and drain
  * requests of the admin CLI.
@@ -27,13 +27,13 @@
  *
  * The scrubber thread re-reads every stored object at [repair] scrub_rate
  * bytes/s, pausing [repair] scrub_interval between passes; a corrupt object
- * (also one found by a read, healer_note_corrupt) is replaced by a good copy
+ * (also one found by a read, repair_note_corrupt) is replaced by a good copy
  * from another member (store_repair).
  *
- * Threads: healer_start() starts the round thread and the scrubber; the
+ * Threads: repair_start() starts the round thread and the scrubber; the
  * other functions are called by transport worker threads. */
-#ifndef SP_HEALER_H
-#define SP_HEALER_H
+#ifndef SP_REPAIR_H
+#define SP_REPAIR_H
 
 #include "../common/keys.h"
 #include "../common/membership.h"
@@ -55,30 +55,30 @@ typedef struct {
     int call_timeout_ms;          /* one RPC to a member */
     bool expect_peers;            /* seeds configured: a joiner waits to learn the cluster */
     transport_config_t transport; /* for the clients */
-} healer_config_t;
+} repair_config_t;
 
-typedef struct healer healer_t;
+typedef struct repair repair_t;
 
 /* Starts the round and scrubber threads. store, m, self and allowed are
- * borrowed and must outlive the healer. Returns NULL (with a log line) on
+ * borrowed and must outlive the repair module. Returns NULL (with a log line) on
  * failure. */
-healer_t *healer_start(const healer_config_t *cfg, store_t *store, membership_t *m,
+repair_t *repair_start(const repair_config_t *cfg, store_t *store, membership_t *m,
                        const keys_pair_t *self, const keys_allowlist_t *allowed);
 /* Stops the threads (a running copy finishes its current object first)
  * and frees *hp; NULL accepted. */
-void healer_stop(healer_t **hp);
+void repair_stop(repair_t **hp);
 
 /* This node's own figures (member fields filled from the view). */
-void healer_member_status(healer_t *h, wire_member_status_t *out);
+void repair_member_status(repair_t *h, wire_member_status_t *out);
 /* The cluster-wide status: asks every reachable storage member for its
  * figures and partition digests. Fills out (owned; freed by
  * wire_reply_free of the reply holding it). Returns 0 or an error. */
-int healer_cluster_status(healer_t *h, wire_status_t *out);
+int repair_cluster_status(repair_t *h, wire_status_t *out);
 /* Handles a drain request for this node: refused (SP_EINVAL with why) when
  * fewer than N other storage members are live, else announces DRAINING. */
-int healer_drain(healer_t *h, const char *node_id, char *why, size_t whylen);
+int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen);
 /* A read found this SOP's stored copy corrupt: the scrubber thread repairs
  * it from another member soon. */
-void healer_note_corrupt(healer_t *h, const char *sop_uid);
+void repair_note_corrupt(repair_t *h, const char *sop_uid);
 
 #endif
