@@ -2,6 +2,12 @@
 # top-level CMakeLists.txt. All DCMTK (C++) code lives in sp_dicom.
 find_package(DCMTK CONFIG REQUIRED)
 
+# Part-10 framing of stored instances: C, no DCMTK, unit-tested on its own.
+add_library(sp_part10 STATIC ${CMAKE_SOURCE_DIR}/router/part10.c)
+target_include_directories(sp_part10 PUBLIC ${CMAKE_SOURCE_DIR}/router)
+target_compile_options(sp_part10 PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(sp_part10 PUBLIC sp_common)
+
 add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_adapter.cc)
 target_include_directories(sp_dicom PUBLIC ${CMAKE_SOURCE_DIR}/router)
 target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-parameter
@@ -25,3 +31,9 @@ add_executable(shardpacs-router ${CMAKE_SOURCE_DIR}/router/router.c
 target_compile_options(shardpacs-router PRIVATE ${SP_C_WARNINGS})
 target_link_libraries(shardpacs-router PRIVATE sp_dicom sp_common)
 set_target_properties(shardpacs-router PROPERTIES LINKER_LANGUAGE CXX)
+
+# tests/unit/test_part10.c is built by the unit-test glob in CMakeLists.txt
+# (which runs before this file is included); it also needs the framing.
+if(TARGET test_part10)
+  target_link_libraries(test_part10 PRIVATE sp_part10)
+endif()
