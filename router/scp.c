@@ -1,5 +1,10 @@
-/* scp.c - DICOM service handlers of the router (scp.h). */
+/* scp.c - DICOM service handlers of the router (scp.h): the archive's
+ * policy for what it stores, and the calls into the cluster (backend.h).
+ * Each handler logs the failures it returns, once, with the calling AE and
+ * the UIDs involved; the adapter does not log them again. */
 #include "scp.h"
+
+#include "part10.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
@@ -9,21 +14,58 @@
 #include <stdlib.h>
 #include <string.h>
 
+uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment_len)
+{
+    const attrs_t *a = req->attrs;
+    const char *sop = attrs_get(a, ATTR_SOP_INSTANCE_UID);
+    if (sop == NULL || sop[0] == '\0') {
+        sp_fmt(comment, comment_len, "SOPInstanceUID missing in data set");
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    if (strcmp(sop, req->sop_instance_uid) != 0) {
+        sp_fmt(comment, comment_len, "SOPInstanceUID in data set differs from command");
+        return DICOM_DATASET_MISMATCH;
+    }
+    if (attrs_str(a, ATTR_STUDY_INSTANCE_UID)[0] == '\0') {
+        sp_fmt(comment, comment_len, "StudyInstanceUID missing");
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    if (attrs_str(a, ATTR_SERIES_INSTANCE_UID)[0] == '\0') {
+        sp_fmt(comment, comment_len, "SeriesInstanceUID missing");
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    const char *cls = attrs_get(a, ATTR_SOP_CLASS_UID);
+    if (cls != NULL && strcmp(cls, req->sop_class_uid) != 0) {
+        sp_fmt(comment, comment_len, "SOPClassUID in data set differs from command");
+        return DICOM_DATASET_MISMATCH;
+    }
+    return DICOM_SUCCESS;
+}
+
 uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len)
 {
     scp_t *scp = ctx;
+    const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
+    uint16_t status = scp_check_store(req, comment, comment_len);
+    if (status != DICOM_SUCCESS) {
+        log_warn("C-STORE of %s (study '%s') from %s (%s) refused, status 0x%04X: %s",
+                 req->sop_instance_uid, study, req->peer->calling_ae, req->peer->peer_host, status,
+                 comment);
+        return status;
+    }
     uint8_t *part10 = NULL;
     size_t len = 0;
-    int rc = dicom_make_part10(req->dataset, req->dataset_len, req->sop_class_uid,
-                               req->sop_instance_uid, req->transfer_syntax_uid, &part10, &len);
+    int rc = part10_make(req->dataset, req->dataset_len, req->sop_class_uid, req->sop_instance_uid,
+                         req->transfer_syntax_uid, &part10, &len);
     if (rc != 0) {
         sp_fmt(comment, comment_len, "cannot build the Part-10 object: %s", sp_strerror(rc));
+        log_warn("C-STORE of %s (study %s) from %s refused: %s", req->sop_instance_uid, study,
+                 req->peer->calling_ae, comment);
         return DICOM_CANNOT_UNDERSTAND;
     }
     backend_put_result_t res;
     rc = backend_put(scp->backend, req->attrs, part10, len, &res);
     free(part10);
-    const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
     if (rc == 0) {
         log_debug("stored %s of study %s from %s on %d replicas (%d stand-ins among the "
                   "targets)",
@@ -303,6 +345,8 @@ static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int 
     int rc = resolve_retrieve(scp, r, &list, comment, comment_len);
     if (rc != 0) {
         status = rc == SP_EINVAL ? DICOM_DATASET_MISMATCH : DICOM_UNABLE_TO_PROCESS;
+        log_warn("retrieve for %s refused, status 0x%04X: %s", dicom_retrieve_peer(r)->calling_ae,
+                 status, comment);
         goto out;
     }
     dicom_instance_kind_t *kinds = sp_calloc(list.n ? list.n : 1, sizeof *kinds);
@@ -313,7 +357,8 @@ static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int 
     free(kinds);
     if (rc != 0) {
         sp_fmt(comment, comment_len, "cannot start sub-operations: %s", err);
-        log_error("retrieve for %s: %s", dicom_retrieve_peer(r)->calling_ae, err);
+        log_error("retrieve for %s to '%s': %s", dicom_retrieve_peer(r)->calling_ae,
+                  host ? dicom_retrieve_destination(r) : "(C-GET)", err);
         status = DICOM_REFUSED_SUBOPS;
         goto out;
     }
