@@ -7,7 +7,8 @@ Bit-exactness: storescu re-encodes what it sends, so the reference for every
 "retrieved == stored" comparison is what a bit-preserving storescp received
 from the same storescu invocation, compared after the meta header.
 
-Run: SP_BUILD_DIR=/work/main/build-dicom /usr/bin/python3 -m pytest -q tests/cluster/test_dicom_adapter.py
+Run: /usr/bin/python3 -m pytest -q tests/cluster/test_dicom_adapter.py
+(the harness comes from SP_BUILD_DIR, by default the repository's build/)
 """
 import os
 import re
@@ -26,8 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          MRImageStorage, RLELossless, generate_uid)
 
-BUILD = Path(os.environ.get("SP_BUILD_DIR", "/work/main/build"))
-HARNESS = BUILD / "dicom_harness"
+HARNESS = spcluster.BUILD / "dicom_harness"
 ENV = dict(os.environ, TCP_NODELAY="1")
 AE = "SHARDPACS"
 TOOL_TIMEOUT = 30

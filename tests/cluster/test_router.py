@@ -14,7 +14,8 @@ Layout:
 * Destructive tests (nodes or a router killed, conflicts) each get their own
   small cluster.
 
-Run: SP_BUILD_DIR=/work/main/build-e2e /usr/bin/python3 -m pytest -q tests/cluster/test_router.py
+Run: /usr/bin/python3 -m pytest -q tests/cluster/test_router.py
+(programs from SP_BUILD_DIR, by default the repository's build/)
 """
 import re
 import subprocess
