@@ -425,7 +425,9 @@ def test_store_missing_sop_instance_uid_is_refused(env):
 
 
 def test_store_sop_instance_uid_mismatch(env):
-    ds = make_image(CTImageStorage, generate_uid(), generate_uid(), "P7", "Mis^Match", "CT", 1)
+    # stored in the end: a patient ID outside the PatientID=P* query of
+    # test_find_series_and_image_levels, whichever runs first
+    ds = make_image(CTImageStorage, generate_uid(), generate_uid(), "Q7", "Mis^Match", "CT", 1)
     status, comment = raw_store(env["port"], generate_uid(), _image_ile(ds))
     assert status == 0xA900, hex(status)
     assert "differs" in comment

@@ -226,6 +226,12 @@ def main(ref, tmp_path_factory):
     t0 = time.monotonic()
     responses = store(c.router, ref.batches())
     store_seconds = time.monotonic() - t0
+    # W=2 answers before the third copy lands. Tests that count or read every
+    # node's objects start once all 3 hold the whole set (asserted by
+    # test_store_whole_set_is_acknowledged_and_replicated), whichever runs first.
+    deadline = time.monotonic() + 10
+    while any(node_instances(c, n) != 48 for n in c.nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield {"c": c, "dest": dest, "responses": responses, "store_seconds": store_seconds,
            "base": base}
     alive = {r.name: r.alive() for r in c.routers}
