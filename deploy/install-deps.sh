@@ -12,6 +12,7 @@ packages=(
   libjansson-dev                                  # JSON output of the admin CLI
   libdcmtk-dev dcmtk                              # DICOM (router, test clients)
   libcmocka-dev                                   # unit tests
+  clang-format                                    # format check (tests/check-format.sh)
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)

@@ -28,10 +28,16 @@
 # `add-node` makes the next free nK (key appended to DIR/cluster.keys, which
 # running members re-read), starts it with every node as seed and waits until
 # the others see it; it announces itself alive after its first repair round.
+#
+# The programs are built in SP_BUILD_DIR (default: build/ in the repository).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-build=${SHARDPACS_BUILD_DIR:-$root/build}
+[[ -z ${SHARDPACS_BUILD_DIR:-} ]] || {
+  echo "local-cluster: SHARDPACS_BUILD_DIR is no longer read; set SP_BUILD_DIR instead" >&2
+  exit 2
+}
+build=${SP_BUILD_DIR:-$root/build}
 bin=$build
 export TCP_NODELAY=1 # DCMTK tools used here (echoscu) must not wait on Nagle
 PY=/usr/bin/python3

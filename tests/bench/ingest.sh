@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Ingest / query / retrieve benchmark: ShardPACS against the anchors of
-# /work/shared/ANCHORS.md (DCMTK storescp as the protocol floor, Orthanc with
-# its default SQLite index, DCMTK dcmqrscp), all driven in ONE run by the same
+# Ingest / query / retrieve benchmark: ShardPACS against existing archives,
+# the anchors (DCMTK storescp as the protocol floor, Orthanc with its default
+# SQLite index, DCMTK dcmqrscp), all driven in ONE run by the same
 # DCMTK clients (storescu, findscu, getscu, movescu, echoscu) with the same
 # generated data (tests/cluster/dataset.py: make_bulk_set).
 #
@@ -30,7 +30,7 @@
 # the data set. Exits non-zero only on real errors (a server does not start,
 # the data set cannot be made). Progress goes to stderr.
 #
-# Method (see also tests/bench/README.md):
+# Method:
 # - Every port is chosen free at run time (bind to port 0 on 127.0.0.1);
 #   every client connects to 127.0.0.1 only. TCP_NODELAY=1 is exported, so
 #   every DCMTK tool and server started here (and Orthanc's DCMTK) has it.
@@ -54,7 +54,8 @@
 #   StorageAccessOnFind Always, SynchronousCMove true), no plugins; the
 #   Debian service is not used.
 # - dcmqrscp: ingested with ONE association only (concurrent stores lose
-#   instances, see ANCHORS); its CT ingest is shown for reference.
+#   instances: two stores can land in one file name); its CT ingest is
+#   shown for reference.
 # - ShardPACS: deploy/local-cluster.sh up DIR --nodes 3 --port P
 #   --replicas 3 --move-dest BENCHDEST=127.0.0.1:PORT; skipped with a note
 #   when that script is missing. It runs last so its background work never
@@ -63,10 +64,10 @@
 #   --find-studies extra studies, all running at once; study-level queries
 #   (Study Root), one findscu process per query, interleaved run by run
 #   across queries and servers, median ms. echoscu (process start +
-#   association + C-ECHO) is the baseline, as in ANCHORS.
+#   association + C-ECHO) is the baseline.
 # - Retrieval: the whole CT set. Default: ONE association and ONE
 #   STUDY-level request whose Study Instance UID is the list of all CT
-#   studies (as ANCHORS: "one request, 20 studies"). --retrieve per-study:
+#   studies. --retrieve per-study:
 #   one getscu/movescu process per study. (getscu 3.6.7 crashes after the
 #   last of several query files, so the one-association-many-requests form
 #   is not used.) C-GET lands in getscu +B (files), C-MOVE in a storescp

@@ -34,8 +34,10 @@ dcmdump-style dump), shown by default without -v; with -X only when +sr is
 given. It is kept for logs, but the dumps hold raw bytes in the response's
 character set and abbreviate values longer than 64 characters, so prefer -X.
 
-All DCMTK tools are run with TCP_NODELAY=1 in their environment (see
-/work/shared/TOOLCHAIN.md); for the file tools it is irrelevant but harmless.
+All DCMTK tools are run with TCP_NODELAY=1 in their environment (Debian's
+DCMTK 3.6.7 reads it on every connection and otherwise leaves Nagle's
+algorithm on, so each network exchange stalls for 45-90 ms); for the file
+tools it is irrelevant but harmless.
 
 Command line (writes files; prints a summary):
     /usr/bin/python3 tests/cluster/dataset.py OUTDIR [--small N] [--ct N]

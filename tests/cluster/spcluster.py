@@ -3,15 +3,19 @@ shardpacs-node processes on free loopback ports, driven with the real
 `shardpacs` command line client; whole gossiping clusters (N nodes and any
 number of shardpacs-router processes with real CURVE keys, `cluster()`;
 nodes can be added, killed, paused and restarted); DCMTK tool helpers (every
-DCMTK tool runs with TCP_NODELAY=1, see /work/shared/TOOLCHAIN.md), a
-bit-preserving storescp (`Scp`) and a minimal raw DICOM client
+DCMTK tool runs with TCP_NODELAY=1: Debian's DCMTK 3.6.7 leaves Nagle's
+algorithm on unless that variable is set, and each exchange then stalls for
+45-90 ms), a bit-preserving storescp (`Scp`) and a minimal raw DICOM client
 (`raw_store`) for requests no DCMTK tool will send.
 
 Configuration text is merged per section and key (`merge_ini`): the loaders
 refuse a key given twice, so options a caller passes replace the defaults
 written here instead of repeating them.
 
-Every process a test starts is stopped by the fixture that started it."""
+Every process a test starts is stopped by the fixture that started it.
+
+The programs come from the build folder SP_BUILD_DIR (tests/run.sh and CTest
+set it), by default build/ at the top of this repository."""
 import os
 import re
 import signal

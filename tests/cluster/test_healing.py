@@ -18,7 +18,8 @@ out after 3 s, repair rounds every second without a rate limit. Every wait
 has a deadline. What the cluster says about itself is read with
 `shardpacs status --json` / `locate --json` and `shardpacs node ... list`.
 
-Run: SP_BUILD_DIR=/work/main/build /usr/bin/python3 -m pytest -q -s tests/cluster/test_healing.py
+Run: /usr/bin/python3 -m pytest -q -s tests/cluster/test_healing.py
+(programs from SP_BUILD_DIR, by default the repository's build/)
 """
 import collections
 import json

@@ -14,7 +14,8 @@ Layout:
 * Destructive tests (nodes or a router killed, conflicts) each get their own
   small cluster.
 
-Run: SP_BUILD_DIR=/work/main/build-e2e /usr/bin/python3 -m pytest -q tests/cluster/test_router.py
+Run: /usr/bin/python3 -m pytest -q tests/cluster/test_router.py
+(programs from SP_BUILD_DIR, by default the repository's build/)
 """
 import re
 import subprocess
@@ -225,6 +226,12 @@ def main(ref, tmp_path_factory):
     t0 = time.monotonic()
     responses = store(c.router, ref.batches())
     store_seconds = time.monotonic() - t0
+    # W=2 answers before the third copy lands. Tests that count or read every
+    # node's objects start once all 3 hold the whole set (asserted by
+    # test_store_whole_set_is_acknowledged_and_replicated), whichever runs first.
+    deadline = time.monotonic() + 10
+    while any(node_instances(c, n) != 48 for n in c.nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
     yield {"c": c, "dest": dest, "responses": responses, "store_seconds": store_seconds,
            "base": base}
     alive = {r.name: r.alive() for r in c.routers}

@@ -461,7 +461,8 @@ static void test_allowlist_reload_append_remove(void **state)
     assert_int_equal(keys_allowlist_refresh(list), 0); /* unchanged */
 
     /* Appended (atomically): picked up by plain lookups, no refresh call.
-     * The bound only tells "reloaded" from "never reloaded". */
+     * The deadline, many reload intervals, only tells "reloaded" from "never
+     * reloaded"; how long it took is printed, not asserted. */
     capture_t cap;
     capture_start(&cap, t);
     snprintf(text, sizeof text, "%s node-a\n%s node-b\n%s node-c\n", k[0].public_z85,
@@ -469,13 +470,12 @@ static void test_allowlist_reload_append_remove(void **state)
     replace_text(path, text);
     int64_t t0 = sp_now_ms();
     const char *name = NULL;
-    while (!listed(list, &k[2], &name) && sp_now_ms() - t0 < 5000)
+    while (!listed(list, &k[2], &name) && sp_now_ms() - t0 < 20 * KEYS_RELOAD_INTERVAL_MS)
         usleep(20 * 1000);
     int64_t took = sp_now_ms() - t0;
     capture_end(&cap);
     assert_non_null(name);
     assert_string_equal(name, "node-c");
-    assert_true(took <= KEYS_RELOAD_INTERVAL_MS + 1000);
     print_message("appended key found by lookups after %lld ms\n", (long long)took);
     assert_int_equal(keys_allowlist_count(list), 3);
     char z85[KEYS_Z85_LEN + 1] = "";

@@ -1,7 +1,11 @@
 /* test_transport.c - CURVE RPC between a server and clients on loopback
  * (common/transport.c). Every server binds "tcp://127.0.0.1:*"; raw ZeroMQ
- * sockets play the misbehaving peers. Time bounds are generous: they tell a
- * prompt answer from one that waited out a timeout, not fast from slow. */
+ * sockets play the misbehaving peers. No test asserts on elapsed time: a
+ * handler held at a gate (the "block" commands) stays busy exactly until the
+ * test opens it, and the tests check what happened meanwhile (an answer came,
+ * a request expired, a handler was still held). Call timeouts only bound how
+ * long a failing test waits; NEVER_MS outlasts the CTest timeout, so a call
+ * with it returns only through the event under test. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -28,6 +32,13 @@
 
 #include <zmq.h>
 
+/* Longer than the CTest timeout of a unit test: a call given this timeout
+ * never ends by timing out in a run that passes. */
+#define NEVER_MS (10 * 60 * 1000)
+/* The longest a handler stays at the gate before passing on its own, so a
+ * failing test cannot hold a server forever; far beyond any passing test. */
+#define GATE_MAX_MS 20000
+
 static keys_pair_t server_keys, alice_keys, mallory_keys;
 static keys_allowlist_t *allowed; /* alice only */
 
@@ -36,7 +47,10 @@ static struct {
     atomic_int calls;
     atomic_int count_calls;
     atomic_int sleepers;
-    atomic_int sleep_once_seen;
+    atomic_int blocked;      /* handlers that reached the gate */
+    atomic_int released;     /* handlers that left it (opened or GATE_MAX_MS) */
+    atomic_int gate_expired; /* handlers that left it after GATE_MAX_MS */
+    atomic_int block_once_seen;
     atomic_int body_frees;
     size_t big_reply_len;
     pthread_mutex_t lock;
@@ -51,6 +65,38 @@ static void sleep_ms(int ms)
         ;
 }
 
+/* The gate "block" handlers wait at; closed by start_server(). */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool open;
+} gate = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, false};
+
+static void gate_set(bool open)
+{
+    pthread_mutex_lock(&gate.lock);
+    gate.open = open;
+    pthread_cond_broadcast(&gate.cond);
+    pthread_mutex_unlock(&gate.lock);
+}
+
+/* Called by a handler: waits until the test opens the gate, or GATE_MAX_MS. */
+static void gate_pass(void)
+{
+    atomic_fetch_add(&hs.blocked, 1);
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += GATE_MAX_MS / 1000;
+    bool expired = false;
+    pthread_mutex_lock(&gate.lock);
+    while (!gate.open && !expired)
+        expired = pthread_cond_timedwait(&gate.cond, &gate.lock, &until) != 0 && !gate.open;
+    pthread_mutex_unlock(&gate.lock);
+    if (expired)
+        atomic_fetch_add(&hs.gate_expired, 1);
+    atomic_fetch_add(&hs.released, 1);
+}
+
 static void counting_free(void *body, void *hint)
 {
     (void)hint;
@@ -58,9 +104,9 @@ static void counting_free(void *body, void *hint)
     free(body);
 }
 
-/* Commands (the head): "echo", "sleep:<ms>", "sleep-once:<ms>" (sleeps on
- * its first call only), "count", "big-reply". All reply with the head and
- * body they got, except big-reply. */
+/* Commands (the head): "echo", "sleep:<ms>", "block" (waits at the gate),
+ * "block-once" (waits at the gate on its first call only), "count",
+ * "big-reply". All reply with the head and body they got, except big-reply. */
 static void test_handler(void *ctx, const transport_request_t *req, transport_reply_t *rep)
 {
     (void)ctx;
@@ -78,9 +124,11 @@ static void test_handler(void *ctx, const transport_request_t *req, transport_re
     if (strncmp(cmd, "sleep:", 6) == 0) {
         atomic_fetch_add(&hs.sleepers, 1);
         sleep_ms(atoi(cmd + 6));
-    } else if (strncmp(cmd, "sleep-once:", 11) == 0) {
-        if (atomic_fetch_add(&hs.sleep_once_seen, 1) == 0)
-            sleep_ms(atoi(cmd + 11));
+    } else if (strcmp(cmd, "block") == 0) {
+        gate_pass();
+    } else if (strcmp(cmd, "block-once") == 0) {
+        if (atomic_fetch_add(&hs.block_once_seen, 1) == 0)
+            gate_pass();
     } else if (strcmp(cmd, "count") == 0) {
         atomic_fetch_add(&hs.count_calls, 1);
     } else if (strcmp(cmd, "big-reply") == 0) {
@@ -113,8 +161,12 @@ static transport_server_t *start_server(const transport_config_t *cfg, char *ep,
     atomic_store(&hs.calls, 0);
     atomic_store(&hs.count_calls, 0);
     atomic_store(&hs.sleepers, 0);
-    atomic_store(&hs.sleep_once_seen, 0);
+    atomic_store(&hs.blocked, 0);
+    atomic_store(&hs.released, 0);
+    atomic_store(&hs.gate_expired, 0);
+    atomic_store(&hs.block_once_seen, 0);
     atomic_store(&hs.body_frees, 0);
+    gate_set(false);
     transport_server_t *srv = transport_server_new(cfg, &server_keys, allowed, test_handler, NULL);
     assert_non_null(srv);
     assert_int_equal(transport_server_start(srv, "tcp://127.0.0.1:*", ep, ep_size), 0);
@@ -333,12 +385,11 @@ static void test_unlisted_key_refused(void **state)
     char ep[256];
     transport_server_t *srv = start_server(&cfg, ep, sizeof ep);
 
-    /* Without the refusal check this would wait 3 x 5 s and time out. */
-    transport_client_t *c = make_client(&mallory_keys, server_keys.public_z85, ep, 5000, 2);
+    /* No attempt can time out (NEVER_MS), so only the refusal seen in the
+     * handshake can end this call; without that check it would hang. */
+    transport_client_t *c = make_client(&mallory_keys, server_keys.public_z85, ep, NEVER_MS, 2);
     transport_response_t r;
-    int64_t t0 = sp_now_ms();
     assert_int_equal(call(c, "echo", "hi", 2, &r), SP_EUNAVAIL);
-    assert_true(sp_now_ms() - t0 < 4000);
     /* Again, on a fresh socket. */
     assert_int_equal(call(c, "echo", "hi", 2, &r), SP_EUNAVAIL);
     transport_client_destroy(&c);
@@ -512,19 +563,20 @@ static void test_slow_handler_does_not_block(void **state)
     transport_server_t *srv = start_server(&cfg, ep, sizeof ep);
 
     async_call_t slow;
-    async_start(&slow, ep, "sleep:1000", 5000);
-    assert_true(wait_for(&hs.sleepers, 1, 5000));
+    async_start(&slow, ep, "block", NEVER_MS);
+    assert_true(wait_for(&hs.blocked, 1, 5000));
 
-    /* Queued behind the slow request this would take most of a second. */
-    transport_client_t *c = make_client(&alice_keys, server_keys.public_z85, ep, 5000, 0);
+    /* The slow request is held until the gate opens. Queued behind it, the
+     * fast one would be answered only after the slow handler left. */
+    transport_client_t *c = make_client(&alice_keys, server_keys.public_z85, ep, NEVER_MS, 0);
     transport_response_t r;
-    int64_t t0 = sp_now_ms();
     assert_int_equal(call(c, "echo", "fast", 4, &r), 0);
-    int64_t took = sp_now_ms() - t0;
+    int released = atomic_load(&hs.released);
     transport_response_free(&r);
     transport_client_destroy(&c);
-    if (took >= 600)
-        fail_msg("fast request took %lld ms behind a slow one", (long long)took);
+    if (released != 0)
+        fail_msg("the fast request was answered only after the slow one finished");
+    gate_set(true);
     assert_int_equal(async_finish(&slow), 0);
     transport_server_destroy(&srv);
 }
@@ -539,16 +591,41 @@ static void test_expired_request_not_run(void **state)
     transport_server_t *srv = start_server(&cfg, ep, sizeof ep);
 
     async_call_t slow;
-    async_start(&slow, ep, "sleep:800", 5000);
-    assert_true(wait_for(&hs.sleepers, 1, 5000));
+    async_start(&slow, ep, "block", NEVER_MS);
+    assert_true(wait_for(&hs.blocked, 1, 5000));
 
-    /* The only worker is busy for longer than this request may wait. */
+    /* The only worker is held until the gate opens, longer than this
+     * request may wait. */
     transport_client_t *c = make_client(&alice_keys, server_keys.public_z85, ep, 200, 0);
     transport_response_t r;
     assert_int_equal(call(c, "count", NULL, 0, &r), SP_ETIMEOUT);
     transport_client_destroy(&c);
+
+    /* A second request with a 200 ms deadline, from a raw socket that sees
+     * the server's own answer: the broker reads it only once the first has
+     * left its queue (one slot per worker), so its SP_ETIMEOUT, given while
+     * the worker is still held, means both expired without running. */
+    void *zctx = zmq_ctx_new();
+    void *s = raw_dealer(zctx, ep, &alice_keys);
+    uint8_t hdr[20];
+    make_hdr(hdr, 1, 9, 200);
+    assert_int_equal(zmq_send(s, hdr, sizeof hdr, ZMQ_SNDMORE), 20);
+    assert_int_equal(zmq_send(s, "count", 5, 0), 5);
+    assert_int_equal(raw_recv(s, 10000, hdr, NULL, 0), 1);
+    assert_int_equal(hdr_status(hdr), SP_ETIMEOUT);
+    assert_int_equal(hdr_id(hdr), 9);
+    assert_int_equal(atomic_load(&hs.released), 0);
+    zmq_close(s);
+    zmq_ctx_term(zctx);
+
+    gate_set(true);
     assert_int_equal(async_finish(&slow), 0);
-    sleep_ms(300); /* time for the worker to run it, if it wrongly would */
+    /* Served in arrival order by the one worker: once a later request is
+     * answered, an expired one would have run before it, if it wrongly would. */
+    c = make_client(&alice_keys, server_keys.public_z85, ep, NEVER_MS, 0);
+    assert_int_equal(call(c, "echo", "after", 5, &r), 0);
+    transport_response_free(&r);
+    transport_client_destroy(&c);
     assert_int_equal(atomic_load(&hs.count_calls), 0);
     transport_server_destroy(&srv);
 }
@@ -561,14 +638,16 @@ static void test_timeout_then_retry(void **state)
     char ep[256];
     transport_server_t *srv = start_server(&cfg, ep, sizeof ep);
 
-    transport_client_t *c = make_client(&alice_keys, server_keys.public_z85, ep, 300, 2);
+    /* The first attempt is held at the gate until the call has returned, so
+     * the answer can only have come from the retry. */
+    transport_client_t *c = make_client(&alice_keys, server_keys.public_z85, ep, 1000, 2);
     transport_response_t r;
-    int64_t t0 = sp_now_ms();
-    assert_int_equal(call(c, "sleep-once:800", "x", 1, &r), 0);
-    assert_true(sp_now_ms() - t0 >= 300);
+    assert_int_equal(call(c, "block-once", "x", 1, &r), 0);
+    assert_int_equal(atomic_load(&hs.released), 0);
     assert_int_equal(r.body_len, 1);
     transport_response_free(&r);
-    assert_int_equal(atomic_load(&hs.sleep_once_seen), 2);
+    assert_int_equal(atomic_load(&hs.block_once_seen), 2);
+    gate_set(true);
 
     /* The same client carries on normally afterwards. */
     assert_int_equal(call(c, "echo", "y", 1, &r), 0);
@@ -586,15 +665,18 @@ static void test_timeout_exhausted(void **state)
     char ep[256];
     transport_server_t *srv = start_server(&cfg, ep, sizeof ep);
 
+    /* Both attempts are held at the gate: the call gives up before any
+     * handler answered, after sending the retry. */
     transport_client_t *c = make_client(&alice_keys, server_keys.public_z85, ep, 200, 1);
     transport_response_t r;
-    int64_t t0 = sp_now_ms();
-    assert_int_equal(call(c, "sleep:500", "x", 1, &r), SP_ETIMEOUT);
-    assert_true(sp_now_ms() - t0 >= 400);
+    assert_int_equal(call(c, "block", "x", 1, &r), SP_ETIMEOUT);
+    assert_int_equal(atomic_load(&hs.released), 0);
     assert_null(r.head);
     transport_client_destroy(&c);
-    transport_server_destroy(&srv); /* waits for both sleeping handlers */
-    assert_int_equal(atomic_load(&hs.sleepers), 2);
+    gate_set(true);
+    transport_server_destroy(&srv); /* waits for both held handlers */
+    assert_int_equal(atomic_load(&hs.blocked), 2);
+    assert_int_equal(atomic_load(&hs.gate_expired), 0);
 }
 
 static void test_unreachable(void **state)
@@ -704,7 +786,7 @@ static void test_call_many(void **state)
     for (int i = 0; i < 3; i++)
         c[i] = make_client(&alice_keys, server_keys.public_z85, ep, 5000, 0);
     c[3] = make_client(&mallory_keys, server_keys.public_z85, ep, 5000, 0);
-    static const char *heads[] = {"echo", "echo", "sleep:1000", "echo"};
+    static const char *heads[] = {"echo", "echo", "block", "echo"};
     transport_call_t calls[4];
     for (int i = 0; i < 4; i++)
         calls[i] = (transport_call_t){.client = c[i],
@@ -713,10 +795,11 @@ static void test_call_many(void **state)
                                       .body = (const uint8_t *)"abc",
                                       .body_len = 3};
 
-    /* Two of four suffice: return without waiting for the slow one. */
-    int64_t t0 = sp_now_ms();
-    assert_int_equal(transport_call_many(calls, 4, 2, 5000, NULL, NULL), 2);
-    assert_true(sp_now_ms() - t0 < 800);
+    /* Two of four suffice: return without waiting for the slow one, which is
+     * held at the gate until after the return (and would have answered, had
+     * the call waited GATE_MAX_MS for it). */
+    assert_int_equal(transport_call_many(calls, 4, 2, NEVER_MS, NULL, NULL), 2);
+    assert_int_equal(atomic_load(&hs.released), 0);
     for (int i = 0; i < 2; i++) {
         assert_int_equal(calls[i].rc, 0);
         assert_int_equal(calls[i].resp.body_len, 3);
@@ -728,21 +811,21 @@ static void test_call_many(void **state)
     /* Mallory may or may not have been refused before quorum was reached. */
     assert_true(calls[3].rc == SP_EUNAVAIL || calls[3].rc == SP_ETIMEOUT);
 
-    /* Once the slow reply has arrived, the client's next call skips it. */
+    /* Once the slow reply has gone out, the client's next call skips it. */
     assert_true(wait_for(&hs.calls, 3, 3000));
-    sleep_ms(1200);
+    gate_set(true);
+    assert_true(wait_for(&hs.body_frees, 3, 5000)); /* the third echo's body was sent */
     transport_response_t r;
     assert_int_equal(call(c[2], "echo", "next", 4, &r), 0);
     assert_int_equal(r.body_len, 4);
     assert_memory_equal(r.body, "next", 4);
     transport_response_free(&r);
 
-    /* accept() decides what counts; all answered ends the wait early. */
+    /* accept() decides what counts; all answered ends the wait early (with
+     * NEVER_MS, waiting for the deadline instead would never return). */
     for (int i = 0; i < 3; i++)
         calls[i].head = (const uint8_t *)"echo", calls[i].head_len = 4;
-    t0 = sp_now_ms();
-    assert_int_equal(transport_call_many(calls, 3, 3, 5000, accept_not_first, NULL), 2);
-    assert_true(sp_now_ms() - t0 < 2000);
+    assert_int_equal(transport_call_many(calls, 3, 3, NEVER_MS, accept_not_first, NULL), 2);
     for (int i = 0; i < 3; i++) {
         assert_int_equal(calls[i].rc, 0);
         transport_response_free(&calls[i].resp);
@@ -758,12 +841,15 @@ static void test_call_many(void **state)
     assert_int_equal(calls[1].rc, SP_EINVAL);
     assert_int_equal(calls[2].rc, SP_EUNAVAIL);
 
-    /* Deadline: nothing counts, every request is marked timed out. */
+    /* Deadline: nothing counts, every request is marked timed out (its
+     * handler is held at the gate past the deadline). */
+    gate_set(false);
     calls[0].client = c[1];
-    calls[0].head = (const uint8_t *)"sleep:600";
-    calls[0].head_len = 9;
+    calls[0].head = (const uint8_t *)"block";
+    calls[0].head_len = 5;
     assert_int_equal(transport_call_many(calls, 1, 1, 200, NULL, NULL), 0);
     assert_int_equal(calls[0].rc, SP_ETIMEOUT);
+    gate_set(true);
 
     for (int i = 0; i < 4; i++)
         transport_client_destroy(&c[i]);
@@ -816,7 +902,8 @@ static void replace_keys_file(const char *path, const char *text)
 }
 
 /* Calls with a fresh client for kp until the outcome is want (0 or
- * SP_EUNAVAIL) or deadline_ms passed; returns how long that took, or -1. */
+ * SP_EUNAVAIL) or deadline_ms passed; returns how long that took (for the
+ * log only), or -1. */
 static int64_t call_until(const keys_pair_t *kp, const char *ep, int want, int deadline_ms)
 {
     int64_t t0 = sp_now_ms();
@@ -863,14 +950,14 @@ static void test_allowlist_reload(void **state)
     assert_int_equal(call(c, "echo", "hi", 2, &r), SP_EUNAVAIL);
     transport_client_destroy(&c);
 
-    /* Appended: admitted within about a reload interval (the bound is
-     * generous; it tells "reloaded" from "never reloaded"). */
+    /* Appended: admitted by the running server (the deadline, many reload
+     * intervals, only tells "reloaded" from "never reloaded"). */
     snprintf(text, sizeof text, "%s alice\n%s mallory\n", alice_keys.public_z85,
              mallory_keys.public_z85);
     replace_keys_file(path, text);
-    int64_t took = call_until(&mallory_keys, ep, 0, 5000);
+    int64_t took = call_until(&mallory_keys, ep, 0, 20 * KEYS_RELOAD_INTERVAL_MS);
     print_message("appended key admitted after %lld ms\n", (long long)took);
-    assert_true(took >= 0 && took <= KEYS_RELOAD_INTERVAL_MS + 1500);
+    assert_true(took >= 0);
     pthread_mutex_lock(&hs.lock);
     assert_string_equal(hs.peer_name, "mallory");
     assert_string_equal(hs.peer_key, mallory_keys.public_z85);
@@ -884,9 +971,9 @@ static void test_allowlist_reload(void **state)
     /* Removed: new handshakes are refused. */
     snprintf(text, sizeof text, "%s alice\n", alice_keys.public_z85);
     replace_keys_file(path, text);
-    took = call_until(&mallory_keys, ep, SP_EUNAVAIL, 5000);
+    took = call_until(&mallory_keys, ep, SP_EUNAVAIL, 20 * KEYS_RELOAD_INTERVAL_MS);
     print_message("removed key refused after %lld ms\n", (long long)took);
-    assert_true(took >= 0 && took <= KEYS_RELOAD_INTERVAL_MS + 1500);
+    assert_true(took >= 0);
 
     /* The established session is not torn down (ZeroMQ authenticates at the
      * handshake only), but the broker re-checks every request's key: the
