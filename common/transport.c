@@ -1341,8 +1341,7 @@ static int client_open(transport_client_t *c)
                            ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
                                ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
                                ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_DISCONNECTED |
-                               ZMQ_EVENT_CONNECT_RETRIED) !=
-        0) {
+                               ZMQ_EVENT_CONNECT_RETRIED) != 0) {
         rc = -errno;
         goto fail;
     }

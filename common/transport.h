@@ -115,9 +115,8 @@ transport_client_t *transport_client_new(const transport_config_t *cfg, const ke
  * SP_ETIMEOUT (no reply after all attempts), SP_EUNAVAIL (the server refused
  * our key during the CURVE handshake, or could not be reached), SP_ETOOBIG,
  * SP_EPROTO (malformed reply), or the server's transport-level status. */
-int transport_call(transport_client_t *c, const uint8_t *head, size_t head_len,
-                   const uint8_t *body, size_t body_len, int timeout_ms,
-                   transport_response_t *out);
+int transport_call(transport_client_t *c, const uint8_t *head, size_t head_len, const uint8_t *body,
+                   size_t body_len, int timeout_ms, transport_response_t *out);
 void transport_response_free(transport_response_t *r);
 
 /* One request of a parallel call (transport_call_many). */
