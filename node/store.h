@@ -58,10 +58,15 @@
  *               the stored version stays, the new one is kept aside,
  *               STORE_CONFLICT. A stored version 0 orders before any
  *               versioned one.
- * A version identical to one already kept aside is not kept twice: it is
- * answered as the first time (STORE_CONFLICT under REJECT and UNSET,
- * STORE_KEPT_ASIDE otherwise). Each put applies its own policy against the
- * stored instance; routers should all use the same one.
+ * A version identical to one already kept aside is not kept twice. A
+ * re-send carries its new receive time, so under REJECT and KEEP_FIRST it
+ * never wins and is answered as the first time (STORE_CONFLICT,
+ * STORE_KEPT_ASIDE); under KEEP_NEWEST it is the latest send and swaps back
+ * in (STORE_REPLACED; the two versions trade places, the count stays): the
+ * last version a modality sent is the one served, on every replica that
+ * received the send, and repair brings it to the others. Each put applies
+ * its own policy against the stored instance; routers should all use the
+ * same one.
  *
  * The bound. At most max_conflicts versions are kept aside per SOP by puts.
  * A put that would need one more slot (a new losing version, or a winning

@@ -2901,6 +2901,15 @@ static void test_policy_keep_newest(void **state)
     assert_int_equal(e.policy, P);
     assert_int_equal(e.size, vlen(5));
 
+    /* A re-send of a version kept aside is a new send, later than all:
+     * under keep-newest it swaps back in, and still adds no copy. */
+    assert_int_equal(vput(fx->s, &in, 4, 700, P), STORE_REPLACED);
+    expect_version(fx->s, &in, 4, 700);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    assert_int_equal(st.bytes, vlen(4));
+    assert_int_equal(vput(fx->s, &in, 5, 800, P), STORE_REPLACED);
+
     /* A SOP stored without a version is older than any versioned one. */
     inst_t old = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.9");
     assert_int_equal(vput(fx->s, &old, 20, 0, STORE_POLICY_UNSET), STORE_STORED);
@@ -2913,7 +2922,7 @@ static void test_policy_keep_newest(void **state)
     expect_version(fx->s, &old, 21, 10);
 
     reopen(fx);
-    expect_version(fx->s, &in, 5, 500);
+    expect_version(fx->s, &in, 5, 800);
     assert_int_equal(stats(fx->s).bytes, vlen(5) + vlen(21));
 }
 
