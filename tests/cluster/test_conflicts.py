@@ -168,6 +168,9 @@ def test_keep_newest_replica_that_missed_a_version_converges(tmp_path):
         n3 = c.nodes[2]
         n3.kill9()
         assert store_one(c.router, v2) == 0x0000
+        # The router's put to n3 may wait in its ZeroMQ queue and land once
+        # n3 is back; stopping the router first leaves n3 only repair.
+        c.router.stop()
         n3.restart()
         want = c.nodes[0].list_study(c.admin_key, study)
         assert next(iter(want.values()))[2] != first[0]
@@ -175,6 +178,7 @@ def test_keep_newest_replica_that_missed_a_version_converges(tmp_path):
                       "n3 converges to version 2")
         assert n3.stats(c.admin_key)["conflicts"] == 1
         assert "by policy keep-newest (repair)" in n3.log_text()
+        c.router.start()
         data = get_instance(c.router, tmp_path / "got", study, sop)
         assert data == gen.dataset_bytes_after_meta(v2)
     finally:
