@@ -378,6 +378,23 @@ static int gossip_from_pb(const Shardpacs__GossipMessage *p, gossip_msg_t *g, ch
     return rc;
 }
 
+static const char *const policy_names[] = {"unset", "reject", "keep-first", "keep-newest"};
+
+int wire_policy_parse(const char *name, wire_policy_t *out)
+{
+    for (size_t i = WIRE_POLICY_REJECT; name != NULL && i < SP_ARRAY_LEN(policy_names); i++)
+        if (strcmp(name, policy_names[i]) == 0) {
+            *out = (wire_policy_t)i;
+            return 0;
+        }
+    return SP_EINVAL;
+}
+
+const char *wire_policy_name(wire_policy_t policy)
+{
+    return (unsigned)policy < SP_ARRAY_LEN(policy_names) ? policy_names[policy] : "unset";
+}
+
 /* ---- requests ----------------------------------------------------------- */
 
 int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
@@ -403,6 +420,8 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         put.attrs = ptrs;
         put.digest.data = (uint8_t *)req->digest;
         put.digest.len = SP_DIGEST_LEN;
+        put.version = req->version;
+        put.policy = (Shardpacs__DuplicatePolicy)req->policy;
         msg.body_case = SHARDPACS__REQUEST__BODY_PUT;
         msg.put = &put;
         break;
@@ -468,6 +487,30 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     return 0;
 }
 
+/* A version and its policy, as a put, a get reply and a listing carry them:
+ * a known policy, a version no later than WIRE_VERSION_MAX, and both set or
+ * both unset (a policy needs a version to order by, and a version without a
+ * policy would be ignored, which hides a router's bug). */
+static int version_from_pb(uint64_t version, int policy, uint64_t *vout, wire_policy_t *pout,
+                           char *err, size_t errlen)
+{
+    if (policy < WIRE_POLICY_UNSET || policy > WIRE_POLICY_KEEP_NEWEST) {
+        sp_fmt(err, errlen, "unknown duplicate policy %d", policy);
+        return SP_EPROTO;
+    }
+    if (version > WIRE_VERSION_MAX) {
+        sp_fmt(err, errlen, "version %llu out of range", (unsigned long long)version);
+        return SP_EPROTO;
+    }
+    if ((version == 0) != (policy == WIRE_POLICY_UNSET)) {
+        sp_fmt(err, errlen, "version and duplicate policy must be set together");
+        return SP_EPROTO;
+    }
+    *vout = version;
+    *pout = (wire_policy_t)policy;
+    return 0;
+}
+
 static int decode_put(const Shardpacs__PutRequest *m, wire_request_t *out, char *err, size_t errlen)
 {
     if (m->partition >= WIRE_PARTITIONS_MAX) {
@@ -478,6 +521,8 @@ static int decode_put(const Shardpacs__PutRequest *m, wire_request_t *out, char 
     int rc = attrs_from_pb(m->attrs, m->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
     if (rc == 0)
         rc = copy_digest(&m->digest, out->digest, err, errlen);
+    if (rc == 0)
+        rc = version_from_pb(m->version, (int)m->policy, &out->version, &out->policy, err, errlen);
     static const attr_id_t required[] = {ATTR_STUDY_INSTANCE_UID, ATTR_SERIES_INSTANCE_UID,
                                          ATTR_SOP_INSTANCE_UID};
     for (size_t i = 0; rc == 0 && i < SP_ARRAY_LEN(required); i++)
@@ -610,6 +655,8 @@ static void instance_to_pb(const wire_instance_t *w, Shardpacs__InstanceRef *p)
     p->size = w->size;
     p->digest.data = (uint8_t *)w->digest;
     p->digest.len = SP_DIGEST_LEN;
+    p->version = w->version;
+    p->policy = (Shardpacs__DuplicatePolicy)w->policy;
 }
 
 /* Scratch space an encoded reply borrows until it is packed. */
@@ -751,6 +798,8 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             get.attrs = ptrs;
             get.digest.data = (uint8_t *)rep->digest;
             get.digest.len = SP_DIGEST_LEN;
+            get.version = rep->version;
+            get.policy = (Shardpacs__DuplicatePolicy)rep->policy;
             msg.body_case = SHARDPACS__REPLY__BODY_GET;
             msg.get = &get;
             break;
@@ -793,6 +842,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             stats.corrupt_reads = rep->stats.corrupt_reads;
             stats.db_size_bytes = rep->stats.db_size_bytes;
             stats.uptime_ms = rep->stats.uptime_ms;
+            stats.conflicts_refused = rep->stats.conflicts_refused;
             msg.body_case = SHARDPACS__REPLY__BODY_STATS;
             msg.stats = &stats;
             break;
@@ -839,6 +889,8 @@ static int instance_from_pb(const Shardpacs__InstanceRef *p, wire_instance_t *w,
         rc = check_uid(p->transfer_syntax_uid, "TransferSyntaxUID", false, err, errlen);
     if (rc == 0)
         rc = copy_digest(&p->digest, w->digest, err, errlen);
+    if (rc == 0)
+        rc = version_from_pb(p->version, (int)p->policy, &w->version, &w->policy, err, errlen);
     if (rc != 0)
         return rc;
     w->partition = p->partition;
@@ -924,7 +976,7 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         return 0;
     case SHARDPACS__REPLY__BODY_PUT:
         out->kind = WIRE_PUT;
-        if ((unsigned)m->put->outcome > WIRE_CONFLICT) {
+        if ((unsigned)m->put->outcome > WIRE_KEPT_ASIDE) {
             sp_fmt(err, errlen, "unknown put outcome %d", (int)m->put->outcome);
             return SP_EPROTO;
         }
@@ -934,7 +986,12 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->kind = WIRE_GET;
         out->partition = m->get->partition;
         rc = attrs_from_pb(m->get->attrs, m->get->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
-        return rc == 0 ? copy_digest(&m->get->digest, out->digest, err, errlen) : rc;
+        if (rc == 0)
+            rc = copy_digest(&m->get->digest, out->digest, err, errlen);
+        if (rc == 0)
+            rc = version_from_pb(m->get->version, (int)m->get->policy, &out->version, &out->policy,
+                                 err, errlen);
+        return rc;
     case SHARDPACS__REPLY__BODY_LIST:
         out->kind = WIRE_LIST;
         return instances_from_pb(m->list->instances, m->list->n_instances, out, err, errlen);
@@ -972,6 +1029,7 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->stats.corrupt_reads = m->stats->corrupt_reads;
         out->stats.db_size_bytes = m->stats->db_size_bytes;
         out->stats.uptime_ms = m->stats->uptime_ms;
+        out->stats.conflicts_refused = m->stats->conflicts_refused;
         return 0;
     case SHARDPACS__REPLY__BODY_GOSSIP:
         out->kind = WIRE_GOSSIP;

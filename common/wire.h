@@ -46,12 +46,34 @@ typedef enum {
 
 const char *wire_kind_name(wire_kind_t kind);
 
+/* A put's duplicate policy (DuplicatePolicy in proto/shardpacs.proto; the
+ * same numbers as store_policy_t in node/store.h). */
+typedef enum {
+    WIRE_POLICY_UNSET = 0,
+    WIRE_POLICY_REJECT = 1,
+    WIRE_POLICY_KEEP_FIRST = 2,
+    WIRE_POLICY_KEEP_NEWEST = 3,
+} wire_policy_t;
+
+/* Latest version a message may carry: the last millisecond of year 9999, so
+ * a corrupt or hostile value cannot win every keep-newest comparison by
+ * being 2^64-1 without also being refused. */
+#define WIRE_VERSION_MAX 253402300799999ull
+
+/* "reject", "keep-first" or "keep-newest" (configuration and logs) to a
+ * policy and back. wire_policy_parse returns 0 or SP_EINVAL; wire_policy_name
+ * gives "unset" for WIRE_POLICY_UNSET and unknown values. */
+int wire_policy_parse(const char *name, wire_policy_t *out);
+const char *wire_policy_name(wire_policy_t policy);
+
 /* One request; which fields count depends on kind (noted per field). */
 typedef struct {
     wire_kind_t kind;
     uint32_t partition;            /* PUT, PARTITION_LIST */
     attrs_t attrs;                 /* PUT: the instance's attrs; FIND: the keys */
     uint8_t digest[SP_DIGEST_LEN]; /* PUT */
+    uint64_t version;              /* PUT: router receive time, ms since the epoch; 0 = none */
+    wire_policy_t policy;          /* PUT: set exactly when version is */
     char *sop_uid;                 /* GET */
     char *study_uid;               /* LIST */
     char *series_uid;              /* LIST, optional (NULL = whole study) */
@@ -68,7 +90,15 @@ typedef struct {
                           * (malloc'd) and freed by wire_request_free() */
 } wire_request_t;
 
-typedef enum { WIRE_STORED = 0, WIRE_DUPLICATE = 1, WIRE_CONFLICT = 2 } wire_outcome_t;
+/* The same numbers as store_outcome_t (node/store.h has their meaning). */
+typedef enum {
+    WIRE_STORED = 0,
+    WIRE_DUPLICATE = 1,
+    WIRE_CONFLICT = 2,
+    WIRE_CONFLICT_LIMIT = 3,
+    WIRE_REPLACED = 4,
+    WIRE_KEPT_ASIDE = 5,
+} wire_outcome_t;
 
 typedef struct {
     uint32_t partition;
@@ -79,6 +109,8 @@ typedef struct {
     char *transfer_syntax_uid;
     uint64_t size;
     uint8_t digest[SP_DIGEST_LEN];
+    uint64_t version;     /* as put; 0 = none */
+    wire_policy_t policy; /* of the put that made this copy the instance */
 } wire_instance_t;
 
 typedef struct {
@@ -91,6 +123,7 @@ typedef struct {
 typedef struct {
     char *node_id;
     uint64_t instances, bytes, studies, conflicts, corrupt_reads, db_size_bytes, uptime_ms;
+    uint64_t conflicts_refused;
 } wire_stats_t;
 
 /* A member's status (StatusReply.members; see proto/shardpacs.proto). */
@@ -124,6 +157,8 @@ typedef struct {
     uint32_t partition;            /* GET */
     attrs_t attrs;                 /* GET */
     uint8_t digest[SP_DIGEST_LEN]; /* GET */
+    uint64_t version;              /* GET: as in wire_instance_t */
+    wire_policy_t policy;          /* GET */
     wire_instance_t *instances;    /* LIST, PARTITION_LIST */
     size_t ninstances;
     char *next_cursor; /* PARTITION_LIST, NULL when exhausted */

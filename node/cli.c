@@ -137,12 +137,13 @@ static void print_match(const attrs_t *a)
 static void print_stats(const wire_stats_t *s)
 {
     printf("{\"node_id\": \"%s\", \"instances\": %llu, \"bytes\": %llu, \"studies\": %llu, "
-           "\"conflicts\": %llu, \"corrupt_reads\": %llu, \"db_size_bytes\": %llu, "
-           "\"uptime_ms\": %llu}\n",
+           "\"conflicts\": %llu, \"conflicts_refused\": %llu, \"corrupt_reads\": %llu, "
+           "\"db_size_bytes\": %llu, \"uptime_ms\": %llu}\n",
            s->node_id ? s->node_id : "", (unsigned long long)s->instances,
            (unsigned long long)s->bytes, (unsigned long long)s->studies,
-           (unsigned long long)s->conflicts, (unsigned long long)s->corrupt_reads,
-           (unsigned long long)s->db_size_bytes, (unsigned long long)s->uptime_ms);
+           (unsigned long long)s->conflicts, (unsigned long long)s->conflicts_refused,
+           (unsigned long long)s->corrupt_reads, (unsigned long long)s->db_size_bytes,
+           (unsigned long long)s->uptime_ms);
 }
 
 /* Parses "put --study UID --series UID --sop UID [--partition P] FILE" into a
@@ -260,7 +261,7 @@ static int node_command(transport_client_t *c, int argc, char **argv)
         printf("%s\n", rep.outcome == WIRE_STORED      ? "stored"
                        : rep.outcome == WIRE_DUPLICATE ? "duplicate"
                                                        : "conflict");
-        rc = rep.outcome == WIRE_CONFLICT ? SP_ECONFLICT : 0;
+        rc = rep.outcome == WIRE_CONFLICT || rep.outcome == WIRE_CONFLICT_LIMIT ? SP_ECONFLICT : 0;
         break;
     case WIRE_GET: rc = write_file(argv[1], raw.body, raw.body_len); break;
     case WIRE_LIST:

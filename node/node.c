@@ -37,6 +37,7 @@ typedef struct {
     size_t write_buffer;
     size_t block_cache;
     int background_jobs;
+    int max_conflicts;
     int workers;
     size_t max_object_size;
     size_t chunk_size;
@@ -77,6 +78,9 @@ static const config_option_t node_options[] = {
         "RocksDB block cache for index records"),
     OPT("store", "background_jobs", CONFIG_INT, background_jobs, "2", 1, 64,
         "RocksDB flush and compaction threads"),
+    OPT("store", "max_conflicts", CONFIG_INT, max_conflicts, "4", 0, 1000,
+        "Versions of one SOP Instance UID kept aside besides the stored one (different bytes "
+        "sent again); a put needing more is refused, answered 0x0111"),
     OPT("transport", "workers", CONFIG_INT, workers, "8", 1, 256,
         "Threads answering requests; concurrent puts share fsyncs"),
     OPT("transport", "max_object_size", CONFIG_SIZE, max_object_size, "1G", 1024, 1LL << 34,
@@ -117,6 +121,8 @@ static void handle_put(node_t *node, const transport_request_t *req, const wire_
     store_put_t put = {
         .partition = w->partition, .attrs = &w->attrs, .data = req->body, .len = req->body_len};
     memcpy(put.digest, w->digest, SP_DIGEST_LEN);
+    put.version = w->version;
+    put.policy = (store_policy_t)w->policy; /* the same numbers */
     store_outcome_t outcome;
     int rc = store_put(node->store, &put, &outcome);
     if (rc != 0) {
@@ -160,6 +166,8 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
     rep->partition = obj.partition;
     attrs_copy(&rep->attrs, &obj.attrs);
     memcpy(rep->digest, obj.digest, SP_DIGEST_LEN);
+    rep->version = obj.version;
+    rep->policy = (wire_policy_t)obj.policy;
     out->body = obj.data; /* handed to the transport, which frees it with the store's free */
     out->body_len = obj.len;
     out->body_free = body_free_store;
@@ -179,6 +187,8 @@ static int add_entry(void *ctx, const store_entry_t *e)
     w->transfer_syntax_uid = sp_strdup(e->transfer_syntax_uid ? e->transfer_syntax_uid : "");
     w->size = e->size;
     memcpy(w->digest, e->digest, SP_DIGEST_LEN);
+    w->version = e->version;
+    w->policy = (wire_policy_t)e->policy;
     return 0;
 }
 
@@ -289,6 +299,7 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
                                 .bytes = st.bytes,
                                 .studies = st.studies,
                                 .conflicts = st.conflicts,
+                                .conflicts_refused = st.conflicts_refused,
                                 .corrupt_reads = st.corrupt_reads,
                                 .db_size_bytes = st.db_size_bytes,
                                 .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
@@ -375,6 +386,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     sc.write_buffer_bytes = s->write_buffer;
     sc.block_cache_bytes = s->block_cache;
     sc.background_jobs = s->background_jobs;
+    sc.max_conflicts = s->max_conflicts;
     rc = store_open(&sc, &node.store, err, sizeof err);
     if (rc != 0) {
         log_error("cannot open store %s: %s", s->data_dir, err);

@@ -160,6 +160,8 @@ typedef struct {
     char sop[65];
     uint8_t digest[SP_DIGEST_LEN];
     uint64_t size;
+    uint64_t version;      /* of the put that stored this copy (store.h, Duplicates) */
+    store_policy_t policy; /* likewise */
 } item_t;
 
 typedef struct {
@@ -167,7 +169,8 @@ typedef struct {
     size_t n, cap;
 } set_t;
 
-static void set_add(set_t *s, const char *sop, const uint8_t *digest, uint64_t size)
+static void set_add(set_t *s, const char *sop, const uint8_t *digest, uint64_t size,
+                    uint64_t version, int policy)
 {
     if (s->n == s->cap) {
         s->cap = s->cap ? 2 * s->cap : 64;
@@ -177,6 +180,8 @@ static void set_add(set_t *s, const char *sop, const uint8_t *digest, uint64_t s
     sp_strlcpy(it->sop, sop, sizeof it->sop);
     memcpy(it->digest, digest, SP_DIGEST_LEN);
     it->size = size;
+    it->version = version;
+    it->policy = (store_policy_t)policy;
 }
 
 static int item_cmp(const void *a, const void *b)
@@ -205,7 +210,7 @@ static void set_free(set_t *s)
 
 static int set_add_entry(void *ctx, const store_entry_t *e)
 {
-    set_add(ctx, e->sop_uid, e->digest, e->size);
+    set_add(ctx, e->sop_uid, e->digest, e->size, e->version, e->policy);
     return 0;
 }
 
@@ -226,7 +231,8 @@ static int remote_list(repair_t *h, transport_client_t *c, uint32_t part, set_t 
         if (rc != 0)
             break;
         for (size_t i = 0; i < rep.ninstances; i++)
-            set_add(out, rep.instances[i].sop_uid, rep.instances[i].digest, rep.instances[i].size);
+            set_add(out, rep.instances[i].sop_uid, rep.instances[i].digest, rep.instances[i].size,
+                    rep.instances[i].version, rep.instances[i].policy);
         cursor = rep.next_cursor;
         rep.next_cursor = NULL;
         wire_reply_free(&rep);
@@ -257,6 +263,8 @@ static int copy_instance(repair_t *h, transport_client_t *c, const char *sop, bo
         store_put_t put = {
             .partition = rep.partition, .attrs = &rep.attrs, .data = raw.body, .len = raw.body_len};
         memcpy(put.digest, rep.digest, SP_DIGEST_LEN);
+        put.version = rep.version;
+        put.policy = (store_policy_t)rep.policy; /* the same numbers */
         store_outcome_t outcome;
         rc = repair ? store_repair(h->store, &put, &outcome) : store_put(h->store, &put, &outcome);
         if (rc != 0)
@@ -425,16 +433,24 @@ static int pull_partition(repair_t *h, transport_client_t *c, const char *peer, 
             want += theirs.v[i].size;
     atomic_fetch_add(&h->bytes_pending, want);
     for (size_t i = 0; rc == 0 && i < theirs.n && !atomic_load(&h->stop); i++) {
-        const item_t *have = set_find(&mine, theirs.v[i].sop);
-        if (have != NULL) {
-            conflicts += memcmp(have->digest, theirs.v[i].digest, SP_DIGEST_LEN) != 0;
+        const item_t *have = set_find(&mine, theirs.v[i].sop), *t = &theirs.v[i];
+        /* A differing copy is taken only when the peer's version wins by its
+         * policy (store.h, Convergence), through store_repair, which keeps the
+         * local version aside; any other difference stays a local conflict. */
+        bool newer =
+            have != NULL && memcmp(have->digest, t->digest, SP_DIGEST_LEN) != 0 &&
+            store_version_wins(t->policy, t->version, t->digest, have->version, have->digest);
+        if (have != NULL && !newer) {
+            conflicts += memcmp(have->digest, t->digest, SP_DIGEST_LEN) != 0;
             continue;
         }
         throttle_take(h, &h->copy_throttle, theirs.v[i].size);
         int one =
-            copy_instance(h, c, theirs.v[i].sop, false, theirs.v[i].digest, NULL, err, sizeof err);
-        atomic_fetch_sub(&h->bytes_pending, theirs.v[i].size);
-        want -= theirs.v[i].size;
+            copy_instance(h, c, theirs.v[i].sop, newer, theirs.v[i].digest, NULL, err, sizeof err);
+        if (!newer) {
+            atomic_fetch_sub(&h->bytes_pending, theirs.v[i].size);
+            want -= theirs.v[i].size;
+        }
         if (one == 0)
             copied++;
         else if (one != SP_ENOTFOUND && one != SP_ECONFLICT)

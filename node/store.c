@@ -45,6 +45,7 @@
 /* Format of the database as a whole (meta "format") and of one index record. */
 #define STORE_FORMAT "1"
 #define REC_VERSION 1
+#define REC_VERSION_VERSIONED 2 /* instance records with a put version and policy */
 #define CONFLICT_VERSION 1
 
 #define LOCK_STRIPES 1024
@@ -110,7 +111,9 @@ struct store {
     _Atomic uint64_t bytes;
     _Atomic uint64_t studies;
     _Atomic uint64_t conflicts;
+    _Atomic uint64_t conflicts_refused;
     _Atomic uint64_t corrupt_reads;
+    int max_conflicts; /* store_config_t.max_conflicts, read-only after open */
 };
 
 /* The secondary indexes on study attributes: type byte and attribute. */
@@ -131,6 +134,33 @@ void store_config_defaults(store_config_t *cfg)
     cfg->write_buffer_bytes = 64u << 20;
     cfg->block_cache_bytes = 128u << 20;
     cfg->background_jobs = 2;
+    cfg->max_conflicts = 4;
+}
+
+const char *store_policy_name(store_policy_t policy)
+{
+    switch (policy) {
+    case STORE_POLICY_REJECT: return "reject";
+    case STORE_POLICY_KEEP_FIRST: return "keep-first";
+    case STORE_POLICY_KEEP_NEWEST: return "keep-newest";
+    default: return "unset";
+    }
+}
+
+int store_version_cmp(uint64_t va, const uint8_t *da, uint64_t vb, const uint8_t *db)
+{
+    if (va != vb)
+        return va < vb ? -1 : 1;
+    return memcmp(da, db, SP_DIGEST_LEN);
+}
+
+bool store_version_wins(store_policy_t policy, uint64_t v, const uint8_t *d, uint64_t sv,
+                        const uint8_t *sd)
+{
+    if (policy == STORE_POLICY_UNSET || v == 0)
+        return false; /* an unversioned put never displaces anything, as before versions */
+    int c = store_version_cmp(v, d, sv, sd);
+    return policy == STORE_POLICY_KEEP_NEWEST ? c > 0 : c < 0;
 }
 
 /* ---- byte buffers, keys --------------------------------------------- */
@@ -361,7 +391,9 @@ static int loc_parse(const char *p, size_t n, int parts, loc_t *out)
 /* ---- index records -------------------------------------------------- */
 
 /* A record is: version byte, kind byte ('T', 'R' or 'I'); for instances a
- * varint object size and the 32-byte digest; then one field per present
+ * varint object size and the 32-byte digest, and in version 2 (instances
+ * only; version 1 instance records predate versions and read as version 0,
+ * policy UNSET) a varint put version and a policy byte; then one field per present
  * attribute, in increasing id order: id byte, varint length, value bytes.
  * Study records hold patient and study attributes, series records series
  * attributes, instance records every stored attribute of the instance (so
@@ -379,14 +411,17 @@ static bool rec_holds(char kind, unsigned id)
     }
 }
 
-static void rec_encode(buf_t *b, char kind, const attrs_t *a, uint64_t size, const uint8_t *digest)
+static void rec_encode(buf_t *b, char kind, const attrs_t *a, uint64_t size, const uint8_t *digest,
+                       uint64_t version, store_policy_t policy)
 {
     b->len = 0;
-    buf_byte(b, REC_VERSION);
+    buf_byte(b, kind == 'I' ? REC_VERSION_VERSIONED : REC_VERSION);
     buf_byte(b, (unsigned char)kind);
     if (kind == 'I') {
         buf_varint(b, size);
         buf_add(b, digest, SP_DIGEST_LEN);
+        buf_varint(b, version);
+        buf_byte(b, (unsigned)policy);
     }
     for (unsigned id = 0; id < ATTR_STORED_COUNT; id++) {
         const char *v = a->v[id];
@@ -423,11 +458,13 @@ static int rec_decode(const char *val, size_t n, char kind, attrs_t *out, uint64
                       uint8_t *digest)
 {
     const uint8_t *p = (const uint8_t *)val, *end = p + n;
-    if (n < 2 || p[0] != REC_VERSION || p[1] != (uint8_t)kind)
+    if (n < 2 || p[1] != (uint8_t)kind ||
+        !(p[0] == REC_VERSION || (kind == 'I' && p[0] == REC_VERSION_VERSIONED)))
         return SP_EDB;
+    bool versioned = p[0] == REC_VERSION_VERSIONED;
     p += 2;
     if (kind == 'I') {
-        uint64_t sz;
+        uint64_t sz, version;
         if (!get_varint(&p, end, &sz) || (size_t)(end - p) < SP_DIGEST_LEN)
             return SP_EDB;
         if (size)
@@ -435,6 +472,10 @@ static int rec_decode(const char *val, size_t n, char kind, attrs_t *out, uint64
         if (digest)
             memcpy(digest, p, SP_DIGEST_LEN);
         p += SP_DIGEST_LEN;
+        if (versioned && (!get_varint(&p, end, &version) || p >= end ||
+                          *p > STORE_POLICY_KEEP_NEWEST || (version == 0) != (*p == 0)))
+            return SP_EDB;
+        p += versioned;
     }
     int last = -1;
     while (p < end) {
@@ -453,6 +494,25 @@ bad:
     if (out)
         attrs_clear(out);
     return SP_EDB;
+}
+
+/* The put version and policy of an instance record rec_decode() accepted. */
+static void rec_version(const char *val, size_t n, uint64_t *version, store_policy_t *policy)
+{
+    const uint8_t *p = (const uint8_t *)val, *end = p + n;
+    uint64_t sz = 0, v = 0;
+    *version = 0;
+    *policy = STORE_POLICY_UNSET;
+    if (n < 2 || p[0] != REC_VERSION_VERSIONED)
+        return;
+    p += 2;
+    if (!get_varint(&p, end, &sz) || (size_t)(end - p) < SP_DIGEST_LEN)
+        return;
+    p += SP_DIGEST_LEN;
+    if (get_varint(&p, end, &v) && p < end) {
+        *version = v;
+        *policy = (store_policy_t)*p;
+    }
 }
 
 /* ---- RocksDB helpers ---------------------------------------------- */
@@ -770,9 +830,12 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
         c.block_cache_bytes = def.block_cache_bytes;
     if (c.background_jobs <= 0)
         c.background_jobs = def.background_jobs;
+    if (c.max_conflicts < 0)
+        c.max_conflicts = def.max_conflicts;
 
     store_t *s = sp_calloc(1, sizeof *s);
     s->path = sp_strdup(c.path);
+    s->max_conflicts = c.max_conflicts;
     for (size_t i = 0; i < LOCK_STRIPES; i++) {
         pthread_mutex_init(&s->sop_locks[i], NULL);
         pthread_mutex_init(&s->study_locks[i], NULL);
@@ -893,6 +956,15 @@ void store_close(store_t **sp)
 }
 
 /* ---- put ------------------------------------------------------------ */
+
+/* Subtracts from a counter without wrapping below zero (a counter can only
+ * be short after a corrupt record was skipped at open). */
+static void counter_sub(_Atomic uint64_t *c, uint64_t n)
+{
+    uint64_t cur = atomic_load(c);
+    while (!atomic_compare_exchange_weak(c, &cur, cur > n ? cur - n : 0))
+        ;
+}
 
 /* Reads the object of an instance and checks it against the size and
  * digest of its instance record. Returns 0 with *data (release with
@@ -1019,56 +1091,199 @@ static int object_repair(store_t *s, const store_put_t *in, const char *sop, con
     return 0;
 }
 
-/* The SOP is already stored (at loc): a duplicate when the digests agree
- * (for a repair, after object_repair), else a conflict whose copy is kept
- * aside once (conflicts CF, synced). */
+/* The key of a version of sop kept aside: sop\0hex(digest). */
+static void conflict_key(buf_t *k, const char *sop, const uint8_t *digest)
+{
+    char hex[2 * SP_DIGEST_LEN + 1];
+    sp_hex(digest, SP_DIGEST_LEN, hex);
+    k->len = 0;
+    buf_str(k, sop);
+    buf_byte(k, 0);
+    buf_str(k, hex);
+}
+
+/* A conflicts value: format byte, partition, varint record length, the
+ * version's instance record, its bytes. */
+static void conflict_value(buf_t *v, uint32_t part, const char *rec, size_t reclen,
+                           const void *data, size_t len)
+{
+    v->len = 0;
+    buf_byte(v, CONFLICT_VERSION);
+    buf_part(v, part);
+    buf_varint(v, reclen);
+    buf_add(v, rec, reclen);
+    buf_add(v, data, len);
+}
+
+/* What the put of a version that is (or would be) kept aside answers: the
+ * KEEP_* policies acknowledge it, REJECT and UNSET report the conflict. */
+static store_outcome_t kept_aside_outcome(store_policy_t policy)
+{
+    return policy == STORE_POLICY_KEEP_FIRST || policy == STORE_POLICY_KEEP_NEWEST
+               ? STORE_KEPT_ASIDE
+               : STORE_CONFLICT;
+}
+
+/* The stored instance (at loc) as put_existing() weighs it. */
+typedef struct {
+    char *rec; /* its raw instance record (rocksdb_free) */
+    size_t reclen;
+    uint64_t size, version;
+    store_policy_t policy;
+    uint8_t digest[SP_DIGEST_LEN];
+} stored_t;
+
+static int stored_load(store_t *s, const char *sop, const loc_t *loc, stored_t *st)
+{
+    buf_t k = {0};
+    char text[256];
+    memset(st, 0, sizeof *st);
+    key_loc(&k, 'I', loc->part, loc->study, loc->series, sop, false);
+    int rc = db_get(s, s->ro, CF_INDEX, &k, &st->rec, &st->reclen, sop);
+    if (rc == 0 && rec_decode(st->rec, st->reclen, 'I', NULL, &st->size, st->digest) != 0) {
+        log_error("store: corrupt index record %s", key_text(k.p, k.len, text, sizeof text));
+        rc = SP_EDB;
+    }
+    if (rc == SP_ENOTFOUND) {
+        log_error("store: SOP %s has a locator but no instance record (study %s)", sop, loc->study);
+        rc = SP_EDB;
+    }
+    if (rc == 0) {
+        rec_version(st->rec, st->reclen, &st->version, &st->policy);
+    } else {
+        rocksdb_free(st->rec);
+        st->rec = NULL;
+    }
+    buf_free(&k);
+    return rc;
+}
+
+/* Makes the put's version the instance (same location) and keeps the stored
+ * one aside, in one synced WriteBatch: the conflicts entry of the replaced
+ * version, the new object and instance record, and the removal of the new
+ * version's own conflicts entry if it had been kept aside before. The
+ * replaced bytes are read back and verified first: a version that cannot be
+ * kept is not replaced (its error is returned). */
+static int replace_instance(store_t *s, const store_put_t *in, const char *sop, const loc_t *loc,
+                            const stored_t *st, bool was_aside)
+{
+    char *old = NULL, *err = NULL;
+    size_t oldlen = 0;
+    int rc = object_read(s, s->ro_object, loc, sop, st->size, st->digest, &old, &oldlen);
+    if (rc != 0)
+        return rc == SP_ENOTFOUND ? SP_EDB : rc;
+    buf_t k = {0}, v = {0};
+    rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
+    conflict_key(&k, sop, st->digest);
+    conflict_value(&v, loc->part, st->rec, st->reclen, old, oldlen);
+    rocksdb_writebatch_put_cf(wb, s->cf[CF_CONFLICTS], k.p, k.len, v.p, v.len);
+    if (was_aside) {
+        conflict_key(&k, sop, in->digest);
+        rocksdb_writebatch_delete_cf(wb, s->cf[CF_CONFLICTS], k.p, k.len);
+    }
+    key_loc(&k, 0, loc->part, loc->study, loc->series, sop, false);
+    rocksdb_writebatch_put_cf(wb, s->cf[CF_OBJECTS], k.p, k.len, (const char *)in->data, in->len);
+    key_loc(&k, 'I', loc->part, loc->study, loc->series, sop, false);
+    rec_encode(&v, 'I', in->attrs, in->len, in->digest, in->version, in->policy);
+    rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
+    rocksdb_write(s->db, s->wo_sync, wb, &err);
+    part_touched(s, loc->part);
+    if (err) {
+        rc = db_fail(err, "replacement of SOP", sop);
+    } else {
+        if (!was_aside)
+            atomic_fetch_add(&s->conflicts, 1);
+        atomic_fetch_add(&s->bytes, in->len);
+        counter_sub(&s->bytes, oldlen);
+    }
+    rocksdb_writebatch_destroy(wb);
+    rocksdb_free(old);
+    buf_free(&k);
+    buf_free(&v);
+    return rc;
+}
+
+/* The SOP is already stored (at loc). Same digest: a duplicate (for a
+ * repair, after object_repair). Otherwise the versions are weighed as
+ * store.h's "Duplicates" says: the put's version replaces the instance
+ * (replace_instance) or is kept aside once (conflicts CF, synced), within
+ * max_conflicts per SOP unless a repair must keep a replaced version. */
 static int put_existing(store_t *s, const store_put_t *in, const char *sop, const loc_t *loc,
                         bool repair, store_outcome_t *outcome)
 {
-    uint8_t have[SP_DIGEST_LEN];
-    uint64_t have_size = 0;
-    int rc =
-        load_rec(s, s->ro, 'I', loc->part, loc->study, loc->series, sop, NULL, &have_size, have);
-    if (rc == SP_ENOTFOUND) {
-        log_error("store: SOP %s has a locator but no instance record (study %s)", sop, loc->study);
-        return SP_EDB;
-    }
+    stored_t st;
+    int rc = stored_load(s, sop, loc, &st);
     if (rc)
         return rc;
-    if (memcmp(have, in->digest, SP_DIGEST_LEN) == 0) {
+    if (memcmp(st.digest, in->digest, SP_DIGEST_LEN) == 0) {
+        rocksdb_free(st.rec);
         if (repair)
             return object_repair(s, in, sop, loc, outcome);
         *outcome = STORE_DUPLICATE;
         return 0;
     }
 
+    const char *study = attrs_get(in->attrs, ATTR_STUDY_INSTANCE_UID);
+    const char *series = attrs_get(in->attrs, ATTR_SERIES_INSTANCE_UID);
     char have_hex[2 * SP_DIGEST_LEN + 1], new_hex[2 * SP_DIGEST_LEN + 1];
-    sp_hex(have, SP_DIGEST_LEN, have_hex);
+    sp_hex(st.digest, SP_DIGEST_LEN, have_hex);
     sp_hex(in->digest, SP_DIGEST_LEN, new_hex);
     buf_t k = {0}, v = {0}, rec = {0};
     char *val = NULL;
     size_t vlen = 0;
-    buf_str(&k, sop);
-    buf_byte(&k, 0);
-    buf_str(&k, new_hex);
+    uint64_t kept = 0;
+    /* Only the instance's bytes and record are replaced, never its location
+     * (see store.h): a version under another study or series stays aside. */
+    bool wins = store_version_wins(in->policy, in->version, in->digest, st.version, st.digest) &&
+                strcmp(study, loc->study) == 0 && strcmp(series, loc->series) == 0;
+    conflict_key(&k, sop, in->digest);
     rc = db_get(s, s->ro, CF_CONFLICTS, &k, &val, &vlen, sop);
-    if (rc == 0) {
-        log_warn("store: conflict: SOP %s of study %s sent again with digest %s (stored %s); "
-                 "this copy is already kept aside",
+    bool was_aside = rc == 0;
+    if (rc != 0 && rc != SP_ENOTFOUND)
+        goto out;
+    if (was_aside && !wins) {
+        log_warn("store: SOP %s of study %s sent again with digest %s (stored %s); "
+                 "this version is already kept aside",
                  sop, loc->study, new_hex, have_hex);
-        *outcome = STORE_CONFLICT;
+        *outcome = kept_aside_outcome(in->policy);
+        rc = 0;
         goto out;
     }
-    if (rc != SP_ENOTFOUND)
+    /* Both paths need one more slot, except a winner that was aside already
+     * (it leaves its slot to the version it replaces). A repair keeps the
+     * version it replaces whatever the count, so replicas converge. */
+    buf_t prefix = {0};
+    buf_str(&prefix, sop);
+    buf_byte(&prefix, 0);
+    rc = count_prefix(s, NULL, CF_CONFLICTS, &prefix, &kept);
+    buf_free(&prefix);
+    if (rc)
         goto out;
-    /* Conflict value: version, partition, varint record length, instance
-     * record of the new copy, its bytes. */
-    rec_encode(&rec, 'I', in->attrs, in->len, in->digest);
-    buf_byte(&v, CONFLICT_VERSION);
-    buf_part(&v, in->partition);
-    buf_varint(&v, rec.len);
-    buf_add(&v, rec.p, rec.len);
-    buf_add(&v, in->data, in->len);
+    if (!was_aside && kept >= (uint64_t)s->max_conflicts && !(repair && wins)) {
+        atomic_fetch_add(&s->conflicts_refused, 1);
+        log_warn("store: refusing SOP %s of study %s with digest %s (version %llu, %s): "
+                 "%llu other versions are kept already (max_conflicts %d); stored copy has %s",
+                 sop, loc->study, new_hex, (unsigned long long)in->version,
+                 store_policy_name(in->policy), (unsigned long long)kept, s->max_conflicts,
+                 have_hex);
+        *outcome = STORE_CONFLICT_LIMIT;
+        rc = 0;
+        goto out;
+    }
+    if (wins) {
+        rc = replace_instance(s, in, sop, loc, &st, was_aside);
+        if (rc)
+            goto out;
+        log_warn("store: SOP %s of study %s: version %llu (digest %s) replaces version %llu "
+                 "(digest %s) by policy %s%s; the replaced version is kept aside",
+                 sop, loc->study, (unsigned long long)in->version, new_hex,
+                 (unsigned long long)st.version, have_hex, store_policy_name(in->policy),
+                 repair ? " (repair)" : "");
+        *outcome = in->policy == STORE_POLICY_REJECT ? STORE_CONFLICT : STORE_REPLACED;
+        goto out;
+    }
+    rec_encode(&rec, 'I', in->attrs, in->len, in->digest, in->version, in->policy);
+    conflict_value(&v, in->partition, rec.p, rec.len, in->data, in->len);
     char *err = NULL;
     rocksdb_put_cf(s->db, s->wo_sync, s->cf[CF_CONFLICTS], k.p, k.len, v.p, v.len, &err);
     if (err) {
@@ -1076,12 +1291,15 @@ static int put_existing(store_t *s, const store_put_t *in, const char *sop, cons
         goto out;
     }
     atomic_fetch_add(&s->conflicts, 1);
-    log_warn("store: conflict: SOP %s of study %s received with digest %s, stored copy has %s; "
-             "the original is kept and the new copy set aside",
-             sop, loc->study, new_hex, have_hex);
-    *outcome = STORE_CONFLICT;
+    log_warn("store: conflict: SOP %s of study %s received with digest %s (version %llu, %s), "
+             "stored copy has %s (version %llu); the stored one stays and the new one is kept "
+             "aside",
+             sop, loc->study, new_hex, (unsigned long long)in->version,
+             store_policy_name(in->policy), have_hex, (unsigned long long)st.version);
+    *outcome = kept_aside_outcome(in->policy);
     rc = 0;
 out:
+    rocksdb_free(st.rec);
     rocksdb_free(val);
     buf_free(&k);
     buf_free(&v);
@@ -1096,7 +1314,7 @@ static void batch_study(rocksdb_writebatch_t *wb, store_t *s, const store_put_t 
 {
     char p[2] = {(char)((in->partition >> 8) & 0xff), (char)(in->partition & 0xff)};
     key_loc(k, 'T', in->partition, study, NULL, NULL, false);
-    rec_encode(v, 'T', in->attrs, 0, NULL);
+    rec_encode(v, 'T', in->attrs, 0, NULL, 0, STORE_POLICY_UNSET);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k->p, k->len, v->p, v->len);
     key_uid(k, 'S', study);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_SECONDARY], k->p, k->len, p, 2);
@@ -1131,7 +1349,9 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     const char *series = attrs_get(in->attrs, ATTR_SERIES_INSTANCE_UID);
     const char *sop = attrs_get(in->attrs, ATTR_SOP_INSTANCE_UID);
     if (!sp_uid_valid(study) || !sp_uid_valid(series) || !sp_uid_valid(sop) ||
-        in->partition > 0xffff || in->len == 0 || !in->data || !put_attrs_valid(in->attrs))
+        in->partition > 0xffff || in->len == 0 || !in->data || !put_attrs_valid(in->attrs) ||
+        (unsigned)in->policy > STORE_POLICY_KEEP_NEWEST ||
+        (in->version == 0) != (in->policy == STORE_POLICY_UNSET))
         return SP_EINVAL; /* the caller logs it, naming the sender */
     uint8_t digest[SP_DIGEST_LEN];
     sp_digest(in->data, in->len, digest);
@@ -1229,11 +1449,11 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     key_loc(&k, 0, in->partition, study, series, sop, false);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_OBJECTS], k.p, k.len, (const char *)in->data, in->len);
     key_loc(&k, 'I', in->partition, study, series, sop, false);
-    rec_encode(&v, 'I', in->attrs, in->len, digest);
+    rec_encode(&v, 'I', in->attrs, in->len, digest, in->version, in->policy);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
     if (new_series) {
         key_loc(&k, 'R', in->partition, study, series, NULL, false);
-        rec_encode(&v, 'R', in->attrs, 0, NULL);
+        rec_encode(&v, 'R', in->attrs, 0, NULL, 0, STORE_POLICY_UNSET);
         rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
     }
     if (new_study)
@@ -1297,12 +1517,14 @@ int store_get(store_t *s, const char *sop_uid, store_object_t *out)
     int rc = sop_locate(s, s->ro, sop_uid, &loc);
     if (rc)
         return rc;
-    rc = load_rec(s, s->ro, 'I', loc.part, loc.study, loc.series, sop_uid, &out->attrs, &size,
-                  out->digest);
-    if (rc == SP_ENOTFOUND) {
-        log_error("store: SOP %s has a locator but no instance record (study %s)", sop_uid,
-                  loc.study);
-        rc = SP_EDB;
+    stored_t st;
+    rc = stored_load(s, sop_uid, &loc, &st);
+    if (rc == 0 && rec_decode(st.rec, st.reclen, 'I', &out->attrs, &size, out->digest) != 0)
+        rc = SP_EDB; /* stored_load() validated it: cannot happen */
+    if (rc == 0) {
+        out->version = st.version;
+        out->policy = st.policy;
+        rocksdb_free(st.rec);
     }
     if (rc == 0)
         rc = object_read(s, s->ro_object, &loc, sop_uid, size, out->digest, &data, &len);
@@ -1347,6 +1569,7 @@ static int entry_call(const char *k, size_t kn, const char *v, size_t vn, store_
         log_error("store: corrupt index record %s", key_text(k, kn, text, sizeof text));
         return SP_EDB;
     }
+    rec_version(v, vn, &e.version, &e.policy);
     e.partition = loc.part;
     e.study_uid = loc.study;
     e.series_uid = loc.series;
@@ -2560,6 +2783,7 @@ int store_stats(store_t *s, store_stats_t *out)
     out->studies = atomic_load(&s->studies);
     out->conflicts = atomic_load(&s->conflicts);
     out->corrupt_reads = atomic_load(&s->corrupt_reads);
+    out->conflicts_refused = atomic_load(&s->conflicts_refused);
     for (int i = 0; i < CF_COUNT; i++) {
         uint64_t v = 0;
         if (rocksdb_property_int_cf(s->db, s->cf[i], "rocksdb.total-sst-files-size", &v) == 0)
@@ -2572,15 +2796,6 @@ int store_stats(store_t *s, store_stats_t *out)
 }
 
 /* ---- partition deletion --------------------------------------------- */
-
-/* Subtracts from a counter without wrapping below zero (a counter can only
- * be short after a corrupt record was skipped at open). */
-static void counter_sub(_Atomic uint64_t *c, uint64_t n)
-{
-    uint64_t cur = atomic_load(c);
-    while (!atomic_compare_exchange_weak(c, &cur, cur > n ? cur - n : 0))
-        ;
-}
 
 /* Adds a delete of [lo, lo's prefix end) in one column family to a batch. */
 static void batch_delete_prefix(rocksdb_writebatch_t *wb, store_t *s, int cf, const buf_t *lo)

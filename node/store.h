@@ -16,7 +16,8 @@
  *             folded by match_fold_name(), dates as YYYYMMDD; every study
  *             has a 'p' entry, an empty PatientID too)
  *   conflicts key sop\0hex(digest) -> version, P, varint record length,
- *             instance record of the conflicting copy, its bytes
+ *             instance record of the conflicting copy, its bytes (at most
+ *             max_conflicts per SOP from puts; see "Duplicates" below)
  *   meta      "format" -> "1"; node metadata
  * P is the partition number, 2 bytes big-endian, so one partition, one study
  * and one series are each a contiguous key range in objects and index.
@@ -30,6 +31,66 @@
  * striped lock so idempotence and conflict detection hold under races, and
  * a study's deletion (store_delete_partition, store_delete_study_if)
  * excludes puts of that study.
+ *
+ * Duplicates. A put of a SOP Instance UID already stored with the same
+ * digest is STORE_DUPLICATE (nothing written). With other bytes, the two
+ * versions are ordered by (version, digest): version is the router's
+ * receive time carried in the put (store_put_t.version), the digest breaks
+ * ties bytewise. Never by arrival at this node, so every replica that
+ * received the same versions ends with the same instance whatever order
+ * they came in. The put's policy picks the instance:
+ *   REJECT      the earliest version is the instance; a different version
+ *               is kept aside in the conflicts family (if it is earlier
+ *               than the stored one, the two swap: it becomes the instance
+ *               and the stored one is kept aside). STORE_CONFLICT: the
+ *               router answers 0x0111 (Duplicate SOP Instance).
+ *   KEEP_FIRST  the same choice as REJECT, but the put is acknowledged
+ *               (STORE_KEPT_ASIDE, or STORE_REPLACED for the swap): the
+ *               router answers Success and logs a warning. The new version
+ *               is kept aside rather than dropped, because a Success must
+ *               mean the bytes are durable somewhere (DESIGN contract 1).
+ *   KEEP_NEWEST the latest version is the instance: a later one replaces
+ *               it (STORE_REPLACED: object and instance record now hold the
+ *               new bytes, attributes, digest and version; the replaced one
+ *               is kept aside so nothing acknowledged is destroyed), an
+ *               earlier one arriving late is kept aside (STORE_KEPT_ASIDE).
+ *   UNSET       (version 0: repair copies, older routers) today's rule:
+ *               the stored version stays, the new one is kept aside,
+ *               STORE_CONFLICT. A stored version 0 orders before any
+ *               versioned one.
+ * A version identical to one already kept aside is not kept twice. A
+ * re-send carries its new receive time, so under REJECT and KEEP_FIRST it
+ * never wins and is answered as the first time (STORE_CONFLICT,
+ * STORE_KEPT_ASIDE); under KEEP_NEWEST it is the latest send and swaps back
+ * in (STORE_REPLACED; the two versions trade places, the count stays): the
+ * last version a modality sent is the one served, on every replica that
+ * received the send, and repair brings it to the others. Each put applies
+ * its own policy against the stored instance; routers should all use the
+ * same one.
+ *
+ * The bound. At most max_conflicts versions are kept aside per SOP by puts.
+ * A put that would need one more slot (a new losing version, or a winning
+ * one whose replaced version must go aside) is refused with nothing written:
+ * STORE_CONFLICT_LIMIT, counted in conflicts_refused, logged once, and the
+ * router answers 0x0111. Only the instance's location is ever replaced: a
+ * version naming another study or series than the stored one is kept
+ * aside, never moved (the study and series records keep the attributes of
+ * their first instance, as everywhere in this store).
+ *
+ * Convergence. Anti-entropy compares instance digests only; conflicts are
+ * local. Replicas that received the same versions agree, except when the
+ * bound refuses different versions on different replicas (concurrent puts
+ * arriving in different orders to replicas whose conflict slots are full),
+ * or a replica missed a version (down, a stand-in, a quorum reached
+ * without it). Repair then converges: store_repair() with the peer's
+ * version and policy applies the same rule as a put, and may go beyond
+ * max_conflicts to keep the version it replaces (so the bound is per put;
+ * a node can hold at most the versions the other replicas accepted on top,
+ * N x (max_conflicts + 1) in all). node/repair.c copies a peer's instance
+ * over a differing local one only when the peer's would win by the peer's
+ * policy, so a REJECT/KEEP_FIRST replica that missed the first version
+ * takes it (the later one goes aside) and a KEEP_NEWEST replica takes the
+ * newest; an unversioned difference stays as today (logged, not copied).
  *
  * Every function is thread-safe unless noted. */
 #ifndef SP_STORE_H
@@ -50,6 +111,9 @@ typedef struct {
     size_t write_buffer_bytes; /* memtable size per column family; default 64 MiB */
     size_t block_cache_bytes;  /* default 128 MiB */
     int background_jobs;       /* RocksDB flush/compaction threads; default 2 */
+    int max_conflicts;         /* versions kept aside per SOP by puts; default 4,
+                                * negative = the default, 0 = none (every other
+                                * version is refused) */
 } store_config_t;
 
 void store_config_defaults(store_config_t *cfg);
@@ -64,23 +128,43 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
  * be running on the store. */
 void store_close(store_t **sp);
 
+/* What to do with a different version of a stored SOP (see Duplicates
+ * above); the same numbers as wire_policy_t. */
+typedef enum {
+    STORE_POLICY_UNSET = 0,
+    STORE_POLICY_REJECT = 1,
+    STORE_POLICY_KEEP_FIRST = 2,
+    STORE_POLICY_KEEP_NEWEST = 3,
+} store_policy_t;
+
 typedef struct {
     uint32_t partition;   /* < 65536 */
     const attrs_t *attrs; /* stored attrs; Study/Series/SOP Instance UIDs required */
     const uint8_t *data;  /* the Part-10 bytes */
     size_t len;
     uint8_t digest[SP_DIGEST_LEN]; /* BLAKE2b-256 of data, as the sender computed it */
+    uint64_t version;              /* router receive time, ms since the epoch; 0 = none */
+    store_policy_t policy;         /* UNSET exactly when version is 0 */
 } store_put_t;
 
+/* The same numbers as wire_outcome_t. */
 typedef enum {
-    STORE_STORED = 0, /* new instance, now durable */
-    STORE_DUPLICATE,  /* same UID, same bytes: nothing written */
-    STORE_CONFLICT,   /* same UID, different bytes: kept aside, original untouched */
+    STORE_STORED = 0,     /* new instance, now durable */
+    STORE_DUPLICATE,      /* same UID, same bytes: nothing written */
+    STORE_CONFLICT,       /* different bytes under REJECT or UNSET: both kept */
+    STORE_CONFLICT_LIMIT, /* different bytes, max_conflicts reached: nothing written */
+    STORE_REPLACED,       /* KEEP_*: this version is now the instance, the old one kept aside */
+    STORE_KEPT_ASIDE,     /* KEEP_*: the stored version stays, this one is kept aside */
 } store_outcome_t;
 
+/* "reject", "keep-first", "keep-newest" ("unset" for UNSET). */
+const char *store_policy_name(store_policy_t policy);
+
 /* Stores one instance durably. Verifies the digest (SP_EDIGEST), the UIDs
- * (SP_EINVAL), that len > 0 and no value exceeds 64 KiB (SP_EINVAL), and
- * that the study is not already in another partition (SP_EINVAL). Returns 0
+ * (SP_EINVAL), the version and policy (set together; SP_EINVAL), that
+ * len > 0 and no value exceeds 64 KiB (SP_EINVAL), and that the study is
+ * not already in another partition (SP_EINVAL). Applies the duplicate rules
+ * above to a SOP already stored. Returns 0
  * with *outcome set, or a negative code (SP_EDB, SP_ENOSPACE) after which
  * nothing of the instance was written. A RocksDB failure (SP_EDB,
  * SP_ENOSPACE) is logged here with RocksDB's message; a refused instance
@@ -96,6 +180,8 @@ typedef struct {
     uint32_t partition;
     attrs_t attrs; /* the instance's stored attrs (study, series and image level) */
     uint8_t digest[SP_DIGEST_LEN];
+    uint64_t version;      /* of the put that stored it; 0 = none */
+    store_policy_t policy; /* likewise */
     uint8_t *data;
     size_t len;
 } store_object_t;
@@ -122,6 +208,8 @@ typedef struct {
     const char *transfer_syntax_uid;
     uint64_t size;
     uint8_t digest[SP_DIGEST_LEN];
+    uint64_t version; /* as in store_object_t */
+    store_policy_t policy;
 } store_entry_t;
 
 /* Return 0 to continue, non-zero to stop the scan early; a negative value
@@ -275,14 +363,17 @@ typedef bool (*store_held_fn)(void *ctx, const store_entry_t *e);
 int store_delete_study_if(store_t *s, uint32_t partition, const char *study_uid, store_held_fn held,
                           void *ctx, uint64_t *deleted);
 
-/* Repairs a corrupt local copy with verified bytes from elsewhere. Same
+/* Repairs a corrupt local copy with verified bytes from elsewhere, or
+ * brings a differing copy to the version a peer holds. Same
  * input, validation, errors and locking as store_put(); when the SOP is
  * already stored with the same recorded digest but its stored object fails
  * verification (digest mismatch, a RocksDB checksum or read error, or a
  * missing object), rewrites the object (synced), logs it and returns 0 with
  * STORE_STORED. When the stored copy verifies, STORE_DUPLICATE (nothing
- * written); a different recorded digest is a STORE_CONFLICT exactly as in
- * store_put(); an absent SOP is stored as store_put() would. Only the
+ * written); a different recorded digest is handled exactly as in
+ * store_put() (Duplicates above), except that a winning version replaces
+ * the instance even beyond max_conflicts; an absent SOP is stored as
+ * store_put() would. Only the
  * object is rewritten: the index records, the only copy of the digest, are
  * kept. Crash safety: the rewrite is one synced put, so after a crash the
  * object is the old (corrupt) value or the repaired one. */
@@ -315,14 +406,25 @@ typedef struct {
     uint64_t bytes;
     uint64_t studies;
     uint64_t conflicts;
-    uint64_t corrupt_reads; /* corrupt objects seen since start (reads,
-                             * scrubs, repairs) */
-    uint64_t db_size_bytes; /* SST + blob file size on disk, from RocksDB;
-                             * data still only in the WAL is not counted */
+    uint64_t corrupt_reads;     /* corrupt objects seen since start (reads,
+                                 * scrubs, repairs) */
+    uint64_t conflicts_refused; /* puts refused since start: max_conflicts reached */
+    uint64_t db_size_bytes;     /* SST + blob file size on disk, from RocksDB;
+                                 * data still only in the WAL is not counted */
 } store_stats_t;
 
 /* instances, bytes and studies count what store_put() stored (maintained
  * since open); conflicts counts distinct conflicting copies kept. */
 int store_stats(store_t *s, store_stats_t *out);
+
+/* Orders two versions of one SOP as every replica does: by version, then by
+ * digest bytewise. Returns <0, 0 or >0. */
+int store_version_cmp(uint64_t va, const uint8_t *da, uint64_t vb, const uint8_t *db);
+
+/* Whether a put of version (v, d) under policy takes the place of the
+ * stored (sv, sd) (see Duplicates above); false for UNSET or version 0 and
+ * for the same version. Repair asks it before copying over a local copy. */
+bool store_version_wins(store_policy_t policy, uint64_t v, const uint8_t *d, uint64_t sv,
+                        const uint8_t *sd);
 
 #endif

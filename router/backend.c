@@ -407,8 +407,8 @@ static bool put_acknowledged(void *ctx, size_t index, const transport_response_t
     char err[128];
     if (wire_decode_reply(resp->head, resp->head_len, &rep, err, sizeof err) != 0)
         return false;
-    bool ok = rep.status == 0 && rep.kind == WIRE_PUT &&
-              (rep.outcome == WIRE_STORED || rep.outcome == WIRE_DUPLICATE);
+    bool ok = rep.status == 0 && rep.kind == WIRE_PUT && rep.outcome != WIRE_CONFLICT &&
+              rep.outcome != WIRE_CONFLICT_LIMIT;
     wire_reply_free(&rep);
     return ok;
 }
@@ -430,8 +430,10 @@ static void tally_put(backend_t *b, const member_t *m, transport_call_t *call, b
         rc = wire_decode_reply(call->resp.head, call->resp.head_len, &rep, err, sizeof err);
     else
         sp_fmt(err, sizeof err, "%s", sp_strerror(rc));
-    if (rc == 0 && rep.status == 0 && rep.outcome != WIRE_CONFLICT) {
+    if (rc == 0 && rep.status == 0 && rep.outcome != WIRE_CONFLICT &&
+        rep.outcome != WIRE_CONFLICT_LIMIT) {
         res->acknowledged++;
+        res->superseded += rep.outcome == WIRE_REPLACED || rep.outcome == WIRE_KEPT_ASIDE;
     } else if (rc == 0 && rep.status == 0) {
         res->conflicts++;
     } else {
@@ -498,6 +500,9 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     for (size_t i = 0; i < ATTR_STORED_COUNT; i++)
         req.attrs.v[i] = attrs->v[i]; /* borrowed for encoding only */
     sp_digest(part10, len, req.digest);
+    /* Replicas order versions of a SOP by this time, never by arrival. */
+    req.version = (uint64_t)sp_wall_ms();
+    req.policy = b->cfg.duplicates;
     uint8_t *head;
     size_t head_len;
     wire_encode_request(&req, &head, &head_len);

@@ -48,6 +48,7 @@
 #include "../common/keys.h"
 #include "../common/membership.h"
 #include "../common/transport.h"
+#include "../common/wire.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -65,6 +66,8 @@ typedef struct {
     int fetch_timeout_ms; /* per replica, reading one instance */
     int avoid_failed_ms;  /* avoid a member that just failed for this long ([cluster] retry_down) */
     bool case_insensitive_names;
+    wire_policy_t duplicates; /* sent with every put: what replicas do with a SOP
+                               * already stored with other bytes (node/store.h) */
 } backend_config_t;
 
 typedef struct backend backend_t;
@@ -78,7 +81,10 @@ size_t backend_placed_count(backend_t *b);
 
 typedef struct {
     int acknowledged; /* replicas that hold the instance durably (stored or duplicate) */
-    int conflicts;    /* replicas holding different bytes under the same SOP UID */
+    int conflicts;    /* replicas holding different bytes under the same SOP UID (reject), or
+                       * refusing one more version (max_conflicts reached) */
+    int superseded;   /* acknowledged replicas where this version replaced the stored one or
+                       * was kept aside beside it (keep-first, keep-newest) */
     int failed;       /* replicas that answered an error or not at all */
     int pending;      /* replicas still writing when the quorum was reached */
     int needed;       /* W */

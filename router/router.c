@@ -44,6 +44,8 @@ typedef struct {
     int dimse_timeout;
     int max_pdu;
     char *allowed_callers;
+    char *duplicates;
+    wire_policy_t duplicates_policy; /* parsed from duplicates by settings_check */
     char *key_pair;
     char *cluster_keys;
     int replicas;
@@ -110,6 +112,10 @@ static const config_option_t router_options[] = {
         "Largest PDU received, bytes"),
     OPT("dicom", "allowed_callers", CONFIG_STRING, allowed_callers, "", 0, 0,
         "Calling AE titles admitted, separated by commas (empty admits any)"),
+    OPT("dicom", "duplicates", CONFIG_STRING, duplicates, "reject", 0, 0,
+        "A SOP Instance UID sent again with different bytes: reject (0x0111, kept aside), "
+        "keep-first (Success, stored one stays) or keep-newest (Success, the later version "
+        "replaces it); at most [store] max_conflicts versions are kept aside"),
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
@@ -151,6 +157,11 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
     if (log_parse_level(s->log_level, &level) != 0) {
         sp_fmt(err, errlen, "%s: [log] level '%s' is not debug, info, warn or error", path,
                s->log_level);
+        return SP_ECONFIG;
+    }
+    if (wire_policy_parse(s->duplicates, &s->duplicates_policy) != 0) {
+        sp_fmt(err, errlen, "%s: [dicom] duplicates '%s' is not reject, keep-first or keep-newest",
+               path, s->duplicates);
         return SP_ECONFIG;
     }
     if (strlen(s->id) == 0 || strlen(s->id) >= GOSSIP_ID_MAX) {
@@ -258,7 +269,8 @@ static int router_run(router_settings_t *s)
                            .query_timeout_ms = s->query_timeout,
                            .fetch_timeout_ms = s->fetch_timeout,
                            .avoid_failed_ms = s->avoid_failed_ms,
-                           .case_insensitive_names = s->case_insensitive_names};
+                           .case_insensitive_names = s->case_insensitive_names,
+                           .duplicates = s->duplicates_policy};
     int rc = keys_load_pair(s->key_pair, &bc.self, err, sizeof err);
     if (rc == 0 && (keys = keys_allowlist_load(s->cluster_keys, err, sizeof err)) == NULL)
         rc = SP_EKEY;

@@ -71,6 +71,10 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
                   "targets)",
                   req->sop_instance_uid, study, req->peer->calling_ae, res.acknowledged,
                   res.stand_ins);
+        if (res.superseded > 0)
+            log_warn("duplicate: %s of study %s from %s differs from the stored copy; "
+                     "acknowledged by the duplicates policy (both versions kept)",
+                     req->sop_instance_uid, study, req->peer->calling_ae);
         return DICOM_SUCCESS;
     }
     if (rc == SP_ECONFLICT) {

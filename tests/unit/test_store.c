@@ -2710,6 +2710,428 @@ static void test_scrub(void **state)
     rm_tree(dir2);
 }
 
+/* ---- duplicate policies and the conflict bound ------------------------- */
+
+/* Version `seed` of an instance: its own bytes and length, and its seed as
+ * InstanceNumber so a test sees whose attributes the instance record holds. */
+static size_t vlen(uint32_t seed)
+{
+    return 2000 + seed;
+}
+
+static int vput_rc(store_t *s, const inst_t *base, uint32_t seed, uint64_t version,
+                   store_policy_t policy, bool repair, store_outcome_t *out)
+{
+    char inum[16];
+    snprintf(inum, sizeof inum, "%u", (unsigned)seed);
+    inst_t in = *base;
+    in.inum = inum;
+    attrs_t a;
+    inst_attrs(&in, &a);
+    uint8_t *b = make_bytes(vlen(seed), seed);
+    store_put_t p = {.partition = in.part,
+                     .attrs = &a,
+                     .data = b,
+                     .len = vlen(seed),
+                     .version = version,
+                     .policy = policy};
+    sp_digest(b, vlen(seed), p.digest);
+    int rc = repair ? store_repair(s, &p, out) : store_put(s, &p, out);
+    attrs_clear(&a);
+    free(b);
+    return rc;
+}
+
+static store_outcome_t vput(store_t *s, const inst_t *in, uint32_t seed, uint64_t version,
+                            store_policy_t policy)
+{
+    store_outcome_t out = (store_outcome_t)-1;
+    assert_int_equal(vput_rc(s, in, seed, version, policy, false, &out), 0);
+    return out;
+}
+
+static void vdigest(uint32_t seed, uint8_t d[SP_DIGEST_LEN])
+{
+    uint8_t *b = make_bytes(vlen(seed), seed);
+    sp_digest(b, vlen(seed), d);
+    free(b);
+}
+
+/* The instance is version `seed` (bytes, digest, attributes, version). */
+static void expect_version(store_t *s, const inst_t *in, uint32_t seed, uint64_t version)
+{
+    uint8_t *want = make_bytes(vlen(seed), seed);
+    store_object_t o;
+    assert_int_equal(store_get(s, in->sop, &o), 0);
+    assert_int_equal(o.len, vlen(seed));
+    assert_memory_equal(o.data, want, vlen(seed));
+    char inum[16];
+    snprintf(inum, sizeof inum, "%u", (unsigned)seed);
+    assert_string_equal(attrs_str(&o.attrs, ATTR_INSTANCE_NUMBER), inum);
+    assert_int_equal(o.version, version);
+    store_object_free(&o);
+    free(want);
+}
+
+static void test_policy_reject(void **state)
+{
+    fixture_t *fx = *state;
+    const store_policy_t P = STORE_POLICY_REJECT;
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_STORED);
+    assert_int_equal(vput(fx->s, &in, 1, 900, P), STORE_DUPLICATE); /* same bytes, any time */
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_CONFLICT);
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_CONFLICT); /* kept once */
+    assert_int_equal(stats(fx->s).conflicts, 1);
+    for (uint32_t v = 3; v <= 5; v++)
+        assert_int_equal(vput(fx->s, &in, v, 100 * v, P), STORE_CONFLICT);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    assert_int_equal(st.conflicts_refused, 0);
+    /* K = 4 kept aside: the sixth and seventh versions are refused, every time. */
+    assert_int_equal(vput(fx->s, &in, 6, 600, P), STORE_CONFLICT_LIMIT);
+    assert_int_equal(vput(fx->s, &in, 6, 600, P), STORE_CONFLICT_LIMIT);
+    /* An earlier version would become the instance, but its predecessor
+     * needs a slot: refused too. */
+    assert_int_equal(vput(fx->s, &in, 7, 50, P), STORE_CONFLICT_LIMIT);
+    /* A version already kept is answered as before, not refused. */
+    assert_int_equal(vput(fx->s, &in, 3, 300, P), STORE_CONFLICT);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    assert_int_equal(st.conflicts_refused, 3);
+    assert_int_equal(st.instances, 1);
+    assert_int_equal(st.bytes, vlen(1));
+    expect_version(fx->s, &in, 1, 100);
+
+    /* Earliest wins, whatever arrives first: a later-arriving earlier
+     * version swaps in and the stored one goes aside (still 0x0111). */
+    inst_t two = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.2");
+    assert_int_equal(vput(fx->s, &two, 11, 2000, P), STORE_STORED);
+    assert_int_equal(vput(fx->s, &two, 12, 1000, P), STORE_CONFLICT);
+    expect_version(fx->s, &two, 12, 1000);
+    assert_int_equal(vput(fx->s, &two, 11, 2000, P), STORE_CONFLICT); /* now aside */
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 5);
+    assert_int_equal(st.bytes, vlen(1) + vlen(12));
+
+    /* An unversioned put (repair, an older router) keeps today's rule. */
+    store_outcome_t out;
+    assert_int_equal(vput(fx->s, &two, 13, 0, STORE_POLICY_UNSET), STORE_CONFLICT);
+    expect_version(fx->s, &two, 12, 1000);
+    /* Version and policy come together. */
+    assert_int_equal(vput_rc(fx->s, &two, 14, 5, STORE_POLICY_UNSET, false, &out), SP_EINVAL);
+    assert_int_equal(vput_rc(fx->s, &two, 14, 0, P, false, &out), SP_EINVAL);
+    assert_int_equal(vput_rc(fx->s, &two, 14, 5, (store_policy_t)9, false, &out), SP_EINVAL);
+
+    reopen(fx);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 6);
+    assert_int_equal(st.conflicts_refused, 0); /* since start */
+    expect_version(fx->s, &in, 1, 100);
+    expect_version(fx->s, &two, 12, 1000);
+}
+
+static void test_policy_keep_first(void **state)
+{
+    fixture_t *fx = *state;
+    const store_policy_t P = STORE_POLICY_KEEP_FIRST;
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_STORED);
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_DUPLICATE);
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_KEPT_ASIDE);
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_KEPT_ASIDE); /* idempotent */
+    assert_int_equal(stats(fx->s).conflicts, 1);
+    expect_version(fx->s, &in, 1, 100);
+    /* An earlier version swaps in; acknowledged. */
+    assert_int_equal(vput(fx->s, &in, 3, 50, P), STORE_REPLACED);
+    expect_version(fx->s, &in, 3, 50);
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_KEPT_ASIDE); /* the old one, aside */
+    assert_int_equal(vput(fx->s, &in, 4, 400, P), STORE_KEPT_ASIDE);
+    assert_int_equal(vput(fx->s, &in, 5, 500, P), STORE_KEPT_ASIDE);
+    assert_int_equal(vput(fx->s, &in, 6, 600, P), STORE_CONFLICT_LIMIT);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    assert_int_equal(st.conflicts_refused, 1);
+    assert_int_equal(st.bytes, vlen(3));
+    expect_version(fx->s, &in, 3, 50);
+}
+
+static int first_entry(void *ctx, const store_entry_t *e)
+{
+    *(store_entry_t *)ctx = *e;
+    return 1;
+}
+
+static void test_policy_keep_newest(void **state)
+{
+    fixture_t *fx = *state;
+    const store_policy_t P = STORE_POLICY_KEEP_NEWEST;
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_STORED);
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_REPLACED);
+    expect_version(fx->s, &in, 2, 200);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.conflicts, 1);
+    assert_int_equal(st.instances, 1);
+    assert_int_equal(st.bytes, vlen(2));
+    /* Re-sends: the replaced one is kept already, the instance a duplicate. */
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_KEPT_ASIDE);
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_DUPLICATE);
+    assert_int_equal(stats(fx->s).conflicts, 1);
+    /* An older version arriving late stays aside. */
+    assert_int_equal(vput(fx->s, &in, 3, 150, P), STORE_KEPT_ASIDE);
+    expect_version(fx->s, &in, 2, 200);
+    assert_int_equal(vput(fx->s, &in, 4, 400, P), STORE_REPLACED);
+    assert_int_equal(vput(fx->s, &in, 5, 500, P), STORE_REPLACED);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    /* The next newer version would push a fifth aside: refused, nothing
+     * written, the instance stays. */
+    assert_int_equal(vput(fx->s, &in, 6, 600, P), STORE_CONFLICT_LIMIT);
+    expect_version(fx->s, &in, 5, 500);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    assert_int_equal(st.conflicts_refused, 1);
+    assert_int_equal(st.bytes, vlen(5));
+    /* Listings carry the version (the healer compares them). */
+    store_entry_t e;
+    memset(&e, 0, sizeof e);
+    assert_int_equal(store_list(fx->s, "1.2.3", NULL, first_entry, &e), 0);
+    assert_int_equal(e.version, 500);
+    assert_int_equal(e.policy, P);
+    assert_int_equal(e.size, vlen(5));
+
+    /* A re-send of a version kept aside is a new send, later than all:
+     * under keep-newest it swaps back in, and still adds no copy. */
+    assert_int_equal(vput(fx->s, &in, 4, 700, P), STORE_REPLACED);
+    expect_version(fx->s, &in, 4, 700);
+    st = stats(fx->s);
+    assert_int_equal(st.conflicts, 4);
+    assert_int_equal(st.bytes, vlen(4));
+    assert_int_equal(vput(fx->s, &in, 5, 800, P), STORE_REPLACED);
+
+    /* A SOP stored without a version is older than any versioned one. */
+    inst_t old = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.9");
+    assert_int_equal(vput(fx->s, &old, 20, 0, STORE_POLICY_UNSET), STORE_STORED);
+    assert_int_equal(vput(fx->s, &old, 21, 10, P), STORE_REPLACED);
+    assert_int_equal(vput(fx->s, &old, 22, 0, STORE_POLICY_UNSET), STORE_CONFLICT);
+    expect_version(fx->s, &old, 21, 10);
+    /* A version under another series is kept aside, never moved. */
+    inst_t moved = simple(7, "1.2.3", "1.2.3.2", "1.2.3.1.9");
+    assert_int_equal(vput(fx->s, &moved, 23, 20, P), STORE_KEPT_ASIDE);
+    expect_version(fx->s, &old, 21, 10);
+
+    reopen(fx);
+    expect_version(fx->s, &in, 5, 800);
+    assert_int_equal(stats(fx->s).bytes, vlen(5) + vlen(21));
+}
+
+/* Every order of arrival of the same versions ends with the same instance:
+ * the latest (version, digest) under keep-newest, the earliest under reject
+ * and keep-first, a tie on version broken by the digest. */
+static void test_policy_order_independent(void **state)
+{
+    fixture_t *fx = *state;
+    enum { NV = 5 };
+    const uint32_t seed[NV] = {31, 32, 33, 34, 35};
+    const uint64_t when[NV] = {100, 300, 300, 200, 100}; /* two ties */
+    uint8_t d[NV][SP_DIGEST_LEN];
+    for (int i = 0; i < NV; i++)
+        vdigest(seed[i], d[i]);
+    int newest = 0, oldest = 0;
+    for (int i = 1; i < NV; i++) {
+        if (store_version_cmp(when[i], d[i], when[newest], d[newest]) > 0)
+            newest = i;
+        if (store_version_cmp(when[i], d[i], when[oldest], d[oldest]) < 0)
+            oldest = i;
+    }
+    const store_policy_t policies[] = {STORE_POLICY_KEEP_NEWEST, STORE_POLICY_REJECT,
+                                       STORE_POLICY_KEEP_FIRST};
+    int perm = 0;
+    for (int a = 0; a < NV; a++)
+        for (int b = 0; b < NV; b++)
+            for (int c = 0; c < NV; c++) {
+                if (a == b || b == c || a == c || (a + b + c) % 2) /* a sample of orders */
+                    continue;
+                int order[NV] = {a, b, c, 0, 0}, k = 3;
+                for (int i = 0; i < NV; i++)
+                    if (i != a && i != b && i != c)
+                        order[k++] = i;
+                for (size_t p = 0; p < SP_ARRAY_LEN(policies); p++) {
+                    char sop[64];
+                    snprintf(sop, sizeof sop, "1.2.3.1.%d.%zu", perm, p);
+                    inst_t in = simple(7, "1.2.3", "1.2.3.1", sop);
+                    for (int i = 0; i < NV; i++) {
+                        store_outcome_t o =
+                            vput(fx->s, &in, seed[order[i]], when[order[i]], policies[p]);
+                        assert_int_not_equal(o, STORE_CONFLICT_LIMIT); /* NV - 1 = K */
+                    }
+                    int win = policies[p] == STORE_POLICY_KEEP_NEWEST ? newest : oldest;
+                    expect_version(fx->s, &in, seed[win], when[win]);
+                }
+                perm++;
+            }
+    assert_true(perm >= 20);
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.conflicts, (uint64_t)perm * 3 * (NV - 1));
+    assert_int_equal(st.conflicts_refused, 0);
+}
+
+static store_t *open_k(const char *dir, int k)
+{
+    store_config_t cfg;
+    store_config_defaults(&cfg);
+    cfg.path = (char *)dir;
+    cfg.block_cache_bytes = 8u << 20;
+    cfg.write_buffer_bytes = 4u << 20;
+    cfg.max_conflicts = k;
+    store_t *s = NULL;
+    char err[256] = "";
+    assert_int_equal(store_open(&cfg, &s, err, sizeof err), 0);
+    return s;
+}
+
+/* Two replicas with K = 2 that got the same four versions in different
+ * orders refuse different ones and diverge; a repair with the winning
+ * version (as node/healer.c sends it) converges them, going beyond K to
+ * keep the version it replaces. */
+static void test_keep_newest_repair_converges(void **state)
+{
+    fixture_t *fx = *state;
+    const store_policy_t P = STORE_POLICY_KEEP_NEWEST;
+    char dir_b[64] = "/tmp/test_store.XXXXXX";
+    assert_non_null(mkdtemp(dir_b));
+    store_close(&fx->s);
+    fx->s = open_k(fx->dir, 2);
+    store_t *b = open_k(dir_b, 2);
+    inst_t in = simple(7, "1.2.3", "1.2.3.1", "1.2.3.1.1");
+    assert_int_equal(vput(fx->s, &in, 1, 100, P), STORE_STORED);
+    assert_int_equal(vput(fx->s, &in, 2, 200, P), STORE_REPLACED);
+    assert_int_equal(vput(fx->s, &in, 3, 300, P), STORE_REPLACED);
+    assert_int_equal(vput(fx->s, &in, 4, 400, P), STORE_CONFLICT_LIMIT);
+    assert_int_equal(vput(b, &in, 4, 400, P), STORE_STORED);
+    assert_int_equal(vput(b, &in, 1, 100, P), STORE_KEPT_ASIDE);
+    assert_int_equal(vput(b, &in, 2, 200, P), STORE_KEPT_ASIDE);
+    assert_int_equal(vput(b, &in, 3, 300, P), STORE_CONFLICT_LIMIT);
+    expect_version(fx->s, &in, 3, 300);
+    expect_version(b, &in, 4, 400);
+
+    /* What the healer asks before copying: only B's copy wins. */
+    uint8_t d3[SP_DIGEST_LEN], d4[SP_DIGEST_LEN];
+    vdigest(3, d3);
+    vdigest(4, d4);
+    assert_true(store_version_wins(P, 400, d4, 300, d3));
+    assert_false(store_version_wins(P, 300, d3, 400, d4));
+    assert_false(store_version_wins(STORE_POLICY_UNSET, 0, d4, 300, d3));
+
+    store_outcome_t out;
+    assert_int_equal(vput_rc(fx->s, &in, 4, 400, P, true, &out), 0);
+    assert_int_equal(out, STORE_REPLACED);
+    expect_version(fx->s, &in, 4, 400);
+    assert_int_equal(stats(fx->s).conflicts, 3); /* v1..v3: beyond K, nothing lost */
+    uint8_t da[SP_DIGEST_LEN], db[SP_DIGEST_LEN];
+    uint64_t na, nb, ba, bb;
+    assert_int_equal(store_partition_digest(fx->s, 7, da, &na, &ba), 0);
+    assert_int_equal(store_partition_digest(b, 7, db, &nb, &bb), 0);
+    assert_memory_equal(da, db, SP_DIGEST_LEN);
+    /* Repeating the repair changes nothing. */
+    assert_int_equal(vput_rc(fx->s, &in, 4, 400, P, true, &out), 0);
+    assert_int_equal(out, STORE_DUPLICATE);
+    store_close(&b);
+    rm_tree(dir_b);
+}
+
+/* ---- the bound under races --------------------------------------------- */
+
+#define RACE_VERSIONS 3
+
+typedef struct {
+    store_t *s;
+    int id;
+    store_policy_t policy;
+    store_outcome_t out[RACE_VERSIONS];
+    int errors;
+} race_worker_t;
+
+static uint32_t race_seed(int id, int i)
+{
+    return (uint32_t)(100 + id * RACE_VERSIONS + i);
+}
+
+static void *race_versions(void *arg)
+{
+    race_worker_t *w = arg;
+    inst_t in = simple(9, "1.2.9.3", "1.2.9.3.1",
+                       w->policy == STORE_POLICY_KEEP_NEWEST ? "1.2.9.3.1.1" : "1.2.9.3.1.2");
+    for (int i = 0; i < RACE_VERSIONS; i++) {
+        uint32_t seed = race_seed(w->id, i);
+        /* Versions interleave between threads: 1000 + 10 * seed. */
+        if (vput_rc(w->s, &in, seed, 1000 + 10 * (uint64_t)seed, w->policy, false, &w->out[i]))
+            w->errors++;
+    }
+    return NULL;
+}
+
+/* THREADS threads put RACE_VERSIONS different versions each of one SOP at
+ * once: exactly one is stored, exactly K are kept aside, the rest are
+ * refused with nothing written, and the instance is the extreme of the
+ * versions that were accepted. */
+static void test_conflict_limit_race(void **state)
+{
+    fixture_t *fx = *state;
+    const store_policy_t policies[] = {STORE_POLICY_KEEP_NEWEST, STORE_POLICY_REJECT};
+    for (size_t p = 0; p < SP_ARRAY_LEN(policies); p++) {
+        pthread_t t[THREADS];
+        race_worker_t w[THREADS];
+        memset(w, 0, sizeof w);
+        for (int i = 0; i < THREADS; i++) {
+            w[i].s = fx->s;
+            w[i].id = i;
+            w[i].policy = policies[p];
+            assert_int_equal(pthread_create(&t[i], NULL, race_versions, &w[i]), 0);
+        }
+        int stored = 0, kept = 0, refused = 0;
+        uint32_t best = 0;
+        for (int i = 0; i < THREADS; i++) {
+            pthread_join(t[i], NULL);
+            assert_int_equal(w[i].errors, 0);
+            for (int j = 0; j < RACE_VERSIONS; j++) {
+                store_outcome_t o = w[i].out[j];
+                stored += o == STORE_STORED;
+                kept += o == STORE_REPLACED || o == STORE_KEPT_ASIDE || o == STORE_CONFLICT;
+                refused += o == STORE_CONFLICT_LIMIT;
+                if (o == STORE_CONFLICT_LIMIT)
+                    continue;
+                /* Seeds order as versions do (1000 + 10 * seed). */
+                uint32_t sd = race_seed(i, j);
+                if (best == 0 || (policies[p] == STORE_POLICY_KEEP_NEWEST ? sd > best : sd < best))
+                    best = sd;
+            }
+        }
+        assert_int_equal(stored, 1);
+        assert_int_equal(kept, 4);
+        assert_int_equal(refused, THREADS * RACE_VERSIONS - 5);
+        inst_t in = simple(9, "1.2.9.3", "1.2.9.3.1",
+                           policies[p] == STORE_POLICY_KEEP_NEWEST ? "1.2.9.3.1.1" : "1.2.9.3.1.2");
+        expect_version(fx->s, &in, best, 1000 + 10 * (uint64_t)best);
+        /* Identical re-sends of what was kept add nothing. */
+        for (int i = 0; i < THREADS; i++)
+            for (int j = 0; j < RACE_VERSIONS; j++)
+                if (w[i].out[j] != STORE_CONFLICT_LIMIT) {
+                    store_outcome_t o = vput(fx->s, &in, race_seed(i, j),
+                                             1000 + 10 * (uint64_t)race_seed(i, j), policies[p]);
+                    assert_true(o == STORE_DUPLICATE || o == STORE_KEPT_ASIDE ||
+                                o == STORE_CONFLICT);
+                }
+    }
+    store_stats_t st = stats(fx->s);
+    assert_int_equal(st.conflicts, 8);
+    assert_int_equal(st.conflicts_refused, 2 * (THREADS * RACE_VERSIONS - 5));
+    assert_int_equal(st.instances, 2);
+    reopen(fx);
+    assert_int_equal(stats(fx->s).conflicts, 8);
+}
+
 int main(void)
 {
     log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
@@ -2748,6 +3170,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_repair, setup, teardown),
         cmocka_unit_test_setup_teardown(test_repair_blob_file, setup, teardown),
         cmocka_unit_test_setup_teardown(test_scrub, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_policy_reject, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_policy_keep_first, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_policy_keep_newest, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_policy_order_independent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_keep_newest_repair_converges, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_conflict_limit_race, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

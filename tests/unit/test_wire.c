@@ -1062,6 +1062,145 @@ static void test_status_and_drain_round_trip(void **state)
     wire_reply_free(&rep);
 }
 
+/* A put's version and duplicate policy, a get reply's and a listing's
+ * stored version, the new outcomes and conflicts_refused survive a round
+ * trip; version and policy are refused apart, out of range or unknown. */
+static void test_versions_round_trip(void **state)
+{
+    (void)state;
+    char err[256];
+    uint8_t *buf;
+    size_t len;
+    wire_request_t in, out;
+    fill_put(&in);
+    in.version = 1765000000123ull;
+    in.policy = WIRE_POLICY_KEEP_NEWEST;
+    assert_int_equal(wire_encode_request(&in, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &out, err, sizeof err), 0);
+    assert_int_equal(out.version, 1765000000123ull);
+    assert_int_equal(out.policy, WIRE_POLICY_KEEP_NEWEST);
+    free(buf);
+    wire_request_free(&out);
+    /* A put without them (repair, an older router) stays valid. */
+    in.version = 0;
+    in.policy = WIRE_POLICY_UNSET;
+    assert_int_equal(wire_encode_request(&in, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &out, err, sizeof err), 0);
+    assert_int_equal(out.version, 0);
+    assert_int_equal(out.policy, WIRE_POLICY_UNSET);
+    free(buf);
+    wire_request_free(&out);
+    wire_request_free(&in);
+
+    for (int o = WIRE_STORED; o <= WIRE_KEPT_ASIDE; o++) {
+        wire_reply_t r = {.kind = WIRE_PUT, .outcome = (wire_outcome_t)o}, back;
+        wire_encode_reply(&r, &buf, &len);
+        assert_int_equal(wire_decode_reply(buf, len, &back, err, sizeof err), 0);
+        assert_int_equal(back.outcome, o);
+        free(buf);
+        wire_reply_free(&back);
+    }
+
+    wire_reply_t g = {.kind = WIRE_GET,
+                      .partition = 9,
+                      .version = 42,
+                      .policy = WIRE_POLICY_REJECT},
+                 gb;
+    attrs_set(&g.attrs, ATTR_SOP_INSTANCE_UID, SOP);
+    wire_encode_reply(&g, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &gb, err, sizeof err), 0);
+    assert_int_equal(gb.version, 42);
+    assert_int_equal(gb.policy, WIRE_POLICY_REJECT);
+    free(buf);
+    wire_reply_free(&gb);
+    wire_reply_free(&g);
+
+    wire_reply_t l = {.kind = WIRE_PARTITION_LIST}, lb;
+    wire_instance_t *w = wire_reply_add_instance(&l);
+    w->study_uid = strdup(STUDY);
+    w->series_uid = strdup(SERIES);
+    w->sop_uid = strdup(SOP);
+    w->version = WIRE_VERSION_MAX;
+    w->policy = WIRE_POLICY_KEEP_FIRST;
+    wire_encode_reply(&l, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &lb, err, sizeof err), 0);
+    assert_int_equal(lb.instances[0].version, WIRE_VERSION_MAX);
+    assert_int_equal(lb.instances[0].policy, WIRE_POLICY_KEEP_FIRST);
+    free(buf);
+    wire_reply_free(&lb);
+    /* One past the maximum in a listing is refused like in a put. */
+    l.instances[0].version = WIRE_VERSION_MAX + 1;
+    wire_encode_reply(&l, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &lb, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "version"));
+    free(buf);
+    wire_reply_free(&l);
+
+    wire_reply_t st = {.kind = WIRE_STATS,
+                       .stats = {.node_id = strdup("n1"), .conflicts = 4, .conflicts_refused = 7}},
+                 sb;
+    wire_encode_reply(&st, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &sb, err, sizeof err), 0);
+    assert_int_equal(sb.stats.conflicts, 4);
+    assert_int_equal(sb.stats.conflicts_refused, 7);
+    free(buf);
+    wire_reply_free(&sb);
+    wire_reply_free(&st);
+
+    wire_policy_t p = WIRE_POLICY_UNSET;
+    assert_int_equal(wire_policy_parse("keep-newest", &p), 0);
+    assert_int_equal(p, WIRE_POLICY_KEEP_NEWEST);
+    assert_int_equal(wire_policy_parse("reject", &p), 0);
+    assert_int_equal(p, WIRE_POLICY_REJECT);
+    assert_int_equal(wire_policy_parse("unset", &p), SP_EINVAL);
+    assert_int_equal(wire_policy_parse("newest", &p), SP_EINVAL);
+    assert_string_equal(wire_policy_name(WIRE_POLICY_KEEP_FIRST), "keep-first");
+}
+
+static int decode_versioned_put(uint64_t version, int policy, char *err, size_t errlen)
+{
+    wire_request_t in, out;
+    fill_put(&in);
+    in.version = version;
+    in.policy = (wire_policy_t)policy;
+    uint8_t *buf;
+    size_t len;
+    wire_encode_request(&in, &buf, &len);
+    int rc = wire_decode_request(buf, len, &out, err, errlen);
+    free(buf);
+    wire_request_free(&in);
+    if (rc == 0)
+        wire_request_free(&out);
+    return rc;
+}
+
+static void test_versions_validated(void **state)
+{
+    (void)state;
+    char err[256];
+    assert_int_equal(decode_versioned_put(5, WIRE_POLICY_UNSET, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "together"));
+    assert_int_equal(decode_versioned_put(0, WIRE_POLICY_KEEP_FIRST, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "together"));
+    assert_int_equal(decode_versioned_put(5, 4, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "policy"));
+    assert_int_equal(decode_versioned_put(5, -1, err, sizeof err), SP_EPROTO);
+    assert_int_equal(
+        decode_versioned_put(WIRE_VERSION_MAX + 1, WIRE_POLICY_REJECT, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "out of range"));
+    assert_int_equal(decode_versioned_put(UINT64_MAX, WIRE_POLICY_KEEP_NEWEST, err, sizeof err),
+                     SP_EPROTO);
+    assert_int_equal(
+        decode_versioned_put(WIRE_VERSION_MAX, WIRE_POLICY_KEEP_NEWEST, err, sizeof err), 0);
+    /* An unknown put outcome from a peer is refused. */
+    wire_reply_t r = {.kind = WIRE_PUT, .outcome = (wire_outcome_t)6}, back;
+    uint8_t *buf;
+    size_t len;
+    wire_encode_reply(&r, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &back, err, sizeof err), SP_EPROTO);
+    free(buf);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1080,6 +1219,8 @@ int main(void)
         cmocka_unit_test(test_gossip_truncated_buffers),
         cmocka_unit_test(test_gossip_mutated_buffers),
         cmocka_unit_test(test_status_and_drain_round_trip),
+        cmocka_unit_test(test_versions_round_trip),
+        cmocka_unit_test(test_versions_validated),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
