@@ -28,6 +28,7 @@ extern "C" {
 #include "part10.h"
 
 #include "../common/base.h"
+#include "../common/charset.h"
 #include "../common/log.h"
 }
 
@@ -120,7 +121,7 @@ static OFCondition decode_dataset(const uint8_t *data, size_t len, E_TransferSyn
 }
 
 /* Reads the element at the top level of item as a trimmed string; false when
- * absent. */
+ * absent. For values that are ASCII by definition (UIDs, codes, dates). */
 static bool get_string(DcmItem &item, const DcmTagKey &tag, std::string &out)
 {
     OFString v;
@@ -130,25 +131,105 @@ static bool get_string(DcmItem &item, const DcmTagKey &tag, std::string &out)
     return true;
 }
 
+/* Whether Specific Character Set applies to values of this VR (PS3.5
+ * 6.1.2.3: SH, LO, UC, ST, LT, UT and PN; every other string VR is in the
+ * default repertoire). */
+static bool affected_by_charset(DcmEVR vr)
+{
+    switch (vr) {
+    case EVR_SH:
+    case EVR_LO:
+    case EVR_UC:
+    case EVR_ST:
+    case EVR_LT:
+    case EVR_UT:
+    case EVR_PN: return true;
+    default: return false;
+    }
+}
+
+/* The character repertoire rules that apply to an element's VR. */
+static charset_vr_t charset_vr_of(DcmEVR vr)
+{
+    switch (vr) {
+    case EVR_PN: return CHARSET_VR_PN;
+    case EVR_ST:
+    case EVR_LT:
+    case EVR_UT: return CHARSET_VR_TEXT;
+    default: return CHARSET_VR_STRING;
+    }
+}
+
+/* Converts an element's raw value (all values, backslash-separated) from the
+ * item's Specific Character Set to trimmed UTF-8. Never fails for the bytes
+ * themselves: what cannot be decoded comes out in charset.h's lossless
+ * escaped form, and the CHARSET_* warnings are ORed into *flags. The archive
+ * stores the bytes it was given; only the index sees this text. */
+static std::string element_utf8(DcmElement &e, const std::string &scs, unsigned *flags)
+{
+    if (!affected_by_charset(e.ident())) {
+        /* UIDs, codes, dates and numbers are in the default repertoire
+         * (and UIDs are padded with NUL, which DCMTK strips here). */
+        OFString v;
+        if (e.getLength() > 0)
+            e.getOFStringArray(v);
+        return dicom_trim(v);
+    }
+    /* The value's own length (padding removed by DCMTK), not the element
+     * length: the bytes past it are not part of the value. */
+    char *raw = NULL;
+    Uint32 len = 0;
+    if (e.getLength() == 0 || e.getString(raw, len).bad() || raw == NULL || len == 0)
+        return std::string();
+    char *utf8 = NULL;
+    unsigned f = 0;
+    int rc = charset_to_utf8(scs.c_str(), (const uint8_t *)raw, len, charset_vr_of(e.ident()),
+                             &utf8, &f);
+    SP_ASSERT(rc == 0); /* only NULL arguments fail */
+    *flags |= f;
+    std::string out = dicom_trim(OFString(utf8));
+    free(utf8);
+    return out;
+}
+
+/* Names the CHARSET_* warnings in flags, for one log line. */
+static std::string charset_flags_text(unsigned flags)
+{
+    std::string out;
+    for (unsigned bit = 1; bit != 0 && bit <= flags; bit <<= 1) {
+        if (!(flags & bit))
+            continue;
+        if (!out.empty())
+            out += ", ";
+        out += charset_flag_name(bit);
+    }
+    return out;
+}
+
 /* ---- attributes ---------------------------------------------------------- */
 
-/* Reads the stored attributes of ds (already converted to UTF-8). */
-static void read_stored_attrs(DcmDataset &ds, attrs_t *out)
+/* Reads the stored attributes of ds, converted to UTF-8 from scs; ORs the
+ * CHARSET_* warnings into *flags. */
+static void read_stored_attrs(DcmDataset &ds, const std::string &scs, attrs_t *out, unsigned *flags)
 {
     for (int i = 0; i < ATTR_STORED_COUNT; i++) {
         const attr_info_t *ai = attr_info((attr_id_t)i);
         if ((ai->tag >> 16) == 0x0002 || ai->id == ATTR_SPECIFIC_CHARACTER_SET)
             continue;
-        std::string v;
-        if (get_string(ds, DcmTagKey((Uint16)(ai->tag >> 16), (Uint16)(ai->tag & 0xffff)), v))
-            attrs_set(out, ai->id, v.c_str());
+        DcmElement *e = NULL;
+        DcmTagKey key((Uint16)(ai->tag >> 16), (Uint16)(ai->tag & 0xffff));
+        if (ds.findAndGetElement(key, e, OFFalse).bad() || e == NULL)
+            continue;
+        attrs_set(out, ai->id, element_utf8(*e, scs, flags).c_str());
     }
 }
 
 /* Parses and converts; on success out holds the attributes (the original
- * Specific Character Set value included) and ds the parsed data set. */
+ * Specific Character Set value included), ds the parsed data set and
+ * *charset_flags the CHARSET_* warnings of the conversion (a name that could
+ * not be decoded is indexed in escaped form; the image is still archived). */
 static int parse_attrs_internal(const uint8_t *dataset, size_t len, const char *ts, DcmDataset &ds,
-                                attrs_t *out, std::string &why)
+                                attrs_t *out, unsigned *charset_flags, std::string &why)
 {
     E_TransferSyntax xfer = DcmXfer(ts ? ts : "").getXfer();
     if (xfer == EXS_Unknown) {
@@ -164,15 +245,11 @@ static int parse_attrs_internal(const uint8_t *dataset, size_t len, const char *
     }
     std::string scs;
     bool has_scs = get_string(ds, DCM_SpecificCharacterSet, scs);
-    cond = ds.convertToUTF8();
-    if (cond.bad()) {
-        why = "cannot convert character set '" + scs + "' to UTF-8: " + cond.text();
-        return SP_EINVAL;
-    }
     attrs_clear(out);
     if (has_scs)
         attrs_set(out, ATTR_SPECIFIC_CHARACTER_SET, scs.c_str());
-    read_stored_attrs(ds, out);
+    *charset_flags = 0;
+    read_stored_attrs(ds, scs, out, charset_flags);
     attrs_set(out, ATTR_TRANSFER_SYNTAX_UID, ts);
     return 0;
 }
@@ -248,11 +325,7 @@ static uint16_t parse_identifier(DcmDataset *id, dicom_model_t model, level_t *l
     }
     std::string scs;
     get_string(*id, DCM_SpecificCharacterSet, scs);
-    OFCondition cond = id->convertToUTF8();
-    if (cond.bad()) {
-        why = "cannot convert character set '" + scs + "': " + cond.text();
-        return DICOM_UNABLE_TO_PROCESS;
-    }
+    unsigned flags = 0;
     for (unsigned long i = 0; i < id->card(); i++) {
         DcmElement *e = id->getElement(i);
         if (e == NULL)
@@ -267,11 +340,11 @@ static uint16_t parse_identifier(DcmDataset *id, dicom_model_t model, level_t *l
                 extra->push_back(key);
             continue;
         }
-        OFString v;
-        if (e->getLength() > 0)
-            e->getOFStringArray(v);
-        attrs_set(keys, ai->id, dicom_trim(v).c_str());
+        attrs_set(keys, ai->id, element_utf8(*e, scs, &flags).c_str());
     }
+    if (flags != 0)
+        log_warn("dicom: query keys in character set '%s' decoded with warnings (%s)", scs.c_str(),
+                 charset_flags_text(flags).c_str());
     return 0;
 }
 
@@ -318,6 +391,7 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
     char comment[256] = "";
     attrs_t attrs;
     memset(&attrs, 0, sizeof(attrs));
+    unsigned charset_flags = 0;
     {
         DcmDataset ds;
         std::string why;
@@ -325,7 +399,7 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
             status = DICOM_CANNOT_UNDERSTAND;
             snprintf(comment, sizeof(comment), "data set on another presentation context");
         } else if (parse_attrs_internal(bytes.data(), bytes.size(), pc.acceptedTransferSyntax, ds,
-                                        &attrs, why) != 0) {
+                                        &attrs, &charset_flags, why) != 0) {
             status = DICOM_CANNOT_UNDERSTAND;
             snprintf(comment, sizeof(comment), "%s", why.c_str());
         } else if (srv->h.store == NULL) {
@@ -337,6 +411,12 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
         log_warn("dicom: C-STORE from %s (%s) of %s: status 0x%04X %s", a.calling, a.host,
                  cmd_sop.c_str(), status, comment);
     } else {
+        if (charset_flags != 0)
+            log_warn("dicom: C-STORE from %s (%s) of %s: names in character set '%s' indexed "
+                     "with warnings (%s); the object is stored as sent",
+                     a.calling, a.host, cmd_sop.c_str(),
+                     attrs_str(&attrs, ATTR_SPECIFIC_CHARACTER_SET),
+                     charset_flags_text(charset_flags).c_str());
         dicom_store_t req;
         req.peer = &a.peer;
         req.sop_class_uid = rq.AffectedSOPClassUID;

@@ -495,3 +495,84 @@ def test_connections_beyond_queue_are_rejected(small):
     time.sleep(0.3)
     p = run(["echoscu", "-v", "-aec", AE, "127.0.0.1", small], timeout=10)
     assert "Received Echo Response (Success)" in p.stdout + p.stderr
+
+
+# ---- character sets: every valid image is archived, names are indexed --------
+
+CHARSET_DIR = Path("/usr/lib/python3/dist-packages/pydicom/data/charset_files")
+# Files pydicom ships, one per SOP Instance UID (chrFrenMulti and
+# chrJapMultiExplicitIR6 repeat another file's UID with other bytes).
+CHARSET_FILES = ["chrArab", "chrFren", "chrGerm", "chrGreek", "chrH31", "chrH32", "chrHbrw",
+                 "chrI2", "chrJapMulti", "chrKoreanMulti", "chrRuss", "chrX1", "chrX2"]
+
+
+def _name(value):
+    """A person name as compared here: trailing empty component groups and
+    padding dropped (pydicom keeps 'A^B==' where the index keeps 'A^B')."""
+    return str(value).rstrip("= ")
+
+
+def find_name_of(env, sop_uid, outdir):
+    rsps = findscu(env, "IMAGE", ["StudyInstanceUID", "SeriesInstanceUID",
+                                  f"SOPInstanceUID={sop_uid}", "PatientName"], outdir)
+    assert len(rsps) == 1, f"{sop_uid}: {len(rsps)} answers"
+    assert rsps[0].SpecificCharacterSet == "ISO_IR 192"
+    return _name(rsps[0].PatientName)
+
+
+def test_store_accepts_every_character_set_and_indexes_names(env, tmp_path):
+    """Japanese (ISO 2022 IR 87, IR 13 + IR 87), Korean (IR 149), Chinese
+    (GB18030, UTF-8), Arabic, Greek, Hebrew, Cyrillic, Latin-1: all stored
+    with Success (glibc's iconv has no 'ISO 2022 IR 87', which used to refuse
+    every Japanese image) and findable with the name decoded to UTF-8."""
+    paths = [CHARSET_DIR / f"{n}.dcm" for n in CHARSET_FILES]
+    p = run(["storescu", "-d", "-aec", AE, "127.0.0.1", env["port"]] + paths)
+    got = statuses(p.stdout + p.stderr)
+    assert got == [0] * len(paths), got
+    for path in paths:
+        ds = pydicom.dcmread(str(path))
+        assert find_name_of(env, ds.SOPInstanceUID, tmp_path / path.stem) == \
+            _name(ds.PatientName), path.name
+
+
+def _raw_name_image(name_bytes, charset=None):
+    """An explicit VR little endian image whose PatientName is exactly
+    name_bytes (explicit, because getscu 3.6.7 receives only that: the
+    retrieved bytes are then the stored ones, verbatim)."""
+    placeholder = "Q" * (len(name_bytes) - 5) + "^Hans"
+    assert len(placeholder) == len(name_bytes)
+    ds = make_image(CTImageStorage, generate_uid(), generate_uid(), "PCS", placeholder, "CT", 1,
+                    charset=charset)
+    raw = spcluster.encode_dataset(ds, implicit=False)
+    assert raw.count(placeholder.encode()) == 1
+    return ds, raw.replace(placeholder.encode(), name_bytes)
+
+
+@pytest.mark.parametrize("charset, name_bytes, expected", [
+    (None, b"M\xfcller^Hans", "Müller^Hans"),           # Latin-1 bytes, no character set
+    ("iso_ir 100", b"M\xfcller^Hans", "Müller^Hans"),   # lower-case defined term
+    ("ISO_IR 999", b"M\xfcller^Hans", None),            # unknown term: escaped, never refused
+    ("ISO_IR 192", b"M\xfc\xfcler^Hans", None),          # invalid UTF-8: escaped, never refused
+])
+def test_store_never_refuses_an_image_over_its_names(env, tmp_path, charset, name_bytes,
+                                                     expected):
+    ds, raw = _raw_name_image(name_bytes, charset)
+    status, comment = spcluster.raw_store(env["port"], CTImageStorage, ds.SOPInstanceUID, raw,
+                                          ae=AE, transfer_syntax=ExplicitVRLittleEndian)
+    assert status == 0x0000, (hex(status), comment)
+    name = find_name_of(env, ds.SOPInstanceUID, tmp_path / "f")
+    if expected is not None:
+        assert name == expected
+    else:
+        # what could not be decoded is indexed in charset.h's escaped form
+        # (U+FFFD then the byte in hex), the rest as it was
+        assert name.startswith("M\ufffdFC") and name.endswith("ler^Hans"), name
+    # the archive keeps the bytes it was given
+    outdir = tmp_path / "get"
+    outdir.mkdir()
+    run(["getscu", "+B", "-aec", AE, "-k", "QueryRetrieveLevel=IMAGE",
+         "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+         "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}",
+         "-k", f"SOPInstanceUID={ds.SOPInstanceUID}", "-od", outdir, "127.0.0.1", env["port"]])
+    (got,) = list(outdir.iterdir())
+    assert dataset_bytes(got) == raw
