@@ -1,5 +1,7 @@
 /* gossip.h - cluster membership: a SWIM-style failure detector and
  * dissemination protocol, written as a pure, deterministic state machine.
+ * Contract 4 (README "Contracts"): the member states and when down may
+ * become out.
  *
  * There is no I/O, no thread and no clock in here. The caller passes the
  * current monotonic time (now_ms) into every call, feeds inbound messages to

@@ -1,7 +1,8 @@
 /* placement.h - which storage members own a partition, computed from a
  * gossip view: the one place storage nodes (node/repair.c), routers
  * (router/backend.c) and the admin CLI (node/cli.c) take owners from, so
- * that they agree whenever their views agree.
+ * that they agree whenever their views agree (contract 3, README
+ * "Contracts").
  *
  * Input is a view: an array of gossip_member_t as membership_view() or a
  * status reply lists them (any order, routers and storage members mixed).

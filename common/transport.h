@@ -1,5 +1,6 @@
 /* transport.h - request/reply RPC between cluster members over ZeroMQ,
- * CURVE-encrypted and authenticated on every socket.
+ * CURVE-encrypted and authenticated on every socket (contract 7, README
+ * "Contracts": only listed keys pass, failing closed).
  *
  * Wire framing (all frames of one ZeroMQ multipart message):
  *   frame 0: transport header, 20 bytes, little-endian:

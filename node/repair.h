@@ -1,7 +1,8 @@
 /* repair.h - a storage node's self-healing: anti-entropy rounds that pull
  * what this node should hold from the members that hold it, hand-off of
  * what it holds but no longer owns, the scrubber, and the status and drain
- * requests of the admin CLI.
+ * requests of the admin CLI. Contract 5 (README "Contracts"): the last copy
+ * is never the one deleted; contract 2: corrupt copies are replaced.
  *
  * Ownership comes from the gossiped view (membership.h): a partition's
  * owners are ring_owners() over the placed storage members, N = [cluster]

@@ -1,5 +1,9 @@
 /* store.h - a storage node's objects and indexes in one RocksDB database.
  *
+ * Contracts kept here (README "Contracts"): 1, an instance is acknowledged
+ * only after its synced write, and a different version never overwrites
+ * silently; 2, the digest is verified before the write and on every read.
+ *
  * Column families:
  *   objects   key P|study\0series\0sop -> the Part-10 bytes, verbatim
  *             (integrated BlobDB keeps large values out of the LSM tree)

@@ -1,7 +1,8 @@
 /* backend.h - the router's side of the cluster: placement of studies on
  * storage members taken from the gossiped view, sloppy-quorum writes with
  * hinted stand-ins, scatter/gather queries, and fetching instances from any
- * member that has them.
+ * member that has them. Contracts (README "Contracts"): 1, a put succeeds
+ * only with W durable acknowledgements; 6, no state beyond caches.
  *
  * Placement comes from common/placement.h over the router's membership
  * view, exactly as the storage nodes compute it: a study's N owners are
