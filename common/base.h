@@ -1,7 +1,7 @@
 /* base.h - error codes, allocation wrappers and small helpers shared by every
  * ShardPACS component.
  *
- * Error convention (see STYLE.md): functions return 0 on success or a
+ * Error convention: functions return 0 on success or a
  * negative code on failure. System errors are returned as -errno; project
  * errors use the SP_E* codes below, all of which lie below -10000 so they
  * never collide with an errno. sp_strerror() names either kind.

@@ -21,7 +21,7 @@
  *    owner, lost the partition to a joiner, or is draining), it lists every
  *    owner and deletes a study only if all N owners hold each of its
  *    instances with the same digest (store_delete_study_if, under the
- *    study's gate): the last copy is never dropped (DESIGN contract 5).
+ *    study's gate): the last copy is never dropped (README "Contracts", 5).
  * A JOINING node announces ALIVE after its first complete round (every
  * holder answered, every copy succeeded). A DRAINING node announces LEFT
  * once it holds nothing, then asks the process to stop (SIGTERM to itself).

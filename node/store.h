@@ -52,7 +52,7 @@
  *               (STORE_KEPT_ASIDE, or STORE_REPLACED for the swap): the
  *               router answers Success and logs a warning. The new version
  *               is kept aside rather than dropped, because a Success must
- *               mean the bytes are durable somewhere (DESIGN contract 1).
+ *               mean the bytes are durable somewhere (README "Contracts", 1).
  *   KEEP_NEWEST the latest version is the instance: a later one replaces
  *               it (STORE_REPLACED: object and instance record now hold the
  *               new bytes, attributes, digest and version; the replaced one
@@ -309,8 +309,8 @@ int store_partition_list(store_t *s, uint32_t partition, const char *cursor, siz
  * records, the secondary entries that point into the partition (SOP and
  * study locators, patient/name/date/accession entries of its studies) and
  * the kept conflicts of its SOPs; other partitions are untouched. Meant for
- * an old owner once the new owners confirmed a verified full copy (DESIGN
- * contract 5). *deleted (may be NULL) gets the number of instances deleted,
+ * an old owner once the new owners confirmed a verified full copy (README
+ * "Contracts", 5). *deleted (may be NULL) gets the number of instances deleted,
  * also when the call fails part way. Returns 0, SP_EINVAL (partition), or
  * SP_EDB / SP_ENOSPACE; calling it again finishes an interrupted deletion.
  *

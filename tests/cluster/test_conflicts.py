@@ -8,7 +8,7 @@ Each version is its own small explicit-VR little endian Secondary Capture
 file, sent by its own storescu run so the router's receive times (the
 versions nodes order by) increase with the version number.
 
-Run: SP_BUILD_DIR=/work/wt-conflicts/build /usr/bin/python3 -m pytest -q tests/cluster/test_conflicts.py
+Run: SP_BUILD_DIR=build /usr/bin/python3 -m pytest -q tests/cluster/test_conflicts.py
 """
 import sys
 from pathlib import Path
