@@ -508,12 +508,15 @@ static int inflate_feed(dsscan_t *s, const uint8_t *p, size_t n)
         int zr = inflate(&s->z, Z_NO_FLUSH);
         size_t out = INFLATE_CHUNK - s->z.avail_out;
         s->z_in += before - s->z.avail_in;
-        if (zr != Z_OK && zr != Z_STREAM_END && zr != Z_BUF_ERROR) {
-            return fail(s, SP_EINVAL, "deflated data corrupt after %llu bytes: %s",
-                        (unsigned long long)s->z_in, s->z.msg ? s->z.msg : "error");
-        }
+        /* What inflated before a corrupt spot is scanned first, and the
+         * spot is named by inflated offset: both are the same however the
+         * input was split (how far zlib reads ahead is not). */
         if (out > 0 && scan(s, s->zbuf, out) != 0) {
             return s->error;
+        }
+        if (zr != Z_OK && zr != Z_STREAM_END && zr != Z_BUF_ERROR) {
+            return fail(s, SP_EINVAL, "deflated data corrupt after %llu inflated bytes: %s",
+                        (unsigned long long)s->off, s->z.msg ? s->z.msg : "error");
         }
         if (s->lim.max_inflate_ratio != 0 && s->off > INFLATE_GRACE &&
             s->off / s->lim.max_inflate_ratio > s->z_in) {
