@@ -10,6 +10,8 @@ packages=(
   libprotobuf-c-dev protobuf-c-compiler           # wire messages
   libinih-dev                                     # configuration files
   libjansson-dev                                  # JSON output of the admin CLI
+  zlib1g-dev                                      # deflated data sets (common/dsscan.c)
+  clang                                           # libFuzzer targets (tests/fuzz/run.sh)
   libdcmtk-dev dcmtk                              # DICOM (router, test clients)
   libcmocka-dev                                   # unit tests
   clang-format                                    # format check (tests/check-format.sh)
