@@ -1,5 +1,5 @@
 # tests/fuzz/fuzz.cmake - libFuzzer targets (fuzz_dsscan, fuzz_wire,
-# fuzz_match), built when the C compiler is clang. Included from the top
+# fuzz_match, fuzz_part10), built when the C compiler is clang. Included from the top
 # CMakeLists.txt; tests/fuzz/run.sh configures a separate build-fuzz folder
 # with CC=clang -DSP_FUZZ=ON and builds only these targets (the router's
 # DCMTK code is never built there).
@@ -30,12 +30,15 @@ if(CMAKE_C_COMPILER_ID STREQUAL "Clang")
   target_link_libraries(sp_common_fuzz PUBLIC PkgConfig::ZMQ PkgConfig::SODIUM PkgConfig::INIH
     Threads::Threads m z PRIVATE sp_proto)
 
-  foreach(name fuzz_dsscan fuzz_wire fuzz_match)
+  foreach(name fuzz_dsscan fuzz_wire fuzz_match fuzz_part10)
     add_executable(${name} ${SP_FUZZ_EXCLUDE} ${CMAKE_SOURCE_DIR}/tests/fuzz/${name}.c)
     target_compile_options(${name} PRIVATE ${SP_FUZZ_FLAGS} ${SP_C_WARNINGS})
     target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
     target_link_libraries(${name} PRIVATE sp_common_fuzz)
   endforeach()
+  # The Part-10 framing lives with the router but needs no DCMTK.
+  target_sources(fuzz_part10 PRIVATE ${CMAKE_SOURCE_DIR}/router/part10.c)
+  target_include_directories(fuzz_part10 PRIVATE ${CMAKE_SOURCE_DIR}/router)
 
   # Writes the wire seed corpus (tests/fuzz/corpus/fuzz_wire) from real
   # encodings; run by hand when the messages change.

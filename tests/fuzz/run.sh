@@ -8,13 +8,13 @@
 # crashed (kept under build-fuzz/artifacts/).
 #
 # Environment: FUZZ_BUILD_DIR (default build-fuzz), JOBS (default 2),
-# FUZZ_TARGETS (default: all three).
+# FUZZ_TARGETS (default: all four).
 set -eu
 
 seconds=${1:-20}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${FUZZ_BUILD_DIR:-$root/build-fuzz}
-targets=${FUZZ_TARGETS:-"fuzz_dsscan fuzz_wire fuzz_match"}
+targets=${FUZZ_TARGETS:-"fuzz_dsscan fuzz_wire fuzz_match fuzz_part10"}
 artifacts=$build/artifacts
 work=$(mktemp -d /tmp/spfuzz.XXXXXX)
 trap 'rm -rf "$work"' EXIT INT TERM
