@@ -444,19 +444,6 @@ static size_t read_candidates(backend_t *b, const view_t *v, uint32_t partition,
     return n;
 }
 
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      char (*owners)[GOSSIP_ID_MAX])
-{
-    view_t *v = view_acquire(b);
-    size_t idx[RING_MAX_REPLICAS];
-    *partition = ring_partition(study_uid);
-    size_t k = owners_of(b, v, *partition, idx);
-    for (size_t i = 0; i < k; i++)
-        sp_strlcpy(owners[i], v->m[idx[i]].id, GOSSIP_ID_MAX);
-    view_release(v);
-    return k;
-}
-
 /* ---- put ---------------------------------------------------------------- */
 
 /* transport_call_many acceptance test: the replica stored the instance, or

@@ -116,9 +116,4 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len);
 
-/* The partition and owner ids (at most RING_MAX_REPLICAS, copied into
- * owners) of a study in the current view. */
-size_t backend_locate(backend_t *b, const char *study_uid, uint32_t *partition,
-                      char (*owners)[GOSSIP_ID_MAX]);
-
 #endif

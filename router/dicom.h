@@ -1,7 +1,11 @@
 /* dicom.h - the plain C interface to the DICOM protocol. Everything behind it
- * is DCMTK (C++) in router/dicom_adapter.cc; nothing else in ShardPACS sees
- * C++ or DCMTK types. Every exception is caught at this boundary and turned
- * into an error code and a message in a caller buffer.
+ * is DCMTK (C++) in two files sharing the private router/dicom_int.h:
+ * router/dicom_server.cc (listening, worker pool, negotiation, the DIMSE
+ * receive loop) and router/dicom_services.cc (C-STORE, C-FIND, C-MOVE/C-GET,
+ * data set parsing). Nothing else in ShardPACS sees C++ or DCMTK types. Every
+ * exception is caught at this boundary and turned into an error code and a
+ * message in a caller buffer. The Part-10 framing of stored instances needs
+ * no DCMTK and lives in router/part10.h.
  *
  * Server model: dicom_server_start() listens on a TCP port (Nagle off, no
  * reverse DNS), and a pool of worker threads each take an accepted socket,
@@ -24,7 +28,9 @@
  * for.
  *
  * Data sets received by C-STORE are kept bit-exact: the adapter receives the
- * PDV bytes verbatim into memory and only parses a copy to read attributes. */
+ * PDV bytes verbatim into memory and only parses a copy to read attributes.
+ * It reports what it parsed and leaves the archive's policy (which UIDs must
+ * be present and agree with the command) to the store handler. */
 #ifndef SP_DICOM_H
 #define SP_DICOM_H
 
@@ -38,23 +44,23 @@
 #define DICOM_SUCCESS 0x0000
 #define DICOM_PENDING 0xFF00
 #define DICOM_CANCEL 0xFE00
-#define DICOM_WARNING_SUBOPS 0xB000      /* retrieve: some sub-operations failed */
-#define DICOM_OUT_OF_RESOURCES 0xA700    /* store: could not store (retry later) */
-#define DICOM_REFUSED_SUBOPS 0xA702      /* retrieve: out of resources, sub-ops */
-#define DICOM_MOVE_DEST_UNKNOWN 0xA801   /* move destination unknown */
-#define DICOM_DATASET_MISMATCH 0xA900    /* identifier / SOP class mismatch */
-#define DICOM_CANNOT_UNDERSTAND 0xC000   /* store: cannot understand */
-#define DICOM_UNABLE_TO_PROCESS 0xC001   /* query/retrieve: unable to process */
+#define DICOM_WARNING_SUBOPS 0xB000    /* retrieve: some sub-operations failed */
+#define DICOM_OUT_OF_RESOURCES 0xA700  /* store: could not store (retry later) */
+#define DICOM_REFUSED_SUBOPS 0xA702    /* retrieve: out of resources, sub-ops */
+#define DICOM_MOVE_DEST_UNKNOWN 0xA801 /* move destination unknown */
+#define DICOM_DATASET_MISMATCH 0xA900  /* identifier / SOP class mismatch */
+#define DICOM_CANNOT_UNDERSTAND 0xC000 /* store: cannot understand */
+#define DICOM_UNABLE_TO_PROCESS 0xC001 /* query/retrieve: unable to process */
 
 typedef struct {
-    char *ae_title;      /* AE title this server answers to */
-    char *bind_address;  /* e.g. "0.0.0.0" or "127.0.0.1" */
-    int port;            /* 0 picks a free port; see dicom_server_port() */
-    int max_pdu;         /* receive PDU size, bytes (default 116794) */
-    int acse_timeout_s;  /* association negotiation and release (default 10) */
-    int dimse_timeout_s; /* waiting for the next DIMSE message (default 60) */
-    int workers;         /* associations served at once (default 16) */
-    int queue;           /* accepted associations waiting for a worker (default 64) */
+    char *ae_title;         /* AE title this server answers to */
+    char *bind_address;     /* e.g. "0.0.0.0" or "127.0.0.1" */
+    int port;               /* 0 picks a free port; see dicom_server_port() */
+    int max_pdu;            /* receive PDU size, bytes (default 116794) */
+    int acse_timeout_s;     /* association negotiation and release (default 10) */
+    int dimse_timeout_s;    /* waiting for the next DIMSE message (default 60) */
+    int workers;            /* associations served at once (default 16) */
+    int queue;              /* accepted associations waiting for a worker (default 64) */
     bool require_called_ae; /* reject associations addressed to another AE title */
     char *allowed_callers;  /* calling AE titles admitted, separated by commas or spaces;
                                NULL or empty admits any */
@@ -69,11 +75,13 @@ typedef struct {
     const char *peer_host;
 } dicom_peer_t;
 
-typedef enum { DICOM_MODEL_PATIENT_ROOT, DICOM_MODEL_STUDY_ROOT } dicom_model_t;
-
 /* One received C-STORE. The data set bytes are exactly what the peer sent
  * (in transfer_syntax_uid); attrs were parsed from them and converted to
- * UTF-8 from the data set's Specific Character Set. */
+ * UTF-8 from the data set's Specific Character Set. The adapter has not
+ * compared them with the command: a data set may lack its UIDs or carry
+ * others than the command (router/scp.c's scp_check_store() decides). Only
+ * data sets that do not parse, or whose character set cannot be converted,
+ * never reach the handler (0xC000). */
 typedef struct {
     const dicom_peer_t *peer;
     const char *sop_class_uid;       /* from the C-STORE command */
@@ -81,7 +89,7 @@ typedef struct {
     const char *transfer_syntax_uid; /* of the presentation context */
     const uint8_t *dataset;
     size_t dataset_len;
-    const attrs_t *attrs;            /* stored attrs incl. TransferSyntaxUID */
+    const attrs_t *attrs; /* stored attrs incl. TransferSyntaxUID */
 } dicom_store_t;
 
 typedef struct dicom_find dicom_find_t;
@@ -89,7 +97,9 @@ typedef struct dicom_retrieve dicom_retrieve_t;
 
 /* Handlers, called on worker threads. Each returns the final DIMSE status
  * and may write a short explanation into comment (sent as Error Comment for
- * failures, and logged by the adapter with calling AE and SOP UID). */
+ * failures). A handler logs the failures it returns; the adapter logs only
+ * those it decides itself (a request it cannot parse, a cancel, failed
+ * sub-operations turning success into a warning). */
 typedef struct {
     void *ctx;
     uint16_t (*store)(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len);
@@ -111,11 +121,10 @@ void dicom_server_stop(dicom_server_t **srvp);
 
 /* ---- C-FIND ----------------------------------------------------------- */
 
-/* The query: model, level, the requested keys (non-NULL entries; a non-empty
+/* The query: level, the requested keys (non-NULL entries; a non-empty
  * value is a matching key) converted to UTF-8, and the peer. Valid during the
  * find handler call. Keys ShardPACS does not index are remembered by the
  * adapter and returned empty in every response. */
-dicom_model_t dicom_find_model(const dicom_find_t *q);
 level_t dicom_find_level(const dicom_find_t *q);
 const attrs_t *dicom_find_keys(const dicom_find_t *q);
 const dicom_peer_t *dicom_find_peer(const dicom_find_t *q);
@@ -130,7 +139,6 @@ bool dicom_find_cancelled(dicom_find_t *q);
 
 /* ---- C-MOVE and C-GET --------------------------------------------------- */
 
-dicom_model_t dicom_retrieve_model(const dicom_retrieve_t *r);
 level_t dicom_retrieve_level(const dicom_retrieve_t *r);
 /* The identifier's unique keys (and any other keys it carried). */
 const attrs_t *dicom_retrieve_keys(const dicom_retrieve_t *r);
@@ -176,25 +184,5 @@ int dicom_retrieve_send(dicom_retrieve_t *r, const uint8_t *part10, size_t len);
 
 /* Counts one instance that could not be fetched from any replica. */
 void dicom_retrieve_fail(dicom_retrieve_t *r, const char *sop_instance_uid);
-
-/* ---- Data sets ------------------------------------------------------------ */
-
-/* Parses a data set (no meta header) in the given transfer syntax, reads the
- * indexed attributes and converts them to UTF-8 from its Specific Character
- * Set. Returns 0, or SP_EINVAL with a reason (malformed data set, unknown
- * character set) in err. */
-int dicom_parse_attrs(const uint8_t *dataset, size_t len, const char *transfer_syntax_uid,
-                      attrs_t *out, char *err, size_t errlen);
-
-/* Builds Part-10 bytes: 128-byte preamble, "DICM", a file meta information
- * group (SOP class, SOP instance, transfer syntax, our implementation UID)
- * and the data set bytes verbatim. *out is malloc'd; the caller frees it. */
-int dicom_make_part10(const uint8_t *dataset, size_t len, const char *sop_class_uid,
-                      const char *sop_instance_uid, const char *transfer_syntax_uid,
-                      uint8_t **out, size_t *out_len);
-
-/* Finds the data set inside Part-10 bytes: its offset and transfer syntax
- * (copied into ts, 65 bytes). Returns 0 or SP_EINVAL. */
-int dicom_split_part10(const uint8_t *part10, size_t len, size_t *dataset_offset, char ts[65]);
 
 #endif

@@ -1,5 +1,7 @@
 # router/router.cmake - build rules of the DICOM front door, included by the
-# top-level CMakeLists.txt. All DCMTK (C++) code lives in sp_dicom.
+# top-level CMakeLists.txt. All DCMTK (C++) code lives in sp_dicom; the
+# Part-10 framing (sp_part10) and the service handlers with the cluster
+# backend (sp_router) are C.
 find_package(DCMTK CONFIG REQUIRED)
 
 # The gatekeeper (pure C, no DCMTK): the event loop that holds connections
@@ -12,26 +14,45 @@ if(TARGET test_gate)
   target_link_libraries(test_gate PRIVATE sp_gate)
 endif()
 
-add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_adapter.cc)
+# Part-10 framing of stored instances: C, no DCMTK, unit-tested on its own.
+add_library(sp_part10 STATIC ${CMAKE_SOURCE_DIR}/router/part10.c)
+target_include_directories(sp_part10 PUBLIC ${CMAKE_SOURCE_DIR}/router)
+target_compile_options(sp_part10 PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(sp_part10 PUBLIC sp_common)
+
+add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_server.cc
+  ${CMAKE_SOURCE_DIR}/router/dicom_services.cc)
 target_include_directories(sp_dicom PUBLIC ${CMAKE_SOURCE_DIR}/router)
 target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-parameter
   $<$<BOOL:${SP_WERROR}>:-Werror>)
 target_link_libraries(sp_dicom
-  PUBLIC sp_gate sp_common Threads::Threads
+  PUBLIC sp_gate sp_part10 sp_common Threads::Threads
   PRIVATE DCMTK::dcmnet DCMTK::dcmdata DCMTK::dcmjpeg DCMTK::dcmjpls DCMTK::dcmimage
           DCMTK::dcmimgle DCMTK::oflog DCMTK::ofstd)
+
+# The service handlers (the archive's policy) and the cluster backend, shared
+# by the router and the adapter's test harness.
+add_library(sp_router STATIC ${CMAKE_SOURCE_DIR}/router/scp.c
+  ${CMAKE_SOURCE_DIR}/router/backend.c)
+target_compile_options(sp_router PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(sp_router PUBLIC sp_dicom sp_part10 sp_common)
 
 # Test harness: a C program that serves the adapter from memory. The pytest
 # script tests/cluster/test_dicom_adapter.py drives it with DCMTK's tools; it
 # is registered as cluster.test_dicom_adapter by the glob in CMakeLists.txt.
 add_executable(dicom_harness ${CMAKE_SOURCE_DIR}/tests/tools/dicom_harness.c)
 target_compile_options(dicom_harness PRIVATE ${SP_C_WARNINGS})
-target_link_libraries(dicom_harness PRIVATE sp_dicom sp_common)
+target_link_libraries(dicom_harness PRIVATE sp_router sp_dicom sp_common)
 set_target_properties(dicom_harness PROPERTIES LINKER_LANGUAGE CXX)
 
-# The router: C handlers and backend over the adapter.
-add_executable(shardpacs-router ${CMAKE_SOURCE_DIR}/router/router.c
-  ${CMAKE_SOURCE_DIR}/router/scp.c ${CMAKE_SOURCE_DIR}/router/backend.c)
+# The router: configuration and start-up over the handlers and the adapter.
+add_executable(shardpacs-router ${CMAKE_SOURCE_DIR}/router/router.c)
 target_compile_options(shardpacs-router PRIVATE ${SP_C_WARNINGS})
-target_link_libraries(shardpacs-router PRIVATE sp_dicom sp_common)
+target_link_libraries(shardpacs-router PRIVATE sp_router sp_dicom sp_common)
 set_target_properties(shardpacs-router PROPERTIES LINKER_LANGUAGE CXX)
+
+# tests/unit/test_part10.c is built by the unit-test glob in CMakeLists.txt
+# (which runs before this file is included); it also needs the framing.
+if(TARGET test_part10)
+  target_link_libraries(test_part10 PRIVATE sp_part10)
+endif()

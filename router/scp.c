@@ -1,5 +1,10 @@
-/* scp.c - DICOM service handlers of the router (scp.h). */
+/* scp.c - DICOM service handlers of the router (scp.h): the archive's
+ * policy for what it stores, and the calls into the cluster (backend.h).
+ * Each handler logs the failures it returns, once, with the calling AE and
+ * the UIDs involved; the adapter does not log them again. */
 #include "scp.h"
+
+#include "part10.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
@@ -9,21 +14,58 @@
 #include <stdlib.h>
 #include <string.h>
 
+uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment_len)
+{
+    const attrs_t *a = req->attrs;
+    const char *sop = attrs_get(a, ATTR_SOP_INSTANCE_UID);
+    if (sop == NULL || sop[0] == '\0') {
+        sp_fmt(comment, comment_len, "SOPInstanceUID missing in data set");
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    if (strcmp(sop, req->sop_instance_uid) != 0) {
+        sp_fmt(comment, comment_len, "SOPInstanceUID in data set differs from command");
+        return DICOM_DATASET_MISMATCH;
+    }
+    if (attrs_str(a, ATTR_STUDY_INSTANCE_UID)[0] == '\0') {
+        sp_fmt(comment, comment_len, "StudyInstanceUID missing");
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    if (attrs_str(a, ATTR_SERIES_INSTANCE_UID)[0] == '\0') {
+        sp_fmt(comment, comment_len, "SeriesInstanceUID missing");
+        return DICOM_CANNOT_UNDERSTAND;
+    }
+    const char *cls = attrs_get(a, ATTR_SOP_CLASS_UID);
+    if (cls != NULL && strcmp(cls, req->sop_class_uid) != 0) {
+        sp_fmt(comment, comment_len, "SOPClassUID in data set differs from command");
+        return DICOM_DATASET_MISMATCH;
+    }
+    return DICOM_SUCCESS;
+}
+
 uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len)
 {
     scp_t *scp = ctx;
+    const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
+    uint16_t status = scp_check_store(req, comment, comment_len);
+    if (status != DICOM_SUCCESS) {
+        log_warn("C-STORE of %s (study '%s') from %s (%s) refused, status 0x%04X: %s",
+                 req->sop_instance_uid, study, req->peer->calling_ae, req->peer->peer_host, status,
+                 comment);
+        return status;
+    }
     uint8_t *part10 = NULL;
     size_t len = 0;
-    int rc = dicom_make_part10(req->dataset, req->dataset_len, req->sop_class_uid,
-                               req->sop_instance_uid, req->transfer_syntax_uid, &part10, &len);
+    int rc = part10_make(req->dataset, req->dataset_len, req->sop_class_uid, req->sop_instance_uid,
+                         req->transfer_syntax_uid, &part10, &len);
     if (rc != 0) {
         sp_fmt(comment, comment_len, "cannot build the Part-10 object: %s", sp_strerror(rc));
+        log_warn("C-STORE of %s (study %s) from %s refused: %s", req->sop_instance_uid, study,
+                 req->peer->calling_ae, comment);
         return DICOM_CANNOT_UNDERSTAND;
     }
     backend_put_result_t res;
     rc = backend_put(scp->backend, req->attrs, part10, len, &res);
     free(part10);
-    const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
     if (rc == 0) {
         log_debug("stored %s of study %s from %s on %d replicas (%d stand-ins among the "
                   "targets)",
@@ -142,10 +184,13 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
 }
 
 /* Fetcher threads read instances from the replicas while the association
- * thread sends earlier ones, so node reads and DIMSE sends overlap. Fetcher
- * k takes instances k, k+F, k+2F... and starts at replica k, spreading the
- * reads (and their digest checks) over the study's replicas. At most
- * PREFETCH_DEPTH instances wait in memory ahead of the sender. */
+ * thread sends earlier ones, so node reads and DIMSE sends overlap. Each
+ * fetcher claims the next instance not yet claimed, at most PREFETCH_DEPTH
+ * ahead of the sender, and fetcher k starts at replica k, spreading the
+ * reads (and their digest checks) over the study's replicas. Because work is
+ * claimed rather than assigned, any number of fetchers covers the list: when
+ * the system refuses threads the retrieve goes on with those it got, or with
+ * none, fetching each instance on the sender's thread. */
 #define PREFETCH_THREADS 3
 #define PREFETCH_DEPTH 8
 
@@ -168,10 +213,12 @@ struct prefetch {
     scp_t *scp;
     const retrieve_list_t *list;
     fetched_t *results; /* one per listed instance */
+    size_t claimed;     /* instances a fetcher has taken on */
     size_t consumed;    /* instances handed to the sender */
     bool stop;          /* set by the sender to end early */
     pthread_mutex_t lock;
     pthread_cond_t changed;
+    unsigned nfetchers; /* threads actually running */
     fetcher_t fetchers[PREFETCH_THREADS];
 };
 
@@ -179,41 +226,61 @@ static void *fetcher_main(void *arg)
 {
     fetcher_t *f = arg;
     prefetch_t *p = f->p;
-    for (size_t i = f->index; i < p->list->n; i += PREFETCH_THREADS) {
-        pthread_mutex_lock(&p->lock);
-        while (!p->stop && i >= p->consumed + PREFETCH_DEPTH)
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->stop && p->claimed < p->list->n && p->claimed >= p->consumed + PREFETCH_DEPTH)
             pthread_cond_wait(&p->changed, &p->lock);
-        bool stop = p->stop;
-        pthread_mutex_unlock(&p->lock);
-        if (stop)
+        if (p->stop || p->claimed >= p->list->n)
             break;
+        size_t i = p->claimed++;
+        pthread_mutex_unlock(&p->lock);
         fetched_t r = {.ready = true};
         r.rc = backend_fetch(p->scp->backend, p->list->items[i].study, p->list->items[i].sop,
                              f->index, &r.data, &r.len);
         pthread_mutex_lock(&p->lock);
         p->results[i] = r;
         pthread_cond_broadcast(&p->changed);
-        pthread_mutex_unlock(&p->lock);
     }
+    pthread_mutex_unlock(&p->lock);
     return NULL;
 }
 
-static void prefetch_start(prefetch_t *p, scp_t *scp, const retrieve_list_t *list)
+static void prefetch_start(prefetch_t *p, scp_t *scp, const retrieve_list_t *list,
+                           const char *calling_ae)
 {
     *p = (prefetch_t){.scp = scp, .list = list};
     p->results = sp_calloc(list->n ? list->n : 1, sizeof *p->results);
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->changed, NULL);
-    for (unsigned k = 0; k < PREFETCH_THREADS; k++) {
-        p->fetchers[k] = (fetcher_t){.p = p, .index = k};
-        pthread_create(&p->fetchers[k].thread, NULL, fetcher_main, &p->fetchers[k]);
+    unsigned want = list->n < PREFETCH_THREADS ? (unsigned)list->n : PREFETCH_THREADS;
+    for (unsigned k = 0; k < want; k++) {
+        p->fetchers[p->nfetchers] = (fetcher_t){.p = p, .index = k};
+        int rc = pthread_create(&p->fetchers[p->nfetchers].thread, NULL, fetcher_main,
+                                &p->fetchers[p->nfetchers]);
+        if (rc != 0) {
+            log_warn("retrieve for %s: cannot start a fetcher thread (%s); going on with %u",
+                     calling_ae, sp_strerror(-rc), p->nfetchers);
+            break;
+        }
+        p->nfetchers++;
     }
 }
 
+/* Hands the sender the next instance in list order, waiting for a fetcher,
+ * or fetching it here when no fetcher runs. */
 static fetched_t prefetch_next(prefetch_t *p)
 {
     pthread_mutex_lock(&p->lock);
     size_t i = p->consumed;
+    if (p->nfetchers == 0 && !p->results[i].ready) {
+        p->claimed = i + 1;
+        pthread_mutex_unlock(&p->lock);
+        fetched_t r = {.ready = true};
+        r.rc = backend_fetch(p->scp->backend, p->list->items[i].study, p->list->items[i].sop, 0,
+                             &r.data, &r.len);
+        pthread_mutex_lock(&p->lock);
+        p->results[i] = r;
+    }
     while (!p->results[i].ready)
         pthread_cond_wait(&p->changed, &p->lock);
     fetched_t r = p->results[i];
@@ -231,7 +298,7 @@ static void prefetch_finish(prefetch_t *p)
     p->stop = true;
     pthread_cond_broadcast(&p->changed);
     pthread_mutex_unlock(&p->lock);
-    for (unsigned k = 0; k < PREFETCH_THREADS; k++)
+    for (unsigned k = 0; k < p->nfetchers; k++)
         pthread_join(p->fetchers[k].thread, NULL);
     for (size_t i = 0; i < p->list->n; i++)
         free(p->results[i].data);
@@ -245,13 +312,14 @@ static void prefetch_finish(prefetch_t *p)
  * cancelled or the association failed. */
 static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t *list)
 {
+    const char *calling = dicom_retrieve_peer(r)->calling_ae;
     prefetch_t p;
-    prefetch_start(&p, scp, list);
+    prefetch_start(&p, scp, list, calling);
     uint16_t status = DICOM_SUCCESS;
     for (size_t i = 0; i < list->n; i++) {
         fetched_t f = prefetch_next(&p);
         if (f.rc != 0) {
-            log_error("retrieve: %s of study %s unreadable on every replica: %s",
+            log_error("retrieve for %s: %s of study %s unreadable on every replica: %s", calling,
                       list->items[i].sop, list->items[i].study, sp_strerror(f.rc));
             dicom_retrieve_fail(r, list->items[i].sop);
             continue;
@@ -277,6 +345,8 @@ static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int 
     int rc = resolve_retrieve(scp, r, &list, comment, comment_len);
     if (rc != 0) {
         status = rc == SP_EINVAL ? DICOM_DATASET_MISMATCH : DICOM_UNABLE_TO_PROCESS;
+        log_warn("retrieve for %s refused, status 0x%04X: %s", dicom_retrieve_peer(r)->calling_ae,
+                 status, comment);
         goto out;
     }
     dicom_instance_kind_t *kinds = sp_calloc(list.n ? list.n : 1, sizeof *kinds);
@@ -287,7 +357,8 @@ static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int 
     free(kinds);
     if (rc != 0) {
         sp_fmt(comment, comment_len, "cannot start sub-operations: %s", err);
-        log_error("retrieve for %s: %s", dicom_retrieve_peer(r)->calling_ae, err);
+        log_error("retrieve for %s to '%s': %s", dicom_retrieve_peer(r)->calling_ae,
+                  host ? dicom_retrieve_destination(r) : "(C-GET)", err);
         status = DICOM_REFUSED_SUBOPS;
         goto out;
     }

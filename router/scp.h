@@ -31,6 +31,14 @@ typedef struct {
     size_t max_results; /* C-FIND cap */
 } scp_t;
 
+/* The archive's policy for a received C-STORE, before anything is stored:
+ * the data set must carry a SOP Instance UID equal to the command's, a
+ * Study and a Series Instance UID, and (when it has one) the command's SOP
+ * Class UID. Returns DICOM_SUCCESS, or the failure status (0xC000 for a
+ * missing UID, 0xA900 for a mismatch) with the reason in comment. Pure: no
+ * logging, no backend, so the adapter's test harness applies it too. */
+uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment_len);
+
 uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len);
 uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len);
 uint16_t scp_move(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);

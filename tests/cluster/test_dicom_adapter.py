@@ -1,4 +1,4 @@
-"""Tests of the DICOM adapter (router/dicom_adapter.cc) through
+"""Tests of the DICOM adapter (router/dicom_*.cc) through
 tests/tools/dicom_harness, driven by DCMTK's own clients (echoscu, storescu,
 findscu, movescu, getscu, storescp) and, for malformed requests no DCMTK tool
 will send, by a minimal raw DICOM client.

@@ -3,7 +3,9 @@
  * bound port on stdout, keeps every stored instance in memory as Part-10
  * bytes, answers C-FIND by matching (common/match.h) over what it holds, and
  * serves C-MOVE (destinations from the command line, AE=host:port) and C-GET
- * from memory. Stops cleanly on SIGTERM or SIGINT, freeing everything.
+ * from memory. It applies the router's own store policy (scp_check_store()
+ * from router/scp.c), so the adapter's tests see the archive's answers. Stops cleanly on SIGTERM or
+ * SIGINT, freeing everything.
  *
  * Usage: dicom_harness [--ae TITLE] [--port N] [--workers N] [--queue N]
  *                      [--acse-timeout S] [--find-delay-ms MS] [AE=host:port ...]
@@ -12,6 +14,8 @@
  * guarded by one mutex. Instances are never removed or replaced before exit,
  * so pointers into them stay valid without the lock. */
 #include "dicom.h"
+#include "part10.h"
+#include "scp.h"
 
 #include "attrs.h"
 #include "base.h"
@@ -47,10 +51,16 @@ static int g_find_delay_ms; /* test knob: pause before each C-FIND match */
 static uint16_t on_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len)
 {
     (void)ctx;
+    uint16_t status = scp_check_store(req, comment, comment_len);
+    if (status != DICOM_SUCCESS) {
+        log_warn("C-STORE of %s from %s refused, status 0x%04X: %s", req->sop_instance_uid,
+                 req->peer->calling_ae, status, comment);
+        return status;
+    }
     uint8_t *p10 = NULL;
     size_t len = 0;
-    if (dicom_make_part10(req->dataset, req->dataset_len, req->sop_class_uid, req->sop_instance_uid,
-                          req->transfer_syntax_uid, &p10, &len) != 0) {
+    if (part10_make(req->dataset, req->dataset_len, req->sop_class_uid, req->sop_instance_uid,
+                    req->transfer_syntax_uid, &p10, &len) != 0) {
         sp_strlcpy(comment, "cannot build Part-10", comment_len);
         return DICOM_OUT_OF_RESOURCES;
     }

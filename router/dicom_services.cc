@@ -1,87 +1,41 @@
-/* dicom_adapter.cc - the DICOM protocol behind router/dicom.h, built on
- * DCMTK 3.6.7 (dcmnet, dcmdata and the decompression codecs). This is the only
- * file of ShardPACS that sees C++ or DCMTK; every entry point catches all
- * exceptions and turns them into an error code or a DIMSE failure status.
+/* dicom_services.cc - the DICOM services behind router/dicom.h, built on
+ * DCMTK 3.6.7 (dcmnet, dcmdata and the decompression codecs): C-STORE
+ * received bit-exact into memory, C-FIND, the C-STORE sub-operations of
+ * C-MOVE and C-GET, and data set parsing with character set conversion.
+ * dicom_server.cc's receive loop calls dicom_services_*() with a command it
+ * read; everything here runs on that association's worker thread.
  *
- * Threads: dicom_server_start() creates one accept thread, `workers` worker
- * threads and one reject thread. The accept thread only accept()s TCP
- * connections and queues the sockets; a worker then lets DCMTK read the
- * A-ASSOCIATE-RQ from the already accepted socket (dcmExternalSocketHandle,
- * see serve_socket()), negotiates and serves DIMSE requests on it, calling the
- * handlers on its own thread. When the queue is full the accept thread passes
- * the socket to the reject thread, which answers A-ASSOCIATE-RJ (transient,
- * local limit exceeded). Nagle is switched off on the listening socket (Linux
- * sockets inherit it) and again in our DcmTransportLayer for every connection
- * DCMTK makes, accepted or outgoing (C-MOVE sub-associations), so nothing
- * depends on the TCP_NODELAY environment variable.
+ * The adapter reports what it received and parsed; the handlers (router/scp.c)
+ * decide what to archive. It refuses on its own only what it cannot hand
+ * over: a data set it cannot parse, one on another presentation context, an
+ * identifier without a valid level.
  *
- * Ownership: the server owns its sockets, threads and DCMTK networks. Data
- * set bytes handed to handlers are owned by the worker and valid during the
- * call. The data dictionary and the decoders are process-wide DCMTK state,
- * set up once and never torn down. */
-#include <dcmtk/config/osconfig.h>
+ * Ownership: data set bytes and attributes handed to handlers are owned by
+ * the worker and valid during the call; find and retrieve state lives on the
+ * worker's stack for the duration of one request. */
+#include "dicom_int.h"
 
 #include <dcmtk/dcmdata/dcdatset.h>
 #include <dcmtk/dcmdata/dcdeftag.h>
-#include <dcmtk/dcmdata/dcdict.h>
 #include <dcmtk/dcmdata/dcelem.h>
 #include <dcmtk/dcmdata/dcistrmb.h>
 #include <dcmtk/dcmdata/dcostrma.h>
-#include <dcmtk/dcmdata/dcrledrg.h>
 #include <dcmtk/dcmdata/dcuid.h>
 #include <dcmtk/dcmdata/dcxfer.h>
-#include <dcmtk/dcmjpeg/djdecode.h>
-#include <dcmtk/dcmjpls/djdecode.h>
-#include <dcmtk/dcmnet/assoc.h>
-#include <dcmtk/dcmnet/dcmlayer.h>
-#include <dcmtk/dcmnet/dcmtrans.h>
-#include <dcmtk/dcmnet/dimse.h>
 #include <dcmtk/dcmnet/dul.h>
-#include <dcmtk/oflog/oflog.h>
 
 extern "C" {
-#include "dicom.h"
+#include "part10.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
 }
 
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-#include <atomic>
-#include <condition_variable>
 #include <cstring>
-#include <deque>
 #include <exception>
-#include <mutex>
-#include <set>
-#include <string>
-#include <thread>
-#include <vector>
-
-/* Our implementation class UID (a UUID-derived 2.25 UID) and version name. */
-#define SP_IMPLEMENTATION_UID "2.25.150578371872791499775955047255267566374"
-#define SP_IMPLEMENTATION_VERSION "SHARDPACS_010"
 
 /* Read whole values into memory: a buffer stream cannot load values later. */
 static const Uint32 READ_ALL = 0xFFFFFFFFu;
-
-/* ---- small helpers ------------------------------------------------------ */
-
-/* Removes DICOM padding (trailing spaces and NULs). */
-static std::string trim_value(const OFString &s)
-{
-    size_t n = s.length();
-    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\0'))
-        n--;
-    return std::string(s.c_str(), n);
-}
 
 static bool is_uncompressed(E_TransferSyntax x)
 {
@@ -89,6 +43,8 @@ static bool is_uncompressed(E_TransferSyntax x)
            x == EXS_BigEndianExplicit;
 }
 
+namespace
+{
 /* A DcmConsumer that appends everything written to a growing buffer. */
 class MemConsumer : public DcmConsumer
 {
@@ -120,6 +76,7 @@ class MemOutputStream : private MemHolder, public DcmOutputStream
     MemOutputStream() : MemHolder(), DcmOutputStream(&consumer) {}
     std::vector<uint8_t> &bytes() { return consumer.bytes; }
 };
+} // namespace
 
 /* Serialises a data set in the given transfer syntax into memory. */
 static OFCondition encode_dataset(DcmDataset &ds, E_TransferSyntax xfer, E_GrpLenEncoding gl,
@@ -169,164 +126,8 @@ static bool get_string(DcmItem &item, const DcmTagKey &tag, std::string &out)
     OFString v;
     if (item.findAndGetOFStringArray(tag, v).bad())
         return false;
-    out = trim_value(v);
+    out = dicom_trim(v);
     return true;
-}
-
-/* One-time process-wide DCMTK set-up; returns false (with err) when the data
- * dictionary is missing. */
-static std::once_flag g_init_once;
-static bool g_dict_ok = false;
-
-static void dcmtk_init_once()
-{
-    std::call_once(g_init_once, [] {
-        OFLog::configure(log_get_level() <= LOG_DEBUG ? OFLogger::WARN_LOG_LEVEL
-                                                      : OFLogger::ERROR_LOG_LEVEL);
-        dcmDisableGethostbyaddr.set(OFTrue);
-        g_dict_ok = dcmDataDict.isDictionaryLoaded();
-        DJDecoderRegistration::registerCodecs();
-        DJLSDecoderRegistration::registerCodecs();
-        DcmRLEDecoderRegistration::registerCodecs();
-    });
-}
-
-/* ---- Part-10 ------------------------------------------------------------ */
-
-/* The file meta elements we care about, parsed by hand (explicit VR little
- * endian, group 0002 only). */
-struct MetaInfo {
-    size_t dataset_offset = 0;
-    std::string ts, sop_class, sop_instance;
-};
-
-static bool long_vr(const char vr[2])
-{
-    static const char *const longs[] = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ",
-                                        "SV", "UC", "UN", "UR", "UT", "UV"};
-    for (const char *l : longs)
-        if (vr[0] == l[0] && vr[1] == l[1])
-            return true;
-    return false;
-}
-
-static int parse_meta(const uint8_t *p, size_t len, MetaInfo &mi)
-{
-    if (p == NULL || len < 132 || memcmp(p + 128, "DICM", 4) != 0)
-        return SP_EINVAL;
-    size_t off = 132;
-    while (off + 8 <= len) {
-        uint16_t group = (uint16_t)(p[off] | p[off + 1] << 8);
-        uint16_t elem = (uint16_t)(p[off + 2] | p[off + 3] << 8);
-        if (group != 0x0002)
-            break;
-        char vr[2] = {(char)p[off + 4], (char)p[off + 5]};
-        size_t hdr, vlen;
-        if (long_vr(vr)) {
-            if (off + 12 > len)
-                return SP_EINVAL;
-            vlen = (size_t)p[off + 8] | (size_t)p[off + 9] << 8 | (size_t)p[off + 10] << 16 |
-                   (size_t)p[off + 11] << 24;
-            hdr = 12;
-        } else {
-            vlen = (size_t)p[off + 6] | (size_t)p[off + 7] << 8;
-            hdr = 8;
-        }
-        if (vlen == 0xFFFFFFFFu || off + hdr + vlen > len)
-            return SP_EINVAL;
-        std::string v((const char *)p + off + hdr, vlen);
-        while (!v.empty() && (v.back() == '\0' || v.back() == ' '))
-            v.pop_back();
-        if (elem == 0x0002)
-            mi.sop_class = v;
-        else if (elem == 0x0003)
-            mi.sop_instance = v;
-        else if (elem == 0x0010)
-            mi.ts = v;
-        off += hdr + vlen;
-    }
-    if (mi.ts.empty() || mi.ts.size() > 64)
-        return SP_EINVAL;
-    mi.dataset_offset = off;
-    return 0;
-}
-
-static void put_meta_element(std::vector<uint8_t> &b, uint16_t elem, const char *vr,
-                             const std::string &value, char pad)
-{
-    std::string v = value;
-    if (v.size() & 1)
-        v.push_back(pad);
-    b.push_back(0x02);
-    b.push_back(0x00);
-    b.push_back((uint8_t)(elem & 0xff));
-    b.push_back((uint8_t)(elem >> 8));
-    b.push_back((uint8_t)vr[0]);
-    b.push_back((uint8_t)vr[1]);
-    if (long_vr(vr)) {
-        b.push_back(0);
-        b.push_back(0);
-        for (int i = 0; i < 4; i++)
-            b.push_back((uint8_t)(v.size() >> (8 * i)));
-    } else {
-        b.push_back((uint8_t)(v.size() & 0xff));
-        b.push_back((uint8_t)(v.size() >> 8));
-    }
-    b.insert(b.end(), v.begin(), v.end());
-}
-
-extern "C" int dicom_make_part10(const uint8_t *dataset, size_t len, const char *sop_class_uid,
-                                 const char *sop_instance_uid, const char *transfer_syntax_uid,
-                                 uint8_t **out, size_t *out_len)
-{
-    if (out == NULL || out_len == NULL || (dataset == NULL && len > 0) || !sop_class_uid ||
-        !sop_instance_uid || !transfer_syntax_uid || strlen(sop_class_uid) > 64 ||
-        strlen(sop_instance_uid) > 64 || strlen(transfer_syntax_uid) > 64)
-        return SP_EINVAL;
-    try {
-        std::vector<uint8_t> g;
-        put_meta_element(g, 0x0001, "OB", std::string("\0\1", 2), '\0');
-        put_meta_element(g, 0x0002, "UI", sop_class_uid, '\0');
-        put_meta_element(g, 0x0003, "UI", sop_instance_uid, '\0');
-        put_meta_element(g, 0x0010, "UI", transfer_syntax_uid, '\0');
-        put_meta_element(g, 0x0012, "UI", SP_IMPLEMENTATION_UID, '\0');
-        put_meta_element(g, 0x0013, "SH", SP_IMPLEMENTATION_VERSION, ' ');
-        size_t total = 128 + 4 + 12 + g.size() + len;
-        uint8_t *b = (uint8_t *)sp_malloc(total);
-        memset(b, 0, 128);
-        memcpy(b + 128, "DICM", 4);
-        static const uint8_t gl_hdr[8] = {0x02, 0x00, 0x00, 0x00, 'U', 'L', 0x04, 0x00};
-        memcpy(b + 132, gl_hdr, 8);
-        uint32_t gl = (uint32_t)g.size();
-        for (int i = 0; i < 4; i++)
-            b[140 + i] = (uint8_t)(gl >> (8 * i));
-        memcpy(b + 144, g.data(), g.size());
-        if (len > 0)
-            memcpy(b + 144 + g.size(), dataset, len);
-        *out = b;
-        *out_len = total;
-        return 0;
-    } catch (...) {
-        return SP_EINVAL;
-    }
-}
-
-extern "C" int dicom_split_part10(const uint8_t *part10, size_t len, size_t *dataset_offset,
-                                  char ts[65])
-{
-    try {
-        MetaInfo mi;
-        int rc = parse_meta(part10, len, mi);
-        if (rc != 0)
-            return rc;
-        if (dataset_offset)
-            *dataset_offset = mi.dataset_offset;
-        if (ts)
-            sp_strlcpy(ts, mi.ts.c_str(), 65);
-        return 0;
-    } catch (...) {
-        return SP_EINVAL;
-    }
 }
 
 /* ---- attributes ---------------------------------------------------------- */
@@ -376,127 +177,8 @@ static int parse_attrs_internal(const uint8_t *dataset, size_t len, const char *
     return 0;
 }
 
-extern "C" int dicom_parse_attrs(const uint8_t *dataset, size_t len,
-                                 const char *transfer_syntax_uid, attrs_t *out, char *err,
-                                 size_t errlen)
-{
-    if (out == NULL || (dataset == NULL && len > 0)) {
-        sp_fmt(err, errlen, "invalid argument");
-        return SP_EINVAL;
-    }
-    try {
-        dcmtk_init_once();
-        DcmDataset ds;
-        std::string why;
-        int rc = parse_attrs_internal(dataset, len, transfer_syntax_uid, ds, out, why);
-        if (rc != 0)
-            sp_fmt(err, errlen, "%s", why.c_str());
-        return rc;
-    } catch (const std::exception &e) {
-        sp_fmt(err, errlen, "exception: %s", e.what());
-    } catch (...) {
-        sp_fmt(err, errlen, "unknown exception");
-    }
-    return SP_EINVAL;
-}
-
-/* ---- transport: handing accepted sockets to DCMTK ------------------------ */
-
-/* dcmExternalSocketHandle is one process-wide value that DCMTK reads at the
- * start of ASC_receiveAssociation(): "use this accepted socket instead of
- * calling accept()". Workers set it under g_ext_mu and release the mutex as
- * soon as DCMTK has taken the socket, which is when it calls our
- * createConnection() on the same thread - before it reads a single byte. So
- * the lock is never held while waiting for a (possibly silent) peer. Every
- * DICOM acceptor in the process must go through this adapter. */
-static std::mutex g_ext_mu;
-static thread_local bool t_ext_locked = false;
-static thread_local bool t_fd_taken = false;
-
-static void ext_release()
-{
-    if (t_ext_locked) {
-        dcmExternalSocketHandle.set(-1);
-        t_ext_locked = false;
-        g_ext_mu.unlock();
-    }
-}
-
-static void set_nodelay(int fd)
-{
-    int one = 1;
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
-
-/* Plain TCP connections, with Nagle off, that also release g_ext_mu. */
-class NodelayLayer : public DcmTransportLayer
-{
-  public:
-    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
-    {
-        ext_release();
-        if (secure)
-            return NULL;
-        set_nodelay(sock);
-        t_fd_taken = true;
-        return new DcmTCPConnection(sock);
-    }
-};
-
-/* Creates an acceptor network that has no listening socket of its own (our
- * accept thread owns the listening socket), or a requestor network. */
-static OFCondition make_network(T_ASC_NetworkRole role, int timeout_s, int dummy_fd,
-                                T_ASC_Network **net)
-{
-    OFCondition cond;
-    if (role == NET_ACCEPTOR) {
-        std::lock_guard<std::mutex> lk(g_ext_mu);
-        dcmExternalSocketHandle.set(dummy_fd);
-        cond = ASC_initializeNetwork(role, 0, timeout_s, net);
-        dcmExternalSocketHandle.set(-1);
-    } else {
-        cond = ASC_initializeNetwork(role, 0, timeout_s, net);
-    }
-    if (cond.good()) {
-        cond = ASC_setTransportLayer(*net, new NodelayLayer(), 1);
-        if (cond.bad())
-            ASC_dropNetwork(net);
-    }
-    return cond;
-}
-
-/* ---- server state ---------------------------------------------------------- */
-
-struct dicom_server {
-    std::string ae_title, bind_address;
-    std::set<std::string> allowed_callers; /* empty: any calling AE title */
-    dicom_config_t cfg;
-    dicom_handlers_t h;
-    int listen_fd = -1;
-    int port = 0;
-    int wake[2] = {-1, -1};
-    std::atomic<bool> stopping{false};
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<int> queue;             /* accepted sockets waiting for a worker */
-    std::deque<int> reject_queue;      /* sockets to answer with A-ASSOCIATE-RJ */
-    std::vector<int> negotiating;      /* per worker: socket whose RQ is being read, or -1 */
-    std::vector<T_ASC_Network *> nets; /* one per worker, then one for the rejecter */
-    std::thread acceptor, rejecter;
-    std::vector<std::thread> workers;
-};
-
-/* One association being served. */
-struct Assoc {
-    dicom_server *srv = nullptr;
-    T_ASC_Association *as = nullptr;
-    char calling[DIC_AE_LEN + 1] = {0};
-    char called[DIC_AE_LEN + 1] = {0};
-    char host[128] = {0};
-    dicom_peer_t peer = {nullptr, nullptr, nullptr};
-    DIC_US next_msg_id = 1;
-    bool lost = false; /* association failed: abort instead of responding */
-};
+/* The query/retrieve information model of a request's SOP class. */
+typedef enum { DICOM_MODEL_PATIENT_ROOT, DICOM_MODEL_STUDY_ROOT } dicom_model_t;
 
 struct dicom_find {
     Assoc *a;
@@ -588,7 +270,7 @@ static uint16_t parse_identifier(DcmDataset *id, dicom_model_t model, level_t *l
         OFString v;
         if (e->getLength() > 0)
             e->getOFStringArray(v);
-        attrs_set(keys, ai->id, trim_value(v).c_str());
+        attrs_set(keys, ai->id, dicom_trim(v).c_str());
     }
     return 0;
 }
@@ -605,9 +287,14 @@ static DcmDataset *comment_detail(uint16_t status, const char *comment)
     return d;
 }
 
-/* ---- C-ECHO and C-STORE -------------------------------------------------------- */
+/* ---- C-STORE ------------------------------------------------------------------ */
 
-static bool handle_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_StoreRQ &rq)
+/* Receives the data set bit-exact, parses a copy for its attributes and
+ * hands both to the store handler, which decides (router/scp.c checks the
+ * UIDs against the command). Only what cannot be handed over - a data set on
+ * another presentation context, or one that does not parse - is refused
+ * here, and logged here. */
+bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_StoreRQ &rq)
 {
     dicom_server *srv = a.srv;
     T_ASC_PresentationContext pc;
@@ -641,44 +328,25 @@ static bool handle_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_S
                                         &attrs, why) != 0) {
             status = DICOM_CANNOT_UNDERSTAND;
             snprintf(comment, sizeof(comment), "%s", why.c_str());
-        } else if (attrs_get(&attrs, ATTR_SOP_INSTANCE_UID) == NULL ||
-                   attrs_str(&attrs, ATTR_SOP_INSTANCE_UID)[0] == 0) {
-            status = DICOM_CANNOT_UNDERSTAND;
-            snprintf(comment, sizeof(comment), "SOPInstanceUID missing in data set");
-        } else if (cmd_sop != attrs_str(&attrs, ATTR_SOP_INSTANCE_UID)) {
-            status = DICOM_DATASET_MISMATCH;
-            snprintf(comment, sizeof(comment), "SOPInstanceUID in data set differs from command");
-        } else if (attrs_str(&attrs, ATTR_STUDY_INSTANCE_UID)[0] == 0) {
-            status = DICOM_CANNOT_UNDERSTAND;
-            snprintf(comment, sizeof(comment), "StudyInstanceUID missing");
-        } else if (attrs_str(&attrs, ATTR_SERIES_INSTANCE_UID)[0] == 0) {
-            status = DICOM_CANNOT_UNDERSTAND;
-            snprintf(comment, sizeof(comment), "SeriesInstanceUID missing");
-        } else if (attrs_get(&attrs, ATTR_SOP_CLASS_UID) != NULL &&
-                   strcmp(attrs_str(&attrs, ATTR_SOP_CLASS_UID), rq.AffectedSOPClassUID) != 0) {
-            status = DICOM_DATASET_MISMATCH;
-            snprintf(comment, sizeof(comment), "SOPClassUID in data set differs from command");
-        }
-    }
-    if (status == DICOM_SUCCESS) {
-        if (srv->h.store == NULL) {
+        } else if (srv->h.store == NULL) {
             status = DICOM_OUT_OF_RESOURCES;
             snprintf(comment, sizeof(comment), "storage not configured");
-        } else {
-            dicom_store_t req;
-            req.peer = &a.peer;
-            req.sop_class_uid = rq.AffectedSOPClassUID;
-            req.sop_instance_uid = cmd_sop.c_str();
-            req.transfer_syntax_uid = pc.acceptedTransferSyntax;
-            req.dataset = bytes.data();
-            req.dataset_len = bytes.size();
-            req.attrs = &attrs;
-            status = srv->h.store(srv->h.ctx, &req, comment, sizeof(comment));
         }
     }
-    if (status != DICOM_SUCCESS)
+    if (status != DICOM_SUCCESS) {
         log_warn("dicom: C-STORE from %s (%s) of %s: status 0x%04X %s", a.calling, a.host,
                  cmd_sop.c_str(), status, comment);
+    } else {
+        dicom_store_t req;
+        req.peer = &a.peer;
+        req.sop_class_uid = rq.AffectedSOPClassUID;
+        req.sop_instance_uid = cmd_sop.c_str();
+        req.transfer_syntax_uid = pc.acceptedTransferSyntax;
+        req.dataset = bytes.data();
+        req.dataset_len = bytes.size();
+        req.attrs = &attrs;
+        status = srv->h.store(srv->h.ctx, &req, comment, sizeof(comment));
+    }
     attrs_clear(&attrs);
 
     T_DIMSE_C_StoreRSP rsp;
@@ -701,10 +369,6 @@ static bool handle_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_S
 
 /* ---- C-FIND ---------------------------------------------------------------- */
 
-extern "C" dicom_model_t dicom_find_model(const dicom_find_t *q)
-{
-    return q->model;
-}
 extern "C" level_t dicom_find_level(const dicom_find_t *q)
 {
     return q->level;
@@ -792,7 +456,7 @@ extern "C" int dicom_find_emit(dicom_find_t *q, const attrs_t *match)
     }
 }
 
-static bool handle_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_FindRQ &rq)
+bool dicom_services_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_FindRQ &rq)
 {
     dicom_server *srv = a.srv;
     DcmDataset *ident = NULL;
@@ -815,6 +479,7 @@ static bool handle_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_Fi
     uint16_t status = DICOM_SUCCESS;
     char comment[256] = "";
     std::string why;
+    bool by_handler = false; /* the handler logs the failures it decides */
     if (!model_of(rq.AffectedSOPClassUID, k_find_classes, &q.model)) {
         status = DICOM_DATASET_MISMATCH;
         snprintf(comment, sizeof(comment), "unsupported C-FIND SOP class");
@@ -825,6 +490,7 @@ static bool handle_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_Fi
         snprintf(comment, sizeof(comment), "query not configured");
     } else {
         status = srv->h.find(srv->h.ctx, &q, comment, sizeof(comment));
+        by_handler = true;
         if (q.cancelled)
             status = DICOM_CANCEL;
     }
@@ -832,7 +498,7 @@ static bool handle_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_Fi
     attrs_clear(&q.keys);
     if (q.failed || a.lost)
         return false;
-    if (status != DICOM_SUCCESS && status != DICOM_CANCEL)
+    if (!by_handler && status != DICOM_SUCCESS && status != DICOM_CANCEL)
         log_warn("dicom: C-FIND from %s: status 0x%04X %s", a.calling, status, comment);
     T_DIMSE_C_FindRSP rsp;
     memset(&rsp, 0, sizeof(rsp));
@@ -850,10 +516,6 @@ static bool handle_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_Fi
 
 /* ---- C-MOVE and C-GET ---------------------------------------------------------- */
 
-extern "C" dicom_model_t dicom_retrieve_model(const dicom_retrieve_t *r)
-{
-    return r->model;
-}
 extern "C" level_t dicom_retrieve_level(const dicom_retrieve_t *r)
 {
     return r->level;
@@ -940,7 +602,8 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
             return SP_EINVAL;
         }
         dicom_server *srv = r->a->srv;
-        OFCondition cond = make_network(NET_REQUESTOR, srv->cfg.acse_timeout_s, -1, &r->subnet);
+        OFCondition cond =
+            dicom_server_network(NET_REQUESTOR, srv->cfg.acse_timeout_s, -1, &r->subnet);
         if (cond.bad()) {
             sp_fmt(err, errlen, "cannot create network: %s", cond.text());
             return SP_EUNAVAIL;
@@ -1169,8 +832,9 @@ extern "C" int dicom_retrieve_send(dicom_retrieve_t *r, const uint8_t *part10, s
             return -1;
         if (r->cancelled)
             return -1;
-        MetaInfo mi;
-        if (parse_meta(part10, len, mi) != 0 || mi.sop_class.empty() || mi.sop_instance.empty()) {
+        part10_meta_t mi;
+        if (part10_split(part10, len, &mi) != 0 || mi.sop_class[0] == '\0' ||
+            mi.sop_instance[0] == '\0') {
             log_warn("dicom: retrieve for %s: stored object has no usable meta header",
                      r->a->calling);
             count_failed(r, mi.sop_instance);
@@ -1184,14 +848,14 @@ extern "C" int dicom_retrieve_send(dicom_retrieve_t *r, const uint8_t *part10, s
         std::string accepted_ts;
         T_ASC_PresentationContextID pres = 0;
         if (as != NULL)
-            pres = find_context(as, mi.sop_class.c_str(), mi.ts.c_str(), r->is_get, accepted_ts);
+            pres = find_context(as, mi.sop_class, mi.ts, r->is_get, accepted_ts);
         const uint8_t *ds = part10 + mi.dataset_offset;
         size_t ds_len = len - mi.dataset_offset;
         std::vector<uint8_t> converted;
         if (pres == 0) {
-            why = "no presentation context accepted for " + mi.sop_class;
+            why = std::string("no presentation context accepted for ") + mi.sop_class;
         } else if (accepted_ts != mi.ts) {
-            E_TransferSyntax from = DcmXfer(mi.ts.c_str()).getXfer();
+            E_TransferSyntax from = DcmXfer(mi.ts).getXfer();
             E_TransferSyntax to = DcmXfer(accepted_ts.c_str()).getXfer();
             DcmDataset d;
             OFCondition cond = from == EXS_Unknown || to == EXS_Unknown
@@ -1238,7 +902,7 @@ extern "C" int dicom_retrieve_send(dicom_retrieve_t *r, const uint8_t *part10, s
         }
         if (result != 0) {
             log_warn("dicom: retrieve sub-operation for %s of %s failed: %s", r->a->calling,
-                     mi.sop_instance.c_str(), why.c_str());
+                     mi.sop_instance, why.c_str());
             count_failed(r, mi.sop_instance);
         }
         if (r->lost)
@@ -1272,7 +936,7 @@ extern "C" void dicom_retrieve_fail(dicom_retrieve_t *r, const char *sop_instanc
     }
 }
 
-static bool handle_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_Message &msg)
+bool dicom_services_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_Message &msg)
 {
     dicom_server *srv = a.srv;
     bool is_get = msg.CommandField == DIMSE_C_GET_RQ;
@@ -1300,7 +964,7 @@ static bool handle_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_
         r.mrq = msg.msg.CMoveRQ;
         r.msg_id = r.mrq.MessageID;
         cls = r.mrq.AffectedSOPClassUID;
-        r.dest = trim_value(OFString(r.mrq.MoveDestination));
+        r.dest = dicom_trim(OFString(r.mrq.MoveDestination));
     }
     r.model = DICOM_MODEL_STUDY_ROOT;
     r.level = LEVEL_STUDY;
@@ -1313,6 +977,7 @@ static bool handle_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_
     uint16_t status = DICOM_SUCCESS;
     char comment[256] = "";
     std::string why;
+    bool by_handler = false; /* the handler logs the failures it decides */
     if (!model_of(cls, is_get ? k_get_classes : k_move_classes, &r.model)) {
         status = DICOM_DATASET_MISMATCH;
         snprintf(comment, sizeof(comment), "unsupported retrieve SOP class");
@@ -1323,6 +988,7 @@ static bool handle_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_
         snprintf(comment, sizeof(comment), "retrieve not configured");
     } else {
         status = (is_get ? srv->h.get : srv->h.move)(srv->h.ctx, &r, comment, sizeof(comment));
+        by_handler = true;
     }
     delete ident;
     attrs_clear(&r.keys);
@@ -1336,13 +1002,17 @@ static bool handle_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_
     if (r.lost || a.lost)
         return false;
 
-    if (r.cancelled)
+    /* A cancel and a success with failed sub-operations are this file's
+     * verdicts, logged here; any other failure the handler returned it has
+     * logged itself. */
+    if (r.cancelled) {
         status = DICOM_CANCEL;
-    else if (status == DICOM_SUCCESS && r.failed > 0)
+        by_handler = false;
+    } else if (status == DICOM_SUCCESS && (r.failed > 0 || r.warning > 0)) {
         status = DICOM_WARNING_SUBOPS;
-    else if (status == DICOM_SUCCESS && r.warning > 0)
-        status = DICOM_WARNING_SUBOPS;
-    if (status != DICOM_SUCCESS)
+        by_handler = false;
+    }
+    if (!by_handler && status != DICOM_SUCCESS)
         log_warn("dicom: C-%s from %s (dest '%s'): status 0x%04X, %u completed, %u failed: %s",
                  is_get ? "GET" : "MOVE", a.calling, r.dest.c_str(), status, r.completed, r.failed,
                  comment);
@@ -1362,508 +1032,4 @@ static bool handle_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_
     delete ids;
     delete detail;
     return cond.good();
-}
-
-/* ---- association handling ------------------------------------------------------ */
-
-static const char *const k_uncompressed_ts[] = {UID_LittleEndianExplicitTransferSyntax,
-                                                UID_BigEndianExplicitTransferSyntax,
-                                                UID_LittleEndianImplicitTransferSyntax};
-
-/* Accepts what we serve: verification and the Q/R models with uncompressed
- * transfer syntaxes, and every storage class in the role the requester
- * proposed. For C-STORE to us we take the requester's first proposed transfer
- * syntax that DCMTK knows: the sender then need not convert what it sends
- * (storescu cannot decompress RLE, for one), and we keep what it meant to
- * send. For C-GET (requester proposes the SCP role, we will send) we take an
- * uncompressed one when offered, in the order storescp uses (explicit LE,
- * explicit BE, implicit LE): every stored syntax we can decode converts to
- * it; instances whose stored syntax was accepted go out verbatim. */
-static OFCondition negotiate(T_ASC_Association *as)
-{
-    const char *services[] = {UID_VerificationSOPClass, k_find_classes[0], k_find_classes[1],
-                              k_move_classes[0],        k_move_classes[1], k_get_classes[0],
-                              k_get_classes[1]};
-    const char *ts[] = {k_uncompressed_ts[0], k_uncompressed_ts[1], k_uncompressed_ts[2]};
-    OFCondition cond = ASC_acceptContextsWithPreferredTransferSyntaxes(
-        as->params, services, (int)(sizeof(services) / sizeof(services[0])), ts, 3);
-    if (cond.bad())
-        return cond;
-    int n = ASC_countPresentationContexts(as->params);
-    for (int i = 0; i < n; i++) {
-        T_ASC_PresentationContext pc;
-        if (ASC_getPresentationContext(as->params, i, &pc).bad())
-            continue;
-        if (!dcmIsaStorageSOPClassUID(pc.abstractSyntax, ESSC_All))
-            continue;
-        const char *chosen = NULL;
-        if (pc.proposedRole == ASC_SC_ROLE_SCP || pc.proposedRole == ASC_SC_ROLE_SCUSCP) {
-            /* C-GET: we will send, and can always decode to uncompressed */
-            for (const char *pref : k_uncompressed_ts)
-                for (int k = 0; k < pc.transferSyntaxCount && !chosen; k++)
-                    if (strcmp(pc.proposedTransferSyntaxes[k], pref) == 0)
-                        chosen = pref;
-        }
-        for (int k = 0; k < pc.transferSyntaxCount && !chosen; k++)
-            if (DcmXfer(pc.proposedTransferSyntaxes[k]).getXfer() != EXS_Unknown)
-                chosen = pc.proposedTransferSyntaxes[k];
-        if (chosen == NULL) {
-            ASC_refusePresentationContext(as->params, pc.presentationContextID,
-                                          ASC_P_TRANSFERSYNTAXESNOTSUPPORTED);
-            continue;
-        }
-        std::string chosen_ts(chosen);
-        cond = ASC_acceptPresentationContext(as->params, pc.presentationContextID,
-                                             chosen_ts.c_str(), pc.proposedRole);
-        if (cond.bad())
-            ASC_refusePresentationContext(as->params, pc.presentationContextID, ASC_P_NOREASON);
-    }
-    return EC_Normal;
-}
-
-/* Serves DIMSE requests until release, abort, timeout or server stop. */
-static void serve_association(Assoc &a)
-{
-    dicom_server *srv = a.srv;
-    int idle_s = 0;
-    for (;;) {
-        if (srv->stopping.load()) {
-            ASC_abortAssociation(a.as);
-            return;
-        }
-        if (!ASC_dataWaiting(a.as, 1)) {
-            if (++idle_s >= srv->cfg.dimse_timeout_s) {
-                log_info("dicom: association from %s idle for %d s, aborting", a.calling, idle_s);
-                ASC_abortAssociation(a.as);
-                return;
-            }
-            continue;
-        }
-        idle_s = 0;
-        T_DIMSE_Message msg;
-        T_ASC_PresentationContextID pres = 0;
-        OFCondition cond =
-            DIMSE_receiveCommand(a.as, DIMSE_BLOCKING, srv->cfg.dimse_timeout_s, &pres, &msg, NULL);
-        if (cond == DUL_PEERREQUESTEDRELEASE) {
-            ASC_acknowledgeRelease(a.as);
-            return;
-        }
-        if (cond == DUL_PEERABORTEDASSOCIATION || cond == DUL_NETWORKCLOSED)
-            return;
-        if (cond.bad()) {
-            log_warn("dicom: receiving from %s (%s): %s", a.calling, a.host, cond.text());
-            ASC_abortAssociation(a.as);
-            return;
-        }
-        bool ok = true;
-        switch (msg.CommandField) {
-        case DIMSE_C_ECHO_RQ:
-            ok = DIMSE_sendEchoResponse(a.as, pres, &msg.msg.CEchoRQ, STATUS_Success, NULL).good();
-            break;
-        case DIMSE_C_STORE_RQ: ok = handle_store(a, pres, msg.msg.CStoreRQ); break;
-        case DIMSE_C_FIND_RQ: ok = handle_find(a, pres, msg.msg.CFindRQ); break;
-        case DIMSE_C_MOVE_RQ:
-        case DIMSE_C_GET_RQ: ok = handle_retrieve(a, pres, msg); break;
-        case DIMSE_C_CANCEL_RQ: break; /* for a request already answered */
-        default:
-            log_warn("dicom: unsupported DIMSE command 0x%04X from %s", (unsigned)msg.CommandField,
-                     a.calling);
-            ok = false;
-            break;
-        }
-        if (!ok) {
-            ASC_abortAssociation(a.as);
-            return;
-        }
-    }
-}
-
-/* Lets DCMTK read the A-ASSOCIATE-RQ from an accepted socket (owned from here
- * on). Returns the association, or NULL (socket closed). */
-static T_ASC_Association *receive_rq(dicom_server *srv, T_ASC_Network *net, int fd, int slot)
-{
-    if (slot >= 0) {
-        std::lock_guard<std::mutex> lk(srv->mu);
-        srv->negotiating[(size_t)slot] = fd;
-        if (srv->stopping.load())
-            shutdown(fd, SHUT_RDWR);
-    }
-    T_ASC_Association *as = NULL;
-    g_ext_mu.lock();
-    t_ext_locked = true;
-    t_fd_taken = false;
-    dcmExternalSocketHandle.set(fd);
-    OFCondition cond = ASC_receiveAssociation(net, &as, srv->cfg.max_pdu, NULL, NULL, OFFalse,
-                                              DUL_NOBLOCK, srv->cfg.acse_timeout_s);
-    ext_release();
-    if (slot >= 0) {
-        std::lock_guard<std::mutex> lk(srv->mu);
-        srv->negotiating[(size_t)slot] = -1;
-    }
-    if (!t_fd_taken)
-        close(fd);
-    if (cond.bad()) {
-        if (cond != DUL_NETWORKCLOSED)
-            log_warn("dicom: receiving association request: %s", cond.text());
-        if (as) {
-            ASC_dropAssociation(as);
-            ASC_destroyAssociation(&as);
-        }
-        return NULL;
-    }
-    return as;
-}
-
-/* Splits "A, B C" into the set {A, B, C} of AE titles. */
-static std::set<std::string> parse_ae_list(const char *text)
-{
-    std::set<std::string> out;
-    std::string cur;
-    for (const char *p = text ? text : "";; p++) {
-        if (*p == ',' || *p == ' ' || *p == '\t' || *p == '\0') {
-            if (!cur.empty())
-                out.insert(cur);
-            cur.clear();
-            if (*p == '\0')
-                break;
-        } else {
-            cur += *p;
-        }
-    }
-    return out;
-}
-
-static void serve_socket(dicom_server *srv, T_ASC_Network *net, int fd, int slot)
-{
-    Assoc a;
-    a.srv = srv;
-    a.as = receive_rq(srv, net, fd, slot);
-    if (a.as == NULL)
-        return;
-    ASC_getAPTitles(a.as->params, a.calling, sizeof(a.calling), a.called, sizeof(a.called), NULL,
-                    0);
-    OFStandard::strlcpy(a.host, a.as->params->DULparams.callingPresentationAddress, sizeof(a.host));
-    a.peer.calling_ae = a.calling;
-    a.peer.called_ae = a.called;
-    a.peer.peer_host = a.host;
-    if (srv->cfg.require_called_ae && srv->ae_title != trim_value(OFString(a.called))) {
-        log_warn("dicom: association from %s (%s) to unknown AE '%s' rejected", a.calling, a.host,
-                 a.called);
-        T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
-                                      ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED};
-        ASC_rejectAssociation(a.as, &rej);
-    } else if (!srv->allowed_callers.empty() &&
-               srv->allowed_callers.count(trim_value(OFString(a.calling)).c_str()) == 0 &&
-               !(ASC_countPresentationContexts(a.as->params) == 0 && a.calling[0] == 0)) {
-        log_warn("dicom: association from calling AE '%s' (%s) rejected: not in allowed_callers",
-                 a.calling, a.host);
-        T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
-                                      ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED};
-        ASC_rejectAssociation(a.as, &rej);
-    } else if (ASC_countPresentationContexts(a.as->params) == 0 && a.calling[0] == 0) {
-        /* DCMTK reports a peer that closed before sending anything as an
-         * empty request */
-        log_debug("dicom: connection from %s closed before A-ASSOCIATE-RQ", a.host);
-    } else {
-        OFCondition cond = negotiate(a.as);
-        if (cond.good())
-            cond = ASC_acknowledgeAssociation(a.as);
-        if (cond.good()) {
-            log_debug("dicom: association from %s (%s) to %s", a.calling, a.host, a.called);
-            serve_association(a);
-        } else {
-            log_warn("dicom: negotiating with %s (%s): %s", a.calling, a.host, cond.text());
-        }
-    }
-    ASC_dropSCPAssociation(a.as);
-    ASC_destroyAssociation(&a.as);
-}
-
-static void worker_main(dicom_server *srv, size_t slot)
-{
-    for (;;) {
-        int fd;
-        {
-            std::unique_lock<std::mutex> lk(srv->mu);
-            srv->cv.wait(lk, [srv] { return srv->stopping.load() || !srv->queue.empty(); });
-            if (srv->stopping.load())
-                return;
-            fd = srv->queue.front();
-            srv->queue.pop_front();
-        }
-        try {
-            serve_socket(srv, srv->nets[slot], fd, (int)slot);
-        } catch (const std::exception &e) {
-            ext_release();
-            log_error("dicom: worker caught exception: %s", e.what());
-        } catch (...) {
-            ext_release();
-            log_error("dicom: worker caught unknown exception");
-        }
-    }
-}
-
-/* Answers connections beyond the queue with A-ASSOCIATE-RJ (transient, local
- * limit exceeded), one at a time. */
-static void rejecter_main(dicom_server *srv)
-{
-    for (;;) {
-        int fd;
-        {
-            std::unique_lock<std::mutex> lk(srv->mu);
-            srv->cv.wait(lk, [srv] { return srv->stopping.load() || !srv->reject_queue.empty(); });
-            if (srv->stopping.load())
-                return;
-            fd = srv->reject_queue.front();
-            srv->reject_queue.pop_front();
-        }
-        try {
-            T_ASC_Association *as = receive_rq(srv, srv->nets.back(), fd, -1);
-            if (as) {
-                T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDTRANSIENT,
-                                              ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
-                                              ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED};
-                ASC_rejectAssociation(as, &rej);
-                ASC_dropAssociation(as);
-                ASC_destroyAssociation(&as);
-                log_warn("dicom: association rejected, %d workers busy and queue full",
-                         srv->cfg.workers);
-            }
-        } catch (...) {
-            ext_release();
-            log_error("dicom: rejecter caught exception");
-        }
-    }
-}
-
-static void acceptor_main(dicom_server *srv)
-{
-    while (!srv->stopping.load()) {
-        struct pollfd pfd[2] = {{srv->listen_fd, POLLIN, 0}, {srv->wake[0], POLLIN, 0}};
-        int n = poll(pfd, 2, -1);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            log_error("dicom: poll on listening socket: %s", strerror(errno));
-            return;
-        }
-        if (pfd[1].revents)
-            return;
-        if (!(pfd[0].revents & POLLIN))
-            continue;
-        int fd = accept4(srv->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED)
-                log_warn("dicom: accept: %s", strerror(errno));
-            if (errno == EMFILE || errno == ENFILE)
-                usleep(100 * 1000);
-            continue;
-        }
-        if (fd == 0) { /* DCMTK treats socket 0 as "none" */
-            int d = fcntl(fd, F_DUPFD_CLOEXEC, 1);
-            close(fd);
-            if (d < 0)
-                continue;
-            fd = d;
-        }
-        set_nodelay(fd);
-        std::lock_guard<std::mutex> lk(srv->mu);
-        if (srv->queue.size() < (size_t)srv->cfg.queue) {
-            srv->queue.push_back(fd);
-        } else if (srv->reject_queue.size() < 16) {
-            srv->reject_queue.push_back(fd);
-        } else {
-            close(fd);
-            log_warn("dicom: connection dropped, queue and reject queue full");
-            continue;
-        }
-        srv->cv.notify_all();
-    }
-}
-
-/* ---- server life cycle ------------------------------------------------------------- */
-
-extern "C" void dicom_config_defaults(dicom_config_t *cfg)
-{
-    memset(cfg, 0, sizeof(*cfg));
-    cfg->port = 0;
-    cfg->max_pdu = 116794;
-    cfg->acse_timeout_s = 10;
-    cfg->dimse_timeout_s = 60;
-    cfg->workers = 16;
-    cfg->queue = 64;
-    cfg->require_called_ae = false;
-}
-
-static void server_free(dicom_server *srv)
-{
-    for (T_ASC_Network *&n : srv->nets)
-        if (n)
-            ASC_dropNetwork(&n);
-    for (int fd : srv->queue)
-        close(fd);
-    for (int fd : srv->reject_queue)
-        close(fd);
-    if (srv->listen_fd >= 0)
-        close(srv->listen_fd);
-    for (int i = 0; i < 2; i++)
-        if (srv->wake[i] >= 0)
-            close(srv->wake[i]);
-    delete srv;
-}
-
-static int open_listener(dicom_server *srv, std::string &why)
-{
-    struct sockaddr_in sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t)srv->cfg.port);
-    const char *bind_addr = srv->bind_address.empty() ? "0.0.0.0" : srv->bind_address.c_str();
-    if (inet_pton(AF_INET, bind_addr, &sa.sin_addr) != 1) {
-        why = std::string("invalid bind address ") + bind_addr;
-        return SP_EINVAL;
-    }
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        why = strerror(errno);
-        return -errno;
-    }
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    set_nodelay(fd); /* inherited by accepted sockets on Linux */
-    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(fd, 128) != 0) {
-        int e = errno;
-        why = std::string("cannot listen on ") + bind_addr + ":" + std::to_string(srv->cfg.port) +
-              ": " + strerror(e);
-        close(fd);
-        return -e;
-    }
-    socklen_t sl = sizeof(sa);
-    getsockname(fd, (struct sockaddr *)&sa, &sl);
-    srv->listen_fd = fd;
-    srv->port = ntohs(sa.sin_port);
-    return 0;
-}
-
-extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handlers_t *handlers,
-                                  dicom_server_t **out, char *err, size_t errlen)
-{
-    dicom_server *srv = NULL;
-    try {
-        *out = NULL;
-        dcmtk_init_once();
-        if (!g_dict_ok) {
-            sp_fmt(err, errlen, "DICOM data dictionary not loaded (check DCMDICTPATH)");
-            return SP_ECONFIG;
-        }
-        if (cfg->ae_title == NULL || cfg->ae_title[0] == 0 || strlen(cfg->ae_title) > 16) {
-            sp_fmt(err, errlen, "AE title must be 1-16 characters");
-            return SP_EINVAL;
-        }
-        srv = new dicom_server;
-        srv->cfg = *cfg;
-        srv->ae_title = cfg->ae_title;
-        srv->bind_address = cfg->bind_address ? cfg->bind_address : "";
-        srv->allowed_callers = parse_ae_list(cfg->allowed_callers);
-        srv->cfg.ae_title = NULL;
-        srv->cfg.bind_address = NULL;
-        srv->cfg.allowed_callers = NULL;
-        if (srv->cfg.max_pdu <= 0)
-            srv->cfg.max_pdu = 116794;
-        if (srv->cfg.max_pdu < ASC_MINIMUMPDUSIZE)
-            srv->cfg.max_pdu = ASC_MINIMUMPDUSIZE;
-        if (srv->cfg.max_pdu > ASC_MAXIMUMPDUSIZE)
-            srv->cfg.max_pdu = ASC_MAXIMUMPDUSIZE;
-        if (srv->cfg.acse_timeout_s <= 0)
-            srv->cfg.acse_timeout_s = 10;
-        if (srv->cfg.dimse_timeout_s <= 0)
-            srv->cfg.dimse_timeout_s = 60;
-        if (srv->cfg.workers <= 0)
-            srv->cfg.workers = 16;
-        if (srv->cfg.queue <= 0)
-            srv->cfg.queue = 64;
-        srv->h = *handlers;
-        std::string why;
-        int rc = open_listener(srv, why);
-        if (rc != 0) {
-            sp_fmt(err, errlen, "%s", why.c_str());
-            server_free(srv);
-            return rc;
-        }
-        if (pipe2(srv->wake, O_CLOEXEC) != 0) {
-            rc = -errno;
-            sp_fmt(err, errlen, "pipe: %s", strerror(errno));
-            server_free(srv);
-            return rc;
-        }
-        for (int i = 0; i <= srv->cfg.workers; i++) {
-            T_ASC_Network *net = NULL;
-            OFCondition cond =
-                make_network(NET_ACCEPTOR, srv->cfg.acse_timeout_s, srv->listen_fd, &net);
-            if (cond.bad()) {
-                sp_fmt(err, errlen, "cannot initialise DCMTK network: %s", cond.text());
-                server_free(srv);
-                return SP_EUNAVAIL;
-            }
-            srv->nets.push_back(net);
-        }
-        srv->negotiating.assign((size_t)srv->cfg.workers, -1);
-        for (int i = 0; i < srv->cfg.workers; i++)
-            srv->workers.emplace_back(worker_main, srv, (size_t)i);
-        srv->rejecter = std::thread(rejecter_main, srv);
-        srv->acceptor = std::thread(acceptor_main, srv);
-        log_info("dicom: %s listening on %s:%d (%d workers, queue %d)", srv->ae_title.c_str(),
-                 srv->bind_address.empty() ? "0.0.0.0" : srv->bind_address.c_str(), srv->port,
-                 srv->cfg.workers, srv->cfg.queue);
-        *out = srv;
-        return 0;
-    } catch (const std::exception &e) {
-        sp_fmt(err, errlen, "exception: %s", e.what());
-    } catch (...) {
-        sp_fmt(err, errlen, "unknown exception");
-    }
-    /* Threads are started last; if starting one threw, stop the ones that run. */
-    if (srv && (srv->acceptor.joinable() || !srv->workers.empty() || srv->rejecter.joinable())) {
-        dicom_server_t *tmp = srv;
-        dicom_server_stop(&tmp);
-    } else if (srv) {
-        server_free(srv);
-    }
-    return SP_EINVAL;
-}
-
-extern "C" int dicom_server_port(const dicom_server_t *srv)
-{
-    return srv ? srv->port : -1;
-}
-
-extern "C" void dicom_server_stop(dicom_server_t **srvp)
-{
-    if (srvp == NULL || *srvp == NULL)
-        return;
-    dicom_server *srv = *srvp;
-    *srvp = NULL;
-    try {
-        srv->stopping.store(true);
-        char c = 1;
-        if (write(srv->wake[1], &c, 1) < 0)
-            log_warn("dicom: waking the accept thread: %s", strerror(errno));
-        {
-            std::lock_guard<std::mutex> lk(srv->mu);
-            /* unblock workers still reading an A-ASSOCIATE-RQ */
-            for (int fd : srv->negotiating)
-                if (fd >= 0)
-                    shutdown(fd, SHUT_RDWR);
-            srv->cv.notify_all();
-        }
-        if (srv->acceptor.joinable())
-            srv->acceptor.join();
-        for (std::thread &t : srv->workers)
-            t.join();
-        if (srv->rejecter.joinable())
-            srv->rejecter.join();
-        server_free(srv);
-    } catch (...) {
-        log_error("dicom: exception while stopping the server");
-    }
 }
