@@ -64,6 +64,10 @@ typedef struct {
     bool require_called_ae; /* reject associations addressed to another AE title */
     char *allowed_callers;  /* calling AE titles admitted, separated by commas or spaces;
                                NULL or empty admits any */
+    int max_per_address;    /* connections held from one IP address (default 32; 0 unlimited) */
+    int max_connections;    /* connections held in all, idle ones included (default 1024) */
+    size_t min_rate;        /* bytes/s a data set arrives at, at least (default 32K): its
+                               deadline is dimse_timeout + size / min_rate from its start */
 } dicom_config_t;
 
 void dicom_config_defaults(dicom_config_t *cfg); /* strings left NULL */

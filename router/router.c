@@ -44,6 +44,9 @@ typedef struct {
     int dimse_timeout;
     int max_pdu;
     char *allowed_callers;
+    int max_per_address;
+    int max_connections;
+    size_t min_rate;
     char *key_pair;
     char *cluster_keys;
     int replicas;
@@ -110,6 +113,13 @@ static const config_option_t router_options[] = {
         "Largest PDU received, bytes"),
     OPT("dicom", "allowed_callers", CONFIG_STRING, allowed_callers, "", 0, 0,
         "Calling AE titles admitted, separated by commas (empty admits any)"),
+    OPT("dicom", "max_per_address", CONFIG_INT, max_per_address, "32", 0, 100000,
+        "Connections held from one IP address, idle ones included (0: unlimited)"),
+    OPT("dicom", "max_connections", CONFIG_INT, max_connections, "1024", 1, 1000000,
+        "Connections held in all; when full, the oldest one still silent is closed"),
+    OPT("dicom", "min_rate", CONFIG_SIZE, min_rate, "32K", 1, 1LL << 40,
+        "Bytes/s a DIMSE message arrives at, at least: its deadline is dimse_timeout + size / "
+        "min_rate"),
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
@@ -316,6 +326,9 @@ static int router_run(router_settings_t *s)
     dc.queue = s->queue;
     dc.max_pdu = s->max_pdu;
     dc.allowed_callers = s->allowed_callers;
+    dc.max_per_address = s->max_per_address;
+    dc.max_connections = s->max_connections;
+    dc.min_rate = s->min_rate;
     dc.acse_timeout_s = (s->acse_timeout + 999) / 1000;
     dc.dimse_timeout_s = (s->dimse_timeout + 999) / 1000;
     rc = dicom_server_start(&dc, &handlers, &server, err, sizeof err);
