@@ -8,13 +8,17 @@
  * no DCMTK and lives in router/part10.h.
  *
  * Server model: dicom_server_start() listens on a TCP port (Nagle off, no
- * reverse DNS), and a pool of worker threads each take an accepted socket,
- * read its A-ASSOCIATE-RQ (so one silent client never stalls the accept
- * loop), negotiate, and serve DIMSE requests on it until release or abort,
- * calling the handlers below on that worker thread. Handlers therefore run
- * concurrently, one association per thread, and must be thread-safe. Extra
- * connections wait in a bounded queue; beyond it they are rejected
- * (A-ASSOCIATE-RJ, transient, local limit exceeded).
+ * reverse DNS). The gate (router/gate.h, one event loop) holds every
+ * connection until a whole request is buffered - an A-ASSOCIATE-RQ, or an
+ * association's next DIMSE message - and only then hands it to a pool of
+ * worker threads, which negotiate (A-ASSOCIATE-AC or -RJ) or serve the
+ * message, calling the handlers below, and park the association back to
+ * the gate when no next message is buffered. Handlers therefore run
+ * concurrently, on any worker thread, and must be thread-safe. Whole
+ * requests wait in a bounded queue; new associations beyond it are
+ * rejected (A-ASSOCIATE-RJ, transient, local limit exceeded). Silent, slow
+ * and idle peers are bounded by whole-request deadlines and by the
+ * per-address and total connection limits, never by a worker.
  *
  * DCMTK takes an accepted socket through the process-global
  * dcmExternalSocketHandle; the adapter serialises its use, so every DICOM
@@ -64,6 +68,10 @@ typedef struct {
     bool require_called_ae; /* reject associations addressed to another AE title */
     char *allowed_callers;  /* calling AE titles admitted, separated by commas or spaces;
                                NULL or empty admits any */
+    int max_per_address;    /* connections held from one IP address (default 32; 0 unlimited) */
+    int max_connections;    /* connections held in all, idle ones included (default 1024) */
+    size_t min_rate;        /* bytes/s a data set arrives at, at least (default 32K): its
+                               deadline is dimse_timeout + size / min_rate from its start */
 } dicom_config_t;
 
 void dicom_config_defaults(dicom_config_t *cfg); /* strings left NULL */

@@ -18,6 +18,7 @@
 
 extern "C" {
 #include "dicom.h"
+#include "gate.h"
 }
 
 #include <atomic>
@@ -31,7 +32,8 @@ extern "C" {
 
 /* One listening DICOM server (the opaque dicom_server_t of dicom.h). The
  * strings, cfg and h are read-only once dicom_server_start() returns; the
- * queues and negotiating are guarded by mu. */
+ * queues are guarded by mu. Connections reach the queues only from the gate
+ * (router/gate.c), with a whole request buffered. */
 struct dicom_server {
     std::string ae_title, bind_address;
     std::set<std::string> allowed_callers; /* empty: any calling AE title */
@@ -39,22 +41,26 @@ struct dicom_server {
     dicom_handlers_t h;
     int listen_fd = -1;
     int port = 0;
-    int wake[2] = {-1, -1}; /* written once by dicom_server_stop() to end poll() */
+    gate_t *gate = nullptr; /* holds every connection no worker is serving */
     std::atomic<bool> stopping{false};
     std::mutex mu;
     std::condition_variable cv;
-    std::deque<int> queue;             /* accepted sockets waiting for a worker */
-    std::deque<int> reject_queue;      /* sockets to answer with A-ASSOCIATE-RJ */
-    std::vector<int> negotiating;      /* per worker: socket whose RQ is being read, or -1 */
-    std::vector<T_ASC_Network *> nets; /* one per worker, then one for the rejecter */
-    std::thread acceptor, rejecter;
+    std::deque<gate_conn_t *> queue;        /* requests waiting for a worker */
+    std::deque<gate_conn_t *> reject_queue; /* new associations to answer A-ASSOCIATE-RJ */
+    std::vector<T_ASC_Network *> nets;      /* one per worker, then one for the rejecter */
+    std::thread rejecter;
     std::vector<std::thread> workers;
 };
 
-/* One association being served, owned by its worker thread. */
+class GateConnection;
+
+/* One association, owned by the worker thread serving it, or by the gate
+ * while it is parked between two messages. */
 struct Assoc {
     dicom_server *srv = nullptr;
     T_ASC_Association *as = nullptr;
+    gate_conn_t *conn = nullptr;   /* its socket and read-ahead */
+    GateConnection *link = nullptr; /* DCMTK's view of conn (owned by as) */
     char calling[DIC_AE_LEN + 1] = {0};
     char called[DIC_AE_LEN + 1] = {0};
     char host[128] = {0};
@@ -79,6 +85,11 @@ inline std::string dicom_trim(const OFString &s)
  * Nagle off. The caller drops it with ASC_dropNetwork(). */
 OFCondition dicom_server_network(T_ASC_NetworkRole role, int timeout_s, int dummy_fd,
                                  T_ASC_Network **net);
+
+/* dicom_server.cc: the request (command and data set) has been received
+ * whole; from now on reads wait at most dimse_timeout each (C-CANCEL polls,
+ * C-STORE-RSP of C-GET sub-operations) instead of the request's deadline. */
+void dicom_server_request_received(Assoc &a);
 
 /* dicom_services.cc: serve one request whose command the receive loop has
  * read (the data set, if any, is still on the wire). Each returns false when

@@ -5,17 +5,24 @@
  * dicom_services.cc it is the only code of ShardPACS that sees C++ or DCMTK;
  * every entry point catches all exceptions and turns them into an error code.
  *
- * Threads: dicom_server_start() creates one accept thread, `workers` worker
- * threads and one reject thread. The accept thread only accept()s TCP
- * connections and queues the sockets; a worker then lets DCMTK read the
- * A-ASSOCIATE-RQ from the already accepted socket (dcmExternalSocketHandle,
- * see receive_rq()), negotiates and serves DIMSE requests on it, calling the
- * handlers on its own thread. When the queue is full the accept thread passes
- * the socket to the reject thread, which answers A-ASSOCIATE-RJ (transient,
- * local limit exceeded). Nagle is switched off on the listening socket (Linux
- * sockets inherit it) and again in our DcmTransportLayer for every connection
- * DCMTK makes, accepted or outgoing (C-MOVE sub-associations), so nothing
- * depends on the TCP_NODELAY environment variable.
+ * Threads: dicom_server_start() creates the gate (router/gate.c: one event
+ * loop thread that accepts, and holds every connection no worker serves),
+ * `workers` worker threads and one reject thread. The gate queues a
+ * connection only once a whole request is buffered: a new connection's
+ * A-ASSOCIATE-RQ, or a parked association's next DIMSE message (or its
+ * first MiB), release or abort. A worker then lets DCMTK read it through
+ * GateConnection (the read-ahead first, then the socket, always under one
+ * deadline for the whole request: DCMTK's own timeouts restart on every
+ * read), negotiates, answers A-ASSOCIATE-AC or -RJ, and serves messages
+ * while whole ones are buffered; then it parks the association back to the
+ * gate. So silent, trickling and idle peers hold no worker. When the queue
+ * is full a new association goes to the reject thread, which answers
+ * A-ASSOCIATE-RJ (transient, local limit exceeded) from the buffered
+ * request. An ended association is dropped at once, never waiting for the
+ * peer to close. Nagle is switched off on the listening socket (Linux
+ * sockets inherit it) and again in our DcmTransportLayer for every
+ * connection DCMTK makes, accepted or outgoing (C-MOVE sub-associations),
+ * so nothing depends on the TCP_NODELAY environment variable.
  *
  * Ownership: the server owns its sockets, threads and DCMTK networks. The
  * data dictionary and the decoders are process-wide DCMTK state, set up once
@@ -31,6 +38,7 @@
 #include <dcmtk/dcmnet/dcmlayer.h>
 #include <dcmtk/dcmnet/dcmtrans.h>
 #include <dcmtk/dcmnet/dul.h>
+#include <dcmtk/dcmnet/dulstruc.h>
 #include <dcmtk/oflog/oflog.h>
 
 extern "C" {
@@ -73,14 +81,15 @@ static void dcmtk_init_once()
 
 /* dcmExternalSocketHandle is one process-wide value that DCMTK reads at the
  * start of ASC_receiveAssociation(): "use this accepted socket instead of
- * calling accept()". Workers set it under g_ext_mu and release the mutex as
- * soon as DCMTK has taken the socket, which is when it calls our
- * createConnection() on the same thread - before it reads a single byte. So
- * the lock is never held while waiting for a (possibly silent) peer. Every
- * DICOM acceptor in the process must go through this adapter. */
+ * calling accept()". Workers set it under g_ext_mu, with the gate connection
+ * in t_conn, and release the mutex as soon as DCMTK has taken the socket,
+ * which is when it calls our createConnection() on the same thread. The
+ * whole request is already buffered, so the lock is held only briefly.
+ * Every DICOM acceptor in the process must go through this adapter. */
 static std::mutex g_ext_mu;
 static thread_local bool t_ext_locked = false;
-static thread_local bool t_fd_taken = false;
+static thread_local gate_conn_t *t_conn = nullptr;
+static thread_local GateConnection *t_link = nullptr;
 
 static void ext_release()
 {
@@ -97,9 +106,69 @@ static void set_nodelay(int fd)
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+/* DCMTK's view of a gate connection: reads serve the gate's read-ahead
+ * first, then the socket, and fail once the connection's deadline passed
+ * (read() -1 with ETIMEDOUT, which DCMTK reports as the network closed), so
+ * no per-read timeout of DCMTK's can be stretched by a trickling peer. In
+ * per-read mode (a request's handler running) each read waits at most
+ * per_read_ms instead. The gate owns and closes the socket. */
+class GateConnection : public DcmTransportConnection
+{
+  public:
+    GateConnection(gate_conn_t *c) : DcmTransportConnection(gate_conn_fd(c)), conn(c) {}
+    int per_read_ms = 0; /* 0: the gate connection's deadline applies */
+
+    OFCondition serverSideHandshake() override { return EC_Normal; }
+    OFCondition clientSideHandshake() override { return EC_Normal; }
+    OFCondition renegotiate(const char *) override { return EC_Normal; }
+    ssize_t read(void *buf, size_t nbyte) override
+    {
+        if (per_read_ms > 0)
+            gate_conn_set_deadline(conn, sp_now_ms(), per_read_ms, 0);
+        ssize_t r = gate_conn_read(conn, buf, nbyte);
+        return r >= 0 ? r : fail(r);
+    }
+    ssize_t write(void *buf, size_t nbyte) override
+    {
+        ssize_t r = gate_conn_write(conn, buf, nbyte);
+        return r >= 0 ? r : fail(r);
+    }
+    void close() override { closeTransportConnection(); }
+    void closeTransportConnection() override { setSocket(OFstatic_cast(DcmNativeSocketType, -1)); }
+    unsigned long getPeerCertificateLength() override { return 0; }
+    unsigned long getPeerCertificate(void *, unsigned long) override { return 0; }
+    OFBool networkDataAvailable(int timeout_s) override
+    {
+        if (per_read_ms > 0) /* the wait, then a read, each within its own bound */
+            gate_conn_set_deadline(conn, sp_now_ms(),
+                                   per_read_ms + (int64_t)(timeout_s > 0 ? timeout_s : 0) * 1000,
+                                   0);
+        return gate_conn_wait(conn, timeout_s > 0 ? timeout_s * 1000 : 0) ? OFTrue : OFFalse;
+    }
+    OFBool isTransparentConnection() override { return OFTrue; }
+    OFString &dumpConnectionParameters(OFString &str) override
+    {
+        str = "Transport connection: TCP through the gate";
+        return str;
+    }
+
+  private:
+    gate_conn_t *conn;
+
+    /* DCMTK retries on EINTR; everything else ends the association. */
+    static ssize_t fail(ssize_t code)
+    {
+        errno = code == SP_ETIMEOUT ? ETIMEDOUT : code < 0 && code > -4096 ? (int)-code : EIO;
+        if (errno == EINTR || errno == EAGAIN)
+            errno = EIO;
+        return -1;
+    }
+};
+
 namespace
 {
-/* Plain TCP connections, with Nagle off, that also release g_ext_mu. */
+/* Connections with Nagle off; an accepted one (t_conn set by the worker)
+ * reads through its gate connection. Also releases g_ext_mu. */
 class NodelayLayer : public DcmTransportLayer
 {
   public:
@@ -109,14 +178,18 @@ class NodelayLayer : public DcmTransportLayer
         if (secure)
             return NULL;
         set_nodelay(sock);
-        t_fd_taken = true;
+        if (t_conn != nullptr && gate_conn_fd(t_conn) == sock) {
+            t_link = new GateConnection(t_conn);
+            t_conn = nullptr;
+            return t_link;
+        }
         return new DcmTCPConnection(sock);
     }
 };
 } // namespace
 
-/* Creates an acceptor network that has no listening socket of its own (our
- * accept thread owns the listening socket), or a requestor network. */
+/* Creates an acceptor network that has no listening socket of its own (the
+ * gate owns the listening socket), or a requestor network. */
 OFCondition dicom_server_network(T_ASC_NetworkRole role, int timeout_s, int dummy_fd,
                                  T_ASC_Network **net)
 {
@@ -135,6 +208,21 @@ OFCondition dicom_server_network(T_ASC_NetworkRole role, int timeout_s, int dumm
             ASC_dropNetwork(net);
     }
     return cond;
+}
+
+void dicom_server_request_received(Assoc &a)
+{
+    if (a.link)
+        a.link->per_read_ms = a.srv->cfg.dimse_timeout_s * 1000;
+}
+
+/* Puts the next request of a under one deadline: dimse_timeout from now,
+ * growing by the bytes received at min_rate. */
+static void expect_request(Assoc &a)
+{
+    a.link->per_read_ms = 0;
+    gate_conn_set_deadline(a.conn, sp_now_ms(), (int64_t)a.srv->cfg.dimse_timeout_s * 1000,
+                           a.srv->cfg.min_rate);
 }
 
 /* ---- association handling ------------------------------------------------------ */
@@ -198,97 +286,151 @@ static OFCondition negotiate(T_ASC_Association *as)
     return EC_Normal;
 }
 
-/* Serves DIMSE requests until release, abort, timeout or server stop. */
-static void serve_association(Assoc &a)
+/* Ends an association without waiting for the peer: aborts it first when
+ * abort is set (an A-ABORT, sent only if the socket takes it at once),
+ * drops it, closes the socket and frees a. */
+static void finish(Assoc *a, bool abort)
 {
-    dicom_server *srv = a.srv;
-    int idle_s = 0;
+    if (a->as) {
+        if (a->link)
+            a->link->per_read_ms = 0;
+        gate_conn_expire(a->conn);
+        if (abort)
+            ASC_abortAssociation(a->as);
+        ASC_dropSCPAssociation(a->as, 0);
+        ASC_destroyAssociation(&a->as);
+    }
+    gate_conn_close(&a->conn);
+    delete a;
+}
+
+/* True when DCMTK holds bytes of the association it has read but not yet
+ * handed out (PDVs of a PDU already read, or a PDU header): such an
+ * association cannot be parked, as the gate would start mid-message. */
+static bool dul_holds_input(T_ASC_Association *as)
+{
+    const PRIVATE_ASSOCIATIONKEY *k = (const PRIVATE_ASSOCIATIONKEY *)as->DULassociation;
+    return k != NULL && (k->pdvIndex != -1 || k->inputPDU != NO_PDU);
+}
+
+/* How long a worker waits for the next whole message after answering one,
+ * before it parks the association: long enough for a client that sends
+ * its next request right after our response, short enough that a worker
+ * is never held. */
+static const int k_next_message_grace_ms = 10;
+
+/* Serves DIMSE requests while whole ones are buffered: returns true when
+ * the association was parked with the gate (a is then the gate's), false
+ * when it ended (a is freed). fresh: the gate just handed it over with a
+ * request buffered and its deadline running. */
+static bool serve_association(Assoc *a, bool fresh)
+{
+    dicom_server *srv = a->srv;
     for (;;) {
         if (srv->stopping.load()) {
-            ASC_abortAssociation(a.as);
-            return;
+            finish(a, true);
+            return false;
         }
-        if (!ASC_dataWaiting(a.as, 1)) {
-            if (++idle_s >= srv->cfg.dimse_timeout_s) {
-                log_info("dicom: association from %s idle for %d s, aborting", a.calling, idle_s);
-                ASC_abortAssociation(a.as);
-                return;
+        if (!fresh && !dul_holds_input(a->as)) {
+            int rc = gate_conn_next_ready(a->conn, k_next_message_grace_ms);
+            if (rc == 0) {
+                a->link->per_read_ms = 0;
+                gate_park(a->conn, a);
+                return true;
             }
-            continue;
+            if (rc < 0) {
+                if (rc != SP_EUNAVAIL)
+                    log_warn("dicom: association from %s (%s): %s, aborting", a->calling, a->host,
+                             rc == SP_ETOOBIG ? "PDU over its size limit" : "invalid PDU");
+                finish(a, true);
+                return false;
+            }
         }
-        idle_s = 0;
+        if (!fresh)
+            expect_request(*a);
+        fresh = false;
         T_DIMSE_Message msg;
         T_ASC_PresentationContextID pres = 0;
-        OFCondition cond =
-            DIMSE_receiveCommand(a.as, DIMSE_BLOCKING, srv->cfg.dimse_timeout_s, &pres, &msg, NULL);
+        OFCondition cond = DIMSE_receiveCommand(a->as, DIMSE_BLOCKING, srv->cfg.dimse_timeout_s,
+                                                &pres, &msg, NULL);
         if (cond == DUL_PEERREQUESTEDRELEASE) {
-            ASC_acknowledgeRelease(a.as);
-            return;
+            ASC_acknowledgeRelease(a->as);
+            finish(a, false);
+            return false;
         }
-        if (cond == DUL_PEERABORTEDASSOCIATION || cond == DUL_NETWORKCLOSED)
-            return;
+        if (cond == DUL_PEERABORTEDASSOCIATION || cond == DUL_NETWORKCLOSED) {
+            if (cond == DUL_NETWORKCLOSED)
+                log_debug("dicom: association from %s (%s) closed or too slow", a->calling,
+                          a->host);
+            finish(a, cond == DUL_NETWORKCLOSED);
+            return false;
+        }
         if (cond.bad()) {
-            log_warn("dicom: receiving from %s (%s): %s", a.calling, a.host, cond.text());
-            ASC_abortAssociation(a.as);
-            return;
+            log_warn("dicom: receiving from %s (%s): %s", a->calling, a->host, cond.text());
+            finish(a, true);
+            return false;
         }
         bool ok = true;
         switch (msg.CommandField) {
         case DIMSE_C_ECHO_RQ:
-            ok = DIMSE_sendEchoResponse(a.as, pres, &msg.msg.CEchoRQ, STATUS_Success, NULL).good();
+            ok = DIMSE_sendEchoResponse(a->as, pres, &msg.msg.CEchoRQ, STATUS_Success, NULL).good();
             break;
-        case DIMSE_C_STORE_RQ: ok = dicom_services_store(a, pres, msg.msg.CStoreRQ); break;
-        case DIMSE_C_FIND_RQ: ok = dicom_services_find(a, pres, msg.msg.CFindRQ); break;
+        case DIMSE_C_STORE_RQ: ok = dicom_services_store(*a, pres, msg.msg.CStoreRQ); break;
+        case DIMSE_C_FIND_RQ: ok = dicom_services_find(*a, pres, msg.msg.CFindRQ); break;
         case DIMSE_C_MOVE_RQ:
-        case DIMSE_C_GET_RQ: ok = dicom_services_retrieve(a, pres, msg); break;
+        case DIMSE_C_GET_RQ: ok = dicom_services_retrieve(*a, pres, msg); break;
         case DIMSE_C_CANCEL_RQ: break; /* for a request already answered */
         default:
             log_warn("dicom: unsupported DIMSE command 0x%04X from %s", (unsigned)msg.CommandField,
-                     a.calling);
+                     a->calling);
             ok = false;
             break;
         }
         if (!ok) {
-            ASC_abortAssociation(a.as);
-            return;
+            finish(a, true);
+            return false;
         }
     }
 }
 
-/* Lets DCMTK read the A-ASSOCIATE-RQ from an accepted socket (owned from here
- * on). Returns the association, or NULL (socket closed). */
-static T_ASC_Association *receive_rq(dicom_server *srv, T_ASC_Network *net, int fd, int slot)
+/* Lets DCMTK read the buffered A-ASSOCIATE-RQ of a new gate connection.
+ * Returns the association with a->link set, or NULL (the request was not
+ * acceptable to DCMTK; the connection is then still a's to close). */
+static T_ASC_Association *receive_rq(dicom_server *srv, T_ASC_Network *net, Assoc *a)
 {
-    if (slot >= 0) {
-        std::lock_guard<std::mutex> lk(srv->mu);
-        srv->negotiating[(size_t)slot] = fd;
-        if (srv->stopping.load())
-            shutdown(fd, SHUT_RDWR);
-    }
     T_ASC_Association *as = NULL;
     g_ext_mu.lock();
     t_ext_locked = true;
-    t_fd_taken = false;
-    dcmExternalSocketHandle.set(fd);
+    t_conn = a->conn;
+    t_link = nullptr;
+    dcmExternalSocketHandle.set(gate_conn_fd(a->conn));
     OFCondition cond = ASC_receiveAssociation(net, &as, srv->cfg.max_pdu, NULL, NULL, OFFalse,
                                               DUL_NOBLOCK, srv->cfg.acse_timeout_s);
     ext_release();
-    if (slot >= 0) {
-        std::lock_guard<std::mutex> lk(srv->mu);
-        srv->negotiating[(size_t)slot] = -1;
-    }
-    if (!t_fd_taken)
-        close(fd);
-    if (cond.bad()) {
-        if (cond != DUL_NETWORKCLOSED)
-            log_warn("dicom: receiving association request: %s", cond.text());
+    t_conn = nullptr;
+    a->link = t_link;
+    t_link = nullptr;
+    if (cond.bad() || a->link == nullptr) {
+        log_info("dicom: association request from %s: %s", gate_conn_peer(a->conn), cond.text());
         if (as) {
+            gate_conn_expire(a->conn);
             ASC_dropAssociation(as);
             ASC_destroyAssociation(&as);
         }
         return NULL;
     }
     return as;
+}
+
+/* Answers A-ASSOCIATE-RJ and ends the association. */
+static void reject(Assoc *a, T_ASC_RejectParametersResult result,
+                   T_ASC_RejectParametersSource source, T_ASC_RejectParametersReason reason)
+{
+    T_ASC_RejectParameters rej = {result, source, reason};
+    OFCondition cond = ASC_rejectAssociation(a->as, &rej);
+    if (cond.bad())
+        log_debug("dicom: sending A-ASSOCIATE-RJ to %s: %s", a->host, cond.text());
+    finish(a, false);
 }
 
 /* Splits "A, B C" into the set {A, B, C} of AE titles. */
@@ -310,101 +452,123 @@ static std::set<std::string> parse_ae_list(const char *text)
     return out;
 }
 
-static void serve_socket(dicom_server *srv, T_ASC_Network *net, int fd, int slot)
+/* A new connection with its A-ASSOCIATE-RQ buffered: checks the AE titles,
+ * negotiates and answers A-ASSOCIATE-AC (then serves it) or -RJ. */
+static void serve_new(dicom_server *srv, T_ASC_Network *net, gate_conn_t *c)
 {
-    Assoc a;
-    a.srv = srv;
-    a.as = receive_rq(srv, net, fd, slot);
-    if (a.as == NULL)
+    Assoc *a = new Assoc;
+    a->srv = srv;
+    a->conn = c;
+    a->as = receive_rq(srv, net, a);
+    if (a->as == NULL) {
+        finish(a, false);
         return;
-    ASC_getAPTitles(a.as->params, a.calling, sizeof(a.calling), a.called, sizeof(a.called), NULL,
-                    0);
-    OFStandard::strlcpy(a.host, a.as->params->DULparams.callingPresentationAddress, sizeof(a.host));
-    a.peer.calling_ae = a.calling;
-    a.peer.called_ae = a.called;
-    a.peer.peer_host = a.host;
-    if (srv->cfg.require_called_ae && srv->ae_title != dicom_trim(OFString(a.called))) {
-        log_warn("dicom: association from %s (%s) to unknown AE '%s' rejected", a.calling, a.host,
-                 a.called);
-        T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
-                                      ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED};
-        ASC_rejectAssociation(a.as, &rej);
-    } else if (!srv->allowed_callers.empty() &&
-               srv->allowed_callers.count(dicom_trim(OFString(a.calling)).c_str()) == 0 &&
-               !(ASC_countPresentationContexts(a.as->params) == 0 && a.calling[0] == 0)) {
-        log_warn("dicom: association from calling AE '%s' (%s) rejected: not in allowed_callers",
-                 a.calling, a.host);
-        T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
-                                      ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED};
-        ASC_rejectAssociation(a.as, &rej);
-    } else if (ASC_countPresentationContexts(a.as->params) == 0 && a.calling[0] == 0) {
-        /* DCMTK reports a peer that closed before sending anything as an
-         * empty request */
-        log_debug("dicom: connection from %s closed before A-ASSOCIATE-RQ", a.host);
-    } else {
-        OFCondition cond = negotiate(a.as);
-        if (cond.good())
-            cond = ASC_acknowledgeAssociation(a.as);
-        if (cond.good()) {
-            log_debug("dicom: association from %s (%s) to %s", a.calling, a.host, a.called);
-            serve_association(a);
-        } else {
-            log_warn("dicom: negotiating with %s (%s): %s", a.calling, a.host, cond.text());
-        }
     }
-    ASC_dropSCPAssociation(a.as);
-    ASC_destroyAssociation(&a.as);
+    ASC_getAPTitles(a->as->params, a->calling, sizeof(a->calling), a->called, sizeof(a->called),
+                    NULL, 0);
+    OFStandard::strlcpy(a->host, gate_conn_peer(c), sizeof(a->host));
+    a->peer.calling_ae = a->calling;
+    a->peer.called_ae = a->called;
+    a->peer.peer_host = a->host;
+    if (srv->cfg.require_called_ae && srv->ae_title != dicom_trim(OFString(a->called))) {
+        log_warn("dicom: association from %s (%s) to unknown AE '%s' rejected", a->calling, a->host,
+                 a->called);
+        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+               ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED);
+        return;
+    }
+    if (!srv->allowed_callers.empty() &&
+        srv->allowed_callers.count(dicom_trim(OFString(a->calling)).c_str()) == 0) {
+        log_warn("dicom: association from calling AE '%s' (%s) rejected: not in allowed_callers",
+                 a->calling, a->host);
+        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+               ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED);
+        return;
+    }
+    OFCondition cond = negotiate(a->as);
+    if (cond.bad() || ASC_countAcceptedPresentationContexts(a->as->params) == 0) {
+        /* DCMTK would answer nothing at all (the peer would wait for its
+         * own timeout); say no. */
+        log_warn("dicom: association from %s (%s) rejected: %s", a->calling, a->host,
+                 cond.bad() ? cond.text() : "no presentation context accepted");
+        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER, ASC_REASON_SU_NOREASON);
+        return;
+    }
+    cond = ASC_acknowledgeAssociation(a->as);
+    if (cond.bad()) {
+        log_warn("dicom: acknowledging association from %s (%s): %s", a->calling, a->host,
+                 cond.text());
+        finish(a, true);
+        return;
+    }
+    log_debug("dicom: association from %s (%s) to %s", a->calling, a->host, a->called);
+    serve_association(a, false);
+}
+
+/* One unit of work from the gate: a new association or a parked one's next
+ * request. Exceptions end the association. */
+static void serve_conn(dicom_server *srv, T_ASC_Network *net, gate_conn_t *c)
+{
+    Assoc *a = (Assoc *)gate_conn_assoc(c);
+    try {
+        if (a == NULL)
+            serve_new(srv, net, c);
+        else
+            serve_association(a, true);
+    } catch (const std::exception &e) {
+        ext_release();
+        log_error("dicom: worker caught exception: %s", e.what());
+    } catch (...) {
+        ext_release();
+        log_error("dicom: worker caught unknown exception");
+    }
 }
 
 static void worker_main(dicom_server *srv, size_t slot)
 {
     for (;;) {
-        int fd;
+        gate_conn_t *c;
         {
             std::unique_lock<std::mutex> lk(srv->mu);
             srv->cv.wait(lk, [srv] { return srv->stopping.load() || !srv->queue.empty(); });
             if (srv->stopping.load())
                 return;
-            fd = srv->queue.front();
+            c = srv->queue.front();
             srv->queue.pop_front();
         }
-        try {
-            serve_socket(srv, srv->nets[slot], fd, (int)slot);
-        } catch (const std::exception &e) {
-            ext_release();
-            log_error("dicom: worker caught exception: %s", e.what());
-        } catch (...) {
-            ext_release();
-            log_error("dicom: worker caught unknown exception");
-        }
+        serve_conn(srv, srv->nets[slot], c);
     }
 }
 
-/* Answers connections beyond the queue with A-ASSOCIATE-RJ (transient, local
- * limit exceeded), one at a time. */
+/* Answers new associations beyond the queue with A-ASSOCIATE-RJ (transient,
+ * local limit exceeded), one at a time; their requests are buffered, so
+ * this never waits for a peer. */
 static void rejecter_main(dicom_server *srv)
 {
     for (;;) {
-        int fd;
+        gate_conn_t *c;
         {
             std::unique_lock<std::mutex> lk(srv->mu);
             srv->cv.wait(lk, [srv] { return srv->stopping.load() || !srv->reject_queue.empty(); });
             if (srv->stopping.load())
                 return;
-            fd = srv->reject_queue.front();
+            c = srv->reject_queue.front();
             srv->reject_queue.pop_front();
         }
+        Assoc *a = new Assoc;
+        a->srv = srv;
+        a->conn = c;
         try {
-            T_ASC_Association *as = receive_rq(srv, srv->nets.back(), fd, -1);
-            if (as) {
-                T_ASC_RejectParameters rej = {ASC_RESULT_REJECTEDTRANSIENT,
-                                              ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
-                                              ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED};
-                ASC_rejectAssociation(as, &rej);
-                ASC_dropAssociation(as);
-                ASC_destroyAssociation(&as);
-                log_warn("dicom: association rejected, %d workers busy and queue full",
-                         srv->cfg.workers);
+            a->as = receive_rq(srv, srv->nets.back(), a);
+            if (a->as) {
+                OFStandard::strlcpy(a->host, gate_conn_peer(c), sizeof(a->host));
+                log_warn("dicom: association from %s rejected, %d workers busy and queue full",
+                         a->host, srv->cfg.workers);
+                reject(a, ASC_RESULT_REJECTEDTRANSIENT,
+                       ASC_SOURCE_SERVICEPROVIDER_PRESENTATION_RELATED,
+                       ASC_REASON_SP_PRES_LOCALLIMITEXCEEDED);
+            } else {
+                finish(a, false);
             }
         } catch (...) {
             ext_release();
@@ -413,48 +577,35 @@ static void rejecter_main(dicom_server *srv)
     }
 }
 
-static void acceptor_main(dicom_server *srv)
+/* Gate callback (loop thread): a whole request is buffered on c. New
+ * associations beyond the queue go to the reject thread; a parked
+ * association's request always gets a worker, as refusing it would abort
+ * an association the peer uses correctly. */
+static void on_ready(void *ctx, gate_conn_t *c)
 {
-    while (!srv->stopping.load()) {
-        struct pollfd pfd[2] = {{srv->listen_fd, POLLIN, 0}, {srv->wake[0], POLLIN, 0}};
-        int n = poll(pfd, 2, -1);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            log_error("dicom: poll on listening socket: %s", strerror(errno));
-            return;
-        }
-        if (pfd[1].revents)
-            return;
-        if (!(pfd[0].revents & POLLIN))
-            continue;
-        int fd = accept4(srv->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-        if (fd < 0) {
-            if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED)
-                log_warn("dicom: accept: %s", strerror(errno));
-            if (errno == EMFILE || errno == ENFILE)
-                usleep(100 * 1000);
-            continue;
-        }
-        if (fd == 0) { /* DCMTK treats socket 0 as "none" */
-            int d = fcntl(fd, F_DUPFD_CLOEXEC, 1);
-            close(fd);
-            if (d < 0)
-                continue;
-            fd = d;
-        }
-        set_nodelay(fd);
-        std::lock_guard<std::mutex> lk(srv->mu);
-        if (srv->queue.size() < (size_t)srv->cfg.queue) {
-            srv->queue.push_back(fd);
-        } else if (srv->reject_queue.size() < 16) {
-            srv->reject_queue.push_back(fd);
-        } else {
-            close(fd);
-            log_warn("dicom: connection dropped, queue and reject queue full");
-            continue;
-        }
-        srv->cv.notify_all();
+    dicom_server *srv = (dicom_server *)ctx;
+    std::lock_guard<std::mutex> lk(srv->mu);
+    if (gate_conn_assoc(c) != NULL || srv->queue.size() < (size_t)srv->cfg.queue)
+        srv->queue.push_back(c);
+    else
+        srv->reject_queue.push_back(c);
+    srv->cv.notify_all();
+}
+
+/* Gate callback (loop thread, or the stopping thread): a parked association
+ * idled or trickled past its deadline, closed, or sent garbage. Aborting
+ * does not wait for the peer, so it is done right here. */
+static void on_expired(void *ctx, gate_conn_t *c, int why)
+{
+    (void)ctx;
+    Assoc *a = (Assoc *)gate_conn_assoc(c);
+    SP_ASSERT(a != NULL);
+    if (why == GATE_WHY_TIMEOUT)
+        log_info("dicom: association from %s (%s) idle or too slow, aborting", a->calling, a->host);
+    try {
+        finish(a, why != GATE_WHY_CLOSED);
+    } catch (...) {
+        log_error("dicom: exception while aborting an association");
     }
 }
 
@@ -470,22 +621,31 @@ extern "C" void dicom_config_defaults(dicom_config_t *cfg)
     cfg->workers = 16;
     cfg->queue = 64;
     cfg->require_called_ae = false;
+    cfg->max_per_address = 32;
+    cfg->max_connections = 1024;
+    cfg->min_rate = 32 * 1024;
 }
 
+/* Frees a server whose threads are not running (or never ran). Requests
+ * still queued are ended here. */
 static void server_free(dicom_server *srv)
 {
+    for (std::deque<gate_conn_t *> *q : {&srv->queue, &srv->reject_queue}) {
+        for (gate_conn_t *c : *q) {
+            Assoc *a = (Assoc *)gate_conn_assoc(c);
+            if (a)
+                finish(a, true);
+            else
+                gate_conn_close(&c);
+        }
+        q->clear();
+    }
+    gate_destroy(&srv->gate);
     for (T_ASC_Network *&n : srv->nets)
         if (n)
             ASC_dropNetwork(&n);
-    for (int fd : srv->queue)
-        close(fd);
-    for (int fd : srv->reject_queue)
-        close(fd);
     if (srv->listen_fd >= 0)
         close(srv->listen_fd);
-    for (int i = 0; i < 2; i++)
-        if (srv->wake[i] >= 0)
-            close(srv->wake[i]);
     delete srv;
 }
 
@@ -559,17 +719,15 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
             srv->cfg.workers = 16;
         if (srv->cfg.queue <= 0)
             srv->cfg.queue = 64;
+        if (srv->cfg.max_per_address < 0)
+            srv->cfg.max_per_address = 0;
+        if (srv->cfg.max_connections <= 0)
+            srv->cfg.max_connections = 1024;
         srv->h = *handlers;
         std::string why;
         int rc = open_listener(srv, why);
         if (rc != 0) {
             sp_fmt(err, errlen, "%s", why.c_str());
-            server_free(srv);
-            return rc;
-        }
-        if (pipe2(srv->wake, O_CLOEXEC) != 0) {
-            rc = -errno;
-            sp_fmt(err, errlen, "pipe: %s", strerror(errno));
             server_free(srv);
             return rc;
         }
@@ -584,14 +742,37 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
             }
             srv->nets.push_back(net);
         }
-        srv->negotiating.assign((size_t)srv->cfg.workers, -1);
         for (int i = 0; i < srv->cfg.workers; i++)
             srv->workers.emplace_back(worker_main, srv, (size_t)i);
         srv->rejecter = std::thread(rejecter_main, srv);
-        srv->acceptor = std::thread(acceptor_main, srv);
-        log_info("dicom: %s listening on %s:%d (%d workers, queue %d)", srv->ae_title.c_str(),
+        gate_config_t gc;
+        gate_config_defaults(&gc);
+        gc.listen_fd = srv->listen_fd;
+        gc.acse_timeout_ms = srv->cfg.acse_timeout_s * 1000;
+        gc.dimse_timeout_ms = srv->cfg.dimse_timeout_s * 1000;
+        gc.write_timeout_ms = srv->cfg.dimse_timeout_s * 1000;
+        gc.min_rate = srv->cfg.min_rate;
+        /* Peers must keep to the PDU size we advertise; a little slack for
+         * the ones that count the header in. */
+        gc.max_pdu = (size_t)srv->cfg.max_pdu + 1024;
+        gc.max_per_address = srv->cfg.max_per_address;
+        gc.max_connections = srv->cfg.max_connections;
+        gc.ready = on_ready;
+        gc.expired = on_expired;
+        gc.ctx = srv;
+        rc = gate_new(&gc, &srv->gate);
+        if (rc != 0) {
+            sp_fmt(err, errlen, "cannot start the gate: %s", sp_strerror(rc));
+            dicom_server_t *tmp = srv;
+            dicom_server_stop(&tmp);
+            return rc;
+        }
+        log_info("dicom: %s listening on %s:%d (%d workers, queue %d, %d connections, %d per "
+                 "address)",
+                 srv->ae_title.c_str(),
                  srv->bind_address.empty() ? "0.0.0.0" : srv->bind_address.c_str(), srv->port,
-                 srv->cfg.workers, srv->cfg.queue);
+                 srv->cfg.workers, srv->cfg.queue, srv->cfg.max_connections,
+                 srv->cfg.max_per_address);
         *out = srv;
         return 0;
     } catch (const std::exception &e) {
@@ -600,7 +781,7 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         sp_fmt(err, errlen, "unknown exception");
     }
     /* Threads are started last; if starting one threw, stop the ones that run. */
-    if (srv && (srv->acceptor.joinable() || !srv->workers.empty() || srv->rejecter.joinable())) {
+    if (srv && (!srv->workers.empty() || srv->rejecter.joinable())) {
         dicom_server_t *tmp = srv;
         dicom_server_stop(&tmp);
     } else if (srv) {
@@ -622,19 +803,14 @@ extern "C" void dicom_server_stop(dicom_server_t **srvp)
     *srvp = NULL;
     try {
         srv->stopping.store(true);
-        char c = 1;
-        if (write(srv->wake[1], &c, 1) < 0)
-            log_warn("dicom: waking the accept thread: %s", strerror(errno));
+        /* No more requests from the gate; parked associations are aborted
+         * (on_expired, on this thread) and the sockets of served ones shut
+         * down, so their workers' reads fail at once. */
+        gate_shutdown(srv->gate);
         {
             std::lock_guard<std::mutex> lk(srv->mu);
-            /* unblock workers still reading an A-ASSOCIATE-RQ */
-            for (int fd : srv->negotiating)
-                if (fd >= 0)
-                    shutdown(fd, SHUT_RDWR);
             srv->cv.notify_all();
         }
-        if (srv->acceptor.joinable())
-            srv->acceptor.join();
         for (std::thread &t : srv->workers)
             t.join();
         if (srv->rejecter.joinable())

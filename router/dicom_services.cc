@@ -383,6 +383,7 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
                  cond.text());
         return false;
     }
+    dicom_server_request_received(a);
     std::vector<uint8_t> &bytes = os.bytes();
     std::string cmd_sop(rq.AffectedSOPInstanceUID);
     while (!cmd_sop.empty() && cmd_sop.back() == ' ')
@@ -547,6 +548,7 @@ bool dicom_services_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_F
         log_warn("dicom: C-FIND identifier from %s: %s", a.calling, cond.text());
         return false;
     }
+    dicom_server_request_received(a);
     dicom_find_t q;
     q.a = &a;
     q.pres = pres;
@@ -1029,6 +1031,7 @@ bool dicom_services_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE
                  cond.text());
         return false;
     }
+    dicom_server_request_received(a);
     dicom_retrieve_t r;
     r.a = &a;
     r.pres = pres;

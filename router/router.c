@@ -46,6 +46,9 @@ typedef struct {
     char *allowed_callers;
     char *duplicates;
     wire_policy_t duplicates_policy; /* parsed from duplicates by settings_check */
+    int max_per_address;
+    int max_connections;
+    size_t min_rate;
     char *key_pair;
     char *cluster_keys;
     int replicas;
@@ -116,6 +119,13 @@ static const config_option_t router_options[] = {
         "A SOP Instance UID sent again with different bytes: reject (0x0111, kept aside), "
         "keep-first (Success, stored one stays) or keep-newest (Success, the later version "
         "replaces it); at most [store] max_conflicts versions are kept aside"),
+    OPT("dicom", "max_per_address", CONFIG_INT, max_per_address, "32", 0, 100000,
+        "Connections held from one IP address, idle ones included (0: unlimited)"),
+    OPT("dicom", "max_connections", CONFIG_INT, max_connections, "1024", 1, 1000000,
+        "Connections held in all; when full, the oldest one still silent is closed"),
+    OPT("dicom", "min_rate", CONFIG_SIZE, min_rate, "32K", 1, 1LL << 40,
+        "Bytes/s a DIMSE message arrives at, at least: its deadline is dimse_timeout + size / "
+        "min_rate"),
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
@@ -328,6 +338,9 @@ static int router_run(router_settings_t *s)
     dc.queue = s->queue;
     dc.max_pdu = s->max_pdu;
     dc.allowed_callers = s->allowed_callers;
+    dc.max_per_address = s->max_per_address;
+    dc.max_connections = s->max_connections;
+    dc.min_rate = s->min_rate;
     dc.acse_timeout_s = (s->acse_timeout + 999) / 1000;
     dc.dimse_timeout_s = (s->dimse_timeout + 999) / 1000;
     rc = dicom_server_start(&dc, &handlers, &server, err, sizeof err);

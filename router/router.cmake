@@ -4,6 +4,16 @@
 # backend (sp_router) are C.
 find_package(DCMTK CONFIG REQUIRED)
 
+# The gatekeeper (pure C, no DCMTK): the event loop that holds connections
+# until a whole request is buffered. Its own library so test_gate links it.
+add_library(sp_gate STATIC ${CMAKE_SOURCE_DIR}/router/gate.c)
+target_include_directories(sp_gate PUBLIC ${CMAKE_SOURCE_DIR}/router)
+target_compile_options(sp_gate PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(sp_gate PUBLIC sp_common Threads::Threads)
+if(TARGET test_gate)
+  target_link_libraries(test_gate PRIVATE sp_gate)
+endif()
+
 # Part-10 framing of stored instances: C, no DCMTK, unit-tested on its own.
 add_library(sp_part10 STATIC ${CMAKE_SOURCE_DIR}/router/part10.c)
 target_include_directories(sp_part10 PUBLIC ${CMAKE_SOURCE_DIR}/router)
@@ -16,7 +26,7 @@ target_include_directories(sp_dicom PUBLIC ${CMAKE_SOURCE_DIR}/router)
 target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-parameter
   $<$<BOOL:${SP_WERROR}>:-Werror>)
 target_link_libraries(sp_dicom
-  PUBLIC sp_part10 sp_common Threads::Threads
+  PUBLIC sp_gate sp_part10 sp_common Threads::Threads
   PRIVATE DCMTK::dcmnet DCMTK::dcmdata DCMTK::dcmjpeg DCMTK::dcmjpls DCMTK::dcmimage
           DCMTK::dcmimgle DCMTK::oflog DCMTK::ofstd)
 

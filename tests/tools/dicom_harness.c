@@ -8,7 +8,9 @@
  * SIGINT, freeing everything.
  *
  * Usage: dicom_harness [--ae TITLE] [--port N] [--workers N] [--queue N]
- *                      [--acse-timeout S] [--find-delay-ms MS] [AE=host:port ...]
+ *                      [--acse-timeout S] [--dimse-timeout S] [--max-per-address N]
+ *                      [--max-connections N] [--min-rate BYTES] [--find-delay-ms MS]
+ *                      [AE=host:port ...]
  *
  * Threads: handlers run on adapter worker threads; the instance list is
  * guarded by one mutex. Instances are never removed or replaced before exit,
@@ -242,13 +244,23 @@ int main(int argc, char **argv)
             g_find_delay_ms = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--acse-timeout") == 0 && i + 1 < argc) {
             cfg.acse_timeout_s = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--dimse-timeout") == 0 && i + 1 < argc) {
+            cfg.dimse_timeout_s = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--max-per-address") == 0 && i + 1 < argc) {
+            cfg.max_per_address = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--max-connections") == 0 && i + 1 < argc) {
+            cfg.max_connections = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--min-rate") == 0 && i + 1 < argc) {
+            cfg.min_rate = (size_t)atol(argv[++i]);
         } else if (g_ndests < SP_ARRAY_LEN(g_dests) &&
                    parse_dest(argv[i], &g_dests[g_ndests]) == 0) {
             g_ndests++;
         } else {
             fprintf(stderr,
                     "usage: %s [--ae T] [--port N] [--workers N] [--queue N] "
-                    "[--acse-timeout S] [--find-delay-ms MS] [AE=host:port ...]\n",
+                    "[--acse-timeout S] [--dimse-timeout S] [--max-per-address N] "
+                    "[--max-connections N] [--min-rate B] [--find-delay-ms MS] "
+                    "[AE=host:port ...]\n",
                     argv[0]);
             return 2;
         }
