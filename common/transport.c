@@ -832,14 +832,18 @@ static void *broker_main(void *arg)
 
 /* Workers ----------------------------------------------------------------- */
 
-/* The reply body travels as several zero-copy frames that ZeroMQ releases
- * one by one, possibly on its I/O thread: the last one frees the body. */
-typedef struct {
+/* A body that travels as several zero-copy frames, which ZeroMQ releases
+ * one by one, possibly on its I/O thread: the last reference frees it. Reply
+ * bodies and shared request bodies (transport_body_t) are both this. */
+struct transport_body {
     atomic_size_t refs;
     void *body;
     void (*body_free)(void *body, void *hint);
     void *hint;
-} body_ref_t;
+    const uint8_t *data; /* the bytes sent: inside body */
+    size_t len;
+};
+typedef struct transport_body body_ref_t;
 
 static void body_ref_release(body_ref_t *ref)
 {
@@ -856,6 +860,52 @@ static void chunk_free(void *data, void *hint)
 {
     (void)data;
     body_ref_release(hint);
+}
+
+transport_body_t *transport_body_new(void *body, const uint8_t *data, size_t len,
+                                     void (*body_free)(void *body, void *hint), void *hint)
+{
+    SP_ASSERT(body != NULL && data != NULL);
+    body_ref_t *ref = sp_calloc(1, sizeof *ref);
+    atomic_init(&ref->refs, 1);
+    ref->body = body;
+    ref->body_free = body_free;
+    ref->hint = hint;
+    ref->data = data;
+    ref->len = len;
+    return ref;
+}
+
+const uint8_t *transport_body_data(const transport_body_t *b, size_t *len)
+{
+    *len = b->len;
+    return b->data;
+}
+
+void transport_body_release(transport_body_t **bp)
+{
+    if (bp == NULL || *bp == NULL)
+        return;
+    body_ref_release(*bp);
+    *bp = NULL;
+}
+
+/* Sends body[0..len) as zero-copy frames of at most chunk bytes, each
+ * holding a reference to ref; the last frame goes without ZMQ_SNDMORE.
+ * Returns 0 or -errno. */
+static int send_chunks(void *sock, body_ref_t *ref, const uint8_t *body, size_t len, size_t chunk)
+{
+    int rc = 0;
+    while (rc == 0 && len > 0) {
+        size_t n = len < chunk ? len : chunk;
+        zmq_msg_t m;
+        atomic_fetch_add(&ref->refs, 1);
+        zmq_msg_init_data(&m, (void *)body, n, chunk_free, ref);
+        body += n;
+        len -= n;
+        rc = send_msg(&m, sock, len > 0 ? ZMQ_SNDMORE : 0);
+    }
+    return rc;
 }
 
 static void head_free(void *data, void *hint)
@@ -909,22 +959,11 @@ static int worker_send_reply(worker_t *w, zmq_msg_t *rid, uint64_t id, int statu
         return rc;
     }
 
-    body_ref_t *ref = sp_malloc(sizeof *ref);
-    atomic_init(&ref->refs, 1); /* ours, until every chunk has its own */
-    ref->body = rep->body;
-    ref->body_free = rep->body_free;
-    ref->hint = rep->body_hint;
-    const uint8_t *p = rep->body;
-    size_t left = rep->body_len;
+    /* ours until every chunk holds its own reference */
+    body_ref_t *ref =
+        transport_body_new(rep->body, rep->body, rep->body_len, rep->body_free, rep->body_hint);
     memset(rep, 0, sizeof *rep);
-    while (rc == 0 && left > 0) {
-        size_t n = left < srv->cfg.chunk_bytes ? left : srv->cfg.chunk_bytes;
-        atomic_fetch_add(&ref->refs, 1);
-        zmq_msg_init_data(&m, (void *)p, n, chunk_free, ref);
-        p += n;
-        left -= n;
-        rc = send_msg(&m, w->sock, left > 0 ? ZMQ_SNDMORE : 0);
-    }
+    rc = send_chunks(w->sock, ref, ref->data, ref->len, srv->cfg.chunk_bytes);
     body_ref_release(ref);
     return rc;
 }
@@ -963,6 +1002,8 @@ static int worker_run(worker_t *w, msgvec_t *job)
     } else if (job->n > 5) {
         for (size_t i = 4; i < job->n; i++)
             req.body_len += zmq_msg_size(&job->v[i]);
+        /* Each chunk is released as soon as it is copied, so a large body
+         * costs about its size once, not twice. */
         joined = sp_malloc(req.body_len);
         size_t off = 0;
         for (size_t i = 4; i < job->n; i++) {
@@ -970,6 +1011,8 @@ static int worker_run(worker_t *w, msgvec_t *job)
             if (n)
                 memcpy(joined + off, zmq_msg_data(&job->v[i]), n);
             off += n;
+            zmq_msg_close(&job->v[i]);
+            zmq_msg_init(&job->v[i]);
         }
         req.body = joined;
     }
@@ -1427,17 +1470,22 @@ static int client_read_events(transport_client_t *c)
     }
 }
 
-/* Sends frame 0, the head and the body in chunks. The body is copied: after
- * a timeout the socket is closed while ZeroMQ may still hold the frames, and
- * the caller's buffer must be free to go when transport_call() returns. */
+/* Sends frame 0, the head and the body in chunks. A plain body is copied:
+ * after a timeout the socket is closed while ZeroMQ may still hold the
+ * frames, and the caller's buffer must be free to go when transport_call()
+ * returns. A shared body (transport_body_t) goes without copies: each frame
+ * holds a reference, so the bytes live as long as ZeroMQ needs them. */
 static int client_send(transport_client_t *c, uint64_t id, int timeout_ms, const uint8_t *head,
-                       size_t head_len, const uint8_t *body, size_t body_len)
+                       size_t head_len, const uint8_t *body, size_t body_len,
+                       transport_body_t *shared)
 {
     uint8_t hdr[HDR_LEN];
     hdr_encode(hdr, KIND_REQUEST, id, (uint32_t)timeout_ms);
     int rc = send_copy(c->sock, hdr, sizeof hdr, ZMQ_SNDMORE | ZMQ_DONTWAIT);
     if (rc == 0)
         rc = send_copy(c->sock, head, head_len, body_len ? ZMQ_SNDMORE : 0);
+    if (shared != NULL)
+        return rc == 0 ? send_chunks(c->sock, shared, body, body_len, c->cfg.chunk_bytes) : rc;
     for (size_t off = 0; rc == 0 && off < body_len;) {
         size_t n = body_len - off < c->cfg.chunk_bytes ? body_len - off : c->cfg.chunk_bytes;
         rc = send_copy(c->sock, body + off, n, off + n < body_len ? ZMQ_SNDMORE : 0);
@@ -1576,7 +1624,8 @@ static int client_check_request(transport_client_t *c, const uint8_t *head, size
 /* Opens the socket if there is none and sends one request under a fresh id.
  * Returns 0 with *id set, or SP_EUNAVAIL (socket closed again) or SP_EINVAL. */
 static int client_start(transport_client_t *c, const uint8_t *head, size_t head_len,
-                        const uint8_t *body, size_t body_len, int timeout_ms, uint64_t *id)
+                        const uint8_t *body, size_t body_len, transport_body_t *shared,
+                        int timeout_ms, uint64_t *id)
 {
     int rc = c->sock == NULL ? client_open(c) : 0;
     if (rc != 0)
@@ -1584,7 +1633,7 @@ static int client_start(transport_client_t *c, const uint8_t *head, size_t head_
     rc = client_read_events(c); /* e.g. a refusal since the last call */
     *id = c->next_id++;
     if (rc == 0) {
-        rc = client_send(c, *id, timeout_ms, head, head_len, body, body_len);
+        rc = client_send(c, *id, timeout_ms, head, head_len, body, body_len, shared);
         if (rc != 0) {
             log_error("transport: cannot send to %s: %s", c->endpoint, zmq_strerror(-rc));
             rc = SP_EUNAVAIL;
@@ -1609,7 +1658,7 @@ int transport_call(transport_client_t *c, const uint8_t *head, size_t head_len, 
     bool reached = false;
     for (int attempt = 1; attempt <= attempts; attempt++) {
         uint64_t id;
-        rc = client_start(c, head, head_len, body, body_len, timeout_ms, &id);
+        rc = client_start(c, head, head_len, body, body_len, NULL, timeout_ms, &id);
         if (rc != 0)
             return rc;
         rc = client_wait(c, id, sp_now_ms() + timeout_ms, out);
@@ -1659,12 +1708,16 @@ size_t transport_call_many(transport_call_t *calls, size_t n, size_t need, int t
         for (size_t j = 0; call->rc == 0 && j < i; j++)
             if (calls[j].client == call->client)
                 call->rc = SP_EINVAL; /* one socket cannot carry two waits */
+        const uint8_t *body = call->body;
+        size_t body_len = call->body_len;
+        if (call->shared != NULL)
+            body = transport_body_data(call->shared, &body_len);
         if (call->rc == 0)
-            call->rc = client_check_request(call->client, call->head, call->head_len, call->body,
-                                            call->body_len);
+            call->rc =
+                client_check_request(call->client, call->head, call->head_len, body, body_len);
         if (call->rc == 0)
-            call->rc = client_start(call->client, call->head, call->head_len, call->body,
-                                    call->body_len, timeout_ms, &ids[i]);
+            call->rc = client_start(call->client, call->head, call->head_len, body, body_len,
+                                    call->shared, timeout_ms, &ids[i]);
         if (call->rc == 0) {
             call->rc = SP_ETIMEOUT; /* until answered */
             waiting[i] = true;

@@ -120,13 +120,28 @@ int transport_call(transport_client_t *c, const uint8_t *head, size_t head_len, 
                    size_t body_len, int timeout_ms, transport_response_t *out);
 void transport_response_free(transport_response_t *r);
 
+/* A request body several requests send without copying it: each frame on
+ * its way holds a reference, so the bytes outlive a call that timed out
+ * while ZeroMQ still queues them. transport_body_new() takes ownership of
+ * body (released with body_free(body, hint) - free() when NULL - on
+ * whichever thread drops the last reference) and sends data[0..len), which
+ * lies inside it; the caller holds the first reference and drops it with
+ * transport_body_release(), which sets *bp to NULL. Thread-safe. */
+typedef struct transport_body transport_body_t;
+transport_body_t *transport_body_new(void *body, const uint8_t *data, size_t len,
+                                     void (*body_free)(void *body, void *hint), void *hint);
+/* The bytes a shared body sends; valid while a reference is held. */
+const uint8_t *transport_body_data(const transport_body_t *b, size_t *len);
+void transport_body_release(transport_body_t **bp);
+
 /* One request of a parallel call (transport_call_many). */
 typedef struct {
     transport_client_t *client; /* distinct clients: one request per client */
     const uint8_t *head;
     size_t head_len;
-    const uint8_t *body;
+    const uint8_t *body; /* copied into the frames; or, instead: */
     size_t body_len;
+    transport_body_t *shared;  /* when set, the body, sent without copies (borrowed) */
     int rc;                    /* out: 0 with resp filled, or an error (SP_ETIMEOUT if
                                   unanswered when the call returned) */
     transport_response_t resp; /* out, when rc == 0; the caller frees it */
