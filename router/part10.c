@@ -101,19 +101,22 @@ static bool part10_uid_arg_ok(const char *uid)
     return uid != NULL && strlen(uid) <= PART10_UID_MAX;
 }
 
-int part10_make(const uint8_t *dataset, size_t len, const char *sop_class_uid,
-                const char *sop_instance_uid, const char *transfer_syntax_uid, uint8_t **out,
-                size_t *out_len)
+/* The header's size for these UIDs, or 0 when an argument is bad. */
+static size_t part10_header_size(const char *sop_class_uid, const char *sop_instance_uid,
+                                 const char *transfer_syntax_uid)
 {
-    if (out == NULL || out_len == NULL || (dataset == NULL && len > 0) ||
-        !part10_uid_arg_ok(sop_class_uid) || !part10_uid_arg_ok(sop_instance_uid) ||
+    if (!part10_uid_arg_ok(sop_class_uid) || !part10_uid_arg_ok(sop_instance_uid) ||
         !part10_uid_arg_ok(transfer_syntax_uid))
-        return SP_EINVAL;
-    size_t group = part10_put_meta(NULL, sop_class_uid, sop_instance_uid, transfer_syntax_uid);
-    size_t head = PART10_PREFIX + PART10_GROUP_LENGTH_SIZE + group;
-    if (len > SIZE_MAX - head)
-        return SP_EINVAL;
-    uint8_t *b = sp_malloc(head + len);
+        return 0;
+    return PART10_PREFIX + PART10_GROUP_LENGTH_SIZE +
+           part10_put_meta(NULL, sop_class_uid, sop_instance_uid, transfer_syntax_uid);
+}
+
+/* Writes the header (size bytes, from part10_header_size) at b. */
+static void part10_write_header(uint8_t *b, size_t size, const char *sop_class_uid,
+                                const char *sop_instance_uid, const char *transfer_syntax_uid)
+{
+    size_t group = size - PART10_PREFIX - PART10_GROUP_LENGTH_SIZE;
     memset(b, 0, 128);
     memcpy(b + 128, "DICM", 4);
     static const uint8_t gl_hdr[8] = {0x02, 0x00, 0x00, 0x00, 'U', 'L', 0x04, 0x00};
@@ -122,10 +125,37 @@ int part10_make(const uint8_t *dataset, size_t len, const char *sop_class_uid,
     size_t written = part10_put_meta(b + PART10_PREFIX + PART10_GROUP_LENGTH_SIZE, sop_class_uid,
                                      sop_instance_uid, transfer_syntax_uid);
     SP_ASSERT(written == group);
+}
+
+int part10_make(const uint8_t *dataset, size_t len, const char *sop_class_uid,
+                const char *sop_instance_uid, const char *transfer_syntax_uid, uint8_t **out,
+                size_t *out_len)
+{
+    if (out == NULL || out_len == NULL || (dataset == NULL && len > 0))
+        return SP_EINVAL;
+    size_t head = part10_header_size(sop_class_uid, sop_instance_uid, transfer_syntax_uid);
+    if (head == 0 || len > SIZE_MAX - head)
+        return SP_EINVAL;
+    uint8_t *b = sp_malloc(head + len);
+    part10_write_header(b, head, sop_class_uid, sop_instance_uid, transfer_syntax_uid);
     if (len > 0)
         memcpy(b + head, dataset, len);
     *out = b;
     *out_len = head + len;
+    return 0;
+}
+
+int part10_frame_in_place(uint8_t *dataset, size_t headroom, const char *sop_class_uid,
+                          const char *sop_instance_uid, const char *transfer_syntax_uid,
+                          uint8_t **start)
+{
+    if (dataset == NULL || start == NULL)
+        return SP_EINVAL;
+    size_t head = part10_header_size(sop_class_uid, sop_instance_uid, transfer_syntax_uid);
+    if (head == 0 || head > headroom)
+        return SP_EINVAL;
+    *start = dataset - head;
+    part10_write_header(*start, head, sop_class_uid, sop_instance_uid, transfer_syntax_uid);
     return 0;
 }
 

@@ -30,6 +30,19 @@ int part10_make(const uint8_t *dataset, size_t len, const char *sop_class_uid,
                 const char *sop_instance_uid, const char *transfer_syntax_uid, uint8_t **out,
                 size_t *out_len);
 
+/* The most header bytes part10_make() and part10_frame_in_place() write:
+ * the preamble, "DICM" and a meta group with three 64-character UIDs. */
+#define PART10_HEADER_MAX 512
+
+/* Writes the same header as part10_make() into the headroom bytes right
+ * before dataset (which the caller's buffer must have), so a received data
+ * set becomes a Part-10 object without being copied: the object starts at
+ * *start and runs to the data set's end. Returns 0, or SP_EINVAL (bad
+ * argument, or the header does not fit the headroom). */
+int part10_frame_in_place(uint8_t *dataset, size_t headroom, const char *sop_class_uid,
+                          const char *sop_instance_uid, const char *transfer_syntax_uid,
+                          uint8_t **start);
+
 /* Finds the data set inside Part-10 bytes. The meta group must start with
  * its group length (0002,0000), be complete within len, consist of whole
  * explicit-VR elements of group 0002 that end exactly at the length it

@@ -119,6 +119,51 @@ static void test_round_trip(void **state)
     }
 }
 
+/* Framing in place writes exactly the bytes part10_make() would, right
+ * before the data set, and refuses a header that does not fit. */
+static void test_frame_in_place(void **state)
+{
+    (void)state;
+    const char *cls = "1.2.840.10008.5.1.4.1.1.2";
+    const char *inst = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345";
+    const char *uid64 = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678";
+    for (size_t t = 0; t < SP_ARRAY_LEN(k_ts); t++) {
+        size_t n = 4097 + t;
+        uint8_t *ds = make_dataset(n, (uint32_t)t);
+        uint8_t *want = NULL;
+        size_t want_len = 0;
+        assert_int_equal(part10_make(ds, n, cls, inst, k_ts[t], &want, &want_len), 0);
+        uint8_t *buf = malloc(PART10_HEADER_MAX + n);
+        memset(buf, 0xAB, PART10_HEADER_MAX);
+        memcpy(buf + PART10_HEADER_MAX, ds, n);
+        uint8_t *start = NULL;
+        assert_int_equal(part10_frame_in_place(buf + PART10_HEADER_MAX, PART10_HEADER_MAX, cls,
+                                               inst, k_ts[t], &start),
+                         0);
+        assert_int_equal(buf + PART10_HEADER_MAX - start + n, want_len);
+        assert_memory_equal(start, want, want_len);
+        /* a headroom one byte short is refused and nothing is written */
+        size_t head = want_len - n;
+        memset(buf, 0xAB, PART10_HEADER_MAX);
+        assert_int_equal(
+            part10_frame_in_place(buf + PART10_HEADER_MAX, head - 1, cls, inst, k_ts[t], &start),
+            SP_EINVAL);
+        for (size_t i = 0; i < PART10_HEADER_MAX; i++)
+            assert_int_equal(buf[i], 0xAB);
+        free(buf);
+        free(want);
+        free(ds);
+    }
+    /* the largest header (three 64-character UIDs) fits PART10_HEADER_MAX */
+    uint8_t *buf = malloc(PART10_HEADER_MAX + 2);
+    uint8_t *start = NULL;
+    assert_int_equal(part10_frame_in_place(buf + PART10_HEADER_MAX, PART10_HEADER_MAX, uid64, uid64,
+                                           uid64, &start),
+                     0);
+    assert_true(start >= buf);
+    free(buf);
+}
+
 /* Our own meta group, byte for byte: it lives on the nodes for years, and
  * the group length must count exactly the elements after it. */
 static void test_meta_layout(void **state)
@@ -365,7 +410,7 @@ int main(void)
         cmocka_unit_test(test_round_trip),   cmocka_unit_test(test_meta_layout),
         cmocka_unit_test(test_dcmtk_file),   cmocka_unit_test(test_truncated_prefixes),
         cmocka_unit_test(test_garbled),      cmocka_unit_test(test_single_byte_corruption),
-        cmocka_unit_test(test_make_refuses),
+        cmocka_unit_test(test_make_refuses), cmocka_unit_test(test_frame_in_place),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
