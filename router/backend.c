@@ -438,6 +438,11 @@ static void tally_put(backend_t *b, const member_t *m, transport_call_t *call, b
         res->conflicts++;
     } else {
         res->failed++;
+        /* The replica read the object and refused it: malformed, or over a
+         * size limit. Another attempt would be refused the same way. */
+        int why = rc == 0 ? rep.status : rc;
+        if (why == SP_EINVAL || why == SP_ETOOBIG)
+            res->permanent++;
         if (rc == 0)
             sp_fmt(err, sizeof err, "%s", rep.error ? rep.error : sp_strerror(rep.status));
         if (res->detail[0] == '\0')
@@ -472,9 +477,23 @@ static void describe_shortage(const view_t *v, const plan_t *p, backend_put_resu
                  p->ntargets);
 }
 
-int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_t len,
+/* A put's deadline: the store timeout, and the time its bytes take at the
+ * slowest rate a healthy cluster writes at, so a large object is not
+ * answered "retry later" while the replicas are still writing it. */
+static int put_timeout_ms(const backend_t *b, size_t len)
+{
+    int64_t ms = b->cfg.store_timeout_ms;
+    if (b->cfg.store_min_rate > 0)
+        ms += (int64_t)(len / b->cfg.store_min_rate * 1000 +
+                        len % b->cfg.store_min_rate * 1000 / b->cfg.store_min_rate);
+    return ms > INT32_MAX ? INT32_MAX : (int)ms;
+}
+
+int backend_put(backend_t *b, const attrs_t *attrs, transport_body_t *object,
                 backend_put_result_t *res)
 {
+    size_t len;
+    const uint8_t *part10 = transport_body_data(object, &len);
     memset(res, 0, sizeof *res);
     res->needed = b->cfg.write_quorum;
     const char *study = attrs_get(attrs, ATTR_STUDY_INSTANCE_UID);
@@ -513,10 +532,9 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
         calls[i] = (transport_call_t){.client = client_for(b, &v->m[p.targets[i]]),
                                       .head = head,
                                       .head_len = head_len,
-                                      .body = part10,
-                                      .body_len = len};
+                                      .shared = object};
     size_t acked = transport_call_many(calls, n, (size_t)b->cfg.write_quorum,
-                                       b->cfg.store_timeout_ms, put_acknowledged, NULL);
+                                       put_timeout_ms(b, len), put_acknowledged, NULL);
     bool quorum = acked >= (size_t)b->cfg.write_quorum;
     free(head);
     for (size_t i = 0; i < n; i++) {
@@ -527,7 +545,9 @@ int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_
     view_release(v);
     if (res->conflicts > 0)
         return SP_ECONFLICT;
-    return res->acknowledged >= b->cfg.write_quorum ? 0 : SP_EUNAVAIL;
+    if (res->acknowledged >= b->cfg.write_quorum)
+        return 0;
+    return res->permanent > 0 && res->permanent == res->failed ? SP_EINVAL : SP_EUNAVAIL;
 }
 
 /* ---- find --------------------------------------------------------------- */

@@ -60,12 +60,14 @@ typedef struct {
     const keys_allowlist_t *keys; /* cluster keys; borrowed, outlives the backend */
     keys_pair_t self;             /* the router's key pair */
     transport_config_t transport;
-    int replicas;         /* N */
-    int write_quorum;     /* W */
-    int store_timeout_ms; /* waiting for W acknowledgements */
-    int query_timeout_ms; /* waiting for find / list answers */
-    int fetch_timeout_ms; /* per replica, reading one instance */
-    int avoid_failed_ms;  /* avoid a member that just failed for this long ([cluster] retry_down) */
+    int replicas;          /* N */
+    int write_quorum;      /* W */
+    int store_timeout_ms;  /* waiting for W acknowledgements, plus: */
+    size_t store_min_rate; /* bytes/s an object travels and is written at, at least: a put's
+                              deadline is store_timeout_ms + size / store_min_rate */
+    int query_timeout_ms;  /* waiting for find / list answers */
+    int fetch_timeout_ms;  /* per replica, reading one instance */
+    int avoid_failed_ms; /* avoid a member that just failed for this long ([cluster] retry_down) */
     bool case_insensitive_names;
     wire_policy_t duplicates; /* sent with every put: what replicas do with a SOP
                                * already stored with other bytes (node/store.h) */
@@ -87,19 +89,26 @@ typedef struct {
     int superseded;   /* acknowledged replicas where this version replaced the stored one or
                        * was kept aside beside it (keep-first, keep-newest) */
     int failed;       /* replicas that answered an error or not at all */
+    int permanent;    /* of those, the ones that refused the object itself (invalid, too
+                       * large): sending it again cannot help */
     int pending;      /* replicas still writing when the quorum was reached */
     int needed;       /* W */
     int stand_ins;    /* targets that stood in for an owner */
     char detail[256]; /* the first error, for logs and Error Comment */
 } backend_put_result_t;
 
-/* Stores Part-10 bytes on the study's N owners, or on stand-ins for owners
- * that are down (see above), and returns once W of them acknowledged
- * durably, or all answered, or the store timeout passed. attrs must hold the
- * Study/Series/SOP Instance UIDs. Returns 0 when at least W acknowledged
- * (and no replica reported a conflict), SP_ECONFLICT, or SP_EUNAVAIL when
- * fewer than W acknowledged in time (res->detail says why). */
-int backend_put(backend_t *b, const attrs_t *attrs, const uint8_t *part10, size_t len,
+/* Stores a Part-10 object on the study's N owners, or on stand-ins for
+ * owners that are down (see above), and returns once W of them acknowledged
+ * durably, or all answered, or the store deadline (which grows with the
+ * object's size) passed. The object is sent to every target without copies;
+ * it is borrowed (the transport takes references of its own while frames
+ * are on their way). attrs must hold the Study/Series/SOP Instance UIDs.
+ * Returns 0 when at least W acknowledged (and no replica reported a
+ * conflict), SP_ECONFLICT, SP_EINVAL when fewer than W acknowledged and
+ * every failure was a replica refusing the object itself (permanent), or
+ * SP_EUNAVAIL when fewer than W acknowledged in time (res->detail says
+ * why; retry later). */
+int backend_put(backend_t *b, const attrs_t *attrs, transport_body_t *object,
                 backend_put_result_t *res);
 
 /* Called for each merged, de-duplicated match; return non-zero to stop. */

@@ -48,30 +48,40 @@
 #define DICOM_SUCCESS 0x0000
 #define DICOM_PENDING 0xFF00
 #define DICOM_CANCEL 0xFE00
-#define DICOM_WARNING_SUBOPS 0xB000    /* retrieve: some sub-operations failed */
-#define DICOM_OUT_OF_RESOURCES 0xA700  /* store: could not store (retry later) */
-#define DICOM_REFUSED_SUBOPS 0xA702    /* retrieve: out of resources, sub-ops */
-#define DICOM_MOVE_DEST_UNKNOWN 0xA801 /* move destination unknown */
-#define DICOM_DATASET_MISMATCH 0xA900  /* identifier / SOP class mismatch */
-#define DICOM_CANNOT_UNDERSTAND 0xC000 /* store: cannot understand */
-#define DICOM_UNABLE_TO_PROCESS 0xC001 /* query/retrieve: unable to process */
+#define DICOM_WARNING_SUBOPS 0xB000     /* retrieve: some sub-operations failed */
+#define DICOM_OUT_OF_RESOURCES 0xA700   /* store: could not store (retry later) */
+#define DICOM_REFUSED_NO_MATCHES 0xA701 /* retrieve: out of resources, number of matches */
+#define DICOM_REFUSED_SUBOPS 0xA702     /* retrieve: out of resources, sub-ops */
+#define DICOM_MOVE_DEST_UNKNOWN 0xA801  /* move destination unknown */
+#define DICOM_DATASET_MISMATCH 0xA900   /* identifier / SOP class mismatch */
+#define DICOM_CANNOT_UNDERSTAND 0xC000  /* store: cannot understand */
+#define DICOM_UNABLE_TO_PROCESS 0xC001  /* query/retrieve: unable to process */
 
 typedef struct {
-    char *ae_title;         /* AE title this server answers to */
-    char *bind_address;     /* e.g. "0.0.0.0" or "127.0.0.1" */
-    int port;               /* 0 picks a free port; see dicom_server_port() */
-    int max_pdu;            /* receive PDU size, bytes (default 116794) */
-    int acse_timeout_s;     /* association negotiation and release (default 10) */
-    int dimse_timeout_s;    /* waiting for the next DIMSE message (default 60) */
-    int workers;            /* associations served at once (default 16) */
-    int queue;              /* accepted associations waiting for a worker (default 64) */
-    bool require_called_ae; /* reject associations addressed to another AE title */
-    char *allowed_callers;  /* calling AE titles admitted, separated by commas or spaces;
-                               NULL or empty admits any */
-    int max_per_address;    /* connections held from one IP address (default 32; 0 unlimited) */
-    int max_connections;    /* connections held in all, idle ones included (default 1024) */
-    size_t min_rate;        /* bytes/s a data set arrives at, at least (default 32K): its
-                               deadline is dimse_timeout + size / min_rate from its start */
+    char *ae_title;             /* AE title this server answers to */
+    char *bind_address;         /* e.g. "0.0.0.0" or "127.0.0.1" */
+    int port;                   /* 0 picks a free port; see dicom_server_port() */
+    int max_pdu;                /* receive PDU size, bytes (default 116794) */
+    int acse_timeout_s;         /* association negotiation and release (default 10) */
+    int dimse_timeout_s;        /* waiting for the next DIMSE message (default 60) */
+    int workers;                /* associations served at once (default 16) */
+    int queue;                  /* accepted associations waiting for a worker (default 64) */
+    bool require_called_ae;     /* reject associations addressed to another AE title */
+    char *allowed_callers;      /* calling AE titles admitted, separated by commas or spaces;
+                                   NULL or empty admits any */
+    int max_per_address;        /* connections held from one IP address (default 32; 0 unlimited) */
+    int max_connections;        /* connections held in all, idle ones included (default 1024) */
+    size_t min_rate;            /* bytes/s a data set arrives at, at least (default 32K): its
+                                   deadline is dimse_timeout + size / min_rate from its start */
+    size_t max_object_size;     /* largest C-STORE data set accepted (default 1G); larger ones
+                                   are read to their end, discarded and refused (0xC000) */
+    size_t max_identifier_size; /* largest C-FIND/MOVE/GET identifier (default 16M) */
+    size_t receive_memory;      /* bytes all receives of this server may hold at once, from the
+                                   first byte until the store handler's object is freed (default
+                                   2G); must be at least max_object_size */
+    int receive_wait_s;         /* longest wait for receive memory before a receive is refused as
+                                   out of resources, 0xA700 (default 30) */
+    int max_depth;              /* sequence nesting depth accepted in any data set (default 64) */
 } dicom_config_t;
 
 void dicom_config_defaults(dicom_config_t *cfg); /* strings left NULL */
@@ -83,13 +93,22 @@ typedef struct {
     const char *peer_host;
 } dicom_peer_t;
 
+typedef struct dicom_rx dicom_rx_t;
+
 /* One received C-STORE. The data set bytes are exactly what the peer sent
- * (in transfer_syntax_uid); attrs were parsed from them and converted to
- * UTF-8 from the data set's Specific Character Set. The adapter has not
- * compared them with the command: a data set may lack its UIDs or carry
- * others than the command (router/scp.c's scp_check_store() decides). Only
- * data sets that do not parse, or whose character set cannot be converted,
- * never reach the handler (0xC000). */
+ * (in transfer_syntax_uid); attrs were parsed from them, the names converted
+ * to UTF-8 from the data set's Specific Character Set (what cannot be
+ * decoded is indexed in charset.h's escaped form, never refused). The
+ * adapter has not compared them with the command: a data set may lack its
+ * UIDs or carry others than the command (router/scp.c's scp_check_store()
+ * decides). Data sets that are malformed, nest deeper than max_depth or are
+ * larger than max_object_size never reach the handler (0xC000), nor those
+ * that found no receive memory in time (0xA700).
+ *
+ * The bytes live in a buffer of the adapter's, counted against
+ * receive_memory, with headroom writable bytes right before dataset (room
+ * for a Part-10 header, see part10_frame_in_place()). The handler may take
+ * the buffer over with dicom_store_take(), to hand it on without a copy. */
 typedef struct {
     const dicom_peer_t *peer;
     const char *sop_class_uid;       /* from the C-STORE command */
@@ -98,7 +117,18 @@ typedef struct {
     const uint8_t *dataset;
     size_t dataset_len;
     const attrs_t *attrs; /* stored attrs incl. TransferSyntaxUID */
+    size_t headroom;      /* writable bytes before dataset (at least 512) */
+    dicom_rx_t *rx;       /* the buffer's owner, for dicom_store_take() */
 } dicom_store_t;
+
+/* Takes over the received buffer: *dataset is req->dataset made writable,
+ * and the handler must call release(owner, anything) exactly once when done
+ * with the bytes (from any thread, possibly after the handler returned);
+ * that frees them and gives their memory back to receive_memory. The shape
+ * is transport_body_new()'s body_free. Call at most once per request,
+ * during the store handler. */
+void dicom_store_take(const dicom_store_t *req, uint8_t **dataset,
+                      void (**release)(void *owner, void *unused), void **owner);
 
 typedef struct dicom_find dicom_find_t;
 typedef struct dicom_retrieve dicom_retrieve_t;

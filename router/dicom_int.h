@@ -24,6 +24,7 @@ extern "C" {
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <string>
@@ -50,6 +51,18 @@ struct dicom_server {
     std::vector<T_ASC_Network *> nets;      /* one per worker, then one for the rejecter */
     std::thread rejecter;
     std::vector<std::thread> workers;
+    std::shared_ptr<struct RxBudget> rx_budget; /* receive_memory (dicom_services.cc) */
+};
+
+/* receive_memory: the bytes every receive buffer of one server holds, from
+ * its first byte until it is freed. Shared with the buffers, because a
+ * buffer the store handler took over may be freed after the server stopped
+ * (the cluster transport lets go of it when ZeroMQ drops its last frame). */
+struct RxBudget {
+    std::mutex mu;
+    std::condition_variable cv;
+    size_t limit = 0;
+    size_t used = 0;
 };
 
 class GateConnection;
@@ -59,7 +72,7 @@ class GateConnection;
 struct Assoc {
     dicom_server *srv = nullptr;
     T_ASC_Association *as = nullptr;
-    gate_conn_t *conn = nullptr;   /* its socket and read-ahead */
+    gate_conn_t *conn = nullptr;    /* its socket and read-ahead */
     GateConnection *link = nullptr; /* DCMTK's view of conn (owned by as) */
     char calling[DIC_AE_LEN + 1] = {0};
     char called[DIC_AE_LEN + 1] = {0};

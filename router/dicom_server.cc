@@ -43,6 +43,7 @@
 
 extern "C" {
 #include "../common/base.h"
+#include "part10.h"
 #include "../common/log.h"
 }
 
@@ -624,6 +625,11 @@ extern "C" void dicom_config_defaults(dicom_config_t *cfg)
     cfg->max_per_address = 32;
     cfg->max_connections = 1024;
     cfg->min_rate = 32 * 1024;
+    cfg->max_object_size = (size_t)1 << 30;
+    cfg->max_identifier_size = (size_t)16 << 20;
+    cfg->receive_memory = (size_t)2 << 30;
+    cfg->receive_wait_s = 30;
+    cfg->max_depth = 64;
 }
 
 /* Frees a server whose threads are not running (or never ran). Requests
@@ -723,6 +729,29 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
             srv->cfg.max_per_address = 0;
         if (srv->cfg.max_connections <= 0)
             srv->cfg.max_connections = 1024;
+        dicom_config_t d;
+        dicom_config_defaults(&d);
+        if (srv->cfg.max_object_size == 0)
+            srv->cfg.max_object_size = d.max_object_size;
+        if (srv->cfg.max_identifier_size == 0)
+            srv->cfg.max_identifier_size = d.max_identifier_size;
+        if (srv->cfg.receive_memory == 0)
+            srv->cfg.receive_memory = d.receive_memory;
+        if (srv->cfg.receive_wait_s <= 0)
+            srv->cfg.receive_wait_s = d.receive_wait_s;
+        if (srv->cfg.max_depth <= 0)
+            srv->cfg.max_depth = d.max_depth;
+        if (srv->cfg.receive_memory < srv->cfg.max_object_size + PART10_HEADER_MAX ||
+            srv->cfg.receive_memory < srv->cfg.max_identifier_size) {
+            sp_fmt(err, errlen,
+                   "receive_memory (%zu bytes) is smaller than one object (max_object_size %zu "
+                   "bytes) or identifier",
+                   srv->cfg.receive_memory, srv->cfg.max_object_size);
+            server_free(srv);
+            return SP_ECONFIG;
+        }
+        srv->rx_budget = std::make_shared<RxBudget>();
+        srv->rx_budget->limit = srv->cfg.receive_memory;
         srv->h = *handlers;
         std::string why;
         int rc = open_listener(srv, why);

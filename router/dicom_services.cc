@@ -27,13 +27,18 @@
 extern "C" {
 #include "part10.h"
 
+#include "../common/dsscan.h"
+
 #include "../common/base.h"
 #include "../common/charset.h"
 #include "../common/log.h"
 }
 
 #include <cstring>
+#include <algorithm>
+#include <chrono>
 #include <exception>
+#include <memory>
 
 /* Read whole values into memory: a buffer stream cannot load values later. */
 static const Uint32 READ_ALL = 0xFFFFFFFFu;
@@ -78,6 +83,243 @@ class MemOutputStream : private MemHolder, public DcmOutputStream
     std::vector<uint8_t> &bytes() { return consumer.bytes; }
 };
 } // namespace
+
+/* ---- receive buffers ---------------------------------------------------- */
+
+/* A received data set: its bytes in one malloc'd buffer (headroom bytes
+ * first, then the data), grown as PDVs arrive and counted against the
+ * server's receive_memory, and checked on the way by the pre-scan
+ * (common/dsscan.h), so that nothing nested deeper than max_depth ever
+ * reaches DCMTK's recursive parser. A receive that goes wrong - malformed,
+ * too deep, too large, no memory in time - keeps reading the peer's PDVs
+ * (so the association stays usable and the refusal can be answered) but
+ * keeps none of them: status and why say what the answer is. */
+struct dicom_rx {
+    dicom_server *srv = nullptr;
+    std::shared_ptr<RxBudget> budget;
+    uint8_t *base = nullptr; /* malloc'd: headroom bytes, then len bytes of data */
+    size_t headroom = 0;
+    size_t cap = 0;     /* bytes allocated at base (all reserved in the budget) */
+    size_t len = 0;     /* data bytes kept */
+    size_t max_len = 0; /* more data than this is refused */
+    uint64_t seen = 0;  /* data bytes received, kept or not */
+    dsscan_t *scan = nullptr;
+    uint16_t status = 0; /* 0, or the refusal decided while receiving */
+    std::string why;
+    const char *what = "data set"; /* for messages */
+    uint16_t too_big_status = DICOM_CANNOT_UNDERSTAND;
+};
+
+/* Reserves n bytes of receive memory, waiting up to receive_wait_s for
+ * other receives to free theirs. */
+static bool rx_budget_take(RxBudget &b, size_t n, int wait_s)
+{
+    std::unique_lock<std::mutex> lk(b.mu);
+    auto fits = [&b, n] { return b.used + n <= b.limit; };
+    if (!fits() && !b.cv.wait_for(lk, std::chrono::seconds(wait_s), fits))
+        return false;
+    b.used += n;
+    return true;
+}
+
+static void rx_budget_give(RxBudget &b, size_t n)
+{
+    if (n == 0)
+        return;
+    std::lock_guard<std::mutex> lk(b.mu);
+    SP_ASSERT(b.used >= n);
+    b.used -= n;
+    b.cv.notify_all();
+}
+
+static void rx_drop_buffer(dicom_rx &rx)
+{
+    free(rx.base);
+    rx.base = nullptr;
+    rx_budget_give(*rx.budget, rx.cap);
+    rx.cap = 0;
+    rx.len = 0;
+}
+
+static void rx_refuse(dicom_rx &rx, uint16_t status, const std::string &why)
+{
+    if (rx.status != 0)
+        return;
+    rx.status = status;
+    rx.why = why;
+    rx_drop_buffer(rx);
+}
+
+static void rx_init(dicom_rx &rx, dicom_server *srv, const char *ts, size_t headroom,
+                    size_t max_len, const char *what)
+{
+    rx.srv = srv;
+    rx.budget = srv->rx_budget;
+    rx.headroom = headroom;
+    rx.max_len = max_len;
+    rx.what = what;
+    dsscan_limits_t lim = dsscan_limits_default();
+    lim.max_depth = (uint32_t)srv->cfg.max_depth;
+    lim.max_bytes = max_len;
+    rx.scan = dsscan_new(dsscan_syntax_of(ts), &lim);
+}
+
+static void rx_clear(dicom_rx &rx)
+{
+    if (rx.budget)
+        rx_drop_buffer(rx);
+    dsscan_destroy(&rx.scan);
+}
+
+/* Keeps n more received bytes (or counts them, once refused). */
+static void rx_append(dicom_rx &rx, const uint8_t *p, size_t n)
+{
+    rx.seen += n;
+    if (rx.status != 0)
+        return;
+    if (rx.seen > rx.max_len) {
+        rx_refuse(rx, rx.too_big_status,
+                  std::string(rx.what) + " over " + std::to_string(rx.max_len) +
+                      " bytes, the largest accepted");
+        return;
+    }
+    if (dsscan_feed(rx.scan, p, n) != 0) {
+        char err[200];
+        dsscan_finish(rx.scan, NULL, err, sizeof err);
+        rx_refuse(rx, DICOM_CANNOT_UNDERSTAND, err);
+        return;
+    }
+    size_t need = rx.headroom + rx.len + n;
+    if (need > rx.cap) {
+        /* Grow by half (glibc moves large blocks with mremap, not copies);
+         * never past what the largest accepted data set needs. */
+        size_t want = std::max(need, std::max(rx.cap + rx.cap / 2, (size_t)64 << 10));
+        want = std::min(want, rx.headroom + rx.max_len);
+        if (!rx_budget_take(*rx.budget, want - rx.cap, rx.srv->cfg.receive_wait_s)) {
+            rx_refuse(rx, DICOM_OUT_OF_RESOURCES,
+                      "no receive memory free within " +
+                          std::to_string(rx.srv->cfg.receive_wait_s) + " s, retry later");
+            return;
+        }
+        rx.base = (uint8_t *)sp_realloc(rx.base, want);
+        rx.cap = want;
+    }
+    memcpy(rx.base + rx.headroom + rx.len, p, n);
+    rx.len += n;
+}
+
+/* After the last PDV: the pre-scan's verdict on the whole data set, and the
+ * buffer trimmed to what it holds. */
+static void rx_finish(dicom_rx &rx)
+{
+    if (rx.status != 0)
+        return;
+    char err[200];
+    if (dsscan_finish(rx.scan, NULL, err, sizeof err) != 0) {
+        rx_refuse(rx, DICOM_CANNOT_UNDERSTAND, err);
+        return;
+    }
+    size_t used = rx.headroom + rx.len;
+    if (used == 0)
+        used = 1;
+    if (used < rx.cap) {
+        rx.base = (uint8_t *)sp_realloc(rx.base, used);
+        rx_budget_give(*rx.budget, rx.cap - used);
+        rx.cap = used;
+    }
+}
+
+/* What dicom_store_take() hands over: the buffer and its share of the
+ * budget, released together. */
+struct RxHold {
+    std::shared_ptr<RxBudget> budget;
+    uint8_t *base;
+    size_t cap;
+};
+
+static void rx_hold_release(void *owner, void *unused)
+{
+    (void)unused;
+    RxHold *h = static_cast<RxHold *>(owner);
+    free(h->base);
+    rx_budget_give(*h->budget, h->cap);
+    delete h;
+}
+
+extern "C" void dicom_store_take(const dicom_store_t *req, uint8_t **dataset,
+                                 void (**release)(void *owner, void *unused), void **owner)
+{
+    dicom_rx &rx = *req->rx;
+    SP_ASSERT(rx.status == 0 && rx.base != nullptr);
+    RxHold *h = new RxHold{rx.budget, rx.base, rx.cap};
+    *dataset = rx.base + rx.headroom;
+    *release = rx_hold_release;
+    *owner = h;
+    rx.base = nullptr; /* the hold owns the bytes and their budget now */
+    rx.cap = 0;
+    rx.len = 0;
+}
+
+namespace
+{
+/* Feeds what DIMSE_receiveDataSetInFile() writes into a dicom_rx. It always
+ * takes everything, so DCMTK keeps reading the PDVs of a refused data set. */
+class RxConsumer : public DcmConsumer
+{
+  public:
+    explicit RxConsumer(dicom_rx &r) : rx(r) {}
+    OFBool good() const override { return OFTrue; }
+    OFCondition status() const override { return EC_Normal; }
+    OFBool isFlushed() const override { return OFTrue; }
+    offile_off_t avail() const override { return OFstatic_cast(offile_off_t, 0x40000000); }
+    offile_off_t write(const void *buf, offile_off_t buflen) override
+    {
+        rx_append(rx, static_cast<const uint8_t *>(buf), (size_t)buflen);
+        return buflen;
+    }
+    void flush() override {}
+
+  private:
+    dicom_rx &rx;
+};
+
+struct RxHolder {
+    RxConsumer consumer;
+    explicit RxHolder(dicom_rx &r) : consumer(r) {}
+};
+
+class RxOutputStream : private RxHolder, public DcmOutputStream
+{
+  public:
+    explicit RxOutputStream(dicom_rx &r) : RxHolder(r), DcmOutputStream(&consumer) {}
+};
+} // namespace
+
+/* Receives the data set that follows a command into rx (initialised for
+ * it), on presentation context pres. Returns false when the association
+ * failed (the caller aborts); true otherwise, with rx.status 0 and the
+ * bytes, or the refusal to answer. */
+static bool rx_receive(Assoc &a, T_ASC_PresentationContextID pres, dicom_rx &rx)
+{
+    T_ASC_PresentationContextID dpres = 0;
+    OFCondition cond;
+    {
+        RxOutputStream os(rx);
+        cond = DIMSE_receiveDataSetInFile(a.as, DIMSE_BLOCKING, a.srv->cfg.dimse_timeout_s, &dpres,
+                                          &os, NULL, NULL);
+    }
+    if (cond.bad()) {
+        log_warn("dicom: %s from %s (%s): receiving failed after %llu bytes: %s", rx.what,
+                 a.calling, a.host, (unsigned long long)rx.seen, cond.text());
+        return false;
+    }
+    dicom_server_request_received(a);
+    if (dpres != pres)
+        rx_refuse(rx, DICOM_CANNOT_UNDERSTAND,
+                  std::string(rx.what) + " on another presentation context");
+    rx_finish(rx);
+    return true;
+}
 
 /* Serialises a data set in the given transfer syntax into memory. */
 static OFCondition encode_dataset(DcmDataset &ds, E_TransferSyntax xfer, E_GrpLenEncoding gl,
@@ -236,9 +478,10 @@ static int parse_attrs_internal(const uint8_t *dataset, size_t len, const char *
         why = std::string("unknown transfer syntax ") + (ts ? ts : "(null)");
         return SP_EINVAL;
     }
-    /* Parse to the end (Pixel Data included): a data set cut short must be
-     * refused here, before anything is stored and acknowledged. */
-    OFCondition cond = decode_dataset(dataset, len, xfer, false, ds);
+    /* Up to Pixel Data: the attributes are all before it, and the pre-scan
+     * (common/dsscan.h) has already checked the whole data set's structure,
+     * so a data set cut short never gets here. */
+    OFCondition cond = decode_dataset(dataset, len, xfer, true, ds);
     if (cond.bad()) {
         why = std::string("malformed data set: ") + cond.text();
         return SP_EINVAL;
@@ -362,11 +605,13 @@ static DcmDataset *comment_detail(uint16_t status, const char *comment)
 
 /* ---- C-STORE ------------------------------------------------------------------ */
 
-/* Receives the data set bit-exact, parses a copy for its attributes and
- * hands both to the store handler, which decides (router/scp.c checks the
- * UIDs against the command). Only what cannot be handed over - a data set on
- * another presentation context, or one that does not parse - is refused
- * here, and logged here. */
+/* Receives the data set bit-exact (checked by the pre-scan on the way),
+ * parses its attributes (everything before Pixel Data: the pre-scan already
+ * walked the whole data set) and hands both to the store handler, which
+ * decides (router/scp.c checks the UIDs against the command). Only what
+ * cannot be handed over - a data set on another presentation context, one
+ * that is malformed, too deep or too large, or one that found no receive
+ * memory in time - is refused here, and logged here. */
 bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_StoreRQ &rq)
 {
     dicom_server *srv = a.srv;
@@ -374,33 +619,27 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
     OFCondition cond = ASC_findAcceptedPresentationContext(a.as->params, pres, &pc);
     if (cond.bad())
         return false;
-    MemOutputStream os;
-    T_ASC_PresentationContextID dpres = 0;
-    cond = DIMSE_receiveDataSetInFile(a.as, DIMSE_BLOCKING, srv->cfg.dimse_timeout_s, &dpres, &os,
-                                      NULL, NULL);
-    if (cond.bad()) {
-        log_warn("dicom: C-STORE from %s (%s): receiving data set failed: %s", a.calling, a.host,
-                 cond.text());
+    dicom_rx rx;
+    rx_init(rx, srv, pc.acceptedTransferSyntax, PART10_HEADER_MAX, srv->cfg.max_object_size,
+            "C-STORE data set");
+    if (!rx_receive(a, pres, rx)) {
+        rx_clear(rx);
         return false;
     }
-    dicom_server_request_received(a);
-    std::vector<uint8_t> &bytes = os.bytes();
     std::string cmd_sop(rq.AffectedSOPInstanceUID);
     while (!cmd_sop.empty() && cmd_sop.back() == ' ')
         cmd_sop.pop_back();
-    uint16_t status = DICOM_SUCCESS;
+    uint16_t status = rx.status;
     char comment[256] = "";
+    snprintf(comment, sizeof(comment), "%s", rx.why.c_str());
     attrs_t attrs;
     memset(&attrs, 0, sizeof(attrs));
     unsigned charset_flags = 0;
-    {
+    if (status == DICOM_SUCCESS) {
         DcmDataset ds;
         std::string why;
-        if (dpres != pres) {
-            status = DICOM_CANNOT_UNDERSTAND;
-            snprintf(comment, sizeof(comment), "data set on another presentation context");
-        } else if (parse_attrs_internal(bytes.data(), bytes.size(), pc.acceptedTransferSyntax, ds,
-                                        &attrs, &charset_flags, why) != 0) {
+        if (parse_attrs_internal(rx.base + rx.headroom, rx.len, pc.acceptedTransferSyntax, ds,
+                                 &attrs, &charset_flags, why) != 0) {
             status = DICOM_CANNOT_UNDERSTAND;
             snprintf(comment, sizeof(comment), "%s", why.c_str());
         } else if (srv->h.store == NULL) {
@@ -409,8 +648,8 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
         }
     }
     if (status != DICOM_SUCCESS) {
-        log_warn("dicom: C-STORE from %s (%s) of %s: status 0x%04X %s", a.calling, a.host,
-                 cmd_sop.c_str(), status, comment);
+        log_warn("dicom: C-STORE from %s (%s) of %s (%llu bytes): status 0x%04X %s", a.calling,
+                 a.host, cmd_sop.c_str(), (unsigned long long)rx.seen, status, comment);
     } else {
         if (charset_flags != 0)
             log_warn("dicom: C-STORE from %s (%s) of %s: names in character set '%s' indexed "
@@ -423,12 +662,15 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
         req.sop_class_uid = rq.AffectedSOPClassUID;
         req.sop_instance_uid = cmd_sop.c_str();
         req.transfer_syntax_uid = pc.acceptedTransferSyntax;
-        req.dataset = bytes.data();
-        req.dataset_len = bytes.size();
+        req.dataset = rx.base + rx.headroom;
+        req.dataset_len = rx.len;
         req.attrs = &attrs;
+        req.headroom = rx.headroom;
+        req.rx = &rx;
         status = srv->h.store(srv->h.ctx, &req, comment, sizeof(comment));
     }
     attrs_clear(&attrs);
+    rx_clear(rx);
 
     T_DIMSE_C_StoreRSP rsp;
     memset(&rsp, 0, sizeof(rsp));
@@ -446,6 +688,50 @@ bool dicom_services_store(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_
     cond = DIMSE_sendStoreResponse(a.as, pres, &rq, &rsp, detail);
     delete detail;
     return cond.good();
+}
+
+/* ---- identifiers ------------------------------------------------------------ */
+
+/* Receives a C-FIND/C-MOVE/C-GET identifier like a C-STORE data set (into
+ * memory, checked by the pre-scan, so its nesting is bounded before DCMTK
+ * parses it) and parses it. Returns false when the association failed;
+ * true otherwise, with *ident set (the caller deletes it), or with *ident
+ * NULL and the failure to answer in *status and why: 0xA900 for a
+ * malformed, too deep or too large identifier (permanent), 0xA700 when no
+ * receive memory came free in time (retry later). */
+static bool receive_identifier(Assoc &a, T_ASC_PresentationContextID pres, const char *what,
+                               DcmDataset **ident, uint16_t *status, std::string &why)
+{
+    *ident = NULL;
+    *status = DICOM_SUCCESS;
+    T_ASC_PresentationContext pc;
+    if (ASC_findAcceptedPresentationContext(a.as->params, pres, &pc).bad())
+        return false;
+    dicom_rx rx;
+    rx_init(rx, a.srv, pc.acceptedTransferSyntax, 0, a.srv->cfg.max_identifier_size, what);
+    rx.too_big_status = DICOM_DATASET_MISMATCH;
+    if (!rx_receive(a, pres, rx)) {
+        rx_clear(rx);
+        return false;
+    }
+    if (rx.status != 0) {
+        *status =
+            rx.status == DICOM_OUT_OF_RESOURCES ? DICOM_OUT_OF_RESOURCES : DICOM_DATASET_MISMATCH;
+        why = rx.why;
+    } else {
+        DcmDataset *ds = new DcmDataset;
+        OFCondition cond = decode_dataset(rx.base + rx.headroom, rx.len,
+                                          DcmXfer(pc.acceptedTransferSyntax).getXfer(), false, *ds);
+        if (cond.bad()) {
+            delete ds;
+            *status = DICOM_DATASET_MISMATCH;
+            why = std::string("malformed identifier: ") + cond.text();
+        } else {
+            *ident = ds;
+        }
+    }
+    rx_clear(rx);
+    return true;
 }
 
 /* ---- C-FIND ---------------------------------------------------------------- */
@@ -541,14 +827,10 @@ bool dicom_services_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_F
 {
     dicom_server *srv = a.srv;
     DcmDataset *ident = NULL;
-    T_ASC_PresentationContextID ipres = 0;
-    OFCondition cond = DIMSE_receiveDataSetInMemory(a.as, DIMSE_BLOCKING, srv->cfg.dimse_timeout_s,
-                                                    &ipres, &ident, NULL, NULL);
-    if (cond.bad()) {
-        log_warn("dicom: C-FIND identifier from %s: %s", a.calling, cond.text());
+    uint16_t status = DICOM_SUCCESS;
+    std::string why;
+    if (!receive_identifier(a, pres, "C-FIND identifier", &ident, &status, why))
         return false;
-    }
-    dicom_server_request_received(a);
     dicom_find_t q;
     q.a = &a;
     q.pres = pres;
@@ -558,11 +840,11 @@ bool dicom_services_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_F
     memset(&q.keys, 0, sizeof(q.keys));
     q.cancelled = false;
     q.failed = false;
-    uint16_t status = DICOM_SUCCESS;
     char comment[256] = "";
-    std::string why;
     bool by_handler = false; /* the handler logs the failures it decides */
-    if (!model_of(rq.AffectedSOPClassUID, k_find_classes, &q.model)) {
+    if (status != DICOM_SUCCESS) {
+        snprintf(comment, sizeof(comment), "%s", why.c_str());
+    } else if (!model_of(rq.AffectedSOPClassUID, k_find_classes, &q.model)) {
         status = DICOM_DATASET_MISMATCH;
         snprintf(comment, sizeof(comment), "unsupported C-FIND SOP class");
     } else if ((status = parse_identifier(ident, q.model, &q.level, &q.keys, &q.extra, why)) != 0) {
@@ -591,7 +873,7 @@ bool dicom_services_find(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE_C_F
     rsp.DataSetType = DIMSE_DATASET_NULL;
     rsp.DimseStatus = status;
     DcmDataset *detail = comment_detail(status, comment);
-    cond = DIMSE_sendFindResponse(a.as, pres, &rq, &rsp, NULL, detail);
+    OFCondition cond = DIMSE_sendFindResponse(a.as, pres, &rq, &rsp, NULL, detail);
     delete detail;
     return cond.good();
 }
@@ -1023,15 +1305,11 @@ bool dicom_services_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE
     dicom_server *srv = a.srv;
     bool is_get = msg.CommandField == DIMSE_C_GET_RQ;
     DcmDataset *ident = NULL;
-    T_ASC_PresentationContextID ipres = 0;
-    OFCondition cond = DIMSE_receiveDataSetInMemory(a.as, DIMSE_BLOCKING, srv->cfg.dimse_timeout_s,
-                                                    &ipres, &ident, NULL, NULL);
-    if (cond.bad()) {
-        log_warn("dicom: C-%s identifier from %s: %s", is_get ? "GET" : "MOVE", a.calling,
-                 cond.text());
+    uint16_t status = DICOM_SUCCESS;
+    std::string why;
+    if (!receive_identifier(a, pres, is_get ? "C-GET identifier" : "C-MOVE identifier", &ident,
+                            &status, why))
         return false;
-    }
-    dicom_server_request_received(a);
     dicom_retrieve_t r;
     r.a = &a;
     r.pres = pres;
@@ -1057,11 +1335,14 @@ bool dicom_services_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE
     r.begun = r.cancelled = r.lost = false;
     r.total = r.completed = r.failed = r.warning = 0;
 
-    uint16_t status = DICOM_SUCCESS;
     char comment[256] = "";
-    std::string why;
     bool by_handler = false; /* the handler logs the failures it decides */
-    if (!model_of(cls, is_get ? k_get_classes : k_move_classes, &r.model)) {
+    if (status != DICOM_SUCCESS) {
+        /* C-MOVE/C-GET know no 0xA700: out of resources is 0xA701 there */
+        if (status == DICOM_OUT_OF_RESOURCES)
+            status = DICOM_REFUSED_NO_MATCHES;
+        snprintf(comment, sizeof(comment), "%s", why.c_str());
+    } else if (!model_of(cls, is_get ? k_get_classes : k_move_classes, &r.model)) {
         status = DICOM_DATASET_MISMATCH;
         snprintf(comment, sizeof(comment), "unsupported retrieve SOP class");
     } else if ((status = parse_identifier(ident, r.model, &r.level, &r.keys, NULL, why)) != 0) {
@@ -1111,7 +1392,7 @@ bool dicom_services_retrieve(Assoc &a, T_ASC_PresentationContextID pres, T_DIMSE
         ids->putAndInsertString(DCM_FailedSOPInstanceUIDList, list.c_str());
     }
     DcmDataset *detail = comment_detail(status, comment);
-    cond = send_retrieve_rsp(&r, status, ids, detail);
+    OFCondition cond = send_retrieve_rsp(&r, status, ids, detail);
     delete ids;
     delete detail;
     return cond.good();

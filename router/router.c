@@ -49,11 +49,17 @@ typedef struct {
     int max_per_address;
     int max_connections;
     size_t min_rate;
+    size_t max_object_size;
+    size_t max_identifier_size;
+    size_t receive_memory;
+    int receive_wait;
+    int max_depth;
     char *key_pair;
     char *cluster_keys;
     int replicas;
     int write_quorum;
     int store_timeout;
+    size_t store_min_rate;
     int query_timeout;
     int fetch_timeout;
     int avoid_failed_ms;
@@ -126,6 +132,19 @@ static const config_option_t router_options[] = {
     OPT("dicom", "min_rate", CONFIG_SIZE, min_rate, "32K", 1, 1LL << 40,
         "Bytes/s a DIMSE message arrives at, at least: its deadline is dimse_timeout + size / "
         "min_rate"),
+    OPT("dicom", "max_object_size", CONFIG_SIZE, max_object_size, "1G", 1024, 1LL << 40,
+        "Largest C-STORE data set accepted; a larger one is read to its end, discarded and "
+        "refused with 0xC000"),
+    OPT("dicom", "max_identifier_size", CONFIG_SIZE, max_identifier_size, "16M", 1024, 1LL << 32,
+        "Largest C-FIND, C-MOVE or C-GET identifier accepted (0xA900 above it)"),
+    OPT("dicom", "receive_memory", CONFIG_SIZE, receive_memory, "2G", 4096, 1LL << 44,
+        "Memory all DICOM receives may hold at once, from their first byte until the object is "
+        "on its replicas; at least max_object_size"),
+    OPT("dicom", "receive_wait", CONFIG_MS, receive_wait, "30s", 1000, 3600000,
+        "Longest wait for receive memory; then the store is refused with 0xA700 (retry later)"),
+    OPT("dicom", "max_depth", CONFIG_INT, max_depth, "64", 4, 4096,
+        "Deepest sequence nesting accepted in a data set or identifier (checked before "
+        "parsing)"),
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
@@ -134,7 +153,9 @@ static const config_option_t router_options[] = {
     OPT("cluster", "write_quorum", CONFIG_INT, write_quorum, "2", 1, 16,
         "Durable copies before C-STORE answers Success (W)"),
     OPT("cluster", "store_timeout", CONFIG_MS, store_timeout, "10s", 100, 600000,
-        "Longest wait for W acknowledgements"),
+        "Longest wait for W acknowledgements, plus the object's size / store_min_rate"),
+    OPT("cluster", "store_min_rate", CONFIG_SIZE, store_min_rate, "8M", 1024, 1LL << 40,
+        "Bytes/s a stored object is taken at, at least: large objects get that much longer"),
     OPT("cluster", "query_timeout", CONFIG_MS, query_timeout, "10s", 100, 600000,
         "Longest wait for the nodes' answers to one query"),
     OPT("cluster", "fetch_timeout", CONFIG_MS, fetch_timeout, "30s", 100, 600000,
@@ -276,6 +297,7 @@ static int router_run(router_settings_t *s)
     backend_config_t bc = {.replicas = s->replicas,
                            .write_quorum = s->write_quorum,
                            .store_timeout_ms = s->store_timeout,
+                           .store_min_rate = s->store_min_rate,
                            .query_timeout_ms = s->query_timeout,
                            .fetch_timeout_ms = s->fetch_timeout,
                            .avoid_failed_ms = s->avoid_failed_ms,
@@ -341,6 +363,11 @@ static int router_run(router_settings_t *s)
     dc.max_per_address = s->max_per_address;
     dc.max_connections = s->max_connections;
     dc.min_rate = s->min_rate;
+    dc.max_object_size = s->max_object_size;
+    dc.max_identifier_size = s->max_identifier_size;
+    dc.receive_memory = s->receive_memory;
+    dc.receive_wait_s = (s->receive_wait + 999) / 1000;
+    dc.max_depth = s->max_depth;
     dc.acse_timeout_s = (s->acse_timeout + 999) / 1000;
     dc.dimse_timeout_s = (s->dimse_timeout + 999) / 1000;
     rc = dicom_server_start(&dc, &handlers, &server, err, sizeof err);

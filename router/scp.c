@@ -34,6 +34,18 @@ uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment
         sp_fmt(comment, comment_len, "SeriesInstanceUID missing");
         return DICOM_CANNOT_UNDERSTAND;
     }
+    /* A malformed UID is a permanent error (the sender must not loop on a
+     * retry-later status): the data set, not the archive, is at fault. */
+    static const attr_id_t uids[] = {ATTR_STUDY_INSTANCE_UID, ATTR_SERIES_INSTANCE_UID,
+                                     ATTR_SOP_INSTANCE_UID};
+    for (size_t i = 0; i < SP_ARRAY_LEN(uids); i++) {
+        const char *v = attrs_str(a, uids[i]);
+        if (!sp_uid_valid(v)) {
+            sp_fmt(comment, comment_len, "%s '%.64s' is not a valid UID",
+                   attr_info(uids[i])->keyword, v);
+            return DICOM_CANNOT_UNDERSTAND;
+        }
+    }
     const char *cls = attrs_get(a, ATTR_SOP_CLASS_UID);
     if (cls != NULL && strcmp(cls, req->sop_class_uid) != 0) {
         sp_fmt(comment, comment_len, "SOPClassUID in data set differs from command");
@@ -53,19 +65,27 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
                  comment);
         return status;
     }
-    uint8_t *part10 = NULL;
-    size_t len = 0;
-    int rc = part10_make(req->dataset, req->dataset_len, req->sop_class_uid, req->sop_instance_uid,
-                         req->transfer_syntax_uid, &part10, &len);
+    /* The received buffer becomes the stored object: its Part-10 header is
+     * written into the headroom before the data set, and the cluster
+     * transport sends it to every replica without a copy. */
+    uint8_t *dataset, *object;
+    void (*release)(void *owner, void *unused);
+    void *owner;
+    dicom_store_take(req, &dataset, &release, &owner);
+    int rc = part10_frame_in_place(dataset, req->headroom, req->sop_class_uid,
+                                   req->sop_instance_uid, req->transfer_syntax_uid, &object);
     if (rc != 0) {
+        release(owner, NULL);
         sp_fmt(comment, comment_len, "cannot build the Part-10 object: %s", sp_strerror(rc));
         log_warn("C-STORE of %s (study %s) from %s refused: %s", req->sop_instance_uid, study,
                  req->peer->calling_ae, comment);
         return DICOM_CANNOT_UNDERSTAND;
     }
+    transport_body_t *body = transport_body_new(
+        owner, object, (size_t)(dataset - object) + req->dataset_len, release, NULL);
     backend_put_result_t res;
-    rc = backend_put(scp->backend, req->attrs, part10, len, &res);
-    free(part10);
+    rc = backend_put(scp->backend, req->attrs, body, &res);
+    transport_body_release(&body);
     if (rc == 0) {
         log_debug("stored %s of study %s from %s on %d replicas (%d stand-ins among the "
                   "targets)",
@@ -83,6 +103,14 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
                  "%d replicas)",
                  req->sop_instance_uid, study, req->peer->calling_ae, res.conflicts);
         return SCP_STATUS_DUPLICATE_SOP;
+    }
+    if (rc == SP_EINVAL) {
+        /* Every replica that answered refused the object itself: a retry
+         * would be refused the same way, so the status says "do not". */
+        sp_fmt(comment, comment_len, "refused by the replicas: %s", res.detail);
+        log_error("store of %s of study %s from %s refused by the replicas (%s)",
+                  req->sop_instance_uid, study, req->peer->calling_ae, res.detail);
+        return DICOM_CANNOT_UNDERSTAND;
     }
     sp_fmt(comment, comment_len, "stored on %d replicas, %d needed: %s", res.acknowledged,
            res.needed, res.detail);
