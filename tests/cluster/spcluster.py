@@ -708,12 +708,46 @@ def _command_elements(raw):
 
 
 def raw_store(port, sop_class_uid, command_sop_uid, dataset: bytes, ae="SHARDPACS",
-              transfer_syntax=IMPLICIT_LE, timeout=30):
+              transfer_syntax=IMPLICIT_LE, timeout=30, before_pdv=None):
     """Sends one C-STORE whose data set is exactly `dataset` (in
     transfer_syntax, fragmented into PDVs of at most 16 KB) and returns
     (status, error comment), or (None, "aborted") when the peer aborts the
     association instead of answering. Raises if the association is not
-    accepted or the peer closes without answering."""
+    accepted or the peer closes without answering. before_pdv(offset), when
+    given, is called before each data set PDV is sent (to pace or stall)."""
+    from pydicom.dataset import Dataset
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_class_uid
+    cmd.CommandField = 0x0001
+    cmd.MessageID = 7
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    cmd.AffectedSOPInstanceUID = command_sop_uid
+    return raw_request(port, sop_class_uid, cmd, dataset, ae, transfer_syntax, timeout,
+                       before_pdv)
+
+
+def raw_find(port, identifier: bytes, ae="SHARDPACS", transfer_syntax=IMPLICIT_LE, timeout=30,
+             sop_class_uid="1.2.840.10008.5.1.4.1.2.2.1"):
+    """Sends one C-FIND (Study Root by default) whose identifier is exactly
+    `identifier` and returns the final (status, error comment), skipping
+    pending responses; (None, "aborted") when the peer aborts."""
+    from pydicom.dataset import Dataset
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = sop_class_uid
+    cmd.CommandField = 0x0020
+    cmd.MessageID = 9
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000
+    return raw_request(port, sop_class_uid, cmd, identifier, ae, transfer_syntax, timeout)
+
+
+def raw_request(port, sop_class_uid, cmd, dataset: bytes, ae="SHARDPACS",
+                transfer_syntax=IMPLICIT_LE, timeout=30, before_pdv=None):
+    """One association with one presentation context (sop_class_uid in
+    transfer_syntax), one request (command data set cmd, then `dataset` in
+    PDVs of at most 16 KB), the final response read (pending ones skipped),
+    then release. Returns (status, error comment) or (None, "aborted")."""
     ctx = _item(0x30, _even_uid(sop_class_uid)) + _item(0x40, _even_uid(transfer_syntax))
     pres = _item(0x20, bytes([1, 0, 0, 0]) + ctx)
     user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, _even_uid("1.2.3.4")))
@@ -723,14 +757,6 @@ def raw_store(port, sop_class_uid, command_sop_uid, dataset: bytes, ae="SHARDPAC
         s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
         kind, pdu = _recv_pdu(s)
         assert kind == 0x02, f"association not accepted (PDU type {kind})"
-        from pydicom.dataset import Dataset
-        cmd = Dataset()
-        cmd.AffectedSOPClassUID = sop_class_uid
-        cmd.CommandField = 0x0001
-        cmd.MessageID = 7
-        cmd.Priority = 0
-        cmd.CommandDataSetType = 0x0000
-        cmd.AffectedSOPInstanceUID = command_sop_uid
         enc = encode_dataset(cmd)
         enc = struct.pack("<HHII", 0, 0, 4, len(enc)) + enc
         fragments = [(enc, 0x03)]
@@ -738,25 +764,34 @@ def raw_store(port, sop_class_uid, command_sop_uid, dataset: bytes, ae="SHARDPAC
         chunks = [dataset[i:i + step] for i in range(0, len(dataset), step)] or [b""]
         for i, c in enumerate(chunks):
             fragments.append((c, 0x02 if i == len(chunks) - 1 else 0x00))
-        for payload, header in fragments:
+        offset = 0
+        for n, (payload, header) in enumerate(fragments):
+            if n > 0 and before_pdv is not None:
+                before_pdv(offset)
             pdv = struct.pack(">IBB", len(payload) + 2, 1, header) + payload
             s.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
-        rsp = b""
+            if n > 0:
+                offset += len(payload)
         while True:
-            kind, pdu = _recv_pdu(s)
-            if kind == 0x07:
-                return None, "aborted"
-            assert kind == 0x04, f"expected P-DATA, got PDU type {kind}"
-            length, _, header = struct.unpack_from(">IBB", pdu, 0)
-            rsp += pdu[6:4 + length]
-            if header & 0x02:
+            rsp = b""
+            while True:  # one command set; data sets of pending responses are skipped
+                kind, pdu = _recv_pdu(s)
+                if kind == 0x07:
+                    return None, "aborted"
+                assert kind == 0x04, f"expected P-DATA, got PDU type {kind}"
+                length, _, header = struct.unpack_from(">IBB", pdu, 0)
+                if header & 0x01:
+                    rsp += pdu[6:4 + length]
+                    if header & 0x02:
+                        break
+            el = _command_elements(rsp)
+            status = struct.unpack("<H", el[0x00000900])[0]
+            if status not in (0xFF00, 0xFF01):
                 break
         s.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))
         try:
             _recv_pdu(s)
         except (ConnectionError, OSError):
             pass
-    el = _command_elements(rsp)
-    status = struct.unpack("<H", el[0x00000900])[0]
     comment = el.get(0x00000902, b"").decode(errors="replace").strip(" \0")
     return status, comment

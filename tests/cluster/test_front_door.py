@@ -27,7 +27,7 @@ from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, generate_uid
 import spcluster
 from spcluster import _even_uid, _item
 
-BUILD = Path(os.environ.get("SP_BUILD_DIR", "/work/main/build"))
+BUILD = spcluster.BUILD
 HARNESS = BUILD / "dicom_harness"
 ENV = dict(os.environ, TCP_NODELAY="1")
 AE = "SHARDPACS"

@@ -10,6 +10,8 @@
  * Usage: dicom_harness [--ae TITLE] [--port N] [--workers N] [--queue N]
  *                      [--acse-timeout S] [--dimse-timeout S] [--max-per-address N]
  *                      [--max-connections N] [--min-rate BYTES] [--find-delay-ms MS]
+ *                      [--max-object-size BYTES] [--receive-memory BYTES]
+ *                      [--receive-wait S] [--max-depth N]
  *                      [AE=host:port ...]
  *
  * Threads: handlers run on adapter worker threads; the instance list is
@@ -252,6 +254,14 @@ int main(int argc, char **argv)
             cfg.max_connections = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--min-rate") == 0 && i + 1 < argc) {
             cfg.min_rate = (size_t)atol(argv[++i]);
+        } else if (strcmp(argv[i], "--max-object-size") == 0 && i + 1 < argc) {
+            cfg.max_object_size = (size_t)atol(argv[++i]);
+        } else if (strcmp(argv[i], "--receive-memory") == 0 && i + 1 < argc) {
+            cfg.receive_memory = (size_t)atol(argv[++i]);
+        } else if (strcmp(argv[i], "--receive-wait") == 0 && i + 1 < argc) {
+            cfg.receive_wait_s = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--max-depth") == 0 && i + 1 < argc) {
+            cfg.max_depth = atoi(argv[++i]);
         } else if (g_ndests < SP_ARRAY_LEN(g_dests) &&
                    parse_dest(argv[i], &g_dests[g_ndests]) == 0) {
             g_ndests++;
@@ -260,6 +270,8 @@ int main(int argc, char **argv)
                     "usage: %s [--ae T] [--port N] [--workers N] [--queue N] "
                     "[--acse-timeout S] [--dimse-timeout S] [--max-per-address N] "
                     "[--max-connections N] [--min-rate B] [--find-delay-ms MS] "
+                    "[--max-object-size B] [--receive-memory B] [--receive-wait S] "
+                    "[--max-depth N] "
                     "[AE=host:port ...]\n",
                     argv[0]);
             return 2;
