@@ -603,8 +603,7 @@ static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs
         wire_reply_t *rep = &replies[which[i]];
         int rc = calls[i].rc;
         if (rc == 0) {
-            rc =
-                wire_decode_reply(calls[i].resp.head, calls[i].resp.head_len, rep, err, sizeof err);
+            rc = wire_decode_response(&calls[i].resp, rep, err, sizeof err);
             transport_response_free(&calls[i].resp);
             if (rc == 0 && rep->status != 0) {
                 log_warn("find on node %s failed: %s", m->id,
