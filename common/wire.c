@@ -37,6 +37,22 @@ static size_t attrs_to_pb(const attrs_t *a, Shardpacs__Attr *cells, Shardpacs__A
     return n;
 }
 
+/* The longest value an attribute may have: a C-FIND key of a UID attribute
+ * may be a list of thousands of UIDs, everything else is one short value. */
+static size_t value_max(const attr_info_t *info, bool query)
+{
+    return query && info->kind == MATCH_UID ? WIRE_MAX_UID_LIST : WIRE_MAX_VALUE;
+}
+
+/* Whether every value of a record is within what attrs_from_pb() accepts. */
+static bool attrs_fit(const attrs_t *a, bool query)
+{
+    for (size_t i = 0; i < ATTR_COUNT; i++)
+        if (a->v[i] != NULL && strlen(a->v[i]) > value_max(attr_info((attr_id_t)i), query))
+            return false;
+    return true;
+}
+
 /* Stored: an instance's own attrs. Query: C-FIND keys. Result: a C-FIND
  * match, which may carry computed attributes too. */
 typedef enum { ATTRS_STORED, ATTRS_QUERY, ATTRS_RESULT } attrs_use_t;
@@ -62,8 +78,9 @@ static int attrs_from_pb(Shardpacs__Attr **list, size_t n, attrs_use_t use, attr
             sp_fmt(err, errlen, "attribute %s given twice", info->keyword);
             return SP_EPROTO;
         }
-        if (strlen(value) > WIRE_MAX_VALUE) {
-            sp_fmt(err, errlen, "attribute %s longer than %d bytes", info->keyword, WIRE_MAX_VALUE);
+        size_t max = value_max(info, use == ATTRS_QUERY);
+        if (strlen(value) > max) {
+            sp_fmt(err, errlen, "attribute %s longer than %zu bytes", info->keyword, max);
             return SP_EPROTO;
         }
         bool ok = use == ATTRS_QUERY ? match_key_valid(info->kind, value) == 0
@@ -433,10 +450,15 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     case WIRE_LIST:
         list.study_instance_uid = req->study_uid ? req->study_uid : "";
         list.series_instance_uid = req->series_uid ? req->series_uid : "";
+        list.cursor = req->cursor ? req->cursor : "";
+        list.limit = req->limit;
         msg.body_case = SHARDPACS__REQUEST__BODY_LIST;
         msg.list = &list;
         break;
     case WIRE_FIND:
+        /* Every node would refuse it: say so here, once, as too big. */
+        if (!attrs_fit(&req->attrs, true))
+            return SP_ETOOBIG;
         find.level = (Shardpacs__FindRequest__Level)req->level;
         find.n_keys = attrs_to_pb(&req->attrs, cells, ptrs);
         find.keys = ptrs;
@@ -549,9 +571,15 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
         rc = check_uid(m->list->study_instance_uid, "StudyInstanceUID", true, err, errlen);
         if (rc == 0)
             rc = check_uid(m->list->series_instance_uid, "SeriesInstanceUID", false, err, errlen);
+        if (rc == 0 && strlen(m->list->cursor) > 3 * 65) {
+            sp_fmt(err, errlen, "list cursor of %zu bytes", strlen(m->list->cursor));
+            rc = SP_EPROTO;
+        }
         if (rc == 0) {
             out->study_uid = sp_strdup(m->list->study_instance_uid);
             out->series_uid = dup_or_null(m->list->series_instance_uid);
+            out->cursor = dup_or_null(m->list->cursor);
+            out->limit = m->list->limit;
         }
         return rc;
     case SHARDPACS__REQUEST__BODY_FIND:
@@ -807,6 +835,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             scratch_instances(&scratch, rep);
             list.n_instances = rep->ninstances;
             list.instances = scratch.ref_ptrs;
+            list.next_cursor = rep->next_cursor ? rep->next_cursor : "";
             msg.body_case = SHARDPACS__REPLY__BODY_LIST;
             msg.list = &list;
             break;
@@ -819,9 +848,8 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             msg.partition_list = &plist;
             break;
         case WIRE_FIND:
-            scratch_matches(&scratch, rep);
-            find.n_matches = rep->nmatches;
-            find.matches = scratch.match_ptrs;
+            /* The matches go in the body (wire_encode_find_body). */
+            find.count = (uint32_t)rep->nmatches;
             find.truncated = rep->truncated;
             msg.body_case = SHARDPACS__REPLY__BODY_FIND;
             msg.find = &find;
@@ -873,6 +901,37 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
     scratch_free(&scratch);
     gossip_scratch_free(&gossip);
     return 0;
+}
+
+int wire_encode_find_body(const wire_reply_t *rep, uint8_t **out, size_t *len)
+{
+    Shardpacs__FindMatches body = SHARDPACS__FIND_MATCHES__INIT;
+    reply_scratch_t scratch = {0};
+    scratch_matches(&scratch, rep);
+    body.n_matches = rep->nmatches;
+    body.matches = scratch.match_ptrs;
+    *len = shardpacs__find_matches__get_packed_size(&body);
+    *out = sp_malloc(*len ? *len : 1);
+    shardpacs__find_matches__pack(&body, *out);
+    scratch_free(&scratch);
+    return 0;
+}
+
+/* The bytes a length-delimited field of n bytes takes: its tag (one byte for
+ * the field numbers used here), the varint length and the bytes. */
+static size_t field_size(size_t n)
+{
+    size_t v = 1;
+    for (size_t x = n; x >= 0x80; x >>= 7)
+        v++;
+    return 1 + v + n;
+}
+
+size_t wire_instance_size(const wire_instance_t *w)
+{
+    Shardpacs__InstanceRef p;
+    instance_to_pb(w, &p);
+    return field_size(shardpacs__instance_ref__get_packed_size(&p));
 }
 
 static int instance_from_pb(const Shardpacs__InstanceRef *p, wire_instance_t *w, char *err,
@@ -994,6 +1053,7 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         return rc;
     case SHARDPACS__REPLY__BODY_LIST:
         out->kind = WIRE_LIST;
+        out->next_cursor = dup_or_null(m->list->next_cursor);
         return instances_from_pb(m->list->instances, m->list->n_instances, out, err, errlen);
     case SHARDPACS__REPLY__BODY_PARTITION_LIST:
         out->kind = WIRE_PARTITION_LIST;
@@ -1003,10 +1063,8 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
     case SHARDPACS__REPLY__BODY_FIND:
         out->kind = WIRE_FIND;
         out->truncated = m->find->truncated;
-        for (size_t i = 0; i < m->find->n_matches && rc == 0; i++)
-            rc = attrs_from_pb(m->find->matches[i]->attrs, m->find->matches[i]->n_attrs,
-                               ATTRS_RESULT, wire_reply_add_match(out), err, errlen);
-        return rc;
+        out->body_matches = m->find->count;
+        return 0;
     case SHARDPACS__REPLY__BODY_PARTITION_DIGEST:
         out->kind = WIRE_PARTITION_DIGEST;
         out->ndigests = m->partition_digest->n_digests;
@@ -1061,6 +1119,39 @@ int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *e
     }
     int rc = decode_reply_body(m, out, err, errlen);
     shardpacs__reply__free_unpacked(m, NULL);
+    if (rc != 0)
+        wire_reply_free(out);
+    return rc;
+}
+
+int wire_decode_response(const transport_response_t *resp, wire_reply_t *out, char *err,
+                         size_t errlen)
+{
+    int rc = wire_decode_reply(resp->head, resp->head_len, out, err, errlen);
+    if (rc != 0 || out->status != 0 || out->kind != WIRE_FIND)
+        return rc;
+    if (out->body_matches == 0 && resp->body_len == 0)
+        return 0;
+    Shardpacs__FindMatches *m = shardpacs__find_matches__unpack(NULL, resp->body_len, resp->body);
+    if (m == NULL) {
+        sp_fmt(err, errlen, "find reply body of %zu bytes is not a valid message", resp->body_len);
+        wire_reply_free(out);
+        return SP_EPROTO;
+    }
+    if (m->n_matches != out->body_matches) {
+        sp_fmt(err, errlen, "find reply body holds %zu matches, the head says %zu", m->n_matches,
+               out->body_matches);
+        rc = SP_EPROTO;
+    }
+    if (rc == 0) {
+        out->matches = sp_calloc(m->n_matches ? m->n_matches : 1, sizeof *out->matches);
+        for (size_t i = 0; i < m->n_matches && rc == 0; i++) {
+            rc = attrs_from_pb(m->matches[i]->attrs, m->matches[i]->n_attrs, ATTRS_RESULT,
+                               &out->matches[i], err, errlen);
+            out->nmatches = i + 1;
+        }
+    }
+    shardpacs__find_matches__free_unpacked(m, NULL);
     if (rc != 0)
         wire_reply_free(out);
     return rc;
@@ -1134,7 +1225,8 @@ int wire_call(transport_client_t *c, const wire_request_t *req, const uint8_t *b
     size_t head_len = 0;
     int rc = wire_encode_request(req, &head, &head_len);
     if (rc != 0) {
-        sp_fmt(err, errlen, "cannot encode a %s request", wire_kind_name(req->kind));
+        sp_fmt(err, errlen, "cannot encode a %s request: %s", wire_kind_name(req->kind),
+               sp_strerror(rc));
         return rc;
     }
     rc = transport_call(c, head, head_len, body, body_len, timeout_ms, raw);
@@ -1144,7 +1236,7 @@ int wire_call(transport_client_t *c, const wire_request_t *req, const uint8_t *b
         return rc;
     }
     char why[256];
-    rc = wire_decode_reply(raw->head, raw->head_len, rep, why, sizeof why);
+    rc = wire_decode_response(raw, rep, why, sizeof why);
     if (rc == 0 && rep->status != 0) {
         sp_fmt(err, errlen, "%s refused: %s (%s)", wire_kind_name(req->kind),
                rep->error ? rep->error : "", sp_strerror(rep->status));
@@ -1186,5 +1278,9 @@ void wire_serve(const transport_request_t *req, transport_reply_t *out, wire_dis
         wire_request_free(&w);
     }
     wire_encode_reply(&rep, &out->head, &out->head_len);
+    if (rep.status == 0 && rep.kind == WIRE_FIND) {
+        SP_ASSERT(out->body == NULL);
+        wire_encode_find_body(&rep, &out->body, &out->body_len);
+    }
     wire_reply_free(&rep);
 }

@@ -3,7 +3,8 @@
  *
  * This is the only module that touches the code protoc-c generates. Decoding
  * validates before anything is used: sizes (each value at most
- * WIRE_MAX_VALUE bytes, at most WIRE_MAX_ATTRS attributes), required fields
+ * WIRE_MAX_VALUE bytes, a C-FIND's UID key at most WIRE_MAX_UID_LIST, at
+ * most WIRE_MAX_ATTRS attributes), required fields
  * for the request kind, UID syntax, known attribute tags, digest length and
  * partition range, and for gossip messages the rules listed above
  * GossipMember in proto/shardpacs.proto (id and endpoint syntax, site, Z85
@@ -29,6 +30,22 @@
 #define WIRE_MAX_VALUE 1024
 #define WIRE_MAX_ATTRS 64
 #define WIRE_PARTITIONS_MAX 65536
+
+/* A C-FIND key of a UID attribute may be a list "uid1\uid2..." of any
+ * length DICOM allows (thousands of UIDs), so it gets its own bound: 256 KiB
+ * is about 4,000 UIDs of 64 characters, and a request holding one such key
+ * and every other key at WIRE_MAX_VALUE stays far below the transport's
+ * default frame limit (1 MiB + 64 KiB). Routers split longer lists
+ * (router/backend.c). */
+#define WIRE_MAX_UID_LIST (256 * 1024)
+
+/* The byte budget of one page of LIST or PARTITION_LIST instances: a node
+ * stops a page once its entries take this much encoded, so that a reply fits
+ * one frame whatever the UIDs' lengths (an entry is at most about 330 bytes,
+ * so a page never passes the budget by more than that). Half the default
+ * frame limit leaves room for everything else; a node with a smaller
+ * chunk_size uses half its own frame limit instead (node/node.c). */
+#define WIRE_PAGE_BYTES (512 * 1024)
 
 typedef enum {
     WIRE_NONE = 0,
@@ -79,13 +96,13 @@ typedef struct {
     char *series_uid;              /* LIST, optional (NULL = whole study) */
     level_t level;                 /* FIND */
     bool case_insensitive_names;   /* FIND */
-    uint32_t limit;                /* FIND, PARTITION_LIST (0 = no limit) */
+    uint32_t limit;                /* FIND, LIST, PARTITION_LIST (0 = the node's cap) */
     uint32_t *partitions;          /* PARTITION_DIGEST */
     size_t npartitions;
     bool nonempty;       /* PARTITION_DIGEST: every non-empty one instead */
     bool cluster;        /* STATUS: cluster-wide */
     char *node_id;       /* DRAIN */
-    char *cursor;        /* PARTITION_LIST, optional */
+    char *cursor;        /* LIST, PARTITION_LIST: "study/series/sop", optional */
     gossip_msg_t gossip; /* GOSSIP: the message; its updates array is owned
                           * (malloc'd) and freed by wire_request_free() */
 } wire_request_t;
@@ -161,9 +178,10 @@ typedef struct {
     wire_policy_t policy;          /* GET */
     wire_instance_t *instances;    /* LIST, PARTITION_LIST */
     size_t ninstances;
-    char *next_cursor; /* PARTITION_LIST, NULL when exhausted */
-    attrs_t *matches;  /* FIND */
+    char *next_cursor; /* LIST, PARTITION_LIST: NULL when exhausted */
+    attrs_t *matches;  /* FIND: carried in the body (wire_decode_response) */
     size_t nmatches;
+    size_t body_matches;              /* FIND, decoded: matches the head announces */
     bool truncated;                   /* FIND */
     wire_partition_digest_t *digests; /* PARTITION_DIGEST */
     size_t ndigests;
@@ -177,17 +195,35 @@ typedef struct {
 /* Encode into a malloc'd buffer (*out, caller frees). Returns 0, or
  * SP_EINVAL for an unknown kind. Encoding does not validate: it sends what it
  * is given (a gossip message's strings must be terminated), and the decoder
- * refuses what breaks the rules. A gossip message is not size-checked here;
- * a full SYNC that exceeds the transport's max_frame_bytes is refused by the
- * transport (see the size note in proto/shardpacs.proto). */
+ * refuses what breaks the rules; except that a FIND request whose key is
+ * longer than the decoder accepts (WIRE_MAX_VALUE, WIRE_MAX_UID_LIST) is
+ * SP_ETOOBIG with nothing encoded, so that the sender reports the query as
+ * too large rather than as a refusal by every node. A gossip message is not
+ * size-checked here; a full SYNC that exceeds the transport's max_frame_bytes
+ * is refused by the transport (see the size note in proto/shardpacs.proto).
+ * A FIND reply's head carries only the count and the truncated flag: its
+ * matches are the body, made by wire_encode_find_body() (wire_serve does). */
 int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len);
 int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len);
+int wire_encode_find_body(const wire_reply_t *rep, uint8_t **out, size_t *len);
+
+/* The bytes one instance adds to an encoded LIST or PARTITION_LIST reply,
+ * exactly: what node/node.c counts against WIRE_PAGE_BYTES. */
+size_t wire_instance_size(const wire_instance_t *w);
 
 /* Decode and validate. On failure returns SP_EPROTO with a reason in err,
- * and *out holds nothing to free. */
+ * and *out holds nothing to free. wire_decode_reply reads a head only: a
+ * FIND reply then has body_matches set and no matches yet. */
 int wire_decode_request(const uint8_t *buf, size_t len, wire_request_t *out, char *err,
                         size_t errlen);
 int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *err, size_t errlen);
+
+/* Decodes a whole response: the head as wire_decode_reply, and for a
+ * successful FIND reply its matches from the body (exactly body_matches of
+ * them, or SP_EPROTO). The response keeps its buffers (the caller frees
+ * them); *out is as wire_decode_reply leaves it. */
+int wire_decode_response(const transport_response_t *resp, wire_reply_t *out, char *err,
+                         size_t errlen);
 
 /* Free everything the message owns (strings, arrays, a gossip message's
  * updates) and zero it. */
@@ -195,7 +231,7 @@ void wire_request_free(wire_request_t *req);
 void wire_reply_free(wire_reply_t *rep);
 
 /* One RPC over a transport client: encodes req, calls (timeout_ms <= 0: the
- * client's default), decodes and checks the reply. Returns 0 when the peer
+ * client's default), decodes and checks the reply (wire_decode_response). Returns 0 when the peer
  * answered status 0, with *rep and *raw (its body, if any) owned by the
  * caller (wire_reply_free, transport_response_free). Otherwise returns the
  * transport error, SP_EPROTO for a malformed reply, or the peer's status,
@@ -210,7 +246,8 @@ void wire_reply_error(wire_reply_t *rep, int code, const char *text);
 /* Handles a request for a program's transport server: decodes it (a
  * malformed one is refused with the reason, and logged), refuses a body on
  * any kind but PUT, calls dispatch for a valid request with rep->kind set,
- * then encodes rep into out. dispatch may hand a body to out (GET). */
+ * then encodes rep into out (a FIND reply's matches as the body). dispatch
+ * may hand a body to out (GET). */
 typedef void (*wire_dispatch_fn)(void *ctx, const transport_request_t *req, const wire_request_t *w,
                                  wire_reply_t *rep, transport_reply_t *out);
 void wire_serve(const transport_request_t *req, transport_reply_t *out, wire_dispatch_fn dispatch,

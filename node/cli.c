@@ -122,6 +122,42 @@ static void print_instance(const wire_instance_t *w)
            w->sop_uid, w->sop_class_uid, w->transfer_syntax_uid, (unsigned long long)w->size, hex);
 }
 
+/* Lists a study (or series) page by page (LIST), calling fn for each
+ * instance, until the node says the listing is exhausted. Returns 0 or the
+ * first error, with the reason in err. */
+static int list_pages(transport_client_t *c, const char *study, const char *series,
+                      void (*fn)(void *ctx, const wire_instance_t *w), void *ctx, char *err,
+                      size_t errlen)
+{
+    char *cursor = NULL;
+    int rc = 0;
+    do {
+        wire_request_t req = {
+            .kind = WIRE_LIST, .study_uid = (char *)study, .series_uid = (char *)series};
+        req.cursor = cursor;
+        wire_reply_t rep;
+        transport_response_t raw;
+        rc = wire_call(c, &req, NULL, 0, 0, &rep, &raw, err, errlen);
+        free(cursor);
+        cursor = NULL;
+        if (rc != 0)
+            break;
+        for (size_t i = 0; i < rep.ninstances; i++)
+            fn(ctx, &rep.instances[i]);
+        cursor = rep.next_cursor;
+        rep.next_cursor = NULL;
+        wire_reply_free(&rep);
+        transport_response_free(&raw);
+    } while (cursor != NULL);
+    return rc;
+}
+
+static void print_listed(void *ctx, const wire_instance_t *w)
+{
+    (void)ctx;
+    print_instance(w);
+}
+
 static void print_match(const attrs_t *a)
 {
     const char *sep = "";
@@ -236,9 +272,12 @@ static int node_command(transport_client_t *c, int argc, char **argv)
         req.kind = WIRE_GET;
         req.sop_uid = sp_strdup(argv[0]);
     } else if (strcmp(cmd, "list") == 0 && (argc == 1 || argc == 2)) {
-        req.kind = WIRE_LIST;
-        req.study_uid = sp_strdup(argv[0]);
-        req.series_uid = argc == 2 ? sp_strdup(argv[1]) : NULL;
+        char err[512];
+        rc =
+            list_pages(c, argv[0], argc == 2 ? argv[1] : NULL, print_listed, NULL, err, sizeof err);
+        if (rc != 0)
+            fprintf(stderr, "shardpacs: %s\n", err);
+        return rc;
     } else if (strcmp(cmd, "find") == 0) {
         req.kind = WIRE_FIND;
         if ((rc = parse_find(argc, argv, &req)) != 0)
@@ -264,10 +303,6 @@ static int node_command(transport_client_t *c, int argc, char **argv)
         rc = rep.outcome == WIRE_CONFLICT || rep.outcome == WIRE_CONFLICT_LIMIT ? SP_ECONFLICT : 0;
         break;
     case WIRE_GET: rc = write_file(argv[1], raw.body, raw.body_len); break;
-    case WIRE_LIST:
-        for (size_t i = 0; i < rep.ninstances; i++)
-            print_instance(&rep.instances[i]);
-        break;
     case WIRE_FIND:
         for (size_t i = 0; i < rep.nmatches; i++)
             print_match(&rep.matches[i]);
@@ -514,21 +549,21 @@ static size_t locate_owners(const wire_status_t *st, uint32_t partition, size_t 
     return k;
 }
 
+static void count_listed(void *ctx, const wire_instance_t *w)
+{
+    (void)w;
+    (*(long *)ctx)++;
+}
+
 /* How many instances of a study a member holds, or -1 if it did not say. */
 static long study_count(const keys_pair_t *self, const transport_config_t *tc,
                         const gossip_member_t *m, const char *study)
 {
     transport_client_t *c = transport_client_new(tc, self, m->public_key, m->endpoint);
-    wire_request_t req = {.kind = WIRE_LIST, .study_uid = (char *)study};
-    wire_reply_t rep;
-    transport_response_t raw;
     char err[512];
-    long n = -1;
-    if (wire_call(c, &req, NULL, 0, 0, &rep, &raw, err, sizeof err) == 0) {
-        n = (long)rep.ninstances;
-        wire_reply_free(&rep);
-        transport_response_free(&raw);
-    }
+    long n = 0;
+    if (list_pages(c, study, NULL, count_listed, &n, err, sizeof err) != 0)
+        n = -1;
     transport_client_destroy(&c);
     return n;
 }

@@ -111,6 +111,7 @@ typedef struct {
     const node_settings_t *settings;
     store_t *store;
     int64_t started_ms;
+    size_t page_bytes;                  /* byte budget of a LIST / PARTITION_LIST page (wire.h) */
     _Atomic(membership_t *) membership; /* set once serving; NULL before */
     _Atomic(repair_t *) repair;         /* likewise */
 } node_t;
@@ -175,10 +176,24 @@ static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
     store_object_free(&obj);
 }
 
-/* Copies one index entry into a reply (store_list and partition_list callback). */
+/* Most instances one LIST or PARTITION_LIST page holds, whatever the request
+ * asks: with the byte budget it bounds the work and memory of one request. */
+#define PAGE_MAX 10000
+
+/* A page being filled: the reply and the bytes its instances take encoded. */
+typedef struct {
+    wire_reply_t *rep;
+    size_t bytes;
+    size_t budget;
+} page_t;
+
+/* Copies one index entry into a reply (store_list and partition_list
+ * callback); asks to stop once the page holds its byte budget, so the
+ * cursor resumes right after this entry. */
 static int add_entry(void *ctx, const store_entry_t *e)
 {
-    wire_instance_t *w = wire_reply_add_instance(ctx);
+    page_t *pg = ctx;
+    wire_instance_t *w = wire_reply_add_instance(pg->rep);
     w->partition = e->partition;
     w->study_uid = sp_strdup(e->study_uid);
     w->series_uid = sp_strdup(e->series_uid);
@@ -189,7 +204,19 @@ static int add_entry(void *ctx, const store_entry_t *e)
     memcpy(w->digest, e->digest, SP_DIGEST_LEN);
     w->version = e->version;
     w->policy = (wire_policy_t)e->policy;
-    return 0;
+    pg->bytes += wire_instance_size(w);
+    return pg->bytes >= pg->budget ? 1 : 0;
+}
+
+/* A page of a study's or series' instances (LIST). */
+static void handle_list(node_t *node, const wire_request_t *w, wire_reply_t *rep)
+{
+    size_t limit = w->limit == 0 || w->limit > PAGE_MAX ? PAGE_MAX : w->limit;
+    page_t pg = {.rep = rep, .budget = node->page_bytes};
+    int rc = store_list(node->store, w->study_uid, w->series_uid, w->cursor, limit, add_entry, &pg,
+                        &rep->next_cursor);
+    if (rc != 0)
+        wire_reply_error(rep, rc, sp_strerror(rc));
 }
 
 static int add_match(void *ctx, const attrs_t *result)
@@ -279,8 +306,9 @@ static void handle_drain(node_t *node, const wire_request_t *w, wire_reply_t *re
 
 static void handle_partition_list(node_t *node, const wire_request_t *w, wire_reply_t *rep)
 {
-    size_t limit = w->limit == 0 || w->limit > 10000 ? 10000 : w->limit;
-    int rc = store_partition_list(node->store, w->partition, w->cursor, limit, add_entry, rep,
+    size_t limit = w->limit == 0 || w->limit > PAGE_MAX ? PAGE_MAX : w->limit;
+    page_t pg = {.rep = rep, .budget = node->page_bytes};
+    int rc = store_partition_list(node->store, w->partition, w->cursor, limit, add_entry, &pg,
                                   &rep->next_cursor);
     if (rc != 0)
         wire_reply_error(rep, rc, sp_strerror(rc));
@@ -310,15 +338,10 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
                           wire_reply_t *rep, transport_reply_t *out)
 {
     node_t *node = ctx;
-    int rc;
     switch (w->kind) {
     case WIRE_PUT: handle_put(node, req, w, rep); break;
     case WIRE_GET: handle_get(node, w, rep, out); break;
-    case WIRE_LIST:
-        rc = store_list(node->store, w->study_uid, w->series_uid, add_entry, rep);
-        if (rc != 0)
-            wire_reply_error(rep, rc, sp_strerror(rc));
-        break;
+    case WIRE_LIST: handle_list(node, w, rep); break;
     case WIRE_FIND: handle_find(node, w, rep); break;
     case WIRE_PARTITION_DIGEST: handle_partition_digest(node, w, rep); break;
     case WIRE_PARTITION_LIST: handle_partition_list(node, w, rep); break;
@@ -365,7 +388,12 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     transport_server_t *srv = NULL;
     membership_t *m = NULL;
     repair_t *h = NULL;
-    node_t node = {.settings = s, .started_ms = sp_now_ms()};
+    /* Half the frame limit: a page may pass its budget by one entry, and the
+     * rest of the reply is small. */
+    size_t frame = s->chunk_size + 65536;
+    node_t node = {.settings = s,
+                   .started_ms = sp_now_ms(),
+                   .page_bytes = frame / 2 < WIRE_PAGE_BYTES ? frame / 2 : WIRE_PAGE_BYTES};
     atomic_init(&node.membership, NULL);
     atomic_init(&node.repair, NULL);
     int rc = keys_load_pair(s->key_pair, &self, err, sizeof err);

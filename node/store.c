@@ -1603,22 +1603,6 @@ static int list_prefix(store_t *s, const buf_t *prefix, store_entry_fn fn, void 
     return rc ? rc : rc2;
 }
 
-int store_list(store_t *s, const char *study_uid, const char *series_uid, store_entry_fn fn,
-               void *ctx)
-{
-    if (!s || !fn || !sp_uid_valid(study_uid) || (series_uid && !sp_uid_valid(series_uid)))
-        return SP_EINVAL;
-    uint32_t part;
-    int rc = study_partition(s, s->ro, study_uid, &part);
-    if (rc)
-        return rc == SP_ENOTFOUND ? 0 : rc;
-    buf_t prefix = {0};
-    key_loc(&prefix, 'I', part, study_uid, series_uid, NULL, true);
-    rc = list_prefix(s, &prefix, fn, ctx, study_uid);
-    buf_free(&prefix);
-    return rc;
-}
-
 /* Computes a partition's summary from its instance records (one iterator,
  * so one state of the partition). Returns 0 or SP_EDB. */
 static int partition_summary(store_t *s, uint32_t partition, store_partition_summary_t *out)
@@ -1751,28 +1735,35 @@ static char *cursor_of(const loc_t *loc)
     return c;
 }
 
-int store_partition_list(store_t *s, uint32_t partition, const char *cursor, size_t limit,
-                         store_entry_fn fn, void *ctx, char **next_cursor)
+/* Calls fn for the instance records whose key starts with prefix, in key
+ * order, at most limit (0 = all), starting after the cursor (a
+ * "study/series/sop" in partition part, whose key must lie under prefix;
+ * NULL or "" = from the start). *next_cursor (caller frees; NULL when the
+ * range is exhausted) resumes after the last entry passed to fn, including
+ * one for which fn asked to stop. Each call reads the database as it is
+ * then (no snapshot across pages), so an instance stored meanwhile after
+ * the cursor shows up on a later page. Returns 0, SP_EINVAL (cursor), fn's
+ * negative answer or SP_EDB. */
+static int list_page(store_t *s, uint32_t part, const buf_t *prefix, const char *cursor,
+                     size_t limit, store_entry_fn fn, void *ctx, char **next_cursor,
+                     const char *what)
 {
-    if (next_cursor)
-        *next_cursor = NULL;
-    if (!s || !fn || partition > 0xffff)
-        return SP_EINVAL;
-    char prefix[3] = {'I', (char)((partition >> 8) & 0xff), (char)(partition & 0xff)};
     buf_t start = {0}, end = {0};
     int rc = 0;
     if (cursor && cursor[0]) {
-        rc = cursor_key(partition, cursor, &start);
+        rc = cursor_key(part, cursor, &start);
+        if (rc == 0 && (start.len < prefix->len || memcmp(start.p, prefix->p, prefix->len) != 0))
+            rc = SP_EINVAL; /* a cursor of another study, series or partition */
         if (rc) {
             buf_free(&start);
             return rc;
         }
     } else {
-        buf_add(&start, prefix, sizeof prefix);
+        buf_add(&start, prefix->p, prefix->len);
     }
-    prefix_end(&end, prefix, sizeof prefix);
+    bool bounded = prefix_end(&end, prefix->p, prefix->len);
     scan_t sc;
-    scan_open(&sc, s, NULL, CF_INDEX, start.p, start.len, end.p, end.len);
+    scan_open(&sc, s, NULL, CF_INDEX, start.p, start.len, bounded ? end.p : NULL, end.len);
     buf_free(&end);
     size_t seen = 0;
     loc_t last;
@@ -1804,10 +1795,43 @@ int store_partition_list(store_t *s, uint32_t partition, const char *cursor, siz
         }
     }
     buf_free(&start);
-    int rc2 = scan_close(&sc, "a partition");
+    int rc2 = scan_close(&sc, what);
     rc = rc ? rc : rc2;
     if (rc == 0 && more && next_cursor)
         *next_cursor = cursor_of(&last);
+    return rc;
+}
+
+int store_list(store_t *s, const char *study_uid, const char *series_uid, const char *cursor,
+               size_t limit, store_entry_fn fn, void *ctx, char **next_cursor)
+{
+    if (next_cursor)
+        *next_cursor = NULL;
+    if (!s || !fn || !sp_uid_valid(study_uid) || (series_uid && !sp_uid_valid(series_uid)))
+        return SP_EINVAL;
+    uint32_t part;
+    int rc = study_partition(s, s->ro, study_uid, &part);
+    if (rc)
+        return rc == SP_ENOTFOUND ? 0 : rc;
+    buf_t prefix = {0};
+    key_loc(&prefix, 'I', part, study_uid, series_uid, NULL, true);
+    rc = list_page(s, part, &prefix, cursor, limit, fn, ctx, next_cursor, study_uid);
+    buf_free(&prefix);
+    return rc;
+}
+
+int store_partition_list(store_t *s, uint32_t partition, const char *cursor, size_t limit,
+                         store_entry_fn fn, void *ctx, char **next_cursor)
+{
+    if (next_cursor)
+        *next_cursor = NULL;
+    if (!s || !fn || partition > 0xffff)
+        return SP_EINVAL;
+    buf_t prefix = {0};
+    buf_byte(&prefix, 'I');
+    buf_part(&prefix, partition);
+    int rc = list_page(s, partition, &prefix, cursor, limit, fn, ctx, next_cursor, "a partition");
+    buf_free(&prefix);
     return rc;
 }
 

@@ -220,11 +220,19 @@ typedef struct {
  * is also passed back as the scanning function's result. */
 typedef int (*store_entry_fn)(void *ctx, const store_entry_t *e);
 
-/* Calls fn for each instance of a study, or of one series when series_uid is
- * not NULL, in key order. Returns 0 (also when nothing matched or fn asked
- * to stop), SP_EDB (also for a corrupt record), or SP_EINVAL for a bad UID. */
-int store_list(store_t *s, const char *study_uid, const char *series_uid, store_entry_fn fn,
-               void *ctx);
+/* Lists a study's instances, or one series' when series_uid is not NULL, in
+ * key order (series UID, then SOP Instance UID, bytewise), a page at a time
+ * as store_partition_list() does: at most limit (0 = all), starting after the
+ * cursor "study/series/sop" (NULL or "" = from the start; the named instance
+ * need not exist any more, but it must lie in this study, and series when
+ * given); *next_cursor (may be NULL; caller frees; NULL when the listing is
+ * exhausted) resumes after the last entry passed to fn, including one for
+ * which fn asked to stop. The order and the cursor depend only on the UIDs,
+ * so a cursor from one replica resumes on another. Returns 0 (also when
+ * nothing matched), fn's negative answer, SP_EDB (also for a corrupt
+ * record), or SP_EINVAL for a bad UID or cursor. */
+int store_list(store_t *s, const char *study_uid, const char *series_uid, const char *cursor,
+               size_t limit, store_entry_fn fn, void *ctx, char **next_cursor);
 
 /* A C-FIND query. Non-NULL entries of keys are the attributes requested;
  * those with a non-empty value are also matching keys (PS3.4 C.4.1.1.3).

@@ -552,6 +552,30 @@ int backend_put(backend_t *b, const attrs_t *attrs, transport_body_t *object,
 
 /* ---- find --------------------------------------------------------------- */
 
+/* A UID list longer than this is sent in several requests, each listing at
+ * most this many bytes of it (about 1,000 UIDs): far within what a node
+ * accepts (WIRE_MAX_UID_LIST), so a request stays small whatever the
+ * requester sent, and each batch goes only to the replicas of its studies. */
+#define UID_BATCH_BYTES (64 * 1024)
+
+/* The read candidates of one study, leaving out the members this router saw
+ * fail while another is up, so that a query (and every retrieve) does not
+ * wait out the timeout on a dead node. Writes at most v->n indexes into out
+ * and returns the count. */
+static size_t study_candidates(const view_t *v, const char *study, size_t *out)
+{
+    size_t *cand = sp_calloc(v->n + 1, sizeof *cand);
+    size_t k = read_candidates(v, ring_partition(study), 0, cand);
+    size_t up = 0, n = 0;
+    for (size_t i = 0; i < k; i++)
+        up += !is_avoided(&v->m[cand[i]]);
+    for (size_t i = 0; i < k; i++)
+        if (up == 0 || !is_avoided(&v->m[cand[i]]))
+            out[n++] = cand[i];
+    free(cand);
+    return n;
+}
+
 /* Marks as targets the read candidates of every study UID in a
  * "uid1\uid2" list; returns how many members were added. */
 static size_t study_targets(const view_t *v, const char *list, bool *target)
@@ -560,16 +584,8 @@ static size_t study_targets(const view_t *v, const char *list, bool *target)
     size_t *cand = sp_calloc(v->n + 1, sizeof *cand);
     char *copy = sp_strdup(list), *save = NULL;
     for (char *uid = strtok_r(copy, "\\", &save); uid; uid = strtok_r(NULL, "\\", &save)) {
-        size_t k = read_candidates(v, ring_partition(uid), 0, cand);
-        /* Members this router saw fail are left out while another is up,
-         * so a query (and every retrieve, which resolves through one) does
-         * not wait out the timeout on a dead node. */
-        size_t up = 0;
-        for (size_t i = 0; i < k; i++)
-            up += !is_avoided(&v->m[cand[i]]);
+        size_t k = study_candidates(v, uid, cand);
         for (size_t i = 0; i < k; i++) {
-            if (up > 0 && is_avoided(&v->m[cand[i]]))
-                continue;
             count += !target[cand[i]];
             target[cand[i]] = true;
         }
@@ -577,6 +593,13 @@ static size_t study_targets(const view_t *v, const char *list, bool *target)
     free(copy);
     free(cand);
     return count;
+}
+
+/* Whether a failed call says the member is down (then it is avoided for a
+ * while) rather than that this one request was refused or too big. */
+static bool member_failure(int rc)
+{
+    return rc == SP_ETIMEOUT || rc == SP_EUNAVAIL;
 }
 
 typedef struct {
@@ -590,7 +613,11 @@ static int merged_cmp(const void *a, const void *b)
 }
 
 /* Sends one find to the chosen members and collects every decoded reply
- * (replies[i] for member i). */
+ * (replies[i] for member i). Returns 0 when at least one member answered;
+ * otherwise SP_ETOOBIG when the query cannot be encoded (a key over the wire
+ * limits), SP_EINVAL when the members refused it as malformed, another
+ * refusal's code, or SP_EUNAVAIL when none answered at all. A member that
+ * did not answer is avoided for a while; one that refused is not. */
 static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs_t *keys,
                        size_t limit, const bool *target, wire_reply_t *replies, bool *partial,
                        bool *truncated)
@@ -603,7 +630,11 @@ static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs
         req.attrs.v[i] = keys->v[i];
     uint8_t *head;
     size_t head_len;
-    wire_encode_request(&req, &head, &head_len);
+    int rc = wire_encode_request(&req, &head, &head_len);
+    if (rc != 0) {
+        log_warn("find at %s level not sent: %s", attr_level_name(level), sp_strerror(rc));
+        return rc;
+    }
     transport_call_t *calls = sp_calloc(v->n + 1, sizeof *calls);
     size_t *which = sp_calloc(v->n + 1, sizeof *which);
     size_t n = 0;
@@ -617,25 +648,30 @@ static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs
     transport_call_many(calls, n, n, b->cfg.query_timeout_ms, NULL, NULL);
     free(head);
     size_t answered = 0;
+    int refused = 0;
     for (size_t i = 0; i < n; i++) {
         char err[256];
         const member_t *m = &v->m[which[i]];
         wire_reply_t *rep = &replies[which[i]];
-        int rc = calls[i].rc;
+        rc = calls[i].rc;
         if (rc == 0) {
-            rc =
-                wire_decode_reply(calls[i].resp.head, calls[i].resp.head_len, rep, err, sizeof err);
+            rc = wire_decode_response(&calls[i].resp, rep, err, sizeof err);
             transport_response_free(&calls[i].resp);
             if (rc == 0 && rep->status != 0) {
                 log_warn("find on node %s failed: %s", m->id,
                          rep->error ? rep->error : sp_strerror(rep->status));
                 rc = rep->status;
+                /* The node could not decode or check the query: the
+                 * requester's identifier is at fault, not the node. */
+                refused = rc == SP_EPROTO || rc == SP_EINVAL ? SP_EINVAL : rc;
                 wire_reply_free(rep);
             } else if (rc != 0) {
                 log_warn("find on node %s: malformed reply: %s", m->id, err);
             }
-        } else {
+        } else if (member_failure(rc)) {
             avoid_failed(b, m, rc);
+        } else {
+            log_warn("find on node %s failed: %s", m->id, sp_strerror(rc));
         }
         if (rc == 0) {
             answered++;
@@ -646,7 +682,45 @@ static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs
     }
     free(calls);
     free(which);
-    return answered ? 0 : SP_EUNAVAIL;
+    return answered ? 0 : refused ? refused : SP_EUNAVAIL;
+}
+
+/* The UID key of a query to split into batches: the longest UID list over
+ * UID_BATCH_BYTES, or ATTR_COUNT when every key is short enough to send as
+ * it is. */
+static attr_id_t split_key(const attrs_t *q)
+{
+    attr_id_t best = ATTR_COUNT;
+    size_t longest = UID_BATCH_BYTES;
+    for (size_t i = 0; i < ATTR_COUNT; i++) {
+        const char *v = q->v[i];
+        if (v && attr_info((attr_id_t)i)->kind == MATCH_UID && strlen(v) > longest) {
+            longest = strlen(v);
+            best = (attr_id_t)i;
+        }
+    }
+    return best;
+}
+
+/* The next batch of a UID list, from *pos: whole UIDs up to UID_BATCH_BYTES
+ * (at least one). Returns a malloc'd "uid1\uid2" list, or NULL when the list
+ * is used up. */
+static char *next_batch(const char *list, size_t *pos)
+{
+    size_t len = strlen(list);
+    if (*pos >= len)
+        return NULL;
+    size_t start = *pos, end = start, at = start;
+    while (at <= len) {
+        const char *sep = strchr(list + at, '\\');
+        size_t uid_end = sep ? (size_t)(sep - list) : len;
+        if (end > start && uid_end - start > UID_BATCH_BYTES)
+            break; /* this UID starts the next batch */
+        end = uid_end;
+        at = uid_end + 1;
+    }
+    *pos = end + 1; /* past the separator */
+    return sp_strndup(list + start, end - start);
 }
 
 /* Among the replicas' records for one key (all[i..] while the key is equal)
@@ -716,44 +790,101 @@ static int emit_with_patient_totals(backend_t *b, const attrs_t *patient, backen
     return rc;
 }
 
-int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
-                 backend_match_fn fn, void *ctx, bool *partial)
+/* Sorts every match of replies[0..n) by the level's unique key into a new
+ * array (*all, caller frees; entries borrow the replies), equal keys
+ * adjacent. Returns the count. */
+static size_t merge_replies(const wire_reply_t *replies, size_t n, level_t level, merged_t **all)
 {
-    view_t *v = view_acquire(b);
-    bool *target = sp_calloc(v->n + 1, sizeof *target);
-    const char *studies = attrs_get(keys, ATTR_STUDY_INSTANCE_UID);
+    size_t total = 0, k = 0;
+    for (size_t i = 0; i < n; i++)
+        total += replies[i].nmatches;
+    *all = sp_calloc(total ? total : 1, sizeof **all);
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < replies[i].nmatches; j++)
+            (*all)[k++] = (merged_t){attrs_str(&replies[i].matches[j], attr_unique_key(level)),
+                                     &replies[i].matches[j]};
+    qsort(*all, k, sizeof **all, merged_cmp);
+    return k;
+}
+
+/* Whether replies[0..n) hold more than limit distinct matches. */
+static bool over_limit(const wire_reply_t *replies, size_t n, level_t level, size_t limit)
+{
+    merged_t *all;
+    size_t k = merge_replies(replies, n, level, &all), distinct = 0;
+    for (size_t i = 0; i < k && distinct <= limit; i++)
+        distinct += i == 0 || strcmp(all[i].key, all[i - 1].key) != 0;
+    free(all);
+    return distinct > limit;
+}
+
+/* Chooses the members one request of a query goes to: the read candidates
+ * of the studies its StudyInstanceUID key names, else every reachable
+ * storage member not avoided (if all are, every reachable one anyway). */
+static void find_targets(const view_t *v, const attrs_t *q, bool *target)
+{
+    memset(target, 0, (v->n + 1) * sizeof *target);
+    const char *studies = attrs_get(q, ATTR_STUDY_INSTANCE_UID);
     size_t ntarget = 0;
     if (studies && studies[0] && !strchr(studies, '*') && !strchr(studies, '?'))
         ntarget = study_targets(v, studies, target);
     if (ntarget == 0) {
-        /* Scatter to every reachable storage member not avoided;
-         * if all are, to every reachable one anyway. */
         for (size_t i = 0; i < v->n; i++)
             ntarget += target[i] = reachable(&v->m[i]) && !is_avoided(&v->m[i]);
         if (ntarget == 0)
             for (size_t i = 0; i < v->n; i++)
                 target[i] = reachable(&v->m[i]);
     }
+}
+
+int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
+                 backend_match_fn fn, void *ctx, bool *partial)
+{
+    view_t *v = view_acquire(b);
+    bool *target = sp_calloc(v->n + 1, sizeof *target);
     /* The unique key is always needed to merge replicas' answers. */
     attrs_t q = {0};
     attrs_copy(&q, keys);
     if (attrs_get(&q, attr_unique_key(level)) == NULL)
         attrs_set(&q, attr_unique_key(level), "");
-
-    wire_reply_t *replies = sp_calloc(v->n + 1, sizeof *replies);
+    /* A long UID list goes out in batches, one request per batch; the
+     * replies of all batches are merged as one (a match found through two
+     * batches, or on two replicas, counts once). Memory: each batch brings
+     * at most limit + 1 matches per member asked, and batching stops once
+     * more than limit distinct matches arrived. */
+    attr_id_t split = split_key(&q);
+    char *whole = NULL;
+    if (split < ATTR_COUNT) {
+        whole = q.v[split];
+        q.v[split] = NULL;
+    }
+    size_t pos = 0, nrep = 0;
+    wire_reply_t *replies = NULL;
     bool part = false, truncated = false;
-    int rc =
-        find_gather(b, v, level, &q, limit ? limit + 1 : 0, target, replies, &part, &truncated);
-    size_t total = 0;
-    for (size_t i = 0; i < v->n; i++)
-        total += replies[i].nmatches;
-    merged_t *all = sp_calloc(total ? total : 1, sizeof *all);
-    size_t k = 0;
-    for (size_t i = 0; i < v->n; i++)
-        for (size_t j = 0; j < replies[i].nmatches; j++)
-            all[k++] = (merged_t){attrs_str(&replies[i].matches[j], attr_unique_key(level)),
-                                  &replies[i].matches[j]};
-    qsort(all, k, sizeof *all, merged_cmp);
+    int rc = 0;
+    for (;;) {
+        if (whole) {
+            char *batch = next_batch(whole, &pos);
+            if (batch == NULL)
+                break;
+            attrs_take(&q, split, batch);
+        }
+        find_targets(v, &q, target);
+        replies = sp_realloc(replies, (nrep + v->n + 1) * sizeof *replies);
+        memset(replies + nrep, 0, (v->n + 1) * sizeof *replies);
+        rc = find_gather(b, v, level, &q, limit ? limit + 1 : 0, target, replies + nrep, &part,
+                         &truncated);
+        nrep += v->n;
+        if (rc != 0 || whole == NULL || (limit && truncated) ||
+            (limit && over_limit(replies, nrep, level, limit)))
+            break;
+    }
+    free(whole);
+
+    merged_t *all;
+    size_t k = rc == 0 ? merge_replies(replies, nrep, level, &all) : 0;
+    if (rc != 0)
+        all = NULL;
     size_t emitted = 0;
     for (size_t i = 0; rc == 0 && i < k; i++) {
         if (i > 0 && strcmp(all[i].key, all[i - 1].key) == 0)
@@ -771,7 +902,7 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     if (rc == 0 && truncated)
         rc = SP_ELIMIT;
     free(all);
-    for (size_t i = 0; i < v->n; i++)
+    for (size_t i = 0; i < nrep; i++)
         wire_reply_free(&replies[i]);
     free(replies);
     free(target);
@@ -779,6 +910,168 @@ int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
     view_release(v);
     if (partial)
         *partial = part;
+    return rc;
+}
+
+/* ---- list --------------------------------------------------------------- */
+
+/* Instances asked for per LIST page; a node also ends a page at its byte
+ * budget (WIRE_PAGE_BYTES), so a page is at most about 512 KiB. */
+#define LIST_PAGE 4000
+
+/* One read candidate's listing while backend_list merges them. */
+typedef struct {
+    size_t member;    /* index into the view */
+    wire_reply_t rep; /* the current page */
+    size_t pos;       /* its next instance to merge */
+    char *cursor;     /* where the next page starts; NULL: no more pages */
+    bool started;     /* the first page was asked for */
+    bool failed;      /* did not answer, or refused: left out from then on */
+} lister_t;
+
+/* Whether a lister has no instance ready but more to ask for. */
+static bool lister_empty(const lister_t *l)
+{
+    return !l->failed && l->pos == l->rep.ninstances && (!l->started || l->cursor != NULL);
+}
+
+/* Asks every lister that ran out for its next page, all at once. Returns
+ * how many were asked. */
+static size_t list_refill(backend_t *b, const view_t *v, lister_t *ls, size_t n, const char *study,
+                          const char *series)
+{
+    transport_call_t *calls = sp_calloc(n + 1, sizeof *calls);
+    size_t *which = sp_calloc(n + 1, sizeof *which);
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!lister_empty(&ls[i]))
+            continue;
+        wire_request_t req = {.kind = WIRE_LIST,
+                              .study_uid = (char *)study,
+                              .series_uid = (char *)series,
+                              .cursor = ls[i].cursor,
+                              .limit = LIST_PAGE};
+        uint8_t *head;
+        size_t head_len;
+        int erc = wire_encode_request(&req, &head, &head_len);
+        SP_ASSERT(erc == 0); /* UIDs and a cursor: no size check applies */
+        which[k] = i;
+        calls[k++] = (transport_call_t){
+            .client = client_for(b, &v->m[ls[i].member]), .head = head, .head_len = head_len};
+    }
+    if (k > 0)
+        transport_call_many(calls, k, k, b->cfg.query_timeout_ms, NULL, NULL);
+    for (size_t j = 0; j < k; j++) {
+        lister_t *l = &ls[which[j]];
+        const member_t *m = &v->m[l->member];
+        char err[256];
+        int rc = calls[j].rc;
+        wire_reply_free(&l->rep);
+        l->pos = 0;
+        l->started = true;
+        free(l->cursor);
+        l->cursor = NULL;
+        if (rc == 0) {
+            rc = wire_decode_response(&calls[j].resp, &l->rep, err, sizeof err);
+            transport_response_free(&calls[j].resp);
+            if (rc == 0 && l->rep.status != 0) {
+                sp_fmt(err, sizeof err, "%s", l->rep.error ? l->rep.error : "");
+                rc = l->rep.status;
+            } else if (rc == 0 && l->rep.kind != WIRE_LIST) {
+                sp_fmt(err, sizeof err, "a %s reply", wire_kind_name(l->rep.kind));
+                rc = SP_EPROTO;
+            } else if (rc == 0 && l->rep.ninstances == 0 && l->rep.next_cursor != NULL) {
+                /* An empty page that is not the last would never end. */
+                sp_fmt(err, sizeof err, "an empty page with a cursor");
+                rc = SP_EPROTO;
+            }
+        } else {
+            sp_fmt(err, sizeof err, "%s", sp_strerror(rc));
+            if (member_failure(rc))
+                avoid_failed(b, m, rc);
+        }
+        if (rc != 0) {
+            log_warn("listing study %s on node %s failed: %s (%s)", study, m->id, err,
+                     sp_strerror(rc));
+            wire_reply_free(&l->rep);
+            l->failed = true;
+        } else {
+            l->cursor = l->rep.next_cursor;
+            l->rep.next_cursor = NULL;
+        }
+        free((void *)calls[j].head);
+    }
+    free(calls);
+    free(which);
+    return k;
+}
+
+/* Orders two listed instances of one study as a node's key order does:
+ * series UID, then SOP Instance UID (UIDs have no NUL, so strcmp on each
+ * part equals comparing the keys bytewise). */
+static int listed_cmp(const wire_instance_t *a, const wire_instance_t *b)
+{
+    int c = strcmp(a->series_uid, b->series_uid);
+    return c ? c : strcmp(a->sop_uid, b->sop_uid);
+}
+
+int backend_list(backend_t *b, const char *study_uid, const char *series_uid,
+                 backend_instance_fn fn, void *ctx, bool *partial)
+{
+    view_t *v = view_acquire(b);
+    size_t *cand = sp_calloc(v->n + 1, sizeof *cand);
+    size_t n = study_candidates(v, study_uid, cand);
+    lister_t *ls = sp_calloc(n + 1, sizeof *ls);
+    for (size_t i = 0; i < n; i++)
+        ls[i].member = cand[i];
+    free(cand);
+    /* A k-way merge of the candidates' listings, which all come in the same
+     * key order: the smallest instance at the heads is passed on once, and
+     * every head equal to it moves on. The union is what the cluster holds:
+     * a replica that missed a write (down, or the quorum reached without
+     * it) is completed by the others. Only one page per candidate is held
+     * at a time. */
+    int rc = 0;
+    for (;;) {
+        list_refill(b, v, ls, n, study_uid, series_uid);
+        const wire_instance_t *min = NULL;
+        for (size_t i = 0; i < n; i++)
+            if (!ls[i].failed && ls[i].pos < ls[i].rep.ninstances) {
+                const wire_instance_t *h = &ls[i].rep.instances[ls[i].pos];
+                if (min == NULL || listed_cmp(h, min) < 0)
+                    min = h;
+            }
+        if (min == NULL)
+            break;
+        rc = fn(ctx, min);
+        if (rc != 0)
+            break;
+        wire_instance_t key = *min; /* borrowed: the heads move below */
+        key.series_uid = sp_strdup(min->series_uid);
+        key.sop_uid = sp_strdup(min->sop_uid);
+        for (size_t i = 0; i < n; i++)
+            if (!ls[i].failed && ls[i].pos < ls[i].rep.ninstances &&
+                listed_cmp(&ls[i].rep.instances[ls[i].pos], &key) == 0)
+                ls[i].pos++;
+        free(key.series_uid);
+        free(key.sop_uid);
+    }
+    /* Complete only if some candidate went through its whole listing. */
+    size_t whole = 0, failed = 0;
+    for (size_t i = 0; i < n; i++) {
+        failed += ls[i].failed;
+        whole += !ls[i].failed && ls[i].started;
+        wire_reply_free(&ls[i].rep);
+        free(ls[i].cursor);
+    }
+    free(ls);
+    view_release(v);
+    if (partial)
+        *partial = failed > 0;
+    if (rc == 0 && whole == 0) {
+        log_warn("study %s: no replica could list it (%zu candidates)", study_uid, n);
+        rc = SP_EUNAVAIL;
+    }
     return rc;
 }
 

@@ -118,12 +118,32 @@ typedef int (*backend_match_fn)(void *ctx, const attrs_t *match);
  * study's partition when keys name StudyInstanceUID values, else scattered
  * to every reachable storage member (ALIVE, SUSPECT, JOINING, DRAINING);
  * merged without duplicates by the level's unique key, at most limit matches
- * (0 = none). Returns 0, SP_ELIMIT when the limit cut the result,
- * SP_EUNAVAIL when no member answered, or the callback's non-zero value.
+ * (0 = none). A UID list key of any length is sent in batches of at most
+ * 64 KiB of it, each to its own targets, and the answers merged as one.
+ * Returns 0, SP_ELIMIT when the limit cut the result, SP_EUNAVAIL when no
+ * member answered, SP_ETOOBIG when a key is over the wire limits even after
+ * batching (e.g. a name key over 1 KiB), SP_EINVAL when the members refused
+ * the keys as malformed, or the callback's non-zero value.
  * *partial (may be NULL) is set when some member did not answer (results may
  * then be incomplete only if every copy of some study was among them). */
 int backend_find(backend_t *b, level_t level, const attrs_t *keys, size_t limit,
                  backend_match_fn fn, void *ctx, bool *partial);
+
+/* Called for each listed instance (borrowed for the call); return non-zero
+ * to stop. */
+typedef int (*backend_instance_fn)(void *ctx, const wire_instance_t *inst);
+
+/* Lists the instances of a study, or of one of its series (series_uid not
+ * NULL), whatever their number: pages through LIST on every read candidate
+ * of the study's partition (leaving out those this router saw fail while
+ * another is up), in parallel, and merges the listings into their union,
+ * each instance once, in key order (series UID, then SOP Instance UID).
+ * Holds one page per candidate at a time. A candidate that fails part way
+ * is left out from then on (*partial, may be NULL, is set). Returns 0 when
+ * at least one candidate listed to the end, SP_EUNAVAIL when none did
+ * (nothing is complete; fn may have been called), or fn's non-zero value. */
+int backend_list(backend_t *b, const char *study_uid, const char *series_uid,
+                 backend_instance_fn fn, void *ctx, bool *partial);
 
 /* Reads one instance's Part-10 bytes from the first read candidate of its
  * study's partition that has a good copy (digest verified by the node on

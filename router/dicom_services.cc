@@ -554,6 +554,20 @@ static bool model_of(const char *uid, const char *const classes[2], dicom_model_
 
 /* Reads the level and the keys of a query/retrieve identifier, converted to
  * UTF-8. Returns 0, or a DIMSE failure status with a reason. */
+/* The value of a UID key that arrived as UN: in explicit VR a UI value over
+ * 64 KiB (a list of thousands of UIDs) cannot use the 16-bit length, so the
+ * sender encodes it as UN (PS3.5 6.2.2), whose value is the same bytes. */
+static std::string un_uid_value(DcmElement &e)
+{
+    Uint8 *bytes = NULL;
+    if (e.getLength() == 0 || e.getUint8Array(bytes).bad() || bytes == NULL)
+        return std::string();
+    std::string v((const char *)bytes, e.getLength());
+    while (!v.empty() && (v.back() == '\0' || v.back() == ' '))
+        v.pop_back();
+    return v;
+}
+
 static uint16_t parse_identifier(DcmDataset *id, dicom_model_t model, level_t *level, attrs_t *keys,
                                  std::vector<DcmTagKey> *extra, std::string &why)
 {
@@ -583,7 +597,10 @@ static uint16_t parse_identifier(DcmDataset *id, dicom_model_t model, level_t *l
                 extra->push_back(key);
             continue;
         }
-        attrs_set(keys, ai->id, element_utf8(*e, scs, &flags).c_str());
+        if (e->ident() == EVR_UN && ai->kind == MATCH_UID)
+            attrs_set(keys, ai->id, un_uid_value(*e).c_str());
+        else
+            attrs_set(keys, ai->id, element_utf8(*e, scs, &flags).c_str());
     }
     if (flags != 0)
         log_warn("dicom: query keys in character set '%s' decoded with warnings (%s)", scs.c_str(),

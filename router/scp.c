@@ -138,8 +138,15 @@ uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len)
                  scp->max_results);
         return DICOM_OUT_OF_RESOURCES;
     }
+    if (rc == SP_EINVAL) {
+        sp_fmt(comment, comment_len, "identifier refused: a key is malformed");
+        log_warn("C-FIND from %s refused: the nodes found a key malformed",
+                 dicom_find_peer(q)->calling_ae);
+        return DICOM_DATASET_MISMATCH;
+    }
     if (rc != 0) {
-        sp_fmt(comment, comment_len, "query failed: %s", sp_strerror(rc));
+        sp_fmt(comment, comment_len, "query failed: %s",
+               rc == SP_ETOOBIG ? "a key is longer than the archive accepts" : sp_strerror(rc));
         log_error("C-FIND from %s failed: %s", dicom_find_peer(q)->calling_ae, sp_strerror(rc));
         return rc > 0 ? DICOM_CANCEL : DICOM_UNABLE_TO_PROCESS;
     }
@@ -148,7 +155,13 @@ uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len)
     return DICOM_SUCCESS;
 }
 
-/* The instances a retrieve resolves to. */
+/* The instances a retrieve resolves to, with what the sub-operations need
+ * of each: its study (to find its replicas), SOP Instance UID, SOP class and
+ * transfer syntax (to pick presentation contexts). Memory: about 250 bytes
+ * per instance, so 20,000 instances take about 5 MB; it is bounded by the
+ * instances of the studies the identifier names, and has to be held whole
+ * because a retrieve announces its sub-operation count before the first
+ * C-STORE. */
 typedef struct {
     char *study;
     char *sop;
@@ -161,17 +174,28 @@ typedef struct {
     size_t n, cap;
 } retrieve_list_t;
 
-static int collect_instance(void *ctx, const attrs_t *m)
+static void retrieve_add(retrieve_list_t *l, const char *study, const char *sop,
+                         const char *sop_class, const char *ts)
 {
-    retrieve_list_t *l = ctx;
     if (l->n == l->cap) {
         l->cap = l->cap ? 2 * l->cap : 64;
         l->items = sp_realloc(l->items, l->cap * sizeof *l->items);
     }
-    l->items[l->n++] = (retrieve_item_t){sp_strdup(attrs_str(m, ATTR_STUDY_INSTANCE_UID)),
-                                         sp_strdup(attrs_str(m, ATTR_SOP_INSTANCE_UID)),
-                                         sp_strdup(attrs_str(m, ATTR_SOP_CLASS_UID)),
-                                         sp_strdup(attrs_str(m, ATTR_TRANSFER_SYNTAX_UID))};
+    l->items[l->n++] =
+        (retrieve_item_t){sp_strdup(study), sp_strdup(sop), sp_strdup(sop_class), sp_strdup(ts)};
+}
+
+static int collect_instance(void *ctx, const attrs_t *m)
+{
+    retrieve_add(ctx, attrs_str(m, ATTR_STUDY_INSTANCE_UID), attrs_str(m, ATTR_SOP_INSTANCE_UID),
+                 attrs_str(m, ATTR_SOP_CLASS_UID), attrs_str(m, ATTR_TRANSFER_SYNTAX_UID));
+    return 0;
+}
+
+static int collect_listed(void *ctx, const wire_instance_t *w)
+{
+    retrieve_add(ctx, w->study_uid, w->sop_uid, w->sop_class_uid ? w->sop_class_uid : "",
+                 w->transfer_syntax_uid ? w->transfer_syntax_uid : "");
     return 0;
 }
 
@@ -186,8 +210,45 @@ static void retrieve_list_free(retrieve_list_t *l)
     free(l->items);
 }
 
-/* Resolves a retrieve identifier to its instances with an IMAGE-level find
- * over the cluster, matching on the identifier's keys. */
+/* The studies (and series) a retrieve above IMAGE level names. */
+typedef struct {
+    char **study;
+    char **series; /* NULL entries: the whole study */
+    size_t n, cap;
+} entity_list_t;
+
+static int collect_entity(void *ctx, const attrs_t *m)
+{
+    entity_list_t *l = ctx;
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 16;
+        l->study = sp_realloc(l->study, l->cap * sizeof *l->study);
+        l->series = sp_realloc(l->series, l->cap * sizeof *l->series);
+    }
+    const char *series = attrs_get(m, ATTR_SERIES_INSTANCE_UID);
+    l->study[l->n] = sp_strdup(attrs_str(m, ATTR_STUDY_INSTANCE_UID));
+    l->series[l->n++] = series && series[0] ? sp_strdup(series) : NULL;
+    return 0;
+}
+
+static void entity_list_free(entity_list_t *l)
+{
+    for (size_t i = 0; i < l->n; i++) {
+        free(l->study[i]);
+        free(l->series[i]);
+    }
+    free(l->study);
+    free(l->series);
+}
+
+/* Resolves a retrieve identifier to its instances. IMAGE level: an
+ * IMAGE-level find on the identifier's keys (the SOP Instance UID list, in
+ * batches however long it is). Above it, the studies or series the
+ * identifier names are found first (a STUDY-level find on the patient keys
+ * for PATIENT, a find at the identifier's level for STUDY and SERIES, so its
+ * keys match as before), then each is listed in pages from its replicas
+ * (backend_list): a find would stop at the nodes' max_results, a listing
+ * never does, so a study of any size is retrieved whole. */
 static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *out, char *comment,
                             size_t comment_len)
 {
@@ -203,15 +264,40 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
     for (size_t i = 0; i < ATTR_STORED_COUNT; i++)
         if (id->v[i] && id->v[i][0] && attr_info((attr_id_t)i)->level <= level)
             attrs_set(&keys, (attr_id_t)i, id->v[i]);
-    static const attr_id_t wanted[] = {ATTR_STUDY_INSTANCE_UID, ATTR_SOP_INSTANCE_UID,
-                                       ATTR_SOP_CLASS_UID, ATTR_TRANSFER_SYNTAX_UID};
-    for (size_t i = 0; i < SP_ARRAY_LEN(wanted); i++)
-        if (attrs_get(&keys, wanted[i]) == NULL)
-            attrs_set(&keys, wanted[i], "");
-    int rc = backend_find(scp->backend, LEVEL_IMAGE, &keys, 0, collect_instance, out, NULL);
+    int rc;
+    if (level == LEVEL_IMAGE) {
+        static const attr_id_t wanted[] = {ATTR_STUDY_INSTANCE_UID, ATTR_SOP_INSTANCE_UID,
+                                           ATTR_SOP_CLASS_UID, ATTR_TRANSFER_SYNTAX_UID};
+        for (size_t i = 0; i < SP_ARRAY_LEN(wanted); i++)
+            if (attrs_get(&keys, wanted[i]) == NULL)
+                attrs_set(&keys, wanted[i], "");
+        rc = backend_find(scp->backend, LEVEL_IMAGE, &keys, 0, collect_instance, out, NULL);
+        attrs_clear(&keys);
+        if (rc != 0)
+            sp_fmt(comment, comment_len, "cannot list the instances: %s", sp_strerror(rc));
+        return rc;
+    }
+    level_t find_level = level == LEVEL_PATIENT ? LEVEL_STUDY : level;
+    if (attrs_get(&keys, ATTR_STUDY_INSTANCE_UID) == NULL)
+        attrs_set(&keys, ATTR_STUDY_INSTANCE_UID, "");
+    entity_list_t ents = {0};
+    rc = backend_find(scp->backend, find_level, &keys, 0, collect_entity, &ents, NULL);
     attrs_clear(&keys);
     if (rc != 0)
-        sp_fmt(comment, comment_len, "cannot list the instances: %s", sp_strerror(rc));
+        sp_fmt(comment, comment_len, "cannot find the %s: %s",
+               find_level == LEVEL_SERIES ? "series" : "studies", sp_strerror(rc));
+    for (size_t i = 0; rc == 0 && i < ents.n; i++) {
+        bool partial = false;
+        rc = backend_list(scp->backend, ents.study[i], ents.series[i], collect_listed, out,
+                          &partial);
+        if (rc != 0)
+            sp_fmt(comment, comment_len, "cannot list study %s: %s", ents.study[i],
+                   sp_strerror(rc));
+        else if (partial)
+            log_warn("retrieve for %s: study %s listed without every replica",
+                     dicom_retrieve_peer(r)->calling_ae, ents.study[i]);
+    }
+    entity_list_free(&ents);
     return rc;
 }
 

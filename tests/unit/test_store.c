@@ -296,7 +296,7 @@ static void test_wrong_digest_refused(void **state)
     store_object_t o;
     assert_int_equal(store_get(fx->s, in.sop, &o), SP_ENOTFOUND);
     int n = 0;
-    assert_int_equal(store_list(fx->s, in.study, NULL, count_entry, &n), 0);
+    assert_int_equal(store_list(fx->s, in.study, NULL, NULL, 0, count_entry, &n, NULL), 0);
     assert_int_equal(n, 0);
     store_stats_t st = stats(fx->s);
     assert_int_equal(st.instances, 0);
@@ -341,8 +341,8 @@ static void test_bad_input_refused(void **state)
     assert_int_equal(store_get(fx->s, "1.2.3.1.1", &o), SP_ENOTFOUND);
     assert_int_equal(store_get(fx->s, "1..2", &o), SP_EINVAL);
     int n = 0;
-    assert_int_equal(store_list(fx->s, "x", NULL, count_entry, &n), SP_EINVAL);
-    assert_int_equal(store_list(fx->s, "1.2.3", "1.02", count_entry, &n), SP_EINVAL);
+    assert_int_equal(store_list(fx->s, "x", NULL, NULL, 0, count_entry, &n, NULL), SP_EINVAL);
+    assert_int_equal(store_list(fx->s, "1.2.3", "1.02", NULL, 0, count_entry, &n, NULL), SP_EINVAL);
 }
 
 static void test_study_in_other_partition_refused(void **state)
@@ -586,7 +586,7 @@ static void test_list_study_and_series(void **state)
     put_ok(fx->s, &other, 10, 99);
 
     listing_t l = {0};
-    assert_int_equal(store_list(fx->s, "1.2.3", NULL, list_entry, &l), 0);
+    assert_int_equal(store_list(fx->s, "1.2.3", NULL, NULL, 0, list_entry, &l, NULL), 0);
     assert_int_equal(l.n, 5);
     for (int i = 1; i < l.n; i++) { /* key order: series, then SOP, bytewise */
         int c = strcmp(l.series[i - 1], l.series[i]);
@@ -598,7 +598,7 @@ static void test_list_study_and_series(void **state)
     assert_int_equal(total, 100 + 101 + 102 + 103 + 104);
 
     memset(&l, 0, sizeof l);
-    assert_int_equal(store_list(fx->s, "1.2.3", "1.2.3.1", list_entry, &l), 0);
+    assert_int_equal(store_list(fx->s, "1.2.3", "1.2.3.1", NULL, 0, list_entry, &l, NULL), 0);
     assert_int_equal(l.n, 3);
     assert_string_equal(l.sop[0], "1.2.3.1.1");
     assert_string_equal(l.sop[1], "1.2.3.1.10");
@@ -606,13 +606,13 @@ static void test_list_study_and_series(void **state)
 
     memset(&l, 0, sizeof l);
     l.stop_after = 2;
-    assert_int_equal(store_list(fx->s, "1.2.3", NULL, list_entry, &l), 0);
+    assert_int_equal(store_list(fx->s, "1.2.3", NULL, NULL, 0, list_entry, &l, NULL), 0);
     assert_int_equal(l.n, 2);
 
     int n = 0;
-    assert_int_equal(store_list(fx->s, "1.2.4", NULL, count_entry, &n), 0);
+    assert_int_equal(store_list(fx->s, "1.2.4", NULL, NULL, 0, count_entry, &n, NULL), 0);
     assert_int_equal(n, 0);
-    assert_int_equal(store_list(fx->s, "1.2.3", "1.2.3.9", count_entry, &n), 0);
+    assert_int_equal(store_list(fx->s, "1.2.3", "1.2.3.9", NULL, 0, count_entry, &n, NULL), 0);
     assert_int_equal(n, 0);
 }
 
@@ -1312,6 +1312,115 @@ static void test_partition_list_paging(void **state)
     assert_int_equal(store_partition_list(fx->s, 65536, NULL, 5, page_entry, &q, &next), SP_EINVAL);
 }
 
+/* Pages through a study or series listing with store_list() at `limit`
+ * per page; returns the number of pages. */
+static int list_all_pages(store_t *s, const char *study, const char *series, size_t limit,
+                          pages_t *p)
+{
+    char *cursor = NULL;
+    int pages = 0;
+    do {
+        char *next = NULL;
+        int before = p->n;
+        assert_int_equal(store_list(s, study, series, cursor, limit, page_entry, p, &next), 0);
+        assert_true((size_t)(p->n - before) <= limit);
+        free(cursor);
+        cursor = next;
+        pages++;
+        assert_true(pages < 40);
+    } while (cursor);
+    return pages;
+}
+
+/* store_list pages like store_partition_list: limit per page, a cursor that
+ * resumes after the last entry, confined to the study (or series) even when
+ * other studies share the partition and a study UID is a prefix of another. */
+static void test_list_paging(void **state)
+{
+    fixture_t *fx = *state;
+    for (int i = 0; i < 30; i++) {
+        char series[48], sop[64];
+        snprintf(series, sizeof series, "1.2.5.%d", 1 + i % 2);
+        snprintf(sop, sizeof sop, "%s.%d", series, i);
+        inst_t in = simple(42, "1.2.5", series, sop);
+        put_ok(fx->s, &in, 20, (uint32_t)i);
+    }
+    inst_t prefix = simple(42, "1.2.50", "1.2.50.1", "1.2.50.1.1");
+    put_ok(fx->s, &prefix, 20, 90);
+    inst_t other = simple(42, "1.2.4", "1.2.4.1", "1.2.4.1.1");
+    put_ok(fx->s, &other, 20, 91);
+
+    /* The whole study, 7 per page: each instance once, in key order. */
+    pages_t p = {0};
+    assert_int_equal(list_all_pages(fx->s, "1.2.5", NULL, 7, &p), 5);
+    assert_int_equal(p.n, 30);
+    pages_t all = {0};
+    assert_int_equal(store_list(fx->s, "1.2.5", NULL, NULL, 0, page_entry, &all, NULL), 0);
+    assert_int_equal(all.n, 30);
+    for (int i = 0; i < 30; i++)
+        assert_string_equal(p.seen[i], all.seen[i]);
+    /* A limit equal to the count, and no limit: one page, no cursor back. */
+    memset(&p, 0, sizeof p);
+    assert_int_equal(list_all_pages(fx->s, "1.2.5", NULL, 30, &p), 1);
+    assert_int_equal(p.n, 30);
+
+    /* One series, 4 per page: only its 15 instances. */
+    memset(&p, 0, sizeof p);
+    assert_int_equal(list_all_pages(fx->s, "1.2.5", "1.2.5.2", 4, &p), 4);
+    assert_int_equal(p.n, 15);
+    for (int i = 0; i < p.n; i++)
+        assert_memory_equal(p.seen[i], "1.2.5.2.", 8);
+
+    /* Stopping in the callback resumes after the entry it stopped on. */
+    memset(&p, 0, sizeof p);
+    p.stop_at = 3;
+    char *next = NULL, *last = NULL;
+    assert_int_equal(store_list(fx->s, "1.2.5", NULL, NULL, 0, page_entry, &p, &next), 0);
+    assert_int_equal(p.n, 3);
+    assert_non_null(next);
+    p.stop_at = 0;
+    assert_int_equal(store_list(fx->s, "1.2.5", NULL, next, 0, page_entry, &p, &last), 0);
+    assert_int_equal(p.n, 30);
+    assert_null(last);
+
+    /* An instance stored after the cursor, between two pages, shows up; the
+     * cursor's own instance need not exist. */
+    memset(&p, 0, sizeof p);
+    free(next);
+    assert_int_equal(store_list(fx->s, "1.2.5", NULL, NULL, 10, page_entry, &p, &next), 0);
+    inst_t late = simple(42, "1.2.5", "1.2.5.2", "1.2.5.2.99");
+    put_ok(fx->s, &late, 20, 92);
+    assert_int_equal(store_list(fx->s, "1.2.5", NULL, next, 0, page_entry, &p, &last), 0);
+    assert_int_equal(p.n, 31);
+    free(next);
+    memset(&p, 0, sizeof p);
+    assert_int_equal(
+        store_list(fx->s, "1.2.5", NULL, "1.2.5/1.2.5.1/1.2.5.1.9999", 0, page_entry, &p, &next),
+        0);
+    assert_int_equal(p.n, 16); /* series 2 (now 16): everything after series 1's keys */
+    assert_null(next);
+
+    /* Cursors outside the listing, or malformed, are refused. */
+    assert_int_equal(
+        store_list(fx->s, "1.2.5", NULL, "1.2.4/1.2.4.1/1.2.4.1.1", 5, page_entry, &p, &next),
+        SP_EINVAL);
+    assert_int_equal(
+        store_list(fx->s, "1.2.5", NULL, "1.2.50/1.2.50.1/1.2.50.1.1", 5, page_entry, &p, &next),
+        SP_EINVAL);
+    assert_int_equal(
+        store_list(fx->s, "1.2.5", "1.2.5.2", "1.2.5/1.2.5.1/1.2.5.1.1", 5, page_entry, &p, &next),
+        SP_EINVAL);
+    assert_int_equal(store_list(fx->s, "1.2.5", NULL, "1.2.5/1.2.5.1", 5, page_entry, &p, &next),
+                     SP_EINVAL);
+    assert_null(next);
+    /* A study this store does not hold: nothing, no cursor. */
+    memset(&p, 0, sizeof p);
+    next = (char *)"x";
+    assert_int_equal(store_list(fx->s, "1.2.77", NULL, NULL, 5, page_entry, &p, &next), 0);
+    assert_int_equal(p.n, 0);
+    assert_null(next);
+}
+
 /* ---- persistence ------------------------------------------------------ */
 
 static void test_persistence_across_reopen(void **state)
@@ -1435,7 +1544,7 @@ static void test_concurrent_puts(void **state)
     assert_int_equal(st.studies, THREADS + 2);
     assert_int_equal(st.conflicts, THREADS - 1);
     int n = 0;
-    assert_int_equal(store_list(fx->s, "1.2.9.1", NULL, count_entry, &n), 0);
+    assert_int_equal(store_list(fx->s, "1.2.9.1", NULL, NULL, 0, count_entry, &n, NULL), 0);
     assert_int_equal(n, THREADS * OWN_PUTS / 2 + SHARED_PUTS);
 
     /* The stored race copy is one of the candidates, intact. */
@@ -1615,7 +1724,7 @@ static void check_finds_without_7(store_t *s)
     EXPECT(s, ATTR_SOP_INSTANCE_UID, "1.2.3.4.1.1",
            {LEVEL_IMAGE, 0, {"SOPInstanceUID", "1.2.3.1.1.1\\1.2.3.4.1.1"}});
     int n = 0;
-    assert_int_equal(store_list(s, "1.2.3.1", NULL, count_entry, &n), 0);
+    assert_int_equal(store_list(s, "1.2.3.1", NULL, NULL, 0, count_entry, &n, NULL), 0);
     assert_int_equal(n, 0);
 }
 
@@ -2896,7 +3005,7 @@ static void test_policy_keep_newest(void **state)
     /* Listings carry the version (the healer compares them). */
     store_entry_t e;
     memset(&e, 0, sizeof e);
-    assert_int_equal(store_list(fx->s, "1.2.3", NULL, first_entry, &e), 0);
+    assert_int_equal(store_list(fx->s, "1.2.3", NULL, NULL, 0, first_entry, &e, NULL), 0);
     assert_int_equal(e.version, 500);
     assert_int_equal(e.policy, P);
     assert_int_equal(e.size, vlen(5));
@@ -3155,6 +3264,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_find_limit_and_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_partition_digest, setup, teardown),
         cmocka_unit_test_setup_teardown(test_partition_list_paging, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_list_paging, setup, teardown),
         cmocka_unit_test_setup_teardown(test_persistence_across_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_puts, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_partition, setup, teardown),

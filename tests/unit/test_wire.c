@@ -66,17 +66,200 @@ static void test_find_reply_round_trip(void **state)
         attrs_set(m, ATTR_NUM_STUDY_INSTANCES, "12");
         attrs_set(m, ATTR_MODALITIES_IN_STUDY, "CT\\MR");
     }
-    uint8_t *buf;
-    size_t len;
-    assert_int_equal(wire_encode_reply(&in, &buf, &len), 0);
+    transport_response_t resp = {0};
+    assert_int_equal(wire_encode_reply(&in, &resp.head, &resp.head_len), 0);
+    assert_int_equal(wire_encode_find_body(&in, &resp.body, &resp.body_len), 0);
     char err[256];
-    assert_int_equal(wire_decode_reply(buf, len, &out, err, sizeof err), 0);
+    /* The head alone announces the matches but holds none. */
+    assert_int_equal(wire_decode_reply(resp.head, resp.head_len, &out, err, sizeof err), 0);
+    assert_int_equal(out.body_matches, 50);
+    assert_int_equal(out.nmatches, 0);
+    wire_reply_free(&out);
+    assert_int_equal(wire_decode_response(&resp, &out, err, sizeof err), 0);
     assert_int_equal(out.nmatches, 50);
     assert_true(out.truncated);
     assert_string_equal(attrs_get(&out.matches[49], ATTR_MODALITIES_IN_STUDY), "CT\\MR");
-    free(buf);
-    wire_reply_free(&in);
     wire_reply_free(&out);
+    /* A body holding fewer matches than the head says is refused. */
+    in.nmatches = 49;
+    transport_response_t short_body = {.head = resp.head, .head_len = resp.head_len};
+    wire_encode_find_body(&in, &short_body.body, &short_body.body_len);
+    in.nmatches = 50;
+    assert_int_equal(wire_decode_response(&short_body, &out, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "49"));
+    free(short_body.body);
+    /* No body at all, and a body that is not a message, are refused too. */
+    transport_response_t no_body = {.head = resp.head, .head_len = resp.head_len};
+    assert_int_equal(wire_decode_response(&no_body, &out, err, sizeof err), SP_EPROTO);
+    uint8_t junk[] = {0xff, 0xff, 0xff};
+    transport_response_t bad = {
+        .head = resp.head, .head_len = resp.head_len, .body = junk, .body_len = sizeof junk};
+    assert_int_equal(wire_decode_response(&bad, &out, err, sizeof err), SP_EPROTO);
+    transport_response_free(&resp);
+    wire_reply_free(&in);
+}
+
+/* A FIND reply of more matches than one frame holds: the head stays a few
+ * bytes whatever the count, the body carries them all. */
+static void test_find_reply_over_a_frame(void **state)
+{
+    (void)state;
+    wire_reply_t in = {.kind = WIRE_FIND}, out;
+    char sop[80];
+    for (int i = 0; i < 20000; i++) {
+        attrs_t *m = wire_reply_add_match(&in);
+        snprintf(sop, sizeof sop, "%s.%d", SERIES, i + 1);
+        attrs_set(m, ATTR_PATIENT_ID, "PID-0001");
+        attrs_set(m, ATTR_STUDY_INSTANCE_UID, STUDY);
+        attrs_set(m, ATTR_SERIES_INSTANCE_UID, SERIES);
+        attrs_set(m, ATTR_SOP_INSTANCE_UID, sop);
+    }
+    transport_response_t resp = {0};
+    assert_int_equal(wire_encode_reply(&in, &resp.head, &resp.head_len), 0);
+    assert_int_equal(wire_encode_find_body(&in, &resp.body, &resp.body_len), 0);
+    assert_true(resp.head_len < 64);
+    assert_true(resp.body_len > (1u << 20) + 65536);
+    char err[256];
+    assert_int_equal(wire_decode_response(&resp, &out, err, sizeof err), 0);
+    assert_int_equal(out.nmatches, 20000);
+    snprintf(sop, sizeof sop, "%s.%d", SERIES, 20000);
+    assert_string_equal(attrs_get(&out.matches[19999], ATTR_SOP_INSTANCE_UID), sop);
+    wire_reply_free(&out);
+    transport_response_free(&resp);
+    wire_reply_free(&in);
+}
+
+/* LIST carries a cursor and a limit, its reply a next cursor; and
+ * wire_instance_size() adds up to exactly the encoded reply (beyond the
+ * cursor), which is what keeps a node's pages inside its byte budget. */
+static void test_list_pages_round_trip(void **state)
+{
+    (void)state;
+    wire_request_t rq = {.kind = WIRE_LIST,
+                         .study_uid = STUDY,
+                         .series_uid = SERIES,
+                         .cursor = STUDY "/" SERIES "/" SOP,
+                         .limit = 250},
+                   rout;
+    uint8_t *buf;
+    size_t len;
+    char err[256];
+    assert_int_equal(wire_encode_request(&rq, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &rout, err, sizeof err), 0);
+    assert_string_equal(rout.cursor, STUDY "/" SERIES "/" SOP);
+    assert_int_equal(rout.limit, 250);
+    assert_string_equal(rout.series_uid, SERIES);
+    free(buf);
+    wire_request_free(&rout);
+    /* Without a cursor: from the start. */
+    rq.cursor = NULL;
+    rq.series_uid = NULL;
+    wire_encode_request(&rq, &buf, &len);
+    assert_int_equal(wire_decode_request(buf, len, &rout, err, sizeof err), 0);
+    assert_null(rout.cursor);
+    assert_null(rout.series_uid);
+    free(buf);
+    wire_request_free(&rout);
+    /* A cursor longer than three UIDs is refused. */
+    char *long_cursor = malloc(400);
+    memset(long_cursor, '1', 399);
+    long_cursor[399] = '\0';
+    rq.cursor = long_cursor;
+    wire_encode_request(&rq, &buf, &len);
+    assert_int_equal(wire_decode_request(buf, len, &rout, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "cursor"));
+    free(buf);
+    free(long_cursor);
+
+    wire_reply_t in = {.kind = WIRE_LIST}, out;
+    size_t sum = 0;
+    char sop[80];
+    for (int i = 0; i < 300; i++) {
+        wire_instance_t *w = wire_reply_add_instance(&in);
+        snprintf(sop, sizeof sop, "%s.%d", SERIES, i * 7919 + 1);
+        w->partition = 4095;
+        w->study_uid = strdup(STUDY);
+        w->series_uid = strdup(SERIES);
+        w->sop_uid = strdup(sop);
+        w->sop_class_uid = strdup("1.2.840.10008.5.1.4.1.1.2");
+        w->transfer_syntax_uid = strdup("1.2.840.10008.1.2.1");
+        w->size = (uint64_t)i * 100000;
+        w->version = i ? 1700000000000ull + (uint64_t)i : 0;
+        w->policy = i ? WIRE_POLICY_REJECT : WIRE_POLICY_UNSET;
+        sum += wire_instance_size(w);
+    }
+    wire_encode_reply(&in, &buf, &len);
+    /* No cursor, status 0, no error: beyond the instances only the list's
+     * own tag and length within the reply. */
+    assert_true(len >= sum && len - sum <= 6);
+    free(buf);
+    in.next_cursor = strdup(STUDY "/" SERIES "/" SOP);
+    wire_encode_reply(&in, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &out, err, sizeof err), 0);
+    assert_int_equal(out.kind, WIRE_LIST);
+    assert_int_equal(out.ninstances, 300);
+    assert_string_equal(out.instances[299].sop_uid, sop);
+    assert_string_equal(out.next_cursor, STUDY "/" SERIES "/" SOP);
+    free(buf);
+    wire_reply_free(&out);
+    wire_reply_free(&in);
+}
+
+/* Builds a backslash-separated list of n distinct SOP Instance UIDs. */
+static char *uid_list(int n)
+{
+    size_t cap = (size_t)n * 40 + 1, off = 0;
+    char *v = malloc(cap);
+    for (int i = 0; i < n; i++)
+        off += (size_t)snprintf(v + off, cap - off, "%s%s.%d", i ? "\\" : "", SERIES, i + 1);
+    return v;
+}
+
+/* A C-FIND UID key may list thousands of UIDs (up to WIRE_MAX_UID_LIST
+ * bytes); other keys stay at WIRE_MAX_VALUE. The encoder refuses what the
+ * decoder would, as SP_ETOOBIG, so a sender never mistakes it for nodes
+ * refusing. */
+static void test_find_uid_lists(void **state)
+{
+    (void)state;
+    wire_request_t in = {.kind = WIRE_FIND, .level = LEVEL_IMAGE}, out;
+    uint8_t *buf;
+    size_t len;
+    char err[256];
+    char *list = uid_list(5000); /* about 170 KB */
+    assert_true(strlen(list) > 100 * 1024 && strlen(list) <= WIRE_MAX_UID_LIST);
+    attrs_take(&in.attrs, ATTR_SOP_INSTANCE_UID, list);
+    attrs_set(&in.attrs, ATTR_STUDY_INSTANCE_UID, STUDY);
+    assert_int_equal(wire_encode_request(&in, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &out, err, sizeof err), 0);
+    assert_string_equal(attrs_get(&out.attrs, ATTR_SOP_INSTANCE_UID),
+                        attrs_get(&in.attrs, ATTR_SOP_INSTANCE_UID));
+    free(buf);
+    wire_request_free(&out);
+    /* Over the bound: refused by the encoder, nothing to free. */
+    attrs_take(&in.attrs, ATTR_SOP_INSTANCE_UID, uid_list(8000));
+    assert_true(strlen(attrs_get(&in.attrs, ATTR_SOP_INSTANCE_UID)) > WIRE_MAX_UID_LIST);
+    buf = NULL;
+    assert_int_equal(wire_encode_request(&in, &buf, &len), SP_ETOOBIG);
+    assert_null(buf);
+    /* A list is allowed only for UID keys: a long name key is refused. */
+    attrs_set(&in.attrs, ATTR_SOP_INSTANCE_UID, SOP);
+    char *name = malloc(WIRE_MAX_VALUE + 2);
+    memset(name, 'A', WIRE_MAX_VALUE + 1);
+    name[WIRE_MAX_VALUE + 1] = '\0';
+    attrs_take(&in.attrs, ATTR_PATIENT_NAME, name);
+    assert_int_equal(wire_encode_request(&in, &buf, &len), SP_ETOOBIG);
+    /* A stored UID (a PUT's attrs) is still one value of at most
+     * WIRE_MAX_VALUE bytes: the decoder refuses a list there. */
+    wire_request_t put;
+    fill_put(&put);
+    attrs_take(&put.attrs, ATTR_SOP_CLASS_UID, uid_list(100));
+    wire_encode_request(&put, &buf, &len);
+    assert_int_equal(wire_decode_request(buf, len, &out, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "SOPClassUID"));
+    free(buf);
+    wire_request_free(&put);
+    wire_request_free(&in);
 }
 
 static void test_list_and_error_replies(void **state)
@@ -1206,6 +1389,9 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_put_round_trip),
         cmocka_unit_test(test_find_reply_round_trip),
+        cmocka_unit_test(test_find_reply_over_a_frame),
+        cmocka_unit_test(test_list_pages_round_trip),
+        cmocka_unit_test(test_find_uid_lists),
         cmocka_unit_test(test_list_and_error_replies),
         cmocka_unit_test(test_truncated_buffers),
         cmocka_unit_test(test_random_buffers),
