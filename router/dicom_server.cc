@@ -741,11 +741,13 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
             srv->cfg.receive_wait_s = d.receive_wait_s;
         if (srv->cfg.max_depth <= 0)
             srv->cfg.max_depth = d.max_depth;
-        if (srv->cfg.receive_memory < srv->cfg.max_object_size + PART10_HEADER_MAX ||
-            srv->cfg.receive_memory < srv->cfg.max_identifier_size) {
+        /* One receive may always fit: an identifier is cut to the budget. */
+        if (srv->cfg.max_identifier_size > srv->cfg.receive_memory)
+            srv->cfg.max_identifier_size = srv->cfg.receive_memory;
+        if (srv->cfg.receive_memory < srv->cfg.max_object_size + PART10_HEADER_MAX) {
             sp_fmt(err, errlen,
                    "receive_memory (%zu bytes) is smaller than one object (max_object_size %zu "
-                   "bytes) or identifier",
+                   "bytes and its Part-10 header)",
                    srv->cfg.receive_memory, srv->cfg.max_object_size);
             server_free(srv);
             return SP_ECONFIG;

@@ -160,8 +160,11 @@ static void rx_init(dicom_rx &rx, dicom_server *srv, const char *ts, size_t head
     rx.what = what;
     dsscan_limits_t lim = dsscan_limits_default();
     lim.max_depth = (uint32_t)srv->cfg.max_depth;
-    lim.max_bytes = max_len;
-    rx.scan = dsscan_new(dsscan_syntax_of(ts), &lim);
+    /* The bytes received are bounded here (rx_append, with its own message);
+     * the pre-scan bounds what a deflated data set inflates to. */
+    dsscan_syntax_t syntax = dsscan_syntax_of(ts);
+    lim.max_bytes = syntax == DSSCAN_DEFLATED_LE ? max_len : 0;
+    rx.scan = dsscan_new(syntax, &lim);
 }
 
 static void rx_clear(dicom_rx &rx)

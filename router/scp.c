@@ -41,7 +41,7 @@ uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment
     for (size_t i = 0; i < SP_ARRAY_LEN(uids); i++) {
         const char *v = attrs_str(a, uids[i]);
         if (!sp_uid_valid(v)) {
-            sp_fmt(comment, comment_len, "%s '%.64s' is not a valid UID",
+            sp_fmt(comment, comment_len, "%s is not a valid UID: '%.64s'",
                    attr_info(uids[i])->keyword, v);
             return DICOM_CANNOT_UNDERSTAND;
         }
