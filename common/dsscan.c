@@ -79,6 +79,21 @@ struct dsscan {
     uint8_t *zbuf;
 };
 
+uint64_t dsscan_declared_end(const dsscan_t *s)
+{
+    if (s->syntax == DSSCAN_DEFLATED_LE)
+        return s->z_in;
+    uint64_t end = s->off;
+    if (s->state == STATE_SKIP && s->off + s->skip > end)
+        end = s->off + s->skip;
+    if (s->state == STATE_PEEK && s->vend > end)
+        end = s->vend;
+    for (size_t i = 0; i < s->nframes; i++)
+        if (s->stack[i].end != NO_END && s->stack[i].end > end)
+            end = s->stack[i].end;
+    return end;
+}
+
 dsscan_limits_t dsscan_limits_default(void)
 {
     dsscan_limits_t lim = {

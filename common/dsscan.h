@@ -89,6 +89,13 @@ dsscan_t *dsscan_new(dsscan_syntax_t syntax, const dsscan_limits_t *lim);
  * the same code without reading; dsscan_finish() gives the reason. */
 int dsscan_feed(dsscan_t *s, const uint8_t *p, size_t n);
 
+/* How long the data set is known to be so far: the furthest end that an
+ * element or container already read declares (e.g. the end of a Pixel Data
+ * value whose header has arrived), at least the bytes fed. Lets a receiver
+ * size its buffer once instead of growing it. The deflated syntax declares
+ * nothing about its compressed size: the bytes fed. */
+uint64_t dsscan_declared_end(const dsscan_t *s);
+
 /* Ends the scan: checks that the data ended at an element boundary with
  * every sequence and item closed (and the deflate stream complete). Returns
  * 0 when the data set may be parsed, or the first failure's code with its

@@ -259,6 +259,44 @@ static void test_flat(void **state)
     assert_int_equal(dsscan_check(NULL, 0, DSSCAN_EXPLICIT_LE, NULL, NULL, 0), 0);
 }
 
+/* The declared end: as soon as a value's header has arrived, the scanner
+ * knows how far the data set reaches at least (a receiver sizes its buffer
+ * once); an undefined-length container declares nothing beyond the bytes
+ * fed; it never goes backwards. */
+static void test_declared_end(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < SP_ARRAY_LEN(plain); i++) {
+        buf_t b = {0};
+        el(&b, plain[i], 0x0010, 0x0010, "PN", "Doe^John");
+        size_t before_pixels = b.n;
+        hdr(&b, plain[i], 0x7FE0, 0x0010, "OW", 1 << 20);
+        size_t header_end = b.n;
+        dsscan_t *s = dsscan_new(plain[i], NULL);
+        assert_int_equal(dsscan_feed(s, b.p, before_pixels), 0);
+        assert_int_equal(dsscan_declared_end(s), before_pixels);
+        assert_int_equal(dsscan_feed(s, b.p + before_pixels, header_end - before_pixels), 0);
+        assert_int_equal(dsscan_declared_end(s), header_end + (1u << 20));
+        uint8_t *zero = calloc(1, 4096);
+        assert_int_equal(dsscan_feed(s, zero, 4096), 0);
+        assert_int_equal(dsscan_declared_end(s), header_end + (1u << 20));
+        free(zero);
+        dsscan_destroy(&s);
+        free(b.p);
+
+        /* encapsulated: each fragment's header declares only itself */
+        buf_t e = {0};
+        hdr(&e, plain[i], 0x7FE0, 0x0010, "OB", UNDEF);
+        ITEM(&e, plain[i], 0);
+        ITEM(&e, plain[i], 100);
+        s = dsscan_new(plain[i], NULL);
+        assert_int_equal(dsscan_feed(s, e.p, e.n), 0);
+        assert_int_equal(dsscan_declared_end(s), e.n + 100);
+        dsscan_destroy(&s);
+        free(e.p);
+    }
+}
+
 static void test_rich_nested(void **state)
 {
     (void)state;
@@ -761,17 +799,12 @@ static void test_pydicom_files(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_flat),
-        cmocka_unit_test(test_rich_nested),
-        cmocka_unit_test(test_un_and_implicit_sequences),
-        cmocka_unit_test(test_depth_limit),
-        cmocka_unit_test(test_deep_nesting_refused),
-        cmocka_unit_test(test_truncations),
-        cmocka_unit_test(test_mutations_agree),
-        cmocka_unit_test(test_malformed),
-        cmocka_unit_test(test_counts_and_bytes),
-        cmocka_unit_test(test_deflated),
-        cmocka_unit_test(test_deflate_bomb),
+        cmocka_unit_test(test_flat),          cmocka_unit_test(test_declared_end),
+        cmocka_unit_test(test_rich_nested),   cmocka_unit_test(test_un_and_implicit_sequences),
+        cmocka_unit_test(test_depth_limit),   cmocka_unit_test(test_deep_nesting_refused),
+        cmocka_unit_test(test_truncations),   cmocka_unit_test(test_mutations_agree),
+        cmocka_unit_test(test_malformed),     cmocka_unit_test(test_counts_and_bytes),
+        cmocka_unit_test(test_deflated),      cmocka_unit_test(test_deflate_bomb),
         cmocka_unit_test(test_pydicom_files),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
