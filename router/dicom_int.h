@@ -62,7 +62,10 @@ struct RxBudget {
     std::mutex mu;
     std::condition_variable cv;
     size_t limit = 0;
-    size_t used = 0;
+    size_t used = 0;      /* reserved by receives and by buffers handed on */
+    size_t receiving = 0; /* receives holding a reservation */
+    size_t stalled = 0;   /* of those, the ones waiting for more */
+    size_t handed_on = 0; /* bytes of buffers a store handler took: freed in time */
 };
 
 class GateConnection;

@@ -110,25 +110,55 @@ struct dicom_rx {
     uint16_t too_big_status = DICOM_CANNOT_UNDERSTAND;
 };
 
-/* Reserves n bytes of receive memory, waiting up to receive_wait_s for
- * other receives to free theirs. */
-static bool rx_budget_take(RxBudget &b, size_t n, int wait_s)
+/* True when no reservation can come free: every receive holding memory is
+ * waiting for more, and no buffer handed on to the cluster is on its way
+ * out. Waiting on would only end at receive_wait. */
+static bool rx_budget_stuck(const RxBudget &b)
+{
+    return b.handed_on == 0 && b.stalled >= b.receiving;
+}
+
+/* Reserves n more bytes of receive memory for a receive that holds `held`
+ * already, waiting up to receive_wait_s for other receives or sent objects
+ * to free theirs. Gives up at once when nothing can come free (receives
+ * that grow step by step could otherwise hold the whole budget between
+ * them, each waiting for the others); the receive that gives up frees what
+ * it holds, so the others go on. */
+enum { RX_TAKEN, RX_TIMED_OUT, RX_STUCK };
+
+static int rx_budget_take(RxBudget &b, size_t held, size_t n, int wait_s)
 {
     std::unique_lock<std::mutex> lk(b.mu);
     auto fits = [&b, n] { return b.used + n <= b.limit; };
-    if (!fits() && !b.cv.wait_for(lk, std::chrono::seconds(wait_s), fits))
-        return false;
+    if (!fits()) {
+        if (held > 0)
+            b.stalled++;
+        b.cv.wait_for(lk, std::chrono::seconds(wait_s),
+                      [&] { return fits() || rx_budget_stuck(b); });
+        bool stuck = !fits() && rx_budget_stuck(b);
+        if (held > 0)
+            b.stalled--;
+        if (!fits())
+            return stuck ? RX_STUCK : RX_TIMED_OUT;
+    }
+    if (held == 0)
+        b.receiving++;
     b.used += n;
-    return true;
+    return RX_TAKEN;
 }
 
-static void rx_budget_give(RxBudget &b, size_t n)
+/* Gives back n bytes; `all` when the receive holds nothing any more. */
+static void rx_budget_give(RxBudget &b, size_t n, bool all)
 {
     if (n == 0)
         return;
     std::lock_guard<std::mutex> lk(b.mu);
     SP_ASSERT(b.used >= n);
     b.used -= n;
+    if (all) {
+        SP_ASSERT(b.receiving > 0);
+        b.receiving--;
+    }
     b.cv.notify_all();
 }
 
@@ -136,7 +166,7 @@ static void rx_drop_buffer(dicom_rx &rx)
 {
     free(rx.base);
     rx.base = nullptr;
-    rx_budget_give(*rx.budget, rx.cap);
+    rx_budget_give(*rx.budget, rx.cap, true);
     rx.cap = 0;
     rx.len = 0;
 }
@@ -194,11 +224,22 @@ static void rx_append(dicom_rx &rx, const uint8_t *p, size_t n)
     }
     size_t need = rx.headroom + rx.len + n;
     if (need > rx.cap) {
-        /* Grow by half (glibc moves large blocks with mremap, not copies);
-         * never past what the largest accepted data set needs. */
+        /* Once an element header says how far the data set reaches (a
+         * Pixel Data value, typically most of it), reserve that at once;
+         * otherwise grow by half (glibc moves large blocks with mremap, not
+         * copies). Never past what the largest accepted data set needs. */
+        uint64_t declared = dsscan_declared_end(rx.scan);
         size_t want = std::max(need, std::max(rx.cap + rx.cap / 2, (size_t)64 << 10));
+        if (declared > rx.len + n && declared <= rx.max_len)
+            want = std::max(need, rx.headroom + (size_t)declared);
         want = std::min(want, rx.headroom + rx.max_len);
-        if (!rx_budget_take(*rx.budget, want - rx.cap, rx.srv->cfg.receive_wait_s)) {
+        int got = rx_budget_take(*rx.budget, rx.cap, want - rx.cap, rx.srv->cfg.receive_wait_s);
+        if (got == RX_STUCK) {
+            rx_refuse(rx, DICOM_OUT_OF_RESOURCES,
+                      "receive memory held by other receives, retry later");
+            return;
+        }
+        if (got != RX_TAKEN) {
             rx_refuse(rx, DICOM_OUT_OF_RESOURCES,
                       "no receive memory free within " +
                           std::to_string(rx.srv->cfg.receive_wait_s) + " s, retry later");
@@ -227,7 +268,7 @@ static void rx_finish(dicom_rx &rx)
         used = 1;
     if (used < rx.cap) {
         rx.base = (uint8_t *)sp_realloc(rx.base, used);
-        rx_budget_give(*rx.budget, rx.cap - used);
+        rx_budget_give(*rx.budget, rx.cap - used, false);
         rx.cap = used;
     }
 }
@@ -245,7 +286,13 @@ static void rx_hold_release(void *owner, void *unused)
     (void)unused;
     RxHold *h = static_cast<RxHold *>(owner);
     free(h->base);
-    rx_budget_give(*h->budget, h->cap);
+    {
+        std::lock_guard<std::mutex> lk(h->budget->mu);
+        SP_ASSERT(h->budget->used >= h->cap && h->budget->handed_on >= h->cap);
+        h->budget->used -= h->cap;
+        h->budget->handed_on -= h->cap;
+        h->budget->cv.notify_all();
+    }
     delete h;
 }
 
@@ -255,6 +302,13 @@ extern "C" void dicom_store_take(const dicom_store_t *req, uint8_t **dataset,
     dicom_rx &rx = *req->rx;
     SP_ASSERT(rx.status == 0 && rx.base != nullptr);
     RxHold *h = new RxHold{rx.budget, rx.base, rx.cap};
+    {
+        /* the reservation moves from a receive to a buffer on its way out */
+        std::lock_guard<std::mutex> lk(rx.budget->mu);
+        SP_ASSERT(rx.budget->receiving > 0);
+        rx.budget->receiving--;
+        rx.budget->handed_on += rx.cap;
+    }
     *dataset = rx.base + rx.headroom;
     *release = rx_hold_release;
     *owner = h;

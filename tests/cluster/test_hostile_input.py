@@ -153,12 +153,13 @@ def test_malformed_uids_are_permanent_failures(harness):
 
 
 def test_receive_memory_is_bounded_and_a_store_without_it_retries_later(tmp_path):
-    """Two stores stall 64 KB before their end, holding about 2 MiB of
-    receive memory each out of 5 MiB; a third cannot get enough within the
-    1 s wait and answers 0xA700 (retry later); once the two finish (both
-    stored), memory is back and the same third store succeeds."""
+    """Two stores stall 64 KB before their end, holding the 1.9 MiB their
+    Pixel Data declares each, out of 4.5 MiB of receive memory; a third
+    cannot get the 1 MiB it needs within the 1 s wait and answers 0xA700
+    (retry later); once the two finish (both stored), memory is back and
+    the same third store succeeds."""
     proc, port, log = start_harness(tmp_path, "--max-object-size", 2 << 20,
-                                    "--receive-memory", 5 << 20, "--receive-wait", 1)
+                                    "--receive-memory", 4608 << 10, "--receive-wait", 1)
     try:
         release = threading.Event()
         reached = [threading.Event(), threading.Event()]
@@ -197,4 +198,72 @@ def test_receive_memory_is_bounded_and_a_store_without_it_retries_later(tmp_path
         assert status == 0x0000, (hex(status), comment)
     finally:
         release.set()
+        stop_harness(proc, log, tmp_path)
+
+
+def encapsulated_image(fragments, fragment_size):
+    """Explicit VR LE data set bytes of an image whose Pixel Data is
+    encapsulated (undefined length: its size is unknown until its end)."""
+    ds = image(pixels=0)
+    ds.Rows = ds.Columns = 512
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    raw = spcluster.encode_dataset(ds, implicit=False)
+    px = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+    px += struct.pack("<HHI", 0xFFFE, 0xE000, 0)  # empty offset table
+    for i in range(fragments):
+        px += struct.pack("<HHI", 0xFFFE, 0xE000, fragment_size) + bytes([i % 251]) * fragment_size
+    px += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    return ds, raw + px
+
+
+def test_receives_of_unknown_size_never_wait_on_each_other_for_ever(tmp_path):
+    """Encapsulated Pixel Data declares no size, so these receives grow step
+    by step: four at once can hold the whole budget between them, each
+    waiting for more. The one that finds nothing can come free gives up
+    (0xA700, its memory freed) instead of waiting out receive_wait (set far
+    beyond this test's time); the others complete."""
+    proc, port, log = start_harness(tmp_path, "--max-object-size", 4 << 20,
+                                    "--receive-memory", 8 << 20, "--receive-wait", 600)
+    try:
+        results = [None] * 4
+        # All four pause at 2 MiB (past the 1 MiB the gate reads ahead) or
+        # after 3 s, so that they hold memory at the same time, then grow on.
+        barrier = threading.Barrier(4)
+
+        def store(i):
+            ds, raw = encapsulated_image(192, 16 << 10)  # 3 MiB
+            paused = []
+
+            def pace(offset):
+                if offset >= 2 << 20 and not paused:
+                    paused.append(True)
+                    try:
+                        barrier.wait(3)
+                    except threading.BrokenBarrierError:
+                        pass
+            results[i] = spcluster.raw_store(port, CTImageStorage, ds.SOPInstanceUID, raw, ae=AE,
+                                             transfer_syntax="1.2.840.10008.1.2.4.50",
+                                             timeout=120, before_pdv=pace)
+
+        threads = [threading.Thread(target=store, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(150)
+        assert all(r is not None for r in results), results
+        statuses = sorted(r[0] for r in results)
+        assert set(statuses) <= {0x0000, 0xA700}, results
+        assert statuses[0] == 0x0000, results
+        # those that gave up did so because nothing could come free, not
+        # after receive_wait
+        assert all("held by other receives" in c for st, c in results if st == 0xA700), results
+        ds, raw = encapsulated_image(8, 16 << 10)
+        status, comment = spcluster.raw_store(port, CTImageStorage, ds.SOPInstanceUID, raw,
+                                              ae=AE, transfer_syntax="1.2.840.10008.1.2.4.50")
+        assert status == 0x0000, (hex(status), comment)
+    finally:
         stop_harness(proc, log, tmp_path)
