@@ -982,6 +982,23 @@ static DIC_US clamp_us(unsigned v)
     return (DIC_US)(v > 0xffff ? 0xffff : v);
 }
 
+/* Fills what C-GET and C-MOVE responses share (their DCMTK structs have
+ * the same fields under different types and option bits). */
+template <typename Rsp>
+static void fill_retrieve_rsp(Rsp &rsp, const dicom_retrieve_t *r, DIC_US msg_id,
+                              const char *sop_class, uint16_t status, bool with_dataset)
+{
+    memset(&rsp, 0, sizeof(rsp));
+    rsp.MessageIDBeingRespondedTo = msg_id;
+    OFStandard::strlcpy(rsp.AffectedSOPClassUID, sop_class, sizeof(rsp.AffectedSOPClassUID));
+    rsp.DimseStatus = status;
+    rsp.DataSetType = with_dataset ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
+    rsp.NumberOfRemainingSubOperations = clamp_us(remaining_of(r));
+    rsp.NumberOfCompletedSubOperations = clamp_us(r->completed);
+    rsp.NumberOfFailedSubOperations = clamp_us(r->failed);
+    rsp.NumberOfWarningSubOperations = clamp_us(r->warning);
+}
+
 /* Sends a C-MOVE or C-GET response with the current counts. */
 static OFCondition send_retrieve_rsp(dicom_retrieve_t *r, uint16_t status, DcmDataset *ids,
                                      DcmDataset *detail)
@@ -989,32 +1006,15 @@ static OFCondition send_retrieve_rsp(dicom_retrieve_t *r, uint16_t status, DcmDa
     bool with_remaining = status == DICOM_PENDING || status == DICOM_CANCEL;
     if (r->is_get) {
         T_DIMSE_C_GetRSP rsp;
-        memset(&rsp, 0, sizeof(rsp));
-        rsp.MessageIDBeingRespondedTo = r->grq.MessageID;
-        OFStandard::strlcpy(rsp.AffectedSOPClassUID, r->grq.AffectedSOPClassUID,
-                            sizeof(rsp.AffectedSOPClassUID));
-        rsp.DimseStatus = status;
-        rsp.DataSetType = ids ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
-        rsp.NumberOfRemainingSubOperations = clamp_us(remaining_of(r));
-        rsp.NumberOfCompletedSubOperations = clamp_us(r->completed);
-        rsp.NumberOfFailedSubOperations = clamp_us(r->failed);
-        rsp.NumberOfWarningSubOperations = clamp_us(r->warning);
+        fill_retrieve_rsp(rsp, r, r->grq.MessageID, r->grq.AffectedSOPClassUID, status,
+                          ids != NULL);
         rsp.opts = O_GET_AFFECTEDSOPCLASSUID | O_GET_NUMBEROFCOMPLETEDSUBOPERATIONS |
                    O_GET_NUMBEROFFAILEDSUBOPERATIONS | O_GET_NUMBEROFWARNINGSUBOPERATIONS |
                    (with_remaining ? O_GET_NUMBEROFREMAININGSUBOPERATIONS : 0);
         return DIMSE_sendGetResponse(r->a->as, r->pres, &r->grq, &rsp, ids, detail);
     }
     T_DIMSE_C_MoveRSP rsp;
-    memset(&rsp, 0, sizeof(rsp));
-    rsp.MessageIDBeingRespondedTo = r->mrq.MessageID;
-    OFStandard::strlcpy(rsp.AffectedSOPClassUID, r->mrq.AffectedSOPClassUID,
-                        sizeof(rsp.AffectedSOPClassUID));
-    rsp.DimseStatus = status;
-    rsp.DataSetType = ids ? DIMSE_DATASET_PRESENT : DIMSE_DATASET_NULL;
-    rsp.NumberOfRemainingSubOperations = clamp_us(remaining_of(r));
-    rsp.NumberOfCompletedSubOperations = clamp_us(r->completed);
-    rsp.NumberOfFailedSubOperations = clamp_us(r->failed);
-    rsp.NumberOfWarningSubOperations = clamp_us(r->warning);
+    fill_retrieve_rsp(rsp, r, r->mrq.MessageID, r->mrq.AffectedSOPClassUID, status, ids != NULL);
     rsp.opts = O_MOVE_AFFECTEDSOPCLASSUID | O_MOVE_NUMBEROFCOMPLETEDSUBOPERATIONS |
                O_MOVE_NUMBEROFFAILEDSUBOPERATIONS | O_MOVE_NUMBEROFWARNINGSUBOPERATIONS |
                (with_remaining ? O_MOVE_NUMBEROFREMAININGSUBOPERATIONS : 0);

@@ -715,16 +715,27 @@ def raw_store(port, sop_class_uid, command_sop_uid, dataset: bytes, ae="SHARDPAC
     association instead of answering. Raises if the association is not
     accepted or the peer closes without answering. before_pdv(offset), when
     given, is called before each data set PDV is sent (to pace or stall)."""
+    return raw_request(port, sop_class_uid, store_command(sop_class_uid, command_sop_uid),
+                       dataset, ae, transfer_syntax, timeout, before_pdv)
+
+
+def store_command(sop_class_uid, sop_uid, message_id=7):
+    """The command set of a C-STORE-RQ with a data set, as a pydicom Dataset."""
     from pydicom.dataset import Dataset
     cmd = Dataset()
     cmd.AffectedSOPClassUID = sop_class_uid
     cmd.CommandField = 0x0001
-    cmd.MessageID = 7
+    cmd.MessageID = message_id
     cmd.Priority = 0
     cmd.CommandDataSetType = 0x0000
-    cmd.AffectedSOPInstanceUID = command_sop_uid
-    return raw_request(port, sop_class_uid, cmd, dataset, ae, transfer_syntax, timeout,
-                       before_pdv)
+    cmd.AffectedSOPInstanceUID = sop_uid
+    return cmd
+
+
+def encode_command(cmd) -> bytes:
+    """A command set's bytes: implicit VR LE, led by its group length."""
+    enc = encode_dataset(cmd)
+    return struct.pack("<HHII", 0, 0, 4, len(enc)) + enc
 
 
 def raw_find(port, identifier: bytes, ae="SHARDPACS", transfer_syntax=IMPLICIT_LE, timeout=30,
@@ -757,9 +768,7 @@ def raw_request(port, sop_class_uid, cmd, dataset: bytes, ae="SHARDPACS",
         s.sendall(struct.pack(">BBI", 1, 0, len(body)) + body)
         kind, pdu = _recv_pdu(s)
         assert kind == 0x02, f"association not accepted (PDU type {kind})"
-        enc = encode_dataset(cmd)
-        enc = struct.pack("<HHII", 0, 0, 4, len(enc)) + enc
-        fragments = [(enc, 0x03)]
+        fragments = [(encode_command(cmd), 0x03)]
         step = 16000
         chunks = [dataset[i:i + step] for i in range(0, len(dataset), step)] or [b""]
         for i, c in enumerate(chunks):

@@ -124,20 +124,7 @@ def assoc_rq(contexts=((1, VERIFICATION), (3, CTImageStorage)), calling="HOSTILE
 def recv_pdu(s, timeout=5.0):
     """One whole PDU: (type, body); raises on a closed or silent socket."""
     s.settimeout(timeout)
-    head = b""
-    while len(head) < 6:
-        got = s.recv(6 - len(head))
-        if not got:
-            raise ConnectionError("closed")
-        head += got
-    kind, _, length = struct.unpack(">BBI", head)
-    body = b""
-    while len(body) < length:
-        got = s.recv(length - len(body))
-        if not got:
-            raise ConnectionError("closed")
-        body += got
-    return kind, body
+    return spcluster._recv_pdu(s)
 
 
 def connect_many(port, n, first_address=2):
@@ -163,15 +150,7 @@ def associate_many(port, n):
 
 
 def store_command(sop_uid):
-    cmd = Dataset()
-    cmd.AffectedSOPClassUID = CTImageStorage
-    cmd.CommandField = 0x0001
-    cmd.MessageID = 1
-    cmd.Priority = 0
-    cmd.CommandDataSetType = 0x0000
-    cmd.AffectedSOPInstanceUID = sop_uid
-    enc = spcluster.encode_dataset(cmd)
-    enc = struct.pack("<HHII", 0, 0, 4, len(enc)) + enc
+    enc = spcluster.encode_command(spcluster.store_command(CTImageStorage, sop_uid, 1))
     pdv = struct.pack(">IBB", len(enc) + 2, 3, 0x03) + enc
     return struct.pack(">BBI", 4, 0, len(pdv)) + pdv
 
