@@ -160,13 +160,18 @@ int part10_frame_in_place(uint8_t *dataset, size_t headroom, const char *sop_cla
 }
 
 /* Copies a UI value without its padding into dst (65 bytes). Returns false
- * when it is longer than a UID may be. */
+ * when it is longer than a UID may be or holds other characters. */
 static bool part10_copy_uid(char dst[65], const uint8_t *v, size_t vlen)
 {
     while (vlen > 0 && (v[vlen - 1] == '\0' || v[vlen - 1] == ' '))
         vlen--;
     if (vlen > PART10_UID_MAX)
         return false;
+    /* A UID is digits and dots: a NUL or space inside would make the value
+     * read back as another (shorter) UID than the one stored. */
+    for (size_t i = 0; i < vlen; i++)
+        if (!(v[i] == '.' || (v[i] >= '0' && v[i] <= '9')))
+            return false;
     memcpy(dst, v, vlen);
     dst[vlen] = '\0';
     return true;

@@ -46,9 +46,9 @@ int part10_frame_in_place(uint8_t *dataset, size_t headroom, const char *sop_cla
 /* Finds the data set inside Part-10 bytes. The meta group must start with
  * its group length (0002,0000), be complete within len, consist of whole
  * explicit-VR elements of group 0002 that end exactly at the length it
- * declares, and carry a transfer syntax; a UID value may not exceed 64
- * characters. Never reads outside [part10, part10 + len). Returns 0 with
- * *meta filled, or SP_EINVAL (truncated, garbled, or not Part-10). */
+ * declares, and carry a transfer syntax; a UID value is digits and dots
+ * (trailing padding aside), at most 64 of them. Never reads outside [part10, part10 + len). Returns
+ * 0 with *meta filled, or SP_EINVAL (truncated, garbled, or not Part-10). */
 int part10_split(const uint8_t *part10, size_t len, part10_meta_t *meta);
 
 #endif

@@ -119,6 +119,32 @@ static void test_round_trip(void **state)
     }
 }
 
+/* A UID with a NUL or a space inside would read back as another, shorter
+ * UID: refused (found by fuzz_part10; its input is in tests/fuzz/regress). */
+static void test_uid_characters(void **state)
+{
+    (void)state;
+    static const char *const bad[] = {"1 .2", "1\0.2", "1.2a", "1,2"};
+    for (size_t i = 0; i < SP_ARRAY_LEN(bad); i++) {
+        uint8_t *p10 = NULL;
+        size_t len = 0;
+        assert_int_equal(part10_make((const uint8_t *)"\x08\x00", 2, "1.2.3", "1.2.3.4",
+                                     "1.2.840.10008.1.2", &p10, &len),
+                         0);
+        /* overwrite the transfer syntax value ("1.2.840.10008.1.2" + NUL) */
+        uint8_t *ts = NULL;
+        for (size_t k = 0; k + 17 <= len && ts == NULL; k++)
+            if (memcmp(p10 + k, "1.2.840.10008.1.2", 17) == 0)
+                ts = p10 + k;
+        assert_non_null(ts);
+        memset(ts, '1', 17);
+        memcpy(ts, bad[i], 4);
+        part10_meta_t m;
+        assert_int_equal(split_prefix(p10, len, &m), SP_EINVAL);
+        free(p10);
+    }
+}
+
 /* Framing in place writes exactly the bytes part10_make() would, right
  * before the data set, and refuses a header that does not fit. */
 static void test_frame_in_place(void **state)
@@ -407,10 +433,11 @@ static void test_make_refuses(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_round_trip),   cmocka_unit_test(test_meta_layout),
-        cmocka_unit_test(test_dcmtk_file),   cmocka_unit_test(test_truncated_prefixes),
-        cmocka_unit_test(test_garbled),      cmocka_unit_test(test_single_byte_corruption),
-        cmocka_unit_test(test_make_refuses), cmocka_unit_test(test_frame_in_place),
+        cmocka_unit_test(test_round_trip),     cmocka_unit_test(test_meta_layout),
+        cmocka_unit_test(test_dcmtk_file),     cmocka_unit_test(test_truncated_prefixes),
+        cmocka_unit_test(test_garbled),        cmocka_unit_test(test_single_byte_corruption),
+        cmocka_unit_test(test_make_refuses),   cmocka_unit_test(test_frame_in_place),
+        cmocka_unit_test(test_uid_characters),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
