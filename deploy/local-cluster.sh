@@ -4,7 +4,8 @@
 #
 #   local-cluster.sh up DIR [--nodes N] [--port P] [--replicas R] [--quorum W]
 #                           [--sites A,A,B] [--down-to-out DURATION]
-#                           [--repair-rate RATE] [--move-dest AE=HOST:PORT]...
+#                           [--repair-rate RATE] [--move-dest 'AE=HOST:PORT [tls]']...
+#                           [--tls [--tls-port P]]
 #   local-cluster.sh down DIR
 #   local-cluster.sh status DIR [--json]
 #   local-cluster.sh add-node DIR [--site S]
@@ -23,8 +24,15 @@
 # is out (its partitions re-replicated) 10 s after it went down
 # (--down-to-out), repair rounds every 2 s, a scrubber pass every 60 s.
 #
+# --tls makes a local CA, a router certificate and a client certificate
+# (openssl, EC P-256, under DIR/tls/; kept when present), serves DICOM TLS
+# on port 2762 (--tls-port) beside the plain port with client certificates
+# required ([tls] verify_peer), and prints a working storescu +tls line.
+#
 # `status` prints the process table and `shardpacs status` as the first node
-# that answers sees the cluster; with --json exactly that command's JSON.
+# that answers sees the cluster; with --json that command's JSON, plus a
+# "dicom" object naming the DICOM ports, and with TLS the CA, client
+# certificate and client key files.
 # `add-node` makes the next free nK (key appended to DIR/cluster.keys, which
 # running members re-read), starts it with every node as seed and waits until
 # the others see it; it announces itself alive after its first repair round.
@@ -186,9 +194,42 @@ wait_status() {
 }
 
 
+# Makes DIR/tls/{ca,server,client}.{pem,key} with the openssl command line
+# unless they exist: a local CA, the router's certificate (localhost and
+# 127.0.0.1; also its client certificate for C-MOVE over TLS) and a client
+# certificate for DICOM tools.
+make_tls_files() {
+  local t=$1/tls
+  mkdir -p "$t"
+  [[ -s $t/ca.pem && -s $t/server.pem && -s $t/client.pem ]] && return 0
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+  {
+    openssl req -x509 "${ec[@]}" -keyout "$t/ca.key" -out "$t/ca.pem" -days 825 \
+      -subj "/O=ShardPACS local/CN=ShardPACS local CA" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    local who cn ext
+    for who in server client; do
+      cn=$([[ $who == server ]] && echo router || echo dicom-client)
+      ext="basicConstraints=CA:FALSE"
+      if [[ $who == server ]]; then
+        ext+=$'\nsubjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth'
+      else
+        ext+=$'\nextendedKeyUsage=clientAuth'
+      fi
+      openssl req "${ec[@]}" -keyout "$t/$who.key" -out "$t/$who.csr" \
+        -subj "/O=ShardPACS local/CN=$cn"
+      openssl x509 -req -in "$t/$who.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+        -out "$t/$who.pem" -days 825 -extfile <(printf '%s\n' "$ext")
+      rm -f "$t/$who.csr"
+    done
+  } >"$t/openssl.log" 2>&1 || die "openssl failed; see $t/openssl.log"
+  chmod 600 "$t"/*.key
+}
+
 cmd_up() {
   local dir=$1; shift
   local nodes=3 port=11112 replicas=3 quorum=2 dests=() sites="" down_to_out=10s rate=50M
+  local tls=0 tls_port=2762
   while [[ $# -gt 0 ]]; do
     case $1 in
       --nodes) nodes=$2; shift 2 ;;
@@ -199,6 +240,8 @@ cmd_up() {
       --down-to-out) down_to_out=$2; shift 2 ;;
       --repair-rate) rate=$2; shift 2 ;;
       --move-dest) dests+=("$2"); shift 2 ;;
+      --tls) tls=1; shift ;;
+      --tls-port) tls_port=$2; shift 2 ;;
       *) usage ;;
     esac
   done
@@ -226,7 +269,10 @@ DOWN_TO_OUT=$down_to_out
 REPAIR_INTERVAL=2s
 REPAIR_RATE=$rate
 SCRUB_INTERVAL=60s
+TLS=$tls
+TLS_PORT=$tls_port
 ENV
+  ((tls)) && make_tls_files "$dir"
 
   # Keys: one pair per member plus an operator key; all listed in cluster.keys.
   : >"$dir/cluster.keys.new"
@@ -277,6 +323,17 @@ CONF
     for i in $(seq 1 "$nodes"); do all+="${all:+,}n$i@$(cat "$dir/n$i/ready")"; done
     echo "seeds = $all"
     gossip_conf
+    if ((tls)); then
+      cat <<CONF
+[tls]
+enabled = true
+port = $tls_port
+certificate = tls/server.pem
+key = tls/server.key
+ca = tls/ca.pem
+verify_peer = true
+CONF
+    fi
     echo "[destinations]"
     for d in "${dests[@]+"${dests[@]}"}"; do
       echo "${d%%=*} = ${d#*=}"
@@ -295,6 +352,11 @@ CONF
     sleep 0.04
   done
   ((echoed)) || die "router does not answer C-ECHO on port $port; see $dir/router.log"
+  local tlsargs=(+tls "$dir/tls/client.key" "$dir/tls/client.pem" +cf "$dir/tls/ca.pem")
+  if ((tls)); then
+    echoscu -to 5 -aec SHARDPACS "${tlsargs[@]}" 127.0.0.1 "$tls_port" >/dev/null 2>&1 ||
+      die "router does not answer C-ECHO over TLS on port $tls_port; see $dir/router.log"
+  fi
 
   # Every node alive (a node announces itself alive after its first repair
   # round) and, with a gossiping router, the router seen too.
@@ -314,6 +376,15 @@ Files, keys and logs: $dir
   Retrieve:  getscu -aec SHARDPACS -k QueryRetrieveLevel=STUDY -k StudyInstanceUID=UID -od OUTDIR 127.0.0.1 $port
   (set TCP_NODELAY=1 in the environment of DCMTK tools, or each exchange waits on Nagle)
   Status:    $0 status $dir [--json]      Stop: $0 down $dir
+EOT
+  if ((tls)); then
+    cat <<EOT
+DICOM TLS on 127.0.0.1:$tls_port (TLS 1.2+, client certificates signed by $dir/tls/ca.pem required):
+  Send:      storescu -aec SHARDPACS ${tlsargs[*]} 127.0.0.1 $tls_port FILE.dcm ...
+  Echo/Find: echoscu|findscu -aec SHARDPACS ${tlsargs[*]} ... 127.0.0.1 $tls_port
+EOT
+  fi
+  cat <<EOT
   Faults:    $0 kill-node|restart-node|drain $dir nK;  grow: $0 add-node $dir [--site S]
   Admin CLI: $bin/shardpacs status --connect $(cat "$dir/n1/ready") --server-key $dir/n1/node.pub --key $dir/admin.key
   A dead node is out (re-replicated) $DOWN_TO_OUT after it went down.
@@ -346,7 +417,22 @@ cmd_status() {
   [[ -d "$dir" ]] || die "no cluster in $dir"
   [[ ${2:-} == --json ]] && json=1
   if ((json)); then
-    cluster_status "$dir" --json || die "no node of $dir answers"
+    local out
+    out=$(cluster_status "$dir" --json) || die "no node of $dir answers"
+    # The DICOM side, which the nodes do not know: ports and TLS files.
+    local PORT=11112 TLS=0 TLS_PORT=2762
+    # shellcheck disable=SC1091
+    [[ -f $dir/cluster.env ]] && source "$dir/cluster.env"
+    "$PY" -c '
+import json, sys
+s = json.loads(sys.stdin.read())
+d, tls, port, tls_port = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+s["dicom"] = {"ae_title": "SHARDPACS", "host": "127.0.0.1", "port": port}
+if tls:
+    s["dicom"]["tls"] = {"port": tls_port, "ca": f"{d}/tls/ca.pem",
+                         "client_certificate": f"{d}/tls/client.pem",
+                         "client_key": f"{d}/tls/client.key", "verify_peer": True}
+print(json.dumps(s, indent=2))' "$(cd "$dir" && pwd)" "$TLS" "$PORT" "$TLS_PORT" <<<"$out"
     return 0
   fi
   if running "$dir/router.pid"; then

@@ -20,6 +20,16 @@
  * and idle peers are bounded by whole-request deadlines and by the
  * per-address and total connection limits, never by a worker.
  *
+ * DICOM TLS (PS3.15 Annex B, BCP 195 non-downgrading profile: TLS 1.2 or
+ * later, ECDHE): with tls set the server listens on tls_port too (and with
+ * plain false only there). The gate drives each TLS handshake itself
+ * without blocking, under the acse_timeout deadline, and the adapter reads
+ * and writes decrypted bytes through the gate, so every protection above
+ * holds for TLS peers as well. The certificate, key and CA files are
+ * re-read when they change (router/tls.h). C-MOVE destinations listed in
+ * tls_destinations are reached over TLS, verified against the CA, with the
+ * same certificate as client certificate.
+ *
  * DCMTK takes an accepted socket through the process-global
  * dcmExternalSocketHandle; the adapter serialises its use, so every DICOM
  * acceptor in the process must be a dicom_server (any number of them).
@@ -57,6 +67,12 @@
 #define DICOM_CANNOT_UNDERSTAND 0xC000  /* store: cannot understand */
 #define DICOM_UNABLE_TO_PROCESS 0xC001  /* query/retrieve: unable to process */
 
+/* A network address: a C-MOVE destination reached over TLS. */
+typedef struct {
+    const char *host;
+    int port;
+} dicom_endpoint_t;
+
 typedef struct {
     char *ae_title;             /* AE title this server answers to */
     char *bind_address;         /* e.g. "0.0.0.0" or "127.0.0.1" */
@@ -82,6 +98,17 @@ typedef struct {
     int receive_wait_s;         /* longest wait for receive memory before a receive is refused as
                                    out of resources, 0xA700 (default 30) */
     int max_depth;              /* sequence nesting depth accepted in any data set (default 64) */
+    bool plain;                 /* serve plain DICOM on port (default true) */
+    bool tls;                   /* serve DICOM TLS on tls_port (default false) */
+    int tls_port;               /* 0 picks a free port; see dicom_server_tls_port() (default
+                                   2762, the registered DICOM TLS port) */
+    char *tls_certificate;      /* PEM certificate (chain) of this server */
+    char *tls_key;              /* PEM private key, not encrypted */
+    char *tls_ca;               /* PEM bundle of trusted CAs (clients, TLS destinations) */
+    bool tls_verify_peer;       /* require a client certificate signed by tls_ca (default true) */
+    char *tls_ciphers;          /* TLS 1.2 cipher list; NULL: BCP 195 (tls.h) */
+    const dicom_endpoint_t *tls_destinations; /* C-MOVE destinations reached over TLS */
+    size_t ntls_destinations;
 } dicom_config_t;
 
 void dicom_config_defaults(dicom_config_t *cfg); /* strings left NULL */
@@ -91,6 +118,10 @@ typedef struct {
     const char *calling_ae;
     const char *called_ae;
     const char *peer_host;
+    /* Subject (RFC 2253, e.g. "CN=modality1,O=Hospital") of the client
+     * certificate the TLS handshake verified against the CA; NULL on the
+     * plain port or when the TLS port does not ask for certificates. */
+    const char *cert_subject;
 } dicom_peer_t;
 
 typedef struct dicom_rx dicom_rx_t;
@@ -152,8 +183,9 @@ typedef struct dicom_server dicom_server_t;
  * negative code with a message in err. */
 int dicom_server_start(const dicom_config_t *cfg, const dicom_handlers_t *handlers,
                        dicom_server_t **out, char *err, size_t errlen);
-/* The port actually bound (useful with port 0). */
+/* The ports actually bound (useful with port 0); -1 when not served. */
 int dicom_server_port(const dicom_server_t *srv);
+int dicom_server_tls_port(const dicom_server_t *srv);
 /* Stops accepting, aborts idle associations, waits for workers, frees. */
 void dicom_server_stop(dicom_server_t **srvp);
 

@@ -41,7 +41,12 @@ struct dicom_server {
     dicom_config_t cfg;                    /* with its strings set to NULL */
     dicom_handlers_t h;
     int listen_fd = -1;
-    int port = 0;
+    int port = -1;
+    int tls_listen_fd = -1;
+    int tls_port = -1;
+    struct tls *tls = nullptr; /* server contexts of the TLS port (tls.h) */
+    std::string tls_certificate, tls_key, tls_ca, tls_ciphers; /* also for C-MOVE over TLS */
+    std::set<std::pair<std::string, int>> tls_destinations;
     gate_t *gate = nullptr; /* holds every connection no worker is serving */
     std::atomic<bool> stopping{false};
     std::mutex mu;
@@ -80,7 +85,8 @@ struct Assoc {
     char calling[DIC_AE_LEN + 1] = {0};
     char called[DIC_AE_LEN + 1] = {0};
     char host[128] = {0};
-    dicom_peer_t peer = {nullptr, nullptr, nullptr};
+    std::string cert_subject; /* of a TLS peer's certificate; empty: none */
+    dicom_peer_t peer = {nullptr, nullptr, nullptr, nullptr};
     DIC_US next_msg_id = 1; /* for the C-STORE sub-operations of C-GET */
     bool lost = false;      /* association failed: abort instead of responding */
 };
@@ -101,6 +107,15 @@ inline std::string dicom_trim(const OFString &s)
  * Nagle off. The caller drops it with ASC_dropNetwork(). */
 OFCondition dicom_server_network(T_ASC_NetworkRole role, int timeout_s, int dummy_fd,
                                  T_ASC_Network **net);
+
+/* dicom_server.cc: creates a requestor network whose connections are DICOM
+ * TLS (DCMTK's TLS layer, BCP 195 non-downgrading profile) with the
+ * server's certificate and key, verifying the peer against its CA; the
+ * files are read now. Returns a bad condition with the reason in why. The
+ * caller drops it with ASC_dropNetwork() and marks its association
+ * parameters with ASC_setTransportLayerType(params, OFTrue). */
+OFCondition dicom_server_tls_network(dicom_server *srv, int timeout_s, T_ASC_Network **net,
+                                     std::string &why);
 
 /* dicom_server.cc: the request (command and data set) has been received
  * whole; from now on reads wait at most dimse_timeout each (C-CANCEL polls,

@@ -24,6 +24,13 @@
  * connection DCMTK makes, accepted or outgoing (C-MOVE sub-associations),
  * so nothing depends on the TCP_NODELAY environment variable.
  *
+ * DICOM TLS: the TLS port is a second listening socket of the same gate, so
+ * the limits count both ports together. The gate does the handshake and
+ * decrypts (router/gate.c); GateConnection reads and writes through the
+ * gate either way, so DCMTK sees a plain transparent connection. C-MOVE
+ * sub-associations to TLS destinations use DCMTK's own TLS layer
+ * (dicom_server_tls_network) with the same certificate, key and CA.
+ *
  * Ownership: the server owns its sockets, threads and DCMTK networks. The
  * data dictionary and the decoders are process-wide DCMTK state, set up once
  * and never torn down. */
@@ -39,11 +46,13 @@
 #include <dcmtk/dcmnet/dcmtrans.h>
 #include <dcmtk/dcmnet/dul.h>
 #include <dcmtk/dcmnet/dulstruc.h>
+#include <dcmtk/dcmtls/tlslayer.h>
 #include <dcmtk/oflog/oflog.h>
 
 extern "C" {
 #include "../common/base.h"
 #include "part10.h"
+#include "tls.h"
 #include "../common/log.h"
 }
 
@@ -146,10 +155,13 @@ class GateConnection : public DcmTransportConnection
                                    0);
         return gate_conn_wait(conn, timeout_s > 0 ? timeout_s * 1000 : 0) ? OFTrue : OFFalse;
     }
-    OFBool isTransparentConnection() override { return OFTrue; }
+    /* Bytes of a TLS connection may wait inside OpenSSL, where a select()
+     * on the socket cannot see them. */
+    OFBool isTransparentConnection() override { return gate_conn_is_tls(conn) ? OFFalse : OFTrue; }
     OFString &dumpConnectionParameters(OFString &str) override
     {
-        str = "Transport connection: TCP through the gate";
+        str = gate_conn_is_tls(conn) ? "Transport connection: TLS through the gate"
+                                     : "Transport connection: TCP through the gate";
         return str;
     }
 
@@ -188,6 +200,69 @@ class NodelayLayer : public DcmTransportLayer
     }
 };
 } // namespace
+
+namespace
+{
+/* DCMTK's TLS layer for outgoing connections, with Nagle off. */
+class NodelayTLSLayer : public DcmTLSTransportLayer
+{
+  public:
+    NodelayTLSLayer() : DcmTLSTransportLayer(NET_REQUESTOR, NULL, OFTrue) {}
+    DcmTransportConnection *createConnection(DcmNativeSocketType sock, OFBool secure) override
+    {
+        set_nodelay(sock);
+        return DcmTLSTransportLayer::createConnection(sock, secure);
+    }
+};
+} // namespace
+
+OFCondition dicom_server_tls_network(dicom_server *srv, int timeout_s, T_ASC_Network **net,
+                                     std::string &why)
+{
+    OFCondition cond = ASC_initializeNetwork(NET_REQUESTOR, 0, timeout_s, net);
+    if (cond.bad()) {
+        why = cond.text();
+        return cond;
+    }
+    NodelayTLSLayer *layer = new NodelayTLSLayer();
+    /* Read on every C-MOVE, so a renewed certificate or CA is used at once. */
+    const char *step = "TLS profile";
+    cond = layer->setTLSProfile(TSP_Profile_BCP195_ND);
+    if (cond.good()) {
+        step = srv->tls_certificate.c_str();
+        cond = layer->setCertificateFile(srv->tls_certificate.c_str(), DCF_Filetype_PEM);
+    }
+    if (cond.good()) {
+        step = srv->tls_key.c_str();
+        cond = layer->setPrivateKeyFile(srv->tls_key.c_str(), DCF_Filetype_PEM);
+    }
+    if (cond.good() && !layer->checkPrivateKeyMatchesCertificate()) {
+        step = "private key and certificate";
+        cond = EC_IllegalCall;
+    }
+    if (cond.good() && !srv->tls_ca.empty()) {
+        step = srv->tls_ca.c_str();
+        cond = layer->addTrustedCertificateFile(srv->tls_ca.c_str(), DCF_Filetype_PEM);
+    }
+    if (cond.good()) {
+        step = "cipher suites";
+        cond = layer->activateCipherSuites();
+    }
+    if (cond.bad()) {
+        why = std::string(step) + ": " + cond.text();
+        delete layer;
+        ASC_dropNetwork(net);
+        return cond;
+    }
+    layer->setCertificateVerification(DCV_requireCertificate);
+    cond = ASC_setTransportLayer(*net, layer, 1);
+    if (cond.bad()) {
+        why = cond.text();
+        delete layer;
+        ASC_dropNetwork(net);
+    }
+    return cond;
+}
 
 /* Creates an acceptor network that has no listening socket of its own (the
  * gate owns the listening socket), or a requestor network. */
@@ -471,6 +546,10 @@ static void serve_new(dicom_server *srv, T_ASC_Network *net, gate_conn_t *c)
     a->peer.calling_ae = a->calling;
     a->peer.called_ae = a->called;
     a->peer.peer_host = a->host;
+    if (gate_conn_cert_subject(c) != NULL) {
+        a->cert_subject = gate_conn_cert_subject(c);
+        a->peer.cert_subject = a->cert_subject.c_str();
+    }
     if (srv->cfg.require_called_ae && srv->ae_title != dicom_trim(OFString(a->called))) {
         log_warn("dicom: association from %s (%s) to unknown AE '%s' rejected", a->calling, a->host,
                  a->called);
@@ -630,6 +709,10 @@ extern "C" void dicom_config_defaults(dicom_config_t *cfg)
     cfg->receive_memory = (size_t)2 << 30;
     cfg->receive_wait_s = 30;
     cfg->max_depth = 64;
+    cfg->plain = true;
+    cfg->tls = false;
+    cfg->tls_port = 2762;
+    cfg->tls_verify_peer = true;
 }
 
 /* Frees a server whose threads are not running (or never ran). Requests
@@ -652,15 +735,20 @@ static void server_free(dicom_server *srv)
             ASC_dropNetwork(&n);
     if (srv->listen_fd >= 0)
         close(srv->listen_fd);
+    if (srv->tls_listen_fd >= 0)
+        close(srv->tls_listen_fd);
+    tls_destroy(&srv->tls);
     delete srv;
 }
 
-static int open_listener(dicom_server *srv, std::string &why)
+/* Listens on the bind address at port (0: a free one): the socket in *fd
+ * and the port bound in *bound. */
+static int open_listener(dicom_server *srv, int port, int *fd_out, int *bound, std::string &why)
 {
     struct sockaddr_in sa;
     memset(&sa, 0, sizeof(sa));
     sa.sin_family = AF_INET;
-    sa.sin_port = htons((uint16_t)srv->cfg.port);
+    sa.sin_port = htons((uint16_t)port);
     const char *bind_addr = srv->bind_address.empty() ? "0.0.0.0" : srv->bind_address.c_str();
     if (inet_pton(AF_INET, bind_addr, &sa.sin_addr) != 1) {
         why = std::string("invalid bind address ") + bind_addr;
@@ -676,15 +764,15 @@ static int open_listener(dicom_server *srv, std::string &why)
     set_nodelay(fd); /* inherited by accepted sockets on Linux */
     if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(fd, 128) != 0) {
         int e = errno;
-        why = std::string("cannot listen on ") + bind_addr + ":" + std::to_string(srv->cfg.port) +
-              ": " + strerror(e);
+        why = std::string("cannot listen on ") + bind_addr + ":" + std::to_string(port) + ": " +
+              strerror(e);
         close(fd);
         return -e;
     }
     socklen_t sl = sizeof(sa);
     getsockname(fd, (struct sockaddr *)&sa, &sl);
-    srv->listen_fd = fd;
-    srv->port = ntohs(sa.sin_port);
+    *fd_out = fd;
+    *bound = ntohs(sa.sin_port);
     return 0;
 }
 
@@ -711,6 +799,44 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         srv->cfg.ae_title = NULL;
         srv->cfg.bind_address = NULL;
         srv->cfg.allowed_callers = NULL;
+        srv->tls_certificate = cfg->tls_certificate ? cfg->tls_certificate : "";
+        srv->tls_key = cfg->tls_key ? cfg->tls_key : "";
+        srv->tls_ca = cfg->tls_ca ? cfg->tls_ca : "";
+        srv->tls_ciphers = cfg->tls_ciphers ? cfg->tls_ciphers : "";
+        for (size_t i = 0; i < cfg->ntls_destinations; i++)
+            if (cfg->tls_destinations[i].host)
+                srv->tls_destinations.insert(std::make_pair(
+                    std::string(cfg->tls_destinations[i].host), cfg->tls_destinations[i].port));
+        srv->cfg.tls_certificate = srv->cfg.tls_key = srv->cfg.tls_ca = NULL;
+        srv->cfg.tls_ciphers = NULL;
+        srv->cfg.tls_destinations = NULL;
+        srv->cfg.ntls_destinations = 0;
+        if (!srv->cfg.plain && !srv->cfg.tls) {
+            sp_fmt(err, errlen, "neither the plain nor the TLS port is served");
+            server_free(srv);
+            return SP_ECONFIG;
+        }
+        if ((srv->cfg.tls || !srv->tls_destinations.empty()) &&
+            (srv->tls_certificate.empty() || srv->tls_key.empty())) {
+            sp_fmt(err, errlen, "DICOM TLS needs a certificate and a private key");
+            server_free(srv);
+            return SP_ECONFIG;
+        }
+        if (!srv->tls_destinations.empty() && srv->tls_ca.empty()) {
+            sp_fmt(err, errlen, "C-MOVE destinations over TLS need a CA to verify them against");
+            server_free(srv);
+            return SP_ECONFIG;
+        }
+        if (srv->cfg.tls) {
+            tls_config_t tc = {srv->tls_certificate.c_str(), srv->tls_key.c_str(),
+                               srv->tls_ca.c_str(), srv->cfg.tls_verify_peer,
+                               srv->tls_ciphers.c_str()};
+            int trc = tls_new(&tc, &srv->tls, err, errlen);
+            if (trc != 0) {
+                server_free(srv);
+                return trc;
+            }
+        }
         if (srv->cfg.max_pdu <= 0)
             srv->cfg.max_pdu = 116794;
         if (srv->cfg.max_pdu < ASC_MINIMUMPDUSIZE)
@@ -756,16 +882,23 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         srv->rx_budget->limit = srv->cfg.receive_memory;
         srv->h = *handlers;
         std::string why;
-        int rc = open_listener(srv, why);
+        int rc = 0;
+        if (srv->cfg.plain)
+            rc = open_listener(srv, srv->cfg.port, &srv->listen_fd, &srv->port, why);
+        if (rc == 0 && srv->cfg.tls)
+            rc = open_listener(srv, srv->cfg.tls_port, &srv->tls_listen_fd, &srv->tls_port, why);
         if (rc != 0) {
             sp_fmt(err, errlen, "%s", why.c_str());
             server_free(srv);
             return rc;
         }
+        /* DCMTK's acceptor networks want a socket to stand for their own
+         * listening one; either of ours does. */
+        int dummy_fd = srv->listen_fd >= 0 ? srv->listen_fd : srv->tls_listen_fd;
         for (int i = 0; i <= srv->cfg.workers; i++) {
             T_ASC_Network *net = NULL;
             OFCondition cond =
-                dicom_server_network(NET_ACCEPTOR, srv->cfg.acse_timeout_s, srv->listen_fd, &net);
+                dicom_server_network(NET_ACCEPTOR, srv->cfg.acse_timeout_s, dummy_fd, &net);
             if (cond.bad()) {
                 sp_fmt(err, errlen, "cannot initialise DCMTK network: %s", cond.text());
                 server_free(srv);
@@ -779,6 +912,8 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
         gate_config_t gc;
         gate_config_defaults(&gc);
         gc.listen_fd = srv->listen_fd;
+        gc.tls_listen_fd = srv->tls_listen_fd;
+        gc.tls = srv->tls;
         gc.acse_timeout_ms = srv->cfg.acse_timeout_s * 1000;
         gc.dimse_timeout_ms = srv->cfg.dimse_timeout_s * 1000;
         gc.write_timeout_ms = srv->cfg.dimse_timeout_s * 1000;
@@ -798,10 +933,18 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
             dicom_server_stop(&tmp);
             return rc;
         }
-        log_info("dicom: %s listening on %s:%d (%d workers, queue %d, %d connections, %d per "
-                 "address)",
+        std::string ports;
+        if (srv->port >= 0)
+            ports = std::to_string(srv->port);
+        if (srv->tls_port >= 0)
+            ports += (ports.empty() ? "" : ", ") + std::string("TLS ") +
+                     std::to_string(srv->tls_port) +
+                     (srv->cfg.tls_verify_peer ? " (client certificates required)"
+                                               : " (no client certificates)");
+        log_info("dicom: %s listening on %s port %s (%d workers, queue %d, %d connections, %d "
+                 "per address)",
                  srv->ae_title.c_str(),
-                 srv->bind_address.empty() ? "0.0.0.0" : srv->bind_address.c_str(), srv->port,
+                 srv->bind_address.empty() ? "0.0.0.0" : srv->bind_address.c_str(), ports.c_str(),
                  srv->cfg.workers, srv->cfg.queue, srv->cfg.max_connections,
                  srv->cfg.max_per_address);
         *out = srv;
@@ -824,6 +967,11 @@ extern "C" int dicom_server_start(const dicom_config_t *cfg, const dicom_handler
 extern "C" int dicom_server_port(const dicom_server_t *srv)
 {
     return srv ? srv->port : -1;
+}
+
+extern "C" int dicom_server_tls_port(const dicom_server_t *srv)
+{
+    return srv ? srv->tls_port : -1;
 }
 
 extern "C" void dicom_server_stop(dicom_server_t **srvp)

@@ -1040,11 +1040,22 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
             return SP_EINVAL;
         }
         dicom_server *srv = r->a->srv;
-        OFCondition cond =
-            dicom_server_network(NET_REQUESTOR, srv->cfg.acse_timeout_s, -1, &r->subnet);
-        if (cond.bad()) {
-            sp_fmt(err, errlen, "cannot create network: %s", cond.text());
-            return SP_EUNAVAIL;
+        /* Destinations marked tls in the AE table get DICOM TLS. */
+        bool tls = srv->tls_destinations.count(std::make_pair(std::string(host), port)) > 0;
+        OFCondition cond;
+        if (tls) {
+            std::string why;
+            cond = dicom_server_tls_network(srv, srv->cfg.acse_timeout_s, &r->subnet, why);
+            if (cond.bad()) {
+                sp_fmt(err, errlen, "cannot set up TLS to %s: %s", r->dest.c_str(), why.c_str());
+                return SP_EUNAVAIL;
+            }
+        } else {
+            cond = dicom_server_network(NET_REQUESTOR, srv->cfg.acse_timeout_s, -1, &r->subnet);
+            if (cond.bad()) {
+                sp_fmt(err, errlen, "cannot create network: %s", cond.text());
+                return SP_EUNAVAIL;
+            }
         }
         T_ASC_Parameters *params = NULL;
         cond = ASC_createAssociationParameters(&params, srv->cfg.max_pdu);
@@ -1052,6 +1063,8 @@ extern "C" int dicom_retrieve_begin(dicom_retrieve_t *r, const char *host, int p
             sp_fmt(err, errlen, "%s", cond.text());
             return SP_EUNAVAIL;
         }
+        if (tls)
+            ASC_setTransportLayerType(params, OFTrue);
         ASC_setAPTitles(params, srv->ae_title.c_str(), r->dest.c_str(), NULL);
         std::string addr = std::string(host) + ":" + std::to_string(port);
         ASC_setPresentationAddresses(params, "localhost", addr.c_str());

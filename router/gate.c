@@ -10,17 +10,30 @@
  * called without it.
  *
  * Ownership: the gate owns every socket it was given until gate_conn_close()
- * closes it; the owner of a served connection owns only its association
- * handle. */
+ * closes it, and the SSL object of a TLS connection with it; the owner of a
+ * served connection owns only its association handle.
+ *
+ * TLS: every read and write goes through conn_recv()/conn_send(), which use
+ * read()/send() on a plain connection and SSL_read()/SSL_write() on a TLS
+ * one, never block, and say which readiness (POLLIN or POLLOUT) to wait for
+ * when they cannot go on: OpenSSL may need to write while reading (alerts,
+ * key updates) and to read while writing. Waits are epoll in the loop and
+ * poll() on the owner's thread; both first let OpenSSL use the bytes it
+ * already holds, as those never make the socket readable again. */
 #define _GNU_SOURCE /* accept4 */
 #include "gate.h"
 
 #include "../common/base.h"
 #include "../common/log.h"
+#include "tls.h"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
@@ -256,6 +269,10 @@ enum { CONN_PENDING, CONN_PARKED, CONN_RETURNING, CONN_SERVED };
 struct gate_conn {
     gate_t *g;
     int fd;
+    SSL *ssl;           /* TLS connections: the one OpenSSL object; NULL for plain */
+    bool tls_ready;     /* the handshake is done */
+    char *cert_subject; /* verified peer certificate's subject, or NULL */
+    uint32_t ep_events; /* loop: the epoll events it is registered for */
     char peer[INET6_ADDRSTRLEN];
     int state;    /* CONN_*; changed under g->mu */
     void *assoc;  /* the owner's association handle; NULL for a new connection */
@@ -298,14 +315,15 @@ struct gate {
     gate_conn_t *returns; /* parked by owners, not yet taken by the loop */
     addr_entry_t *addrs[ADDR_BUCKETS];
     uint64_t refused;
-    int64_t global_log_ms;        /* last log of a max_connections refusal */
-    uint8_t listen_tag, wake_tag; /* epoll data pointers for the two special fds */
+    int64_t global_log_ms;                        /* last log of a max_connections refusal */
+    uint8_t listen_tag, tls_listen_tag, wake_tag; /* epoll data pointers of the special fds */
 };
 
 void gate_config_defaults(gate_config_t *cfg)
 {
     memset(cfg, 0, sizeof(*cfg));
     cfg->listen_fd = -1;
+    cfg->tls_listen_fd = -1;
     cfg->acse_timeout_ms = 10000;
     cfg->dimse_timeout_ms = 60000;
     cfg->write_timeout_ms = 60000;
@@ -383,10 +401,124 @@ static void conn_unlink(gate_t *g, gate_conn_t *c)
 
 static void conn_free(gate_conn_t *c)
 {
+    if (c->ssl) {
+        /* A close_notify if the socket takes it at once; never waits. */
+        if (c->tls_ready && c->fd >= 0)
+            (void)SSL_shutdown(c->ssl);
+        SSL_free(c->ssl);
+        ERR_clear_error();
+    }
     if (c->fd >= 0)
         close(c->fd);
+    free(c->cert_subject);
     free(c->buf);
     free(c);
+}
+
+/* ---- I/O that never blocks, plain or TLS ----------------------------------- */
+
+/* conn_recv() and conn_send() could not go on: wait for *ev, then retry. */
+#define CONN_AGAIN (-EAGAIN)
+
+/* Maps an OpenSSL result r <= 0 to 0 (the peer closed), CONN_AGAIN with
+ * *ev set, or an error (-errno, or SP_EPROTO for a TLS failure). */
+static ssize_t ssl_result(gate_conn_t *c, int r, short *ev)
+{
+    int e = SSL_get_error(c->ssl, r);
+    switch (e) {
+    case SSL_ERROR_WANT_READ: *ev = POLLIN; return CONN_AGAIN;
+    case SSL_ERROR_WANT_WRITE: *ev = POLLOUT; return CONN_AGAIN;
+    case SSL_ERROR_ZERO_RETURN: return 0;
+    case SSL_ERROR_SYSCALL:
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+            *ev = POLLIN;
+            return CONN_AGAIN;
+        }
+        return errno != 0 ? -errno : 0;
+    default: return SP_EPROTO;
+    }
+}
+
+/* Reads up to n bytes without blocking: the count, 0 when the peer closed,
+ * CONN_AGAIN (wait for *ev), or a negative code. */
+static ssize_t conn_recv(gate_conn_t *c, void *buf, size_t n, short *ev)
+{
+    if (c->ssl == NULL) {
+        ssize_t r = read(c->fd, buf, n);
+        if (r >= 0)
+            return r;
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+            *ev = POLLIN;
+            return CONN_AGAIN;
+        }
+        return -errno;
+    }
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_read(c->ssl, buf, n > INT_MAX ? INT_MAX : (int)n);
+    return r > 0 ? r : ssl_result(c, r, ev);
+}
+
+/* Writes some of n bytes without blocking: the count, CONN_AGAIN (wait for
+ * *ev, then retry with the same bytes) or a negative code. */
+static ssize_t conn_send(gate_conn_t *c, const void *buf, size_t n, short *ev)
+{
+    if (c->ssl == NULL) {
+        ssize_t w = send(c->fd, buf, n, MSG_NOSIGNAL);
+        if (w >= 0)
+            return w;
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+            *ev = POLLOUT;
+            return CONN_AGAIN;
+        }
+        return -errno;
+    }
+    ERR_clear_error();
+    errno = 0;
+    int w = SSL_write(c->ssl, buf, n > INT_MAX ? INT_MAX : (int)n);
+    if (w > 0)
+        return w;
+    ssize_t r = ssl_result(c, w, ev);
+    return r == 0 ? -EPIPE : r;
+}
+
+/* True when OpenSSL holds bytes of c it has not handed out: decrypted ones,
+ * or records read from the socket and not yet processed. */
+static bool conn_tls_holds_input(const gate_conn_t *c)
+{
+    return c->ssl != NULL && (SSL_pending(c->ssl) > 0 || SSL_has_pending(c->ssl));
+}
+
+/* Drives the TLS handshake one step: 1 done, CONN_AGAIN (wait for *ev), or
+ * a negative code (logged: the peer is not a TLS client we accept). */
+static int conn_handshake(gate_conn_t *c, short *ev)
+{
+    ERR_clear_error();
+    errno = 0;
+    int r = SSL_accept(c->ssl);
+    if (r == 1) {
+        c->tls_ready = true;
+        c->cert_subject = tls_peer_subject(c->ssl);
+        log_debug("gate: TLS from %s: %s, %s, peer certificate %s", c->peer,
+                  SSL_get_version(c->ssl), SSL_get_cipher_name(c->ssl),
+                  c->cert_subject ? c->cert_subject : "(none)");
+        return 1;
+    }
+    ssize_t rc = ssl_result(c, r, ev);
+    if (rc == CONN_AGAIN)
+        return CONN_AGAIN;
+    char why[512];
+    long vr = SSL_get_verify_result(c->ssl);
+    if (vr != X509_V_OK)
+        sp_fmt(why, sizeof why, "certificate refused: %s", X509_verify_cert_error_string(vr));
+    else if (rc == 0)
+        sp_strlcpy(why, "closed by the peer", sizeof why);
+    else if (rc == SP_EPROTO)
+        tls_error_text(why, sizeof why);
+    else
+        sp_strlcpy(why, strerror((int)-rc), sizeof why);
+    log_info("gate: TLS handshake with %s failed: %s", c->peer, why);
+    return rc == 0 ? SP_EPROTO : (int)rc;
 }
 
 /* The loop's deadline for a pending or parked connection. */
@@ -458,6 +590,21 @@ static void loop_close_pending(gate_t *g, gate_conn_t *c)
     conn_free(c);
 }
 
+/* Watches c for what its next step waits on: POLLIN (also the peer's
+ * half-close) or POLLOUT (a TLS handshake or read that must write first).
+ * Loop thread; c is registered with epoll. */
+static void loop_watch(gate_t *g, gate_conn_t *c, short ev)
+{
+    uint32_t want = ev == POLLOUT ? EPOLLOUT : EPOLLIN | EPOLLRDHUP;
+    if (want == c->ep_events)
+        return;
+    struct epoll_event e = {.events = want, .data.ptr = c};
+    if (epoll_ctl(g->ep, EPOLL_CTL_MOD, c->fd, &e) == 0)
+        c->ep_events = want;
+    else
+        log_warn("gate: watching connection from %s: %s", c->peer, strerror(errno));
+}
+
 /* A pending connection failed, or a parked association ended. */
 static void loop_fail(gate_t *g, gate_conn_t *c, int why)
 {
@@ -477,14 +624,31 @@ static void loop_fail(gate_t *g, gate_conn_t *c, int why)
  * unit is complete, fails it when the peer closed or sent garbage. */
 static void loop_readable(gate_t *g, gate_conn_t *c)
 {
+    short ev = POLLIN;
+    if (c->ssl && !c->tls_ready) {
+        int hr = conn_handshake(c, &ev);
+        if (hr == CONN_AGAIN) {
+            loop_watch(g, c, ev);
+            return;
+        }
+        if (hr < 0) {
+            loop_fail(g, c, GATE_WHY_INVALID);
+            return;
+        }
+    }
     for (;;) {
         conn_reserve(c, READ_CHUNK);
-        ssize_t r = read(c->fd, c->buf + c->len, READ_CHUNK);
+        ssize_t r = conn_recv(c, c->buf + c->len, READ_CHUNK, &ev);
+        if (r == CONN_AGAIN) {
+            loop_watch(g, c, ev);
+            return;
+        }
         if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                return;
+            if (r == SP_EPROTO) {
+                char why[512];
+                tls_error_text(why, sizeof why);
+                log_info("gate: TLS from %s: %s", c->peer, why);
+            }
             loop_fail(g, c, GATE_WHY_CLOSED);
             return;
         }
@@ -533,6 +697,7 @@ static void loop_take_parked(gate_t *g, gate_conn_t *c)
         return;
     }
     struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
+    c->ep_events = ev.events;
     if (epoll_ctl(g->ep, EPOLL_CTL_ADD, c->fd, &ev) != 0) {
         log_warn("gate: watching association from %s: %s", c->peer, strerror(errno));
         pthread_mutex_lock(&g->mu);
@@ -545,6 +710,9 @@ static void loop_take_parked(gate_t *g, gate_conn_t *c)
     pthread_mutex_lock(&g->mu);
     c->state = CONN_PARKED;
     pthread_mutex_unlock(&g->mu);
+    /* Records OpenSSL already took off the socket never wake epoll. */
+    if (conn_tls_holds_input(c))
+        loop_readable(g, c);
 }
 
 /* Logs a refusal of peer at most once a minute per address. g->mu held. */
@@ -566,12 +734,13 @@ static void note_refusal(gate_t *g, const char *peer, const char *why, int held)
 
 /* Admits a new socket if the limits allow it; the oldest pending connection
  * gives way when the gate is full. */
-static int gate_admit(gate_t *g, int fd, const char *peer)
+static int gate_admit(gate_t *g, int fd, const char *peer, SSL *ssl)
 {
     gate_conn_t *evict = NULL;
     pthread_mutex_lock(&g->mu);
     if (g->shut || atomic_load(&g->stopping)) {
         pthread_mutex_unlock(&g->mu);
+        SSL_free(ssl);
         close(fd);
         return SP_EUNAVAIL;
     }
@@ -580,6 +749,7 @@ static int gate_admit(gate_t *g, int fd, const char *peer)
     if (g->cfg.max_per_address > 0 && held >= g->cfg.max_per_address) {
         note_refusal(g, peer, "over [dicom] max_per_address", held);
         pthread_mutex_unlock(&g->mu);
+        SSL_free(ssl);
         close(fd);
         return SP_ELIMIT;
     }
@@ -590,6 +760,7 @@ static int gate_admit(gate_t *g, int fd, const char *peer)
         if (evict == NULL) {
             note_refusal(g, peer, "over [dicom] max_connections", (int)g->nconns);
             pthread_mutex_unlock(&g->mu);
+            SSL_free(ssl);
             close(fd);
             return SP_ELIMIT;
         }
@@ -609,6 +780,7 @@ static int gate_admit(gate_t *g, int fd, const char *peer)
     gate_conn_t *c = sp_calloc(1, sizeof(*c));
     c->g = g;
     c->fd = fd;
+    c->ssl = ssl;
     sp_strlcpy(c->peer, peer, sizeof(c->peer));
     c->state = CONN_PENDING;
     c->since_ms = sp_now_ms();
@@ -621,6 +793,7 @@ static int gate_admit(gate_t *g, int fd, const char *peer)
     addr_find(g, peer, true)->count++;
     pthread_mutex_unlock(&g->mu);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP, .data.ptr = c};
+    c->ep_events = ev.events;
     if (epoll_ctl(g->ep, EPOLL_CTL_ADD, fd, &ev) != 0) {
         int rc = -errno;
         pthread_mutex_lock(&g->mu);
@@ -671,15 +844,37 @@ int gate_add(gate_t *g, int fd, const char *peer)
     fd = prepare_socket(fd);
     if (fd < 0)
         return -errno;
-    return gate_admit(g, fd, peer ? peer : "?");
+    return gate_admit(g, fd, peer ? peer : "?", NULL);
 }
 
-static void loop_accept(gate_t *g)
+int gate_add_tls(gate_t *g, int fd, const char *peer)
+{
+    SP_ASSERT(g->cfg.tls != NULL);
+    fd = prepare_socket(fd);
+    if (fd < 0)
+        return -errno;
+    /* The current context (re-read first if its files changed). */
+    SSL_CTX *ctx = tls_acquire(g->cfg.tls);
+    SSL *ssl = SSL_new(ctx);
+    SSL_CTX_free(ctx); /* the SSL object holds its own reference */
+    if (ssl == NULL || SSL_set_fd(ssl, fd) != 1) {
+        char why[256];
+        tls_error_text(why, sizeof why);
+        log_warn("gate: TLS connection from %s: %s", peer ? peer : "?", why);
+        SSL_free(ssl);
+        close(fd);
+        return SP_EPROTO;
+    }
+    SSL_set_accept_state(ssl);
+    return gate_admit(g, fd, peer ? peer : "?", ssl);
+}
+
+static void loop_accept(gate_t *g, int listen_fd, bool tls)
 {
     /* A bounded batch, so a flood of connections cannot starve the reads
      * of connections already held. */
     for (int i = 0; i < 64; i++) {
-        int fd = accept4(g->cfg.listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EMFILE || errno == ENFILE)
                 log_warn("gate: accept: %s", strerror(errno));
@@ -690,7 +885,10 @@ static void loop_accept(gate_t *g)
         }
         char peer[INET6_ADDRSTRLEN];
         peer_address(fd, peer, sizeof(peer));
-        (void)gate_add(g, fd, peer);
+        if (tls)
+            (void)gate_add_tls(g, fd, peer);
+        else
+            (void)gate_add(g, fd, peer);
     }
 }
 
@@ -741,7 +939,9 @@ static void *loop_main(void *arg)
         for (int i = 0; i < n && !atomic_load(&g->stopping); i++) {
             void *p = evs[i].data.ptr;
             if (p == &g->listen_tag) {
-                loop_accept(g);
+                loop_accept(g, g->cfg.listen_fd, false);
+            } else if (p == &g->tls_listen_tag) {
+                loop_accept(g, g->cfg.tls_listen_fd, true);
             } else if (p == &g->wake_tag) {
                 uint64_t v;
                 (void)!read(g->wake_fd, &v, sizeof(v));
@@ -788,11 +988,16 @@ int gate_new(const gate_config_t *cfg, gate_t **out)
         rc = -errno;
         goto out;
     }
-    if (g->cfg.listen_fd >= 0) {
-        int fl = fcntl(g->cfg.listen_fd, F_GETFL);
-        ev.data.ptr = &g->listen_tag;
-        if (fl < 0 || fcntl(g->cfg.listen_fd, F_SETFL, fl | O_NONBLOCK) != 0 ||
-            epoll_ctl(g->ep, EPOLL_CTL_ADD, g->cfg.listen_fd, &ev) != 0) {
+    SP_ASSERT(g->cfg.tls_listen_fd < 0 || g->cfg.tls != NULL);
+    int lfds[2] = {g->cfg.listen_fd, g->cfg.tls_listen_fd};
+    void *tags[2] = {&g->listen_tag, &g->tls_listen_tag};
+    for (int i = 0; i < 2; i++) {
+        if (lfds[i] < 0)
+            continue;
+        int fl = fcntl(lfds[i], F_GETFL);
+        ev.data.ptr = tags[i];
+        if (fl < 0 || fcntl(lfds[i], F_SETFL, fl | O_NONBLOCK) != 0 ||
+            epoll_ctl(g->ep, EPOLL_CTL_ADD, lfds[i], &ev) != 0) {
             rc = -errno;
             goto out;
         }
@@ -951,6 +1156,16 @@ void *gate_conn_assoc(const gate_conn_t *c)
     return c->assoc;
 }
 
+bool gate_conn_is_tls(const gate_conn_t *c)
+{
+    return c->ssl != NULL;
+}
+
+const char *gate_conn_cert_subject(const gate_conn_t *c)
+{
+    return c->cert_subject;
+}
+
 size_t gate_conn_buffered(const gate_conn_t *c)
 {
     return c->len - c->off;
@@ -1007,20 +1222,17 @@ ssize_t gate_conn_read(gate_conn_t *c, void *buf, size_t n)
         int left = remaining_ms(c);
         if (left == 0)
             return SP_ETIMEOUT;
-        struct pollfd pfd = {c->fd, POLLIN, 0};
-        int pr = poll(&pfd, 1, left);
-        if (pr < 0 && errno != EINTR)
-            return -errno;
-        if (pr <= 0)
-            continue;
-        ssize_t r = read(c->fd, buf, n);
+        /* Reading first lets OpenSSL serve what it holds before any poll. */
+        short ev = POLLIN;
+        ssize_t r = conn_recv(c, buf, n, &ev);
         if (r > 0) {
             c->dl_bytes += (uint64_t)r;
             return r;
         }
-        if (r == 0)
-            return 0;
-        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+        if (r != CONN_AGAIN)
+            return r;
+        struct pollfd pfd = {c->fd, ev, 0};
+        if (poll(&pfd, 1, left) < 0 && errno != EINTR)
             return -errno;
     }
 }
@@ -1031,17 +1243,18 @@ ssize_t gate_conn_write(gate_conn_t *c, const void *buf, size_t n)
     size_t done = 0;
     int64_t until = sp_now_ms() + (c->expired ? 0 : c->g->cfg.write_timeout_ms);
     while (done < n) {
-        ssize_t w = send(c->fd, p + done, n - done, MSG_NOSIGNAL);
+        short ev = POLLOUT;
+        ssize_t w = conn_send(c, p + done, n - done, &ev);
         if (w > 0) {
             done += (size_t)w;
             continue;
         }
-        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
-            return -errno;
+        if (w != CONN_AGAIN && w != 0)
+            return w;
         int64_t left = until - sp_now_ms();
         if (left <= 0)
             return SP_ETIMEOUT;
-        struct pollfd pfd = {c->fd, POLLOUT, 0};
+        struct pollfd pfd = {c->fd, ev, 0};
         if (poll(&pfd, 1, (int)(left > 1 << 30 ? 1 << 30 : left)) < 0 && errno != EINTR)
             return -errno;
     }
@@ -1062,14 +1275,27 @@ bool gate_conn_wait(gate_conn_t *c, int timeout_ms)
     struct pollfd pfd = {c->fd, POLLIN, 0};
     int64_t until = sp_now_ms() + timeout_ms;
     for (;;) {
+        if (c->ssl) {
+            /* A readable socket may hold only part of a record: decrypt
+             * into the read-ahead, and say yes only for real bytes (or an
+             * end or error, which a read reports at once too). */
+            conn_reserve(c, READ_CHUNK);
+            ssize_t r = conn_recv(c, c->buf + c->len, READ_CHUNK, &pfd.events);
+            if (r > 0)
+                c->len += (size_t)r;
+            if (r != CONN_AGAIN)
+                return true;
+        }
         int pr = poll(&pfd, 1, timeout_ms);
-        if (pr > 0)
+        if (pr > 0 && c->ssl == NULL)
             return true;
-        if (pr == 0 || errno != EINTR)
+        if (pr < 0 && errno != EINTR)
             return false;
         timeout_ms = (int)(until - sp_now_ms());
         if (timeout_ms < 0)
             timeout_ms = 0;
+        if (pr == 0 && (c->ssl == NULL || timeout_ms == 0))
+            return false;
     }
 }
 
@@ -1081,8 +1307,21 @@ int gate_conn_next_ready(gate_conn_t *c, int wait_ms)
     int rc = gate_tracker_feed(&t, c->buf + c->off, c->len - c->off, NULL);
     int64_t until = sp_now_ms() + (wait_ms > 0 ? wait_ms : 0);
     while (rc == GATE_MORE) {
+        /* Read before polling: OpenSSL may hold decrypted bytes already. */
+        conn_reserve(c, READ_CHUNK);
+        short ev = POLLIN;
+        ssize_t r = conn_recv(c, c->buf + c->len, READ_CHUNK, &ev);
+        if (r > 0) {
+            rc = gate_tracker_feed(&t, c->buf + c->len, (size_t)r, NULL);
+            c->len += (size_t)r;
+            continue;
+        }
+        if (r == 0)
+            return SP_EUNAVAIL;
+        if (r != CONN_AGAIN)
+            return r;
         int64_t left = until - sp_now_ms();
-        struct pollfd pfd = {c->fd, POLLIN, 0};
+        struct pollfd pfd = {c->fd, ev, 0};
         int pr = poll(&pfd, 1, left > 0 ? (int)left : 0);
         if (pr < 0 && errno == EINTR)
             continue;
@@ -1090,17 +1329,6 @@ int gate_conn_next_ready(gate_conn_t *c, int wait_ms)
             return -errno;
         if (pr == 0)
             return 0;
-        conn_reserve(c, READ_CHUNK);
-        ssize_t r = read(c->fd, c->buf + c->len, READ_CHUNK);
-        if (r == 0)
-            return SP_EUNAVAIL;
-        if (r < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                continue;
-            return -errno;
-        }
-        rc = gate_tracker_feed(&t, c->buf + c->len, (size_t)r, NULL);
-        c->len += (size_t)r;
     }
     return rc < 0 ? rc : 1;
 }

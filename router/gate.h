@@ -9,10 +9,19 @@
  * buffer each, never a worker thread, and each waits under a deadline that
  * covers the whole unit, not a single read.
  *
- * Pure C over POSIX sockets (no DCMTK): the DICOM server in
+ * Pure C over POSIX sockets and OpenSSL (no DCMTK): the DICOM server in
  * router/dicom_server.cc reads through gate_conn_read() and friends, which
  * serve the bytes the gate read ahead first and enforce the connection's
  * deadline on every read and write.
+ *
+ * TLS: connections accepted on tls_listen_fd (or added with gate_add_tls())
+ * get an OpenSSL object from tls_acquire(). The loop drives the handshake
+ * without blocking (epoll on whatever OpenSSL wants next: to read or to
+ * write) under the same acse_timeout deadline as the A-ASSOCIATE-RQ that
+ * follows it, and feeds the tracker and the read-ahead with decrypted
+ * bytes; gate_conn_read() and friends then read and write through the same
+ * object. A connection (and so its one SSL object) belongs to one thread at
+ * a time, as below, so OpenSSL never sees two threads on one connection.
  *
  * Threads: gate_new() starts one loop thread. The ready and expired
  * callbacks run on it (or, for gate_shutdown(), on the caller's thread) and
@@ -109,8 +118,12 @@ enum {
     GATE_WHY_STOP = 4,    /* gate_shutdown() */
 };
 
+struct tls;
+
 typedef struct {
     int listen_fd;        /* listening socket the loop accepts on (not owned); -1: none */
+    int tls_listen_fd;    /* listening socket for DICOM TLS (not owned); -1: none */
+    struct tls *tls;      /* server contexts for TLS connections (not owned); NULL: no TLS */
     int acse_timeout_ms;  /* a new connection's whole A-ASSOCIATE-RQ */
     int dimse_timeout_ms; /* a parked association's idle time, and a message's base time */
     int write_timeout_ms; /* one write (one PDU) to a peer that does not read */
@@ -146,6 +159,9 @@ void gate_destroy(gate_t **gp);
  * limit refused it (the socket is closed). The loop does this itself for
  * connections on listen_fd. */
 int gate_add(gate_t *g, int fd, const char *peer);
+/* The same for a connection that starts with a TLS handshake (cfg.tls must
+ * be set). */
+int gate_add_tls(gate_t *g, int fd, const char *peer);
 /* Hands an association back to the loop until its next complete message.
  * Bytes still buffered on c stay its read-ahead. assoc is the owner's
  * handle, returned by gate_conn_assoc() when c is handed over again. */
@@ -165,6 +181,12 @@ uint64_t gate_refused(gate_t *g);
 int gate_conn_fd(const gate_conn_t *c);
 const char *gate_conn_peer(const gate_conn_t *c); /* valid until gate_conn_close() */
 void *gate_conn_assoc(const gate_conn_t *c);
+/* True for a TLS connection (its handshake is done once it is handed over). */
+bool gate_conn_is_tls(const gate_conn_t *c);
+/* The subject of the peer's verified certificate (RFC 2253), or NULL (plain
+ * connection, or TLS without a client certificate). Valid until
+ * gate_conn_close(). */
+const char *gate_conn_cert_subject(const gate_conn_t *c);
 /* Bytes read ahead and not yet read by the owner. */
 size_t gate_conn_buffered(const gate_conn_t *c);
 

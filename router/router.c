@@ -68,29 +68,57 @@ typedef struct {
     int max_results;
     bool case_insensitive_names;
     char *log_level;
-    /* [destinations] entries, "AE = host:port" */
+    bool plain;
+    bool tls;
+    int tls_port;
+    char *tls_certificate;
+    char *tls_key;
+    char *tls_ca;
+    bool tls_verify_peer;
+    char *tls_ciphers;
+    /* [destinations] entries, "AE = host:port [tls]" */
     scp_destination_t dests[ROUTER_MAX_DESTS];
     size_t ndests;
+    dicom_endpoint_t tls_dests[ROUTER_MAX_DESTS]; /* those marked tls (host borrowed) */
+    size_t ntls_dests;
 } router_settings_t;
 
-/* Parses one [destinations] line: "AE = host:port". */
+/* Parses one [destinations] line: "AE = host:port", or "AE = host:port tls"
+ * for a destination reached over DICOM TLS. */
 static int parse_destination(void *target, const char *name, const char *value, char *why,
                              size_t len)
 {
     router_settings_t *s = target;
-    const char *colon = strrchr(value, ':');
+    char addr[300];
+    sp_strlcpy(addr, value, sizeof addr);
+    bool tls = false;
+    char *space = strpbrk(addr, " \t");
+    if (space != NULL) {
+        char *flag = space + strspn(space, " \t");
+        tls = strcmp(flag, "tls") == 0;
+        *space = 0;
+        if (!tls)
+            flag = NULL;
+        if (flag == NULL) {
+            sp_fmt(why, len, "expects HOST:PORT, optionally followed by 'tls', not '%s'", value);
+            return -1;
+        }
+    }
+    const char *colon = strrchr(addr, ':');
     char *end = NULL;
     long port = colon ? strtol(colon + 1, &end, 10) : 0;
-    if (s->ndests == ROUTER_MAX_DESTS || strlen(name) > 16 || colon == NULL || colon == value ||
+    if (s->ndests == ROUTER_MAX_DESTS || strlen(name) > 16 || colon == NULL || colon == addr ||
         *end != '\0' || port < 1 || port > 65535) {
-        sp_fmt(why, len, "expects an AE title of at most 16 characters = HOST:PORT, not '%s'",
+        sp_fmt(why, len, "expects an AE title of at most 16 characters = HOST:PORT [tls], not '%s'",
                value);
         return -1;
     }
     scp_destination_t *d = &s->dests[s->ndests++];
     sp_strlcpy(d->ae_title, name, sizeof d->ae_title);
-    d->host = sp_strndup(value, (size_t)(colon - value));
+    d->host = sp_strndup(addr, (size_t)(colon - addr));
     d->port = (int)port;
+    if (tls)
+        s->tls_dests[s->ntls_dests++] = (dicom_endpoint_t){d->host, d->port};
     return 0;
 }
 
@@ -145,6 +173,24 @@ static const config_option_t router_options[] = {
     OPT("dicom", "max_depth", CONFIG_INT, max_depth, "64", 4, 4096,
         "Deepest sequence nesting accepted in a data set or identifier (checked before "
         "parsing)"),
+    OPT("dicom", "plain", CONFIG_BOOL, plain, "true", 0, 0,
+        "Serve plain (unencrypted) DICOM on port; false serves DICOM TLS only"),
+    OPT("tls", "enabled", CONFIG_BOOL, tls, "false", 0, 0,
+        "Serve DICOM TLS (BCP 195 non-downgrading: TLS 1.2+, ECDHE) on [tls] port"),
+    OPT("tls", "port", CONFIG_INT, tls_port, "2762", 0, 65535,
+        "DICOM TLS port (0 picks a free one)"),
+    OPT("tls", "certificate", CONFIG_PATH, tls_certificate, "", 0, 0,
+        "PEM certificate (chain) of this router; also its client certificate for C-MOVE over "
+        "TLS; re-read when it changes"),
+    OPT("tls", "key", CONFIG_PATH, tls_key, "", 0, 0,
+        "PEM private key of the certificate (not encrypted); re-read when it changes"),
+    OPT("tls", "ca", CONFIG_PATH, tls_ca, "", 0, 0,
+        "PEM bundle of the CAs that sign client certificates and TLS destinations; re-read when "
+        "it changes"),
+    OPT("tls", "verify_peer", CONFIG_BOOL, tls_verify_peer, "true", 0, 0,
+        "Require a client certificate signed by [tls] ca (false: no client certificate asked)"),
+    OPT("tls", "ciphers", CONFIG_STRING, tls_ciphers, "", 0, 0,
+        "TLS 1.2 cipher suites, OpenSSL names (empty: the BCP 195 ECDHE AES-GCM suites)"),
     OPT("keys", "key_pair", CONFIG_PATH, key_pair, "router.key", 0, 0,
         "The router's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
@@ -171,7 +217,7 @@ static const config_option_t router_options[] = {
         "Person names match regardless of case"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
     {"destinations", "*", CONFIG_ENTRIES, 0, "VIEWER = 192.0.2.10:104", 0, 0,
-     "C-MOVE destinations: AE title = host:port", parse_destination},
+     "C-MOVE destinations: AE title = host:port, with ' tls' for DICOM TLS", parse_destination},
 };
 
 static void settings_free(router_settings_t *s)
@@ -215,6 +261,26 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
     }
     if (strlen(s->ae_title) == 0 || strlen(s->ae_title) > 16) {
         sp_fmt(err, errlen, "%s: [dicom] ae_title must be 1 to 16 characters", path);
+        return SP_ECONFIG;
+    }
+    if (!s->plain && !s->tls) {
+        sp_fmt(err, errlen, "%s: [dicom] plain = false needs [tls] enabled = true", path);
+        return SP_ECONFIG;
+    }
+    bool need_cert = s->tls || s->ntls_dests > 0;
+    if (need_cert && (s->tls_certificate[0] == 0 || s->tls_key[0] == 0)) {
+        sp_fmt(err, errlen, "%s: DICOM TLS needs [tls] certificate and key", path);
+        return SP_ECONFIG;
+    }
+    if (((s->tls && s->tls_verify_peer) || s->ntls_dests > 0) && s->tls_ca[0] == 0) {
+        sp_fmt(err, errlen,
+               "%s: [tls] ca is needed to verify client certificates (verify_peer) and TLS "
+               "destinations",
+               path);
+        return SP_ECONFIG;
+    }
+    if (s->tls && s->plain && s->tls_port == s->port && s->port != 0) {
+        sp_fmt(err, errlen, "%s: [tls] port and [dicom] port are both %d", path, s->port);
         return SP_ECONFIG;
     }
     return 0;
@@ -370,15 +436,34 @@ static int router_run(router_settings_t *s)
     dc.max_depth = s->max_depth;
     dc.acse_timeout_s = (s->acse_timeout + 999) / 1000;
     dc.dimse_timeout_s = (s->dimse_timeout + 999) / 1000;
+    dc.plain = s->plain;
+    dc.tls = s->tls;
+    dc.tls_port = s->tls_port;
+    dc.tls_certificate = s->tls_certificate;
+    dc.tls_key = s->tls_key;
+    dc.tls_ca = s->tls_ca;
+    dc.tls_verify_peer = s->tls_verify_peer;
+    dc.tls_ciphers = s->tls_ciphers;
+    dc.tls_destinations = s->tls_dests;
+    dc.ntls_destinations = s->ntls_dests;
     rc = dicom_server_start(&dc, &handlers, &server, err, sizeof err);
     if (rc != 0) {
         log_error("cannot start DICOM service on %s:%d: %s", s->bind, s->port, err);
         goto out;
     }
-    log_info("router %s listening on %s:%d; %zu storage members, N=%d W=%d, %zu move "
-             "destinations",
-             s->ae_title, s->bind, dicom_server_port(server), backend_placed_count(backend),
-             s->replicas, s->write_quorum, s->ndests);
+    /* Tests and scripts wait for "listening on HOST:PORT;" (the TLS port
+     * when plain DICOM is off). */
+    char tls_text[300] = "";
+    if (s->tls && s->plain)
+        sp_fmt(tls_text, sizeof tls_text, "DICOM TLS on %s:%d; ", s->bind,
+               dicom_server_tls_port(server));
+    else if (s->tls)
+        sp_fmt(tls_text, sizeof tls_text, "DICOM TLS only; ");
+    log_info("router %s listening on %s:%d; %s%zu storage members, N=%d W=%d, %zu move "
+             "destinations (%zu over TLS)",
+             s->ae_title, s->bind,
+             s->plain ? dicom_server_port(server) : dicom_server_tls_port(server), tls_text,
+             backend_placed_count(backend), s->replicas, s->write_quorum, s->ndests, s->ntls_dests);
 
     sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);

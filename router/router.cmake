@@ -3,13 +3,15 @@
 # Part-10 framing (sp_part10) and the service handlers with the cluster
 # backend (sp_router) are C.
 find_package(DCMTK CONFIG REQUIRED)
+find_package(OpenSSL 3 REQUIRED)
 
 # The gatekeeper (pure C, no DCMTK): the event loop that holds connections
-# until a whole request is buffered. Its own library so test_gate links it.
-add_library(sp_gate STATIC ${CMAKE_SOURCE_DIR}/router/gate.c)
+# until a whole request is buffered, with DICOM TLS (OpenSSL) driven in it.
+# Its own library so test_gate links it.
+add_library(sp_gate STATIC ${CMAKE_SOURCE_DIR}/router/gate.c ${CMAKE_SOURCE_DIR}/router/tls.c)
 target_include_directories(sp_gate PUBLIC ${CMAKE_SOURCE_DIR}/router)
 target_compile_options(sp_gate PRIVATE ${SP_C_WARNINGS})
-target_link_libraries(sp_gate PUBLIC sp_common Threads::Threads)
+target_link_libraries(sp_gate PUBLIC sp_common Threads::Threads OpenSSL::SSL OpenSSL::Crypto)
 if(TARGET test_gate)
   target_link_libraries(test_gate PRIVATE sp_gate)
 endif()
@@ -27,7 +29,7 @@ target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-param
   $<$<BOOL:${SP_WERROR}>:-Werror>)
 target_link_libraries(sp_dicom
   PUBLIC sp_gate sp_part10 sp_common Threads::Threads
-  PRIVATE DCMTK::dcmnet DCMTK::dcmdata DCMTK::dcmjpeg DCMTK::dcmjpls DCMTK::dcmimage
+  PRIVATE DCMTK::dcmnet DCMTK::dcmtls DCMTK::dcmdata DCMTK::dcmjpeg DCMTK::dcmjpls DCMTK::dcmimage
           DCMTK::dcmimgle DCMTK::oflog DCMTK::ofstd)
 
 # The service handlers (the archive's policy) and the cluster backend, shared

@@ -12,7 +12,13 @@
  *                      [--max-connections N] [--min-rate BYTES] [--find-delay-ms MS]
  *                      [--max-object-size BYTES] [--receive-memory BYTES]
  *                      [--receive-wait S] [--max-depth N]
+ *                      [--tls-cert PEM --tls-key PEM [--tls-ca PEM] [--tls-port N]
+ *                       [--no-verify-peer] [--no-plain] [--tls-dest AE=host:port ...]]
  *                      [AE=host:port ...]
+ *
+ * With --tls-cert it also serves DICOM TLS and prints the TLS port on a
+ * second line (the first is the plain port, -1 with --no-plain). Each
+ * accepted C-STORE logs the peer's certificate subject ("cert=...").
  *
  * Threads: handlers run on adapter worker threads; the instance list is
  * guarded by one mutex. Instances are never removed or replaced before exit,
@@ -50,11 +56,15 @@ static instance_t *g_inst;
 static size_t g_count, g_cap;
 static dest_t g_dests[16];
 static size_t g_ndests;
+static dicom_endpoint_t g_tls_dests[16]; /* those of g_dests reached over TLS */
+static size_t g_ntls_dests;
 static int g_find_delay_ms; /* test knob: pause before each C-FIND match */
 
 static uint16_t on_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len)
 {
     (void)ctx;
+    log_info("C-STORE of %s from %s cert=%s", req->sop_instance_uid, req->peer->calling_ae,
+             req->peer->cert_subject ? req->peer->cert_subject : "(none)");
     uint16_t status = scp_check_store(req, comment, comment_len);
     if (status != DICOM_SUCCESS) {
         log_warn("C-STORE of %s from %s refused, status 0x%04X: %s", req->sop_instance_uid,
@@ -232,6 +242,7 @@ int main(int argc, char **argv)
     dicom_config_t cfg;
     dicom_config_defaults(&cfg);
     char *ae = "SHARDPACS";
+    int tls_port = 0;
     cfg.bind_address = "127.0.0.1";
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--ae") == 0 && i + 1 < argc) {
@@ -262,6 +273,27 @@ int main(int argc, char **argv)
             cfg.receive_wait_s = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--max-depth") == 0 && i + 1 < argc) {
             cfg.max_depth = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--tls-cert") == 0 && i + 1 < argc) {
+            cfg.tls = true;
+            cfg.tls_certificate = argv[++i];
+            cfg.tls_port = 0;
+        } else if (strcmp(argv[i], "--tls-key") == 0 && i + 1 < argc) {
+            cfg.tls_key = argv[++i];
+        } else if (strcmp(argv[i], "--tls-ca") == 0 && i + 1 < argc) {
+            cfg.tls_ca = argv[++i];
+        } else if (strcmp(argv[i], "--tls-port") == 0 && i + 1 < argc) {
+            tls_port = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--no-verify-peer") == 0) {
+            cfg.tls_verify_peer = false;
+        } else if (strcmp(argv[i], "--no-plain") == 0) {
+            cfg.plain = false;
+        } else if (strcmp(argv[i], "--tls-dest") == 0 && i + 1 < argc &&
+                   g_ndests < SP_ARRAY_LEN(g_dests) &&
+                   parse_dest(argv[i + 1], &g_dests[g_ndests]) == 0) {
+            i++;
+            g_tls_dests[g_ntls_dests++] =
+                (dicom_endpoint_t){g_dests[g_ndests].host, g_dests[g_ndests].port};
+            g_ndests++;
         } else if (g_ndests < SP_ARRAY_LEN(g_dests) &&
                    parse_dest(argv[i], &g_dests[g_ndests]) == 0) {
             g_ndests++;
@@ -271,13 +303,17 @@ int main(int argc, char **argv)
                     "[--acse-timeout S] [--dimse-timeout S] [--max-per-address N] "
                     "[--max-connections N] [--min-rate B] [--find-delay-ms MS] "
                     "[--max-object-size B] [--receive-memory B] [--receive-wait S] "
-                    "[--max-depth N] "
+                    "[--max-depth N] [--tls-cert PEM --tls-key PEM [--tls-ca PEM] "
+                    "[--tls-port N] [--no-verify-peer] [--no-plain] [--tls-dest AE=host:port]] "
                     "[AE=host:port ...]\n",
                     argv[0]);
             return 2;
         }
     }
     cfg.ae_title = ae;
+    cfg.tls_port = tls_port;
+    cfg.tls_destinations = g_tls_dests;
+    cfg.ntls_destinations = g_ntls_dests;
 
     /* Block the stop signals in every thread; main waits for them. */
     sigset_t set;
@@ -296,6 +332,8 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("%d\n", dicom_server_port(srv));
+    if (cfg.tls)
+        printf("%d\n", dicom_server_tls_port(srv));
     fflush(stdout);
 
     int sig = 0;
