@@ -555,3 +555,16 @@ int audit_parse_sync(const char *text, bool *commit)
         return SP_EINVAL;
     return 0;
 }
+
+int audit_start_settings(const audit_settings_t *s, const char *source, char *err, size_t errlen)
+{
+    audit_config_t cfg = {.path = s->file,
+                          .source = source,
+                          .syslog = s->syslog,
+                          .sync_interval_ms = s->sync_interval_ms};
+    if (audit_parse_sync(s->sync, &cfg.sync_commit) != 0) {
+        sp_fmt(err, errlen, "[audit] sync '%s' is not write or commit", s->sync);
+        return SP_ECONFIG;
+    }
+    return audit_start(&cfg, err, errlen);
+}

@@ -118,4 +118,36 @@ int audit_record(const audit_record_t *r, bool wait);
  * SP_EINVAL. */
 int audit_parse_sync(const char *text, bool *commit);
 
+/* The [audit] settings of nodes and routers; AUDIT_OPTIONS puts them into a
+ * program's config_option_t table (config.h), so both share one
+ * definition. */
+typedef struct {
+    char *file;
+    char *syslog;
+    char *sync;
+    int sync_interval_ms;
+} audit_settings_t;
+
+#define AUDIT_OPT_(type, member, key, ctype, field, def, lo, hi, help)                             \
+    {                                                                                              \
+        "audit", key, ctype, offsetof(type, member) + offsetof(audit_settings_t, field), def, lo,  \
+            hi, help, NULL                                                                         \
+    }
+#define AUDIT_OPTIONS(type, member)                                                                \
+    AUDIT_OPT_(type, member, "file", CONFIG_PATH, file, "audit.jsonl", 0, 0,                       \
+               "Audit trail, one JSON line per record (relative to this file; empty: none)"),      \
+        AUDIT_OPT_(type, member, "syslog", CONFIG_STRING, syslog, "", 0, 0,                        \
+                   "Also send each record to this RFC 5424 collector, HOST:PORT over UDP "         \
+                   "(empty: none)"),                                                               \
+        AUDIT_OPT_(type, member, "sync", CONFIG_STRING, sync, "write", 0, 0,                       \
+                   "An acknowledged store waits until its record is written (write: survives "     \
+                   "the process being killed) or written and fdatasync'd (commit: survives a "     \
+                   "machine crash)"),                                                              \
+        AUDIT_OPT_(type, member, "sync_interval", CONFIG_MS, sync_interval_ms, "1s", 1, 3600000,   \
+                   "With sync = write, records reach the disk at most this long after")
+
+/* Starts the trail from [audit] settings; source names this process.
+ * Returns 0, or SP_ECONFIG / a negative code with the reason in err. */
+int audit_start_settings(const audit_settings_t *s, const char *source, char *err, size_t errlen);
+
 #endif

@@ -997,6 +997,7 @@ static int worker_run(worker_t *w, msgvec_t *job)
     req.peer_key = meta.peer_key;
     req.peer_name = meta.peer_name;
     req.peer_role = meta.peer_role;
+    req.peer_addr = meta.peer_addr;
     uint8_t *joined = NULL;
     if (job->n == 5) {
         req.body = zmq_msg_data(&job->v[4]); /* one chunk: no copy needed */
