@@ -80,7 +80,7 @@ struct Assoc {
     char calling[DIC_AE_LEN + 1] = {0};
     char called[DIC_AE_LEN + 1] = {0};
     char host[128] = {0};
-    dicom_peer_t peer = {nullptr, nullptr, nullptr};
+    dicom_peer_t peer = {nullptr, nullptr, nullptr, nullptr};
     DIC_US next_msg_id = 1; /* for the C-STORE sub-operations of C-GET */
     bool lost = false;      /* association failed: abort instead of responding */
 };
