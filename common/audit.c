@@ -221,6 +221,7 @@ static char *format_record(const audit_record_t *r, const char *source)
         if (nstudies > AUDIT_MAX_STUDIES)
             sb_printf(&b, ",\"studies_total\":%zu", nstudies);
     }
+    sb_field(&b, "sop_instance_uid", r->sop_uid);
     if (r->instances >= 0)
         sb_printf(&b, ",\"instances\":%lld", r->instances);
     if (r->dimse_status >= 0)

@@ -74,6 +74,7 @@ typedef struct {
     const char *role;      /* that key's role */
     /* The participant objects. */
     const char *patient_id;
+    const char *sop_uid;        /* one SOP Instance UID (a store, an object read) */
     const char *study;          /* one Study Instance UID, or: */
     const char *const *studies; /* several (at most AUDIT_MAX_STUDIES are written) */
     size_t nstudies;            /*   their count */

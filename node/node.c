@@ -385,10 +385,11 @@ static void audit_request(const transport_request_t *req, const wire_request_t *
         r.action = 'C';
         r.patient_id = attrs_get(&w->attrs, ATTR_PATIENT_ID);
         r.study = attrs_get(&w->attrs, ATTR_STUDY_INSTANCE_UID);
+        r.sop_uid = attrs_get(&w->attrs, ATTR_SOP_INSTANCE_UID);
         r.instances = 1;
         break;
     case WIRE_GET:
-        sp_fmt(detail, sizeof detail, "SOP Instance %s", w->sop_uid ? w->sop_uid : "");
+        r.sop_uid = w->sop_uid;
         r.instances = 1;
         break;
     case WIRE_LIST: r.study = w->study_uid; break;

@@ -150,6 +150,7 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
     audit_record_t r = dicom_record(AUDIT_STORE, "C-STORE", req->peer, status);
     r.patient_id = attrs_get(req->attrs, ATTR_PATIENT_ID);
     r.study = attrs_get(req->attrs, ATTR_STUDY_INSTANCE_UID);
+    r.sop_uid = req->sop_instance_uid;
     r.instances = status == DICOM_SUCCESS ? 1 : 0;
     r.detail = status == DICOM_SUCCESS ? NULL : comment;
     /* The response waits for the record: a peer told Success can count on
