@@ -67,6 +67,9 @@ typedef struct {
     uint64_t done_seq;   /* every line up to here is written (or synced) */
     uint64_t bad_from;   /* lines bad_from..done_seq of the last batch failed */
     bool last_failed;
+    bool writing;      /* a batch (or an fdatasync, a reopen) is under way, mu dropped */
+    bool error_logged; /* the last batch failed and said so */
+    int64_t sync_due;  /* sync = write: sp_now_ms() of the next fdatasync; 0: none due */
     pthread_t writer;
     /* Below: the writer's alone once started. */
     char *path;
@@ -302,23 +305,111 @@ static void send_syslog(trail_t *t, const char *line, size_t len)
     free(msg);
 }
 
+/* Writes everything queued as one batch. Called with mu held and no batch
+ * being written; returns with mu held, having dropped it for the I/O. The
+ * writer thread calls it for records nobody waits for; a caller waiting for
+ * its record calls it itself when no batch is being written (it leads the
+ * batch, and whoever queued meanwhile rides along), so a store never waits
+ * for another thread to be scheduled, only for the I/O it needs anyway. */
+static void flush_locked(trail_t *t)
+{
+    size_t n = t->count;
+    char **batch = sp_calloc(n ? n : 1, sizeof *batch);
+    for (size_t i = 0; i < n; i++) {
+        batch[i] = t->ring[(t->head + i) % t->cap];
+        t->ring[(t->head + i) % t->cap] = NULL;
+    }
+    t->head = (t->head + n) % t->cap;
+    t->count = 0;
+    uint64_t last = t->queued_seq;
+    t->writing = true;
+    pthread_cond_broadcast(&t->room);
+    pthread_mutex_unlock(&t->mu);
+
+    /* One write for the whole batch: the lines land in order, and the cost
+     * of a record is a memcpy, not a system call. */
+    sbuf_t all = {0};
+    for (size_t i = 0; i < n; i++)
+        sb_put(&all, batch[i], strlen(batch[i]));
+    int rc = 0;
+    if (t->fd >= 0 && n > 0) {
+        rc = write_all(t->fd, all.p, all.n);
+        if (rc == 0 && t->commit)
+            rc = fdatasync(t->fd) == 0 ? 0 : -errno;
+    }
+    if (t->udp >= 0)
+        for (size_t i = 0; i < n; i++)
+            send_syslog(t, batch[i], strlen(batch[i]));
+    for (size_t i = 0; i < n; i++)
+        free(batch[i]);
+    free(batch);
+    free(all.p);
+
+    pthread_mutex_lock(&t->mu);
+    if (rc != 0 && !t->error_logged)
+        log_error("audit: cannot write %zu records to %s: %s", n, t->path, sp_strerror(rc));
+    else if (rc == 0 && t->error_logged)
+        log_info("audit: writing to %s again", t->path);
+    t->error_logged = rc != 0;
+    if (rc == 0 && !t->commit && n > 0 && t->sync_due == 0) {
+        t->sync_due = sp_now_ms() + t->sync_interval_ms;
+        pthread_cond_signal(&t->work); /* the writer thread schedules the fdatasync */
+    }
+    t->last_failed = rc != 0;
+    t->bad_from = t->done_seq + 1;
+    t->done_seq = last;
+    t->writing = false;
+    pthread_cond_broadcast(&t->done);
+    if (t->count > 0)
+        pthread_cond_signal(&t->work);
+}
+
+/* Runs fn(t) as if it were a batch (no batch writes meanwhile). Called and
+ * returns with mu held. */
+static void exclusive_locked(trail_t *t, void (*fn)(trail_t *t))
+{
+    t->writing = true;
+    pthread_mutex_unlock(&t->mu);
+    fn(t);
+    pthread_mutex_lock(&t->mu);
+    t->writing = false;
+    pthread_cond_broadcast(&t->done);
+}
+
+static void sync_now(trail_t *t)
+{
+    if (t->fd >= 0 && fdatasync(t->fd) != 0)
+        log_error("audit: fdatasync %s: %s", t->path, strerror(errno));
+}
+
 static void *writer_main(void *arg)
 {
     trail_t *t = arg;
     int64_t next_reopen_check = sp_now_ms() + AUDIT_REOPEN_CHECK_MS;
-    int64_t sync_due = 0; /* 0: nothing written since the last fdatasync */
-    bool error_logged = false;
-    char **batch = sp_calloc(t->cap, sizeof *batch);
     pthread_mutex_lock(&t->mu);
     for (;;) {
-        while (t->count == 0 && !t->stop) {
-            if (sync_due == 0) {
-                pthread_cond_wait(&t->work, &t->mu);
-                continue;
-            }
-            int64_t left = sync_due - sp_now_ms();
-            if (left <= 0)
-                break;
+        int64_t now = sp_now_ms();
+        bool sync_due = t->sync_due != 0 && now >= t->sync_due;
+        bool reopen_due = t->fd >= 0 && now >= next_reopen_check;
+        if (!t->writing && t->count > 0) {
+            flush_locked(t);
+        } else if (!t->writing && (sync_due || (t->stop && t->sync_due != 0))) {
+            t->sync_due = 0;
+            exclusive_locked(t, sync_now);
+        } else if (!t->writing && reopen_due) {
+            next_reopen_check = now + AUDIT_REOPEN_CHECK_MS;
+            exclusive_locked(t, maybe_reopen);
+        } else if (t->stop && !t->writing && t->count == 0) {
+            break;
+        } else {
+            /* Nothing to do now: sleep until work, the next fdatasync or the
+             * next rotation check, whichever comes first. */
+            int64_t until = next_reopen_check;
+            if (t->sync_due != 0 && t->sync_due < until)
+                until = t->sync_due;
+            int64_t left = until - now;
+            if (left < 1)
+                left = 1;
             struct timespec ts;
             clock_gettime(CLOCK_REALTIME, &ts);
             ts.tv_sec += left / 1000;
@@ -327,70 +418,10 @@ static void *writer_main(void *arg)
                 ts.tv_sec++;
                 ts.tv_nsec -= 1000000000L;
             }
-            pthread_cond_timedwait(&t->work, &t->mu, &ts);
+            pthread_cond_timedwait(t->writing ? &t->done : &t->work, &t->mu, &ts);
         }
-        size_t n = t->count;
-        for (size_t i = 0; i < n; i++) {
-            batch[i] = t->ring[(t->head + i) % t->cap];
-            t->ring[(t->head + i) % t->cap] = NULL;
-        }
-        t->head = (t->head + n) % t->cap;
-        t->count = 0;
-        uint64_t last = t->queued_seq;
-        bool stopping = t->stop;
-        if (n > 0)
-            pthread_cond_broadcast(&t->room);
-        pthread_mutex_unlock(&t->mu);
-
-        int rc = 0;
-        if (n > 0) {
-            /* One write for the whole batch: the lines land in order, and
-             * the cost of a record is a memcpy, not a system call. */
-            sbuf_t all = {0};
-            for (size_t i = 0; i < n; i++)
-                sb_put(&all, batch[i], strlen(batch[i]));
-            if (t->fd >= 0) {
-                rc = write_all(t->fd, all.p, all.n);
-                if (rc == 0 && t->commit)
-                    rc = fdatasync(t->fd) == 0 ? 0 : -errno;
-                else if (rc == 0 && sync_due == 0)
-                    sync_due = sp_now_ms() + t->sync_interval_ms;
-            }
-            if (t->udp >= 0)
-                for (size_t i = 0; i < n; i++)
-                    send_syslog(t, batch[i], strlen(batch[i]));
-            for (size_t i = 0; i < n; i++)
-                free(batch[i]);
-            free(all.p);
-            if (rc != 0 && !error_logged)
-                log_error("audit: cannot write %zu records to %s: %s", n, t->path, sp_strerror(rc));
-            else if (rc == 0 && error_logged)
-                log_info("audit: writing to %s again", t->path);
-            error_logged = rc != 0;
-        }
-        int64_t now = sp_now_ms();
-        if (t->fd >= 0 && sync_due != 0 && (now >= sync_due || stopping)) {
-            if (fdatasync(t->fd) != 0)
-                log_error("audit: fdatasync %s: %s", t->path, strerror(errno));
-            sync_due = 0;
-        }
-        if (t->fd >= 0 && now >= next_reopen_check) {
-            maybe_reopen(t);
-            next_reopen_check = now + AUDIT_REOPEN_CHECK_MS;
-        }
-
-        pthread_mutex_lock(&t->mu);
-        if (n > 0) {
-            t->last_failed = rc != 0;
-            t->bad_from = t->done_seq + 1;
-            t->done_seq = last;
-            pthread_cond_broadcast(&t->done);
-        }
-        if (stopping && t->count == 0)
-            break;
     }
     pthread_mutex_unlock(&t->mu);
-    free(batch);
     return NULL;
 }
 
@@ -459,6 +490,9 @@ int audit_start(const audit_config_t *cfg, char *err, size_t errlen)
     t->head = t->count = 0;
     t->queued_seq = t->done_seq = 0;
     t->last_failed = false;
+    t->writing = false;
+    t->error_logged = false;
+    t->sync_due = 0;
     t->stop = false;
     rc = -pthread_create(&t->writer, NULL, writer_main, t);
     if (rc != 0) {
@@ -537,8 +571,12 @@ int audit_record(const audit_record_t *r, bool wait)
     pthread_cond_signal(&t->work);
     int rc = 0;
     if (wait) {
-        while (t->running && t->done_seq < seq)
-            pthread_cond_wait(&t->done, &t->mu);
+        while (t->running && t->done_seq < seq) {
+            if (!t->writing && t->count > 0)
+                flush_locked(t); /* lead the next batch ourselves */
+            else
+                pthread_cond_wait(&t->done, &t->mu);
+        }
         if (t->last_failed && seq >= t->bad_from && seq <= t->done_seq)
             rc = SP_EUNAVAIL;
     }
