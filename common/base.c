@@ -32,6 +32,7 @@ const char *sp_strerror(int code)
     case SP_ELIMIT: return "result limit reached";
     case SP_EREMOTE: return "peer reported an error";
     case SP_ENOSPACE: return "no space left on device";
+    case SP_EDENIED: return "not authorized";
     default: break;
     }
     if (code < 0 && code > -10000)

@@ -32,6 +32,7 @@ enum {
     SP_ELIMIT = -10013,    /* result cap reached */
     SP_EREMOTE = -10014,   /* peer answered with an error */
     SP_ENOSPACE = -10015,  /* disk full */
+    SP_EDENIED = -10016,   /* the caller's role or access rule does not allow it */
 };
 
 /* Returns a static description of a code from either family. */

@@ -418,6 +418,7 @@ typedef struct {
     /* In a list: an interned name (allowlist_intern), never freed before the
      * list. In an entries_t being parsed: owned by that entries_t. */
     char *name;
+    keys_role_t role;
     unsigned line; /* where it was listed in the file; 0 when added in code */
 } allow_entry_t;
 
@@ -541,7 +542,44 @@ static bool name_valid(const char *name)
     return true;
 }
 
+const char *keys_role_name(keys_role_t role)
+{
+    switch (role) {
+    case KEYS_ROLE_NODE: return "node";
+    case KEYS_ROLE_ROUTER: return "router";
+    case KEYS_ROLE_ADMIN: return "admin";
+    case KEYS_ROLE_MEMBER: break;
+    }
+    return "member";
+}
+
+keys_role_t keys_role_default(const char *name)
+{
+    /* Key files written before roles existed name the operator's key
+     * "admin" (deploy/local-cluster.sh, the tests): those keep their
+     * rights, and every other key loses only the admin requests. */
+    return name != NULL && strncmp(name, "admin", 5) == 0 ? KEYS_ROLE_ADMIN : KEYS_ROLE_MEMBER;
+}
+
+/* Parses an explicit role word; returns false for anything else. */
+static bool role_parse(const char *word, keys_role_t *role)
+{
+    static const keys_role_t roles[] = {KEYS_ROLE_NODE, KEYS_ROLE_ROUTER, KEYS_ROLE_ADMIN};
+    for (size_t i = 0; i < SP_ARRAY_LEN(roles); i++)
+        if (strcmp(word, keys_role_name(roles[i])) == 0) {
+            *role = roles[i];
+            return true;
+        }
+    return false;
+}
+
 int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const char *name)
+{
+    return keys_allowlist_add_role(list, public_z85, name, keys_role_default(name));
+}
+
+int keys_allowlist_add_role(keys_allowlist_t *list, const char *public_z85, const char *name,
+                            keys_role_t role)
 {
     uint8_t raw[KEYS_RAW_LEN];
     if (list == NULL || !z85_to_raw(public_z85, raw) || !name_valid(name))
@@ -559,13 +597,14 @@ int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const cha
     memcpy(e->raw, raw, KEYS_RAW_LEN);
     memcpy(e->z85, public_z85, sizeof e->z85);
     e->name = interned;
+    e->role = role;
     pthread_rwlock_unlock(&list->lock);
 out:
     pthread_mutex_unlock(&list->reload_mu);
     return rc;
 }
 
-/* Parses one non-comment line "<key> <name>" into es. */
+/* Parses one non-comment line "<key> <name> [role]" into es. */
 static int allowlist_parse_line(entries_t *es, const char *path, unsigned lineno, char *line,
                                 char *err, size_t errlen)
 {
@@ -575,6 +614,25 @@ static int allowlist_parse_line(entries_t *es, const char *path, unsigned lineno
         *name++ = '\0';
     while (*name == ' ' || *name == '\t')
         name++;
+    /* A last word naming a role is the role; otherwise the whole rest is the
+     * name, as in files written before roles (names may hold blanks). */
+    size_t end = strlen(name);
+    while (end > 0 && (name[end - 1] == ' ' || name[end - 1] == '\t'))
+        name[--end] = '\0';
+    char *last = strrchr(name, ' ');
+    char *tab = strrchr(name, '\t');
+    if (tab != NULL && (last == NULL || tab > last))
+        last = tab;
+    keys_role_t role = KEYS_ROLE_MEMBER;
+    bool explicit_role = false;
+    if (last != NULL && role_parse(last + 1, &role)) {
+        explicit_role = true;
+        while (last > name && (last[-1] == ' ' || last[-1] == '\t'))
+            last--;
+        *last = '\0';
+    }
+    if (!explicit_role)
+        role = keys_role_default(name);
     uint8_t raw[KEYS_RAW_LEN];
     if (!z85_to_raw(line, raw)) {
         sp_fmt(err, errlen,
@@ -607,6 +665,7 @@ static int allowlist_parse_line(entries_t *es, const char *path, unsigned lineno
     memcpy(e->raw, raw, KEYS_RAW_LEN);
     memcpy(e->z85, line, sizeof e->z85);
     e->name = sp_strdup(name);
+    e->role = role;
     e->line = lineno;
     return 0;
 }
@@ -725,7 +784,9 @@ static size_t entries_diff(const entries_t *a, const entries_t *b, char *buf, si
     size_t count = 0, used = 0;
     buf[0] = '\0';
     for (size_t i = 0; i < a->n; i++) {
-        if (entries_find(b, a->v[i].raw) != NULL)
+        /* A key whose role changed counts as removed and added again. */
+        const allow_entry_t *same = entries_find(b, a->v[i].raw);
+        if (same != NULL && same->role == a->v[i].role)
             continue;
         count++;
         if (used + 4 >= size)
@@ -867,21 +928,31 @@ int keys_allowlist_refresh(keys_allowlist_t *al)
     return rc;
 }
 
-bool keys_allowlist_find_raw(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
-                             const char **name)
+bool keys_allowlist_find_member(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
+                                const char **name, keys_role_t *role)
 {
     const char *found = NULL;
+    keys_role_t found_role = KEYS_ROLE_MEMBER;
     if (list != NULL) {
         allowlist_maybe_check(list);
         keys_allowlist_t *al = (keys_allowlist_t *)list;
         pthread_rwlock_rdlock(&al->lock);
         const allow_entry_t *e = entries_find(&al->cur, key);
         found = e ? e->name : NULL; /* interned: outlives the entry */
+        found_role = e ? e->role : KEYS_ROLE_MEMBER;
         pthread_rwlock_unlock(&al->lock);
     }
     if (name != NULL)
         *name = found;
+    if (role != NULL)
+        *role = found_role;
     return found != NULL;
+}
+
+bool keys_allowlist_find_raw(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
+                             const char **name)
+{
+    return keys_allowlist_find_member(list, key, name, NULL);
 }
 
 bool keys_allowlist_find_name(const keys_allowlist_t *list, const char *name,

@@ -9,8 +9,14 @@
  * Cluster allow-list file, one member per line; a line whose first
  * non-blank character is '#' is a comment ('#' is also a Z85 character, so
  * there are no trailing comments):
- *     <40 Z85 characters> <member name: the rest of the line>
- * Keys and names are both unique within a list.
+ *     <40 Z85 characters> <member name> [node|router|admin]
+ * Keys and names are both unique within a list. The optional last word is
+ * the key's role (README "Access control and audit": what each role may ask
+ * of a node). Without one the name is the rest of the line, as before roles
+ * existed, and the role follows from it: a name beginning with "admin" is
+ * an admin, any other key a member (what a node or a router may ask, never
+ * admin requests), so a key file written before roles keeps working and
+ * only its admin keys may run status and drain.
  *
  * Reload. An allow-list loaded from a file follows the file while the
  * process runs, so a machine joins a running cluster when its key is
@@ -78,6 +84,20 @@ bool keys_z85_valid(const char *text);
 
 typedef struct keys_allowlist keys_allowlist_t;
 
+/* What a listed key may ask of a node (node/node.c enforces it). */
+typedef enum {
+    KEYS_ROLE_MEMBER = 0, /* no role word, name not "admin...": node or router rights */
+    KEYS_ROLE_NODE,       /* storage node: gossip, repair (partition digests/lists, get),
+                             member status for a cluster status */
+    KEYS_ROLE_ROUTER,     /* router: gossip, put, get, list, find */
+    KEYS_ROLE_ADMIN,      /* operator: status, drain, stats and direct object access */
+} keys_role_t;
+
+/* "member", "node", "router" or "admin". */
+const char *keys_role_name(keys_role_t role);
+/* The role a key without a role word gets from its name. */
+keys_role_t keys_role_default(const char *name);
+
 /* How often lookups look at the allow-list file for changes. */
 #define KEYS_RELOAD_INTERVAL_MS 1000
 
@@ -91,8 +111,11 @@ keys_allowlist_t *keys_allowlist_new(void);
 /* Adds a member; returns 0, SP_EINVAL for a bad key or name (empty, over 128
  * characters, or with control characters), or -EEXIST if the key or the
  * name is already listed. On a list loaded from a file, the next reload
- * replaces what was added with the file's contents. */
+ * replaces what was added with the file's contents. keys_allowlist_add
+ * gives the member its name's default role. */
 int keys_allowlist_add(keys_allowlist_t *list, const char *public_z85, const char *name);
+int keys_allowlist_add_role(keys_allowlist_t *list, const char *public_z85, const char *name,
+                            keys_role_t role);
 /* Re-reads the file now if it changed, regardless of when it was last
  * checked. Returns 0 if the file is unchanged or was reloaded, SP_EKEY if
  * the current version was refused (also on later calls, until it changes
@@ -106,6 +129,10 @@ int keys_allowlist_refresh(keys_allowlist_t *al);
  * valid while the list lives, even after a reload removed the member. */
 bool keys_allowlist_find_raw(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
                              const char **name);
+/* Like keys_allowlist_find_raw, and also gives the member's current role
+ * (which a reload may change: look it up per request, not per session). */
+bool keys_allowlist_find_member(const keys_allowlist_t *list, const uint8_t key[KEYS_RAW_LEN],
+                                const char **name, keys_role_t *role);
 /* The number of members now listed. */
 size_t keys_allowlist_count(const keys_allowlist_t *list);
 /* Looks up a member by name; copies its Z85 public key into out and returns

@@ -12,6 +12,7 @@
  * clients. Borrows the key pair and the allow-list from the node. */
 #include "membership.h"
 
+#include "audit.h"
 #include "base.h"
 #include "log.h"
 
@@ -65,6 +66,24 @@ struct membership {
 
 /* Logs one line per member whose state changed since the last call, if the
  * view version moved. Called with the lock held. */
+/* Audits a member joining (first seen) or leaving (left, or out: its data
+ * re-replicated elsewhere) as this member saw it. */
+static void audit_change(const gossip_member_t *old, const gossip_member_t *now)
+{
+    bool gone = now->state == GOSSIP_LEFT || now->state == GOSSIP_OUT;
+    if (old != NULL && (old->state == now->state || !gone))
+        return;
+    char detail[160];
+    audit_record_t r = AUDIT_RECORD_INIT(gone ? AUDIT_NETWORK_DETACH : AUDIT_NETWORK_ATTACH);
+    r.operation = "membership";
+    r.user = now->id;
+    r.address = now->endpoint;
+    r.detail = sp_fmt(detail, sizeof detail, "member %s %s -> %s (site %s)", now->id,
+                      old ? gossip_state_name(old->state) : "new", gossip_state_name(now->state),
+                      now->site);
+    audit_record(&r, false);
+}
+
 static void log_changes(membership_t *m)
 {
     uint64_t version = gossip_view_version(m->g);
@@ -89,6 +108,7 @@ static void log_changes(membership_t *m)
             log_info("member %s %s -> %s (incarnation %llu)", now[i].id,
                      gossip_state_name(old->state), gossip_state_name(now[i].state),
                      (unsigned long long)now[i].incarnation);
+        audit_change(old, &now[i]);
     }
     free(m->view);
     m->view = now;

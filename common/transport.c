@@ -293,6 +293,7 @@ static void close_sock(void **sockp)
 typedef struct {
     int64_t deadline_ms;
     const char *peer_name;
+    keys_role_t peer_role;
     char peer_key[KEYS_Z85_LEN + 1];
     char peer_addr[64];
 } job_meta_t;
@@ -595,7 +596,7 @@ static bool broker_identify(broker_t *b, zmq_msg_t *frame, job_meta_t *meta)
     memset(meta, 0, sizeof *meta);
     sp_strlcpy(meta->peer_addr, addr ? addr : "?", sizeof meta->peer_addr);
     if (user == NULL || !keys_z85_valid(user) || zmq_z85_decode(raw, user) == NULL ||
-        !keys_allowlist_find_raw(b->srv->allowed, raw, &meta->peer_name)) {
+        !keys_allowlist_find_member(b->srv->allowed, raw, &meta->peer_name, &meta->peer_role)) {
         log_error("transport %s: request from %s without a listed key (user id '%.40s', "
                   "removed from the allow-list?); dropped",
                   b->srv->endpoint, meta->peer_addr, user ? user : "");
@@ -995,6 +996,8 @@ static int worker_run(worker_t *w, msgvec_t *job)
     req.head_len = zmq_msg_size(&job->v[3]);
     req.peer_key = meta.peer_key;
     req.peer_name = meta.peer_name;
+    req.peer_role = meta.peer_role;
+    req.peer_addr = meta.peer_addr;
     uint8_t *joined = NULL;
     if (job->n == 5) {
         req.body = zmq_msg_data(&job->v[4]); /* one chunk: no copy needed */

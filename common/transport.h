@@ -62,6 +62,8 @@ typedef struct {
     size_t body_len;
     const char *peer_key;  /* Z85 public key of the caller */
     const char *peer_name; /* its name in the allow-list */
+    keys_role_t peer_role; /* its role there, as listed when the request arrived */
+    const char *peer_addr; /* its address, as ZeroMQ reports it */
 } transport_request_t;
 
 /* Filled by a handler. The transport takes ownership of head (freed with

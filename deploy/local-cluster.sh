@@ -274,16 +274,17 @@ TLS_PORT=$tls_port
 ENV
   ((tls)) && make_tls_files "$dir"
 
-  # Keys: one pair per member plus an operator key; all listed in cluster.keys.
+  # Keys: one pair per member plus an operator key; all listed in cluster.keys,
+  # each with its role (node, router, admin: what it may ask of a node).
   : >"$dir/cluster.keys.new"
   for i in $(seq 1 "$nodes"); do
     mkdir -p "$dir/n$i"
     [[ -f "$dir/n$i/node.key" ]] || "$bin/shardpacs" keygen "$dir/n$i/node.key" "$dir/n$i/node.pub" >/dev/null
-    echo "$(pubkey "$dir/n$i/node.key") n$i" >>"$dir/cluster.keys.new"
+    echo "$(pubkey "$dir/n$i/node.key") n$i node" >>"$dir/cluster.keys.new"
   done
   for who in router admin; do
     [[ -f "$dir/$who.key" ]] || "$bin/shardpacs" keygen "$dir/$who.key" >/dev/null
-    echo "$(pubkey "$dir/$who.key") $who" >>"$dir/cluster.keys.new"
+    echo "$(pubkey "$dir/$who.key") $who $who" >>"$dir/cluster.keys.new"
   done
   mv "$dir/cluster.keys.new" "$dir/cluster.keys"
 
@@ -478,7 +479,7 @@ cmd_add_node() {
   # Append through a new file renamed into place: a member re-reading the
   # key file never sees half a line.
   cp "$dir/cluster.keys" "$dir/cluster.keys.new"
-  echo "$(pubkey "$dir/$name/node.key") $name" >>"$dir/cluster.keys.new"
+  echo "$(pubkey "$dir/$name/node.key") $name node" >>"$dir/cluster.keys.new"
   mv "$dir/cluster.keys.new" "$dir/cluster.keys"
   write_node_conf "$dir" "$k" "$site" ""
   set_seeds "$dir" "$name"

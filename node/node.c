@@ -1,12 +1,15 @@
 /* node.c - shardpacs-node: a storage node. Loads its configuration and keys,
  * opens the RocksDB store and answers cluster RPCs (put, get, list, find,
  * partition digest/list, stats, gossip) over the CURVE transport, and takes
- * part in cluster membership (membership.c).
+ * part in cluster membership (membership.c). Each request is checked
+ * against its key's role (keys.h) before it runs; refusals and everything
+ * an operator's key asks go to the audit trail (audit.h).
  *
  * Threads: the main thread sets up, then waits for SIGINT/SIGTERM; the
  * transport's worker threads run node_handle() concurrently, which is safe
  * because the store and membership are thread-safe and everything else here
  * is read-only after start-up; membership runs one thread of its own. */
+#include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/config.h"
 #include "../common/keys.h"
@@ -51,6 +54,7 @@ typedef struct {
     int repair_streams;
     int scrub_interval_ms;
     size_t scrub_rate;
+    audit_settings_t audit;
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                              \
@@ -105,6 +109,7 @@ static const config_option_t node_options[] = {
         "Pause between two scrubber passes over every stored object"),
     OPT("repair", "scrub_rate", CONFIG_SIZE, scrub_rate, "20M", 0, 1LL << 40,
         "Scrubber reads: bytes per second (0 = unlimited)"),
+    AUDIT_OPTIONS(node_settings_t, audit),
 };
 
 typedef struct {
@@ -333,11 +338,99 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
                                 .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
 }
 
+/* Which role may send which request (README "Access control and audit"):
+ * routers store, read, list and find; nodes repair (partition digests and
+ * lists, reads) and ask each other's member status for a cluster status;
+ * operators run status, drain, stats and the per-node object commands. A
+ * key without a role word (member) has a node's and a router's rights,
+ * never an operator's. Gossip is for members only. */
+static bool role_allows(keys_role_t role, const wire_request_t *w)
+{
+    bool admin = role == KEYS_ROLE_ADMIN;
+    bool node = role == KEYS_ROLE_NODE || role == KEYS_ROLE_MEMBER;
+    bool router = role == KEYS_ROLE_ROUTER || role == KEYS_ROLE_MEMBER;
+    switch (w->kind) {
+    case WIRE_GOSSIP: return node || router;
+    case WIRE_PUT:
+    case WIRE_LIST:
+    case WIRE_FIND: return router || admin;
+    case WIRE_GET: return true;
+    case WIRE_PARTITION_DIGEST:
+    case WIRE_PARTITION_LIST: return node || admin;
+    case WIRE_STATUS: return admin || (node && !w->cluster);
+    case WIRE_STATS:
+    case WIRE_DRAIN: return admin;
+    default: return true; /* answered as unknown */
+    }
+}
+
+/* One audit record for a request: refused ones (any role) and whatever an
+ * operator's key ran. Members' own traffic (puts, repair, gossip) is not
+ * recorded here: the router records the DICOM operation behind it. */
+static void audit_request(const transport_request_t *req, const wire_request_t *w,
+                          const wire_reply_t *rep, bool refused)
+{
+    if (!refused && req->peer_role != KEYS_ROLE_ADMIN)
+        return;
+    audit_record_t r = AUDIT_RECORD_INIT(AUDIT_INSTANCES_ACCESSED);
+    char detail[160] = "";
+    switch (w->kind) {
+    case WIRE_STATUS:
+    case WIRE_STATS: r.event = AUDIT_RESTRICTED; break;
+    case WIRE_DRAIN:
+        r.event = AUDIT_NETWORK_CONFIG;
+        sp_fmt(detail, sizeof detail, "drain %s", w->node_id ? w->node_id : "");
+        break;
+    case WIRE_PUT:
+        r.action = 'C';
+        r.patient_id = attrs_get(&w->attrs, ATTR_PATIENT_ID);
+        r.study = attrs_get(&w->attrs, ATTR_STUDY_INSTANCE_UID);
+        r.sop_uid = attrs_get(&w->attrs, ATTR_SOP_INSTANCE_UID);
+        r.instances = 1;
+        break;
+    case WIRE_GET:
+        r.sop_uid = w->sop_uid;
+        r.instances = 1;
+        break;
+    case WIRE_LIST: r.study = w->study_uid; break;
+    case WIRE_FIND: r.study = attrs_get(&w->attrs, ATTR_STUDY_INSTANCE_UID); break;
+    case WIRE_GOSSIP: r.event = AUDIT_RESTRICTED; break;
+    default: break;
+    }
+    if (refused) {
+        r.event = AUDIT_RESTRICTED;
+        r.action = 0;
+        r.outcome = AUDIT_MINOR_FAILURE;
+        sp_fmt(detail, sizeof detail, "refused: role %s may not send %s",
+               keys_role_name(req->peer_role), wire_kind_name(w->kind));
+    } else if (rep->status != 0) {
+        r.outcome = AUDIT_SERIOUS_FAILURE;
+    }
+    r.operation = wire_kind_name(w->kind);
+    r.user = req->peer_name;
+    r.role = keys_role_name(req->peer_role);
+    r.address = req->peer_addr;
+    r.detail = detail[0] ? detail : NULL;
+    audit_record(&r, false);
+}
+
 /* Runs one valid request (wire_serve decoded it) on a worker thread. */
 static void node_dispatch(void *ctx, const transport_request_t *req, const wire_request_t *w,
                           wire_reply_t *rep, transport_reply_t *out)
 {
     node_t *node = ctx;
+    if (!role_allows(req->peer_role, w)) {
+        char text[256];
+        wire_reply_error(
+            rep, SP_EDENIED,
+            sp_fmt(text, sizeof text, "%s refused: key '%s' has role %s, which may not send it",
+                   wire_kind_name(w->kind), req->peer_name, keys_role_name(req->peer_role)));
+        log_warn("%s request from %s (%s) refused: key role %s", wire_kind_name(w->kind),
+                 req->peer_name, req->peer_addr ? req->peer_addr : "?",
+                 keys_role_name(req->peer_role));
+        audit_request(req, w, rep, true);
+        return;
+    }
     switch (w->kind) {
     case WIRE_PUT: handle_put(node, req, w, rep); break;
     case WIRE_GET: handle_get(node, w, rep, out); break;
@@ -351,6 +444,7 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
     case WIRE_GOSSIP: membership_handle(atomic_load(&node->membership), req, w, rep); break;
     default: wire_reply_error(rep, SP_EUNKNOWN, "unknown request"); break;
     }
+    audit_request(req, w, rep, false);
 }
 
 static void node_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
@@ -396,7 +490,15 @@ static int node_run(const node_settings_t *s, const char *ready_file)
                    .page_bytes = frame / 2 < WIRE_PAGE_BYTES ? frame / 2 : WIRE_PAGE_BYTES};
     atomic_init(&node.membership, NULL);
     atomic_init(&node.repair, NULL);
-    int rc = keys_load_pair(s->key_pair, &self, err, sizeof err);
+    int rc = audit_start_settings(&s->audit, s->id, err, sizeof err);
+    if (rc != 0) {
+        log_error("%s", err);
+        return rc;
+    }
+    audit_record_t started = AUDIT_RECORD_INIT(AUDIT_APPLICATION_START);
+    started.operation = "shardpacs-node";
+    audit_record(&started, false);
+    rc = keys_load_pair(s->key_pair, &self, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);
         goto out;
@@ -478,6 +580,11 @@ out:
     membership_stop(&m);
     store_close(&node.store);
     keys_allowlist_destroy(&allowed);
+    audit_record_t stopped = AUDIT_RECORD_INIT(AUDIT_APPLICATION_STOP);
+    stopped.operation = "shardpacs-node";
+    stopped.outcome = rc == 0 ? AUDIT_SUCCESS : AUDIT_SERIOUS_FAILURE;
+    audit_record(&stopped, false);
+    audit_stop();
     return rc;
 }
 

@@ -66,6 +66,7 @@
 #define DICOM_DATASET_MISMATCH 0xA900   /* identifier / SOP class mismatch */
 #define DICOM_CANNOT_UNDERSTAND 0xC000  /* store: cannot understand */
 #define DICOM_UNABLE_TO_PROCESS 0xC001  /* query/retrieve: unable to process */
+#define DICOM_NOT_AUTHORIZED 0x0124     /* PS3.7 C.5: Refused: Not Authorized */
 
 /* A network address: a C-MOVE destination reached over TLS. */
 typedef struct {
@@ -175,6 +176,16 @@ typedef struct {
     uint16_t (*find)(void *ctx, dicom_find_t *q, char *comment, size_t comment_len);
     uint16_t (*move)(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);
     uint16_t (*get)(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);
+    /* Optional. Decides, once the AE titles are known and before the
+     * presentation contexts are negotiated, whether an association request
+     * is admitted: false rejects it (A-ASSOCIATE-RJ, permanent, calling AE
+     * title not recognized), with the reason in why for the log. */
+    bool (*admit)(void *ctx, const dicom_peer_t *peer, char *why, size_t why_len);
+    /* Optional. Told once per association request the adapter parsed how it
+     * ended: accepted (A-ASSOCIATE-AC sent) or rejected, and why. */
+    void (*associated)(void *ctx, const dicom_peer_t *peer, bool accepted, const char *why);
+    /* Optional. The status of a C-ECHO (Success when NULL). */
+    uint16_t (*echo)(void *ctx, const dicom_peer_t *peer);
 } dicom_handlers_t;
 
 typedef struct dicom_server dicom_server_t;

@@ -449,7 +449,10 @@ static bool serve_association(Assoc *a, bool fresh)
         bool ok = true;
         switch (msg.CommandField) {
         case DIMSE_C_ECHO_RQ:
-            ok = DIMSE_sendEchoResponse(a->as, pres, &msg.msg.CEchoRQ, STATUS_Success, NULL).good();
+            ok = DIMSE_sendEchoResponse(
+                     a->as, pres, &msg.msg.CEchoRQ,
+                     srv->h.echo ? srv->h.echo(srv->h.ctx, &a->peer) : STATUS_Success, NULL)
+                     .good();
             break;
         case DIMSE_C_STORE_RQ: ok = dicom_services_store(*a, pres, msg.msg.CStoreRQ); break;
         case DIMSE_C_FIND_RQ: ok = dicom_services_find(*a, pres, msg.msg.CFindRQ); break;
@@ -529,7 +532,8 @@ static std::set<std::string> parse_ae_list(const char *text)
 }
 
 /* A new connection with its A-ASSOCIATE-RQ buffered: checks the AE titles,
- * negotiates and answers A-ASSOCIATE-AC (then serves it) or -RJ. */
+ * asks the admit hook, negotiates and answers A-ASSOCIATE-AC (then serves
+ * it) or -RJ; the associated hook hears which, and why. */
 static void serve_new(dicom_server *srv, T_ASC_Network *net, gate_conn_t *c)
 {
     Assoc *a = new Assoc;
@@ -550,18 +554,25 @@ static void serve_new(dicom_server *srv, T_ASC_Network *net, gate_conn_t *c)
         a->cert_subject = gate_conn_cert_subject(c);
         a->peer.cert_subject = a->cert_subject.c_str();
     }
+    auto refuse = [srv, a](const char *why, T_ASC_RejectParametersReason reason) {
+        log_warn("dicom: association from calling AE '%s' (%s) to '%s' rejected: %s", a->calling,
+                 a->host, a->called, why);
+        if (srv->h.associated)
+            srv->h.associated(srv->h.ctx, &a->peer, false, why);
+        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER, reason);
+    };
     if (srv->cfg.require_called_ae && srv->ae_title != dicom_trim(OFString(a->called))) {
-        log_warn("dicom: association from %s (%s) to unknown AE '%s' rejected", a->calling, a->host,
-                 a->called);
-        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
-               ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED);
+        refuse("unknown called AE title", ASC_REASON_SU_CALLEDAETITLENOTRECOGNIZED);
         return;
     }
     if (!srv->allowed_callers.empty() &&
         srv->allowed_callers.count(dicom_trim(OFString(a->calling)).c_str()) == 0) {
-        log_warn("dicom: association from calling AE '%s' (%s) rejected: not in allowed_callers",
-                 a->calling, a->host);
-        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER,
+        refuse("not in allowed_callers", ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED);
+        return;
+    }
+    char why[256] = "";
+    if (srv->h.admit && !srv->h.admit(srv->h.ctx, &a->peer, why, sizeof why)) {
+        refuse(why[0] ? why : "refused by the access rules",
                ASC_REASON_SU_CALLINGAETITLENOTRECOGNIZED);
         return;
     }
@@ -569,19 +580,22 @@ static void serve_new(dicom_server *srv, T_ASC_Network *net, gate_conn_t *c)
     if (cond.bad() || ASC_countAcceptedPresentationContexts(a->as->params) == 0) {
         /* DCMTK would answer nothing at all (the peer would wait for its
          * own timeout); say no. */
-        log_warn("dicom: association from %s (%s) rejected: %s", a->calling, a->host,
-                 cond.bad() ? cond.text() : "no presentation context accepted");
-        reject(a, ASC_RESULT_REJECTEDPERMANENT, ASC_SOURCE_SERVICEUSER, ASC_REASON_SU_NOREASON);
+        refuse(cond.bad() ? cond.text() : "no presentation context accepted",
+               ASC_REASON_SU_NOREASON);
         return;
     }
     cond = ASC_acknowledgeAssociation(a->as);
     if (cond.bad()) {
         log_warn("dicom: acknowledging association from %s (%s): %s", a->calling, a->host,
                  cond.text());
+        if (srv->h.associated)
+            srv->h.associated(srv->h.ctx, &a->peer, false, cond.text());
         finish(a, true);
         return;
     }
     log_debug("dicom: association from %s (%s) to %s", a->calling, a->host, a->called);
+    if (srv->h.associated)
+        srv->h.associated(srv->h.ctx, &a->peer, true, "accepted");
     serve_association(a, false);
 }
 

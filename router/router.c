@@ -9,6 +9,7 @@
  * then for SIGINT/SIGTERM; the DICOM worker threads call the handlers, the
  * transport's workers answer gossip, membership runs a thread of its own.
  * Settings are read-only after start-up. */
+#include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/config.h"
 #include "../common/keys.h"
@@ -16,6 +17,7 @@
 #include "../common/membership.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
+#include "access.h"
 #include "backend.h"
 #include "dicom.h"
 #include "scp.h"
@@ -76,6 +78,8 @@ typedef struct {
     char *tls_ca;
     bool tls_verify_peer;
     char *tls_ciphers;
+    char *access_rules;
+    audit_settings_t audit;
     /* [destinations] entries, "AE = host:port [tls]" */
     scp_destination_t dests[ROUTER_MAX_DESTS];
     size_t ndests;
@@ -216,6 +220,11 @@ static const config_option_t router_options[] = {
     OPT("query", "case_insensitive_names", CONFIG_BOOL, case_insensitive_names, "true", 0, 0,
         "Person names match regardless of case"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("access", "rules", CONFIG_PATH, access_rules, "", 0, 0,
+        "DICOM access rules file: per calling AE (address, certificate subject) the operations "
+        "and C-MOVE destinations allowed, re-read when it changes; empty: everyone may do "
+        "everything"),
+    AUDIT_OPTIONS(router_settings_t, audit),
     {"destinations", "*", CONFIG_ENTRIES, 0, "VIEWER = 192.0.2.10:104", 0, 0,
      "C-MOVE destinations: AE title = host:port, with ' tls' for DICOM TLS", parse_destination},
 };
@@ -350,10 +359,22 @@ static int wait_for_storage(backend_t *backend, int timeout_ms)
     return 0;
 }
 
+/* Audits each reload of the access rules, applied or refused. */
+static void audit_rules_reload(void *ctx, bool applied, const char *what)
+{
+    (void)ctx;
+    audit_record_t r = AUDIT_RECORD_INIT(AUDIT_SECURITY_CONFIG);
+    r.operation = "access rules reload";
+    r.outcome = applied ? AUDIT_SUCCESS : AUDIT_MINOR_FAILURE;
+    r.detail = what;
+    audit_record(&r, false);
+}
+
 static int router_run(router_settings_t *s)
 {
     char err[512];
     keys_allowlist_t *keys = NULL;
+    access_rules_t *access = NULL;
     backend_t *backend = NULL;
     dicom_server_t *server = NULL;
     transport_server_t *srv = NULL;
@@ -369,12 +390,27 @@ static int router_run(router_settings_t *s)
                            .avoid_failed_ms = s->avoid_failed_ms,
                            .case_insensitive_names = s->case_insensitive_names,
                            .duplicates = s->duplicates_policy};
-    int rc = keys_load_pair(s->key_pair, &bc.self, err, sizeof err);
+    int rc = audit_start_settings(&s->audit, s->id, err, sizeof err);
+    if (rc != 0) {
+        log_error("%s", err);
+        return rc;
+    }
+    audit_record_t started = AUDIT_RECORD_INIT(AUDIT_APPLICATION_START);
+    started.operation = "shardpacs-router";
+    audit_record(&started, false);
+    rc = keys_load_pair(s->key_pair, &bc.self, err, sizeof err);
     if (rc == 0 && (keys = keys_allowlist_load(s->cluster_keys, err, sizeof err)) == NULL)
         rc = SP_EKEY;
+    if (rc == 0 && s->access_rules[0] != '\0' &&
+        (access = access_rules_load(s->access_rules, err, sizeof err)) == NULL)
+        rc = SP_ECONFIG;
     if (rc != 0) {
         log_error("%s", err);
         goto out;
+    }
+    if (access != NULL) {
+        access_rules_on_reload(access, audit_rules_reload, NULL);
+        log_info("access rules from %s", s->access_rules);
     }
 
     /* Gossip: a transport server of its own, then membership. */
@@ -414,9 +450,16 @@ static int router_run(router_settings_t *s)
                  .ae_title = s->ae_title,
                  .dests = s->dests,
                  .ndests = s->ndests,
-                 .max_results = (size_t)s->max_results};
-    dicom_handlers_t handlers = {
-        .ctx = &scp, .store = scp_store, .find = scp_find, .move = scp_move, .get = scp_get};
+                 .max_results = (size_t)s->max_results,
+                 .access = access};
+    dicom_handlers_t handlers = {.ctx = &scp,
+                                 .store = scp_store,
+                                 .find = scp_find,
+                                 .move = scp_move,
+                                 .get = scp_get,
+                                 .admit = scp_admit,
+                                 .associated = scp_associated,
+                                 .echo = scp_echo};
     dicom_config_t dc;
     dicom_config_defaults(&dc);
     dc.ae_title = s->ae_title;
@@ -473,6 +516,12 @@ out:
     membership_stop(&m);
     backend_destroy(&backend);
     keys_allowlist_destroy(&keys);
+    access_rules_destroy(&access);
+    audit_record_t stopped = AUDIT_RECORD_INIT(AUDIT_APPLICATION_STOP);
+    stopped.operation = "shardpacs-router";
+    stopped.outcome = rc == 0 ? AUDIT_SUCCESS : AUDIT_SERIOUS_FAILURE;
+    audit_record(&stopped, false);
+    audit_stop();
     return rc;
 }
 

@@ -16,6 +16,15 @@ if(TARGET test_gate)
   target_link_libraries(test_gate PRIVATE sp_gate)
 endif()
 
+# The DICOM access rules (pure C): their own library so test_access links it.
+add_library(sp_access STATIC ${CMAKE_SOURCE_DIR}/router/access.c)
+target_include_directories(sp_access PUBLIC ${CMAKE_SOURCE_DIR}/router)
+target_compile_options(sp_access PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(sp_access PUBLIC sp_common Threads::Threads)
+if(TARGET test_access)
+  target_link_libraries(test_access PRIVATE sp_access)
+endif()
+
 # Part-10 framing of stored instances: C, no DCMTK, unit-tested on its own.
 add_library(sp_part10 STATIC ${CMAKE_SOURCE_DIR}/router/part10.c)
 target_include_directories(sp_part10 PUBLIC ${CMAKE_SOURCE_DIR}/router)
@@ -37,7 +46,7 @@ target_link_libraries(sp_dicom
 add_library(sp_router STATIC ${CMAKE_SOURCE_DIR}/router/scp.c
   ${CMAKE_SOURCE_DIR}/router/backend.c)
 target_compile_options(sp_router PRIVATE ${SP_C_WARNINGS})
-target_link_libraries(sp_router PUBLIC sp_dicom sp_part10 sp_common)
+target_link_libraries(sp_router PUBLIC sp_dicom sp_part10 sp_access sp_common)
 
 # Test harness: a C program that serves the adapter from memory. The pytest
 # script tests/cluster/test_dicom_adapter.py drives it with DCMTK's tools; it

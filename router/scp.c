@@ -1,11 +1,13 @@
-/* scp.c - DICOM service handlers of the router (scp.h): the archive's
- * policy for what it stores, and the calls into the cluster (backend.h).
- * Each handler logs the failures it returns, once, with the calling AE and
- * the UIDs involved; the adapter does not log them again. */
+/* scp.c - DICOM service handlers of the router (scp.h): the access rules
+ * (access.h), the archive's policy for what it stores, the calls into the
+ * cluster (backend.h) and one audit record per operation (audit.h). Each
+ * handler logs the failures it returns, once, with the calling AE and the
+ * UIDs involved; the adapter does not log them again. */
 #include "scp.h"
 
 #include "part10.h"
 
+#include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/log.h"
 
@@ -54,9 +56,114 @@ uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment
     return DICOM_SUCCESS;
 }
 
+/* The access rules see a DICOM peer as its calling AE, address and
+ * certificate subject. */
+static access_peer_t access_peer(const dicom_peer_t *p)
+{
+    return (access_peer_t){p->calling_ae, p->peer_host, p->cert_subject};
+}
+
+/* A DIMSE status as an audit outcome: refusals, cancels and warnings are
+ * minor failures (nothing or part done, on purpose), the rest serious. */
+static int outcome_of(uint16_t status)
+{
+    if (status == DICOM_SUCCESS)
+        return AUDIT_SUCCESS;
+    if (status == DICOM_NOT_AUTHORIZED || status == DICOM_CANCEL || (status & 0xF000) == 0xB000 ||
+        status == DICOM_MOVE_DEST_UNKNOWN)
+        return AUDIT_MINOR_FAILURE;
+    return AUDIT_SERIOUS_FAILURE;
+}
+
+/* An audit record of a DICOM operation with its actor and status filled. */
+static audit_record_t dicom_record(audit_event_t event, const char *operation,
+                                   const dicom_peer_t *peer, uint16_t status)
+{
+    audit_record_t r = AUDIT_RECORD_INIT(event);
+    r.operation = operation;
+    r.outcome = outcome_of(status);
+    r.dimse_status = status;
+    r.ae_title = peer->calling_ae;
+    r.address = peer->peer_host;
+    r.subject = peer->cert_subject;
+    return r;
+}
+
+/* Checks op (and a move's destination) against the rules; on refusal logs
+ * it and fills comment. */
+static bool allowed(scp_t *scp, const dicom_peer_t *peer, unsigned op, const char *dest,
+                    char *comment, size_t comment_len)
+{
+    char why[256];
+    access_peer_t ap = access_peer(peer);
+    if (access_check(scp->access, &ap, op, dest, why, sizeof why))
+        return true;
+    sp_fmt(comment, comment_len, "not authorized: %s", why);
+    log_warn("%s from calling AE '%s' (%s%s%s) refused: %s", access_op_name(op), peer->calling_ae,
+             peer->peer_host, peer->cert_subject ? ", " : "",
+             peer->cert_subject ? peer->cert_subject : "", why);
+    return false;
+}
+
+bool scp_admit(void *ctx, const dicom_peer_t *peer, char *why, size_t why_len)
+{
+    scp_t *scp = ctx;
+    unsigned line = 0;
+    access_peer_t ap = access_peer(peer);
+    if (access_ops(scp->access, &ap, &line) != 0)
+        return true;
+    if (line == 0)
+        sp_fmt(why, why_len, "no access rule matches it");
+    else
+        sp_fmt(why, why_len, "its access rule (line %u) allows nothing", line);
+    return false;
+}
+
+void scp_associated(void *ctx, const dicom_peer_t *peer, bool accepted, const char *why)
+{
+    (void)ctx;
+    audit_record_t r = dicom_record(AUDIT_ASSOCIATION, "A-ASSOCIATE", peer, DICOM_SUCCESS);
+    r.dimse_status = -1;
+    r.outcome = accepted ? AUDIT_SUCCESS : AUDIT_MINOR_FAILURE;
+    r.called_ae = peer->called_ae;
+    r.detail = accepted ? NULL : why;
+    audit_record(&r, false);
+}
+
+uint16_t scp_echo(void *ctx, const dicom_peer_t *peer)
+{
+    char comment[256];
+    if (!allowed(ctx, peer, ACCESS_ECHO, NULL, comment, sizeof comment))
+        return DICOM_NOT_AUTHORIZED;
+    return DICOM_SUCCESS;
+}
+
+static uint16_t store_checked(scp_t *scp, const dicom_store_t *req, char *comment,
+                              size_t comment_len);
+
 uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len)
 {
     scp_t *scp = ctx;
+    uint16_t status = allowed(scp, req->peer, ACCESS_STORE, NULL, comment, comment_len)
+                          ? store_checked(scp, req, comment, comment_len)
+                          : DICOM_NOT_AUTHORIZED;
+    audit_record_t r = dicom_record(AUDIT_STORE, "C-STORE", req->peer, status);
+    r.patient_id = attrs_get(req->attrs, ATTR_PATIENT_ID);
+    r.study = attrs_get(req->attrs, ATTR_STUDY_INSTANCE_UID);
+    r.sop_uid = req->sop_instance_uid;
+    r.instances = status == DICOM_SUCCESS ? 1 : 0;
+    r.detail = status == DICOM_SUCCESS ? NULL : comment;
+    /* The response waits for the record: a peer told Success can count on
+     * its record being in the trail, even if the router is killed now. */
+    audit_record(&r, true);
+    return status;
+}
+
+/* A store the access rules allowed: the archive's policy, then the
+ * replicas. */
+static uint16_t store_checked(scp_t *scp, const dicom_store_t *req, char *comment,
+                              size_t comment_len)
+{
     const char *study = attrs_str(req->attrs, ATTR_STUDY_INSTANCE_UID);
     uint16_t status = scp_check_store(req, comment, comment_len);
     if (status != DICOM_SUCCESS) {
@@ -119,17 +226,52 @@ uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t co
     return DICOM_OUT_OF_RESOURCES;
 }
 
+/* A C-FIND being answered: its matches are counted for the audit. */
+typedef struct {
+    dicom_find_t *q;
+    size_t matches;
+} find_run_t;
+
 static int emit_match(void *ctx, const attrs_t *match)
 {
-    return dicom_find_emit(ctx, match);
+    find_run_t *run = ctx;
+    run->matches++;
+    return dicom_find_emit(run->q, match);
 }
+
+static uint16_t find_checked(scp_t *scp, dicom_find_t *q, size_t *matches, char *comment,
+                             size_t comment_len);
 
 uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len)
 {
     scp_t *scp = ctx;
+    const dicom_peer_t *peer = dicom_find_peer(q);
+    size_t matches = 0;
+    uint16_t status = allowed(scp, peer, ACCESS_FIND, NULL, comment, comment_len)
+                          ? find_checked(scp, q, &matches, comment, comment_len)
+                          : DICOM_NOT_AUTHORIZED;
+    audit_record_t r = dicom_record(AUDIT_QUERY, "C-FIND", peer, status);
+    const attrs_t *keys = dicom_find_keys(q);
+    const char *patient = attrs_get(keys, ATTR_PATIENT_ID);
+    const char *study = attrs_get(keys, ATTR_STUDY_INSTANCE_UID);
+    r.patient_id = patient && patient[0] ? patient : NULL;
+    r.study = study && study[0] ? study : NULL;
+    char detail[320];
+    r.detail = sp_fmt(detail, sizeof detail, "%s level, %zu matches%s%s",
+                      attr_level_name(dicom_find_level(q)), matches,
+                      status == DICOM_SUCCESS ? "" : "; ", status == DICOM_SUCCESS ? "" : comment);
+    audit_record(&r, false);
+    return status;
+}
+
+static uint16_t find_checked(scp_t *scp, dicom_find_t *q, size_t *matches, char *comment,
+                             size_t comment_len)
+{
     bool partial = false;
+    find_run_t run = {.q = q};
     int rc = backend_find(scp->backend, dicom_find_level(q), dicom_find_keys(q), scp->max_results,
-                          emit_match, q, &partial);
+                          emit_match, &run, &partial);
+    *matches = run.matches;
     if (dicom_find_cancelled(q))
         return DICOM_CANCEL;
     if (rc == SP_ELIMIT) {
@@ -428,7 +570,7 @@ static void prefetch_finish(prefetch_t *p)
 /* Sends every listed instance, each fetched from the first replica that has
  * a good copy. Returns DICOM_SUCCESS, or DICOM_CANCEL when the requester
  * cancelled or the association failed. */
-static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t *list)
+static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t *list, size_t *sent)
 {
     const char *calling = dicom_retrieve_peer(r)->calling_ae;
     prefetch_t p;
@@ -444,6 +586,8 @@ static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t 
         }
         int rc = dicom_retrieve_send(r, f.data, f.len);
         free(f.data);
+        if (rc == 0)
+            (*sent)++;
         if (rc < 0) {
             status = DICOM_CANCEL;
             break;
@@ -453,13 +597,47 @@ static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t 
     return status;
 }
 
+/* Writes a retrieve's audit record: the studies it resolved to (each once;
+ * the list holds a study's instances together) and the instances sent. */
+static void audit_retrieve(dicom_retrieve_t *r, const retrieve_list_t *list, size_t sent,
+                           uint16_t status, const char *comment)
+{
+    const dicom_peer_t *peer = dicom_retrieve_peer(r);
+    const char *dest = dicom_retrieve_destination(r);
+    audit_record_t a = dicom_record(AUDIT_RETRIEVE, dest ? "C-MOVE" : "C-GET", peer, status);
+    const char *studies[AUDIT_MAX_STUDIES];
+    size_t n = 0;
+    for (size_t i = 0; i < list->n; i++) {
+        if (i > 0 && strcmp(list->items[i].study, list->items[i - 1].study) == 0)
+            continue;
+        if (n < AUDIT_MAX_STUDIES)
+            studies[n] = list->items[i].study;
+        n++;
+    }
+    const attrs_t *keys = dicom_retrieve_keys(r);
+    const char *patient = attrs_get(keys, ATTR_PATIENT_ID);
+    const char *study = attrs_get(keys, ATTR_STUDY_INSTANCE_UID);
+    a.patient_id = patient && patient[0] ? patient : NULL;
+    if (n > 0) {
+        a.studies = studies;
+        a.nstudies = n;
+    } else if (study && study[0]) {
+        a.study = study;
+    }
+    a.instances = (long long)sent;
+    a.destination = dest;
+    a.detail = status == DICOM_SUCCESS ? NULL : comment;
+    audit_record(&a, false);
+}
+
 /* Shared by C-MOVE (host != NULL) and C-GET: resolve the identifier to
- * instances, start the sub-operations, send them. */
+ * instances, start the sub-operations, send them, audit. */
 static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int port, char *comment,
                          size_t comment_len)
 {
     retrieve_list_t list = {0};
     uint16_t status = DICOM_SUCCESS;
+    size_t sent = 0;
     int rc = resolve_retrieve(scp, r, &list, comment, comment_len);
     if (rc != 0) {
         status = rc == SP_EINVAL ? DICOM_DATASET_MISMATCH : DICOM_UNABLE_TO_PROCESS;
@@ -480,9 +658,22 @@ static uint16_t retrieve(scp_t *scp, dicom_retrieve_t *r, const char *host, int 
         status = DICOM_REFUSED_SUBOPS;
         goto out;
     }
-    status = send_all(scp, r, &list);
+    status = send_all(scp, r, &list, &sent);
+    if (status == DICOM_SUCCESS && sent < list.n)
+        sp_fmt(comment, comment_len, "%zu of %zu instances sent", sent, list.n);
 out:
+    audit_retrieve(r, &list, sent,
+                   status == DICOM_SUCCESS && sent < list.n ? DICOM_WARNING_SUBOPS : status,
+                   comment);
     retrieve_list_free(&list);
+    return status;
+}
+
+/* A retrieve refused before it started, audited as such. */
+static uint16_t refuse_retrieve(dicom_retrieve_t *r, uint16_t status, const char *comment)
+{
+    retrieve_list_t none = {0};
+    audit_retrieve(r, &none, 0, status, comment);
     return status;
 }
 
@@ -490,16 +681,24 @@ uint16_t scp_move(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_
 {
     scp_t *scp = ctx;
     const char *dest = dicom_retrieve_destination(r);
+    const dicom_peer_t *peer = dicom_retrieve_peer(r);
+    if (!allowed(scp, peer, ACCESS_MOVE, NULL, comment, comment_len))
+        return refuse_retrieve(r, DICOM_NOT_AUTHORIZED, comment);
+    /* A destination the peer may not use is one it does not know: PS3.4
+     * C.4.2.1.4 has no other status for a destination refused. */
+    if (!allowed(scp, peer, ACCESS_MOVE, dest ? dest : "", comment, comment_len))
+        return refuse_retrieve(r, DICOM_MOVE_DEST_UNKNOWN, comment);
     for (size_t i = 0; dest && i < scp->ndests; i++)
         if (strcmp(scp->dests[i].ae_title, dest) == 0)
             return retrieve(scp, r, scp->dests[i].host, scp->dests[i].port, comment, comment_len);
     sp_fmt(comment, comment_len, "move destination '%s' is not in the AE table", dest ? dest : "");
-    log_warn("C-MOVE from %s to unknown destination '%s'", dicom_retrieve_peer(r)->calling_ae,
-             dest ? dest : "");
-    return DICOM_MOVE_DEST_UNKNOWN;
+    log_warn("C-MOVE from %s to unknown destination '%s'", peer->calling_ae, dest ? dest : "");
+    return refuse_retrieve(r, DICOM_MOVE_DEST_UNKNOWN, comment);
 }
 
 uint16_t scp_get(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len)
 {
+    if (!allowed(ctx, dicom_retrieve_peer(r), ACCESS_GET, NULL, comment, comment_len))
+        return refuse_retrieve(r, DICOM_NOT_AUTHORIZED, comment);
     return retrieve(ctx, r, NULL, 0, comment, comment_len);
 }

@@ -1,10 +1,12 @@
 /* scp.h - the router's DICOM service handlers: C-STORE with quorum
- * replication, C-FIND over the cluster, C-MOVE and C-GET from any replica.
+ * replication, C-FIND over the cluster, C-MOVE and C-GET from any replica,
+ * each behind the access rules (access.h) and audited (audit.h).
  * They are plugged into the adapter (dicom.h) and run on its worker threads,
  * concurrently; scp_t is read-only after start-up. */
 #ifndef SP_SCP_H
 #define SP_SCP_H
 
+#include "access.h"
 #include "backend.h"
 #include "dicom.h"
 
@@ -28,7 +30,8 @@ typedef struct {
     const char *ae_title;
     const scp_destination_t *dests;
     size_t ndests;
-    size_t max_results; /* C-FIND cap */
+    size_t max_results;     /* C-FIND cap */
+    access_rules_t *access; /* access rules; NULL admits everyone to everything */
 } scp_t;
 
 /* The archive's policy for a received C-STORE, before anything is stored:
@@ -39,6 +42,17 @@ typedef struct {
  * logging, no backend, so the adapter's test harness applies it too. */
 uint16_t scp_check_store(const dicom_store_t *req, char *comment, size_t comment_len);
 
+/* Association and C-ECHO hooks (dicom_handlers_t): access rules and the
+ * audit trail. A peer whose first matching rule allows nothing is not
+ * admitted; a C-ECHO its rule does not allow answers 0x0124. */
+bool scp_admit(void *ctx, const dicom_peer_t *peer, char *why, size_t why_len);
+void scp_associated(void *ctx, const dicom_peer_t *peer, bool accepted, const char *why);
+uint16_t scp_echo(void *ctx, const dicom_peer_t *peer);
+
+/* The service handlers. Each checks the access rules first (0x0124 Refused:
+ * Not Authorized; a C-MOVE destination the rule does not list: 0xA801) and
+ * writes one audit record with its outcome; a C-STORE answers only once its
+ * record is written (audit.h, Durability). */
 uint16_t scp_store(void *ctx, const dicom_store_t *req, char *comment, size_t comment_len);
 uint16_t scp_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len);
 uint16_t scp_move(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len);

@@ -561,9 +561,10 @@ class Cluster:
                       extra=self.router_extra)
 
     def _write_keys(self):
-        lines = [f"{n.public} {n.name}" for n in self.nodes]
-        lines += [f"{r.public} {r.name}" for r in self.routers]
-        lines.append(f"{self._admin_pub} admin")
+        # Each key with its role (README "Access control and audit").
+        lines = [f"{n.public} {n.name} node" for n in self.nodes]
+        lines += [f"{r.public} {r.name} router" for r in self.routers]
+        lines.append(f"{self._admin_pub} admin admin")
         tmp = self.keys.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         tmp.replace(self.keys)

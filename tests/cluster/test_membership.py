@@ -154,7 +154,9 @@ def test_gossip_with_another_members_name_is_refused(tmp_path):
     node = Node(tmp_path, "n1", keys, extra=GOSSIP)
     admin_key, victim_key = tmp_path / "admin.key", tmp_path / "n2.key"
     admin_pub, victim_pub = keygen(admin_key), keygen(victim_key)
-    keys.write_text(f"{node.public} n1\n{admin_pub} admin\n{victim_pub} n2\n")
+    # The caller's key has no role word and a name not beginning "admin":
+    # a member's rights, gossip included (an operator's key may not gossip).
+    keys.write_text(f"{node.public} n1\n{admin_pub} probe\n{victim_pub} n2\n")
     node.start()
     ctx = zmq.Context()
     try:
@@ -166,7 +168,7 @@ def test_gossip_with_another_members_name_is_refused(tmp_path):
         sock.curve_serverkey = node.public.encode()
         sock.connect(node.endpoint)
         # Control: under its own name the caller gets the ACK to its PING.
-        ok = _call(sock, _ping("admin", node, 7), 1)
+        ok = _call(sock, _ping("probe", node, 7), 1)
         assert ok.get(1, 0) == 0, ok
         ack = _parse(_parse(ok[10])[1])  # Reply.gossip.message
         assert ack[1] == 2 and ack[6] == 7 and ack[2] == b"n1", ack  # ACK, seq 7, from n1

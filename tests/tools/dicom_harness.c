@@ -323,7 +323,7 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    dicom_handlers_t h = {NULL, on_store, on_find, on_move, on_get};
+    dicom_handlers_t h = {.store = on_store, .find = on_find, .move = on_move, .get = on_get};
     dicom_server_t *srv = NULL;
     char err[256];
     int rc = dicom_server_start(&cfg, &h, &srv, err, sizeof(err));

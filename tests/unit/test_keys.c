@@ -444,6 +444,70 @@ static int count_of(const char *text, const char *needle)
     return n;
 }
 
+/* Roles: an explicit last word, the compatible default from the name, a
+ * name with blanks whose last word is no role, and a role changed by a
+ * reload (looked up per request, so it applies at once). */
+static keys_role_t role_of(const keys_allowlist_t *list, const keys_pair_t *k, const char **name)
+{
+    uint8_t raw[KEYS_RAW_LEN];
+    assert_non_null(zmq_z85_decode(raw, k->public_z85));
+    keys_role_t role = KEYS_ROLE_NODE;
+    assert_true(keys_allowlist_find_member(list, raw, name, &role));
+    return role;
+}
+
+static void test_allowlist_roles(void **state)
+{
+    tmp_t *t = *state;
+    keys_pair_t k[6];
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(keys_generate(&k[i]), 0);
+    char path[160], text[2048], err[512] = "";
+    snprintf(path, sizeof path, "%s", tmp_file(t, "cluster.keys"));
+    snprintf(text, sizeof text,
+             "%s n1 node\n%s router1\trouter  \n%s ops admin\n%s admin-backup\n%s legacy name\n"
+             "%s node\n",
+             k[0].public_z85, k[1].public_z85, k[2].public_z85, k[3].public_z85, k[4].public_z85,
+             k[5].public_z85);
+    write_text(path, text, 0644);
+    keys_allowlist_t *list = keys_allowlist_load(path, err, sizeof err);
+    assert_non_null(list);
+    const char *name = NULL;
+    assert_int_equal(role_of(list, &k[0], &name), KEYS_ROLE_NODE);
+    assert_string_equal(name, "n1");
+    assert_int_equal(role_of(list, &k[1], &name), KEYS_ROLE_ROUTER);
+    assert_string_equal(name, "router1");
+    assert_int_equal(role_of(list, &k[2], &name), KEYS_ROLE_ADMIN);
+    assert_string_equal(name, "ops");
+    assert_int_equal(role_of(list, &k[3], &name), KEYS_ROLE_ADMIN); /* default by name */
+    assert_string_equal(name, "admin-backup");
+    assert_int_equal(role_of(list, &k[4], &name), KEYS_ROLE_MEMBER); /* no role word */
+    assert_string_equal(name, "legacy name");
+    assert_int_equal(role_of(list, &k[5], &name), KEYS_ROLE_MEMBER); /* a name, not a role */
+    assert_string_equal(name, "node");
+    assert_string_equal(keys_role_name(KEYS_ROLE_MEMBER), "member");
+    assert_string_equal(keys_role_name(KEYS_ROLE_ADMIN), "admin");
+
+    /* The role changes with the file; the change is logged as a swap. */
+    capture_t cap;
+    capture_start(&cap, t);
+    snprintf(text, sizeof text, "%s n1 node\n%s router1 admin\n", k[0].public_z85, k[1].public_z85);
+    replace_text(path, text);
+    assert_int_equal(keys_allowlist_refresh(list), 0);
+    capture_end(&cap);
+    assert_int_equal(role_of(list, &k[1], &name), KEYS_ROLE_ADMIN);
+    assert_int_equal(count_of(cap.text, "1 added (router1)"), 1);
+
+    /* In code: the default from the name, or the one given. */
+    keys_allowlist_t *mem = keys_allowlist_new();
+    assert_int_equal(keys_allowlist_add(mem, k[0].public_z85, "admin"), 0);
+    assert_int_equal(keys_allowlist_add_role(mem, k[1].public_z85, "r1", KEYS_ROLE_ROUTER), 0);
+    assert_int_equal(role_of(mem, &k[0], NULL), KEYS_ROLE_ADMIN);
+    assert_int_equal(role_of(mem, &k[1], NULL), KEYS_ROLE_ROUTER);
+    keys_allowlist_destroy(&mem);
+    keys_allowlist_destroy(&list);
+}
+
 static void test_allowlist_reload_append_remove(void **state)
 {
     tmp_t *t = *state;
@@ -750,6 +814,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_mismatched_pair_refused, tmp_setup, tmp_teardown),
         cmocka_unit_test_setup_teardown(test_allowlist_parse, tmp_setup, tmp_teardown),
         cmocka_unit_test_setup_teardown(test_allowlist_bad_lines, tmp_setup, tmp_teardown),
+        cmocka_unit_test_setup_teardown(test_allowlist_roles, tmp_setup, tmp_teardown),
         cmocka_unit_test_setup_teardown(test_allowlist_reload_append_remove, tmp_setup,
                                         tmp_teardown),
         cmocka_unit_test_setup_teardown(test_allowlist_reload_in_place, tmp_setup, tmp_teardown),
