@@ -18,6 +18,7 @@ packages=(
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
+  python3-cryptography openssl                    # TLS test certificates, local CA (deploy)
 )
 
 missing=()

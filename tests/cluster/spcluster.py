@@ -312,7 +312,9 @@ class Scp:
     """A bit-preserving storescp (accepting every transfer syntax with +xa
     unless accept_all is False) writing into its own directory."""
 
-    def __init__(self, directory: Path, aet: str, accept_all=True):
+    def __init__(self, directory: Path, aet: str, accept_all=True, extra=()):
+        """extra: more storescp options (e.g. +tls ...). A port taken by
+        someone else between choosing and binding it is replaced."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -322,6 +324,7 @@ class Scp:
             args = ["storescp", "--bit-preserving", "-aet", aet, "-od", self.dir, "-uf"]
             if accept_all:
                 args.append("+xa")
+            args += list(extra)
             args.append(str(self.port))
             logf = open(self.log, "ab")
             self.proc = subprocess.Popen([str(a) for a in args], env=DCMTK_ENV,

@@ -40,7 +40,8 @@ def make_files(d, study):
     patched in place), so generating them costs one write each."""
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.8.498.77.")
+    # the last three digits number the files (000 for this first one)
+    ds.SOPInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.8.498.77.")[:-3] + "000"
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = generate_uid()
     ds.PatientID = "BIG1"

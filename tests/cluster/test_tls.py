@@ -108,18 +108,8 @@ class TlsScp(spcluster.Scp):
     from ca (the C-MOVE destination)."""
 
     def __init__(self, directory, aet, server, ca):
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.aet = aet
-        self.log = self.dir.parent / f"storescp-{aet}.log"
-        self.port = spcluster.free_port()
-        logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            ["storescp", "--bit-preserving", "-aet", aet, "-od", str(self.dir), "-uf", "+xa",
-             "+tls", str(server.key), str(server.cert), "+cf", str(ca.cert), str(self.port)],
-            env=ENV, stdout=logf, stderr=logf)
-        logf.close()
-        spcluster.wait_port(self.port, proc=self.proc)
+        super().__init__(directory, aet, True,
+                         ["+tls", str(server.key), str(server.cert), "+cf", str(ca.cert)])
 
 
 class TlsProxy:
@@ -495,3 +485,30 @@ def test_router_tls_cluster(tmp_path, certs, images):
             assert all(s in p.stdout + p.stderr for s in images["studies"])
     finally:
         dest.stop()
+
+
+def test_access_rules_by_certificate_subject(tmp_path, certs, images):
+    """[access] rules that name a certificate subject (router/access.c) match
+    the subject the TLS handshake verified: modality1's certificate may
+    store, a second certificate from the same CA may only echo, and on the
+    plain port (no subject) the same calling AE may not even associate."""
+    ca, srv = certs["ca"], certs["server"]
+    reader = tlscerts.make_cert(ca, certs["dir"] / "reader", "reader1")
+    rules = tmp_path / "rules.txt"
+    rules.write_text('* subject="CN=modality1,*" allow=store,find,echo\n'
+                     '* subject="CN=reader1,*" allow=echo\n')
+    extra = {"tls": {"enabled": "true", "port": "0", "certificate": str(srv.cert),
+                     "key": str(srv.key), "ca": str(ca.cert), "verify_peer": "true"},
+             "access": {"rules": str(rules)}}
+    with spcluster.Cluster(tmp_path / "c", nodes=3, router_extra=extra) as c:
+        r = c.routers[0]
+        tls_port = int(re.search(r"DICOM TLS on 127\.0\.0\.1:(\d+);", r.log_text()).group(1))
+        one = images["paths"][:1]
+        run(["storescu", "-aec", AE, *tls_args(certs["client"], ca), "127.0.0.1", tls_port,
+             *one])
+        p = run(["storescu", "-d", "-aec", AE, *tls_args(reader, ca), "127.0.0.1", tls_port,
+                 *one], check=False)
+        assert spcluster.dimse_statuses(p.stdout + p.stderr) == [0x0124], p.stdout[-2000:]
+        echo(tls_port, reader, ca)
+        p = run(["echoscu", "-aec", AE, "127.0.0.1", r.port], check=False)
+        assert p.returncode != 0 and "Association Rejected" in p.stdout + p.stderr, p.stdout
