@@ -21,7 +21,7 @@ target_compile_options(sp_part10 PRIVATE ${SP_C_WARNINGS})
 target_link_libraries(sp_part10 PUBLIC sp_common)
 
 add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_server.cc
-  ${CMAKE_SOURCE_DIR}/router/dicom_services.cc)
+  ${CMAKE_SOURCE_DIR}/router/dicom_services.cc ${CMAKE_SOURCE_DIR}/router/dicom_json.cc)
 target_include_directories(sp_dicom PUBLIC ${CMAKE_SOURCE_DIR}/router)
 target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-parameter
   $<$<BOOL:${SP_WERROR}>:-Werror>)
