@@ -321,7 +321,7 @@ static void pipe_stop(pipe_t **pp)
 /* ---- DICOM JSON of indexed attributes ----------------------------------------------- */
 
 /* Splits a stored value at backslashes into a JSON Value array of the VR's
- * JSON type: numbers for IS/DS (text when not a number), person name
+ * JSON type: numbers for IS, DS, US, UL, SS, SL (text when not a number), person name
  * objects for PN, strings otherwise. */
 static json_t *json_values(const char *vr, const char *value)
 {
@@ -347,12 +347,14 @@ static json_t *json_values(const char *vr, const char *value)
                     break;
                 g += gl + 1;
             }
-        } else if ((strcmp(vr, "IS") == 0 || strcmp(vr, "DS") == 0) && n > 0) {
+        } else if (n > 0 &&
+                   (strcmp(vr, "IS") == 0 || strcmp(vr, "DS") == 0 || strcmp(vr, "US") == 0 ||
+                    strcmp(vr, "UL") == 0 || strcmp(vr, "SS") == 0 || strcmp(vr, "SL") == 0)) {
             char *end = NULL;
             const char *s = v;
             while (*s == ' ')
                 s++;
-            if (strcmp(vr, "IS") == 0) {
+            if (strcmp(vr, "DS") != 0) {
                 long long x = strtoll(s, &end, 10);
                 item = end != s && *end == '\0' ? json_integer(x) : NULL;
             } else {
@@ -669,7 +671,7 @@ static int qido_emit(void *ctx, const attrs_t *m)
     if (c->seen++ < c->q->offset)
         return 0;
     if (c->q->has_limit && json_array_size(c->out) >= c->q->limit)
-        return 1;
+        return 0; /* past the page: seen, not kept */
     json_t *o = json_object();
     for (unsigned id = 0; id < ATTR_COUNT; id++) {
         if (!c->q->include[id] || id == ATTR_TRANSFER_SYNTAX_UID)
@@ -717,17 +719,18 @@ static void do_qido(dicomweb_t *d, http_req_t *r, dw_req_t *w)
     for (unsigned id = 0; id < ATTR_COUNT; id++)
         if (q.include[id] && attrs_get(&q.keys, (attr_id_t)id) == NULL)
             attrs_set(&q.keys, (attr_id_t)id, "");
+    /* The whole result (up to max_results) is asked for even with a
+     * limit: which matches the nodes cut at a limit depends on their scan
+     * order, while the merged result comes sorted by the unique key, so
+     * offset/limit pages are only stable when taken from all of it. */
     size_t cap = d->cfg.max_results;
-    size_t want = q.has_limit ? q.offset + q.limit : cap;
-    if (want > cap || want < q.offset)
-        want = cap;
     qido_collect_t c = {.r = r, .q = &q, .out = json_array()};
     bool partial = false;
     int rc = q.has_limit && q.limit == 0
                  ? 0
-                 : backend_find(d->cfg.backend, q.level, &q.keys, want, qido_emit, &c, &partial);
+                 : backend_find(d->cfg.backend, q.level, &q.keys, cap, qido_emit, &c, &partial);
     attrs_clear(&q.keys);
-    if (rc != 0 && rc != SP_ELIMIT && rc != 1) {
+    if (rc != 0 && rc != SP_ELIMIT) {
         json_decref(c.out);
         if (rc == SP_EINVAL || rc == SP_ETOOBIG)
             http_respond_error(r, 400, "query refused: %s", sp_strerror(rc));
@@ -735,7 +738,7 @@ static void do_qido(dicomweb_t *d, http_req_t *r, dw_req_t *w)
             http_respond_error(r, 503, "search failed: %s", sp_strerror(rc));
         return;
     }
-    if (rc == SP_ELIMIT && !(q.has_limit && q.offset + q.limit <= cap)) {
+    if (rc == SP_ELIMIT) {
         char w299[160];
         sp_fmt(w299, sizeof w299,
                "299 ShardPACS \"The number of results exceeded the maximum supported by the "
