@@ -40,6 +40,8 @@ static const attr_info_t attr_table[ATTR_COUNT] = {
     {ATTR_INSTANCE_NUMBER, TAG(0x0020, 0x0013), "InstanceNumber", "IS", MATCH_STRING, LEVEL_IMAGE},
     {ATTR_TRANSFER_SYNTAX_UID, TAG(0x0002, 0x0010), "TransferSyntaxUID", "UI", MATCH_UID,
      LEVEL_IMAGE},
+    {ATTR_SERIES_DATE, TAG(0x0008, 0x0021), "SeriesDate", "DA", MATCH_DATE, LEVEL_SERIES},
+    {ATTR_SERIES_TIME, TAG(0x0008, 0x0031), "SeriesTime", "TM", MATCH_TIME, LEVEL_SERIES},
     {ATTR_MODALITIES_IN_STUDY, TAG(0x0008, 0x0061), "ModalitiesInStudy", "CS", MATCH_STRING,
      LEVEL_STUDY},
     {ATTR_NUM_PATIENT_STUDIES, TAG(0x0020, 0x1200), "NumberOfPatientRelatedStudies", "IS",

@@ -38,6 +38,10 @@ typedef enum {
     ATTR_SOP_CLASS_UID,
     ATTR_INSTANCE_NUMBER,
     ATTR_TRANSFER_SYNTAX_UID,
+    /* Added later: after every older stored id, whose numbers are on disk
+     * (node/store.c index records). */
+    ATTR_SERIES_DATE,
+    ATTR_SERIES_TIME,
     ATTR_STORED_COUNT,
     /* Computed by the node when a query asks for them. */
     ATTR_MODALITIES_IN_STUDY = ATTR_STORED_COUNT,

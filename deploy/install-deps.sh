@@ -9,7 +9,8 @@ packages=(
   libzmq3-dev libsodium-dev librocksdb-dev        # transport, crypto, storage
   libprotobuf-c-dev protobuf-c-compiler           # wire messages
   libinih-dev                                     # configuration files
-  libjansson-dev                                  # JSON output of the admin CLI
+  libjansson-dev                                  # JSON output of the admin CLI, DICOMweb
+  libmicrohttpd-dev libgnutls28-dev               # the router's HTTP(S) front door
   zlib1g-dev                                      # deflated data sets (common/dsscan.c)
   clang                                           # libFuzzer targets (tests/fuzz/run.sh)
   libdcmtk-dev dcmtk                              # DICOM (router, test clients)
@@ -17,6 +18,7 @@ packages=(
   clang-format                                    # format check (tests/check-format.sh)
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
+  python3-requests openssl                        # DICOMweb tests (HTTP client, test certificates)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
   python3-cryptography openssl                    # TLS test certificates, local CA (deploy)
 )

@@ -6,6 +6,7 @@
 #                           [--sites A,A,B] [--down-to-out DURATION]
 #                           [--repair-rate RATE] [--move-dest 'AE=HOST:PORT [tls]']...
 #                           [--tls [--tls-port P]]
+#                           [--http-port H] [--viewer-dir DIR]
 #   local-cluster.sh down DIR
 #   local-cluster.sh status DIR [--json]
 #   local-cluster.sh add-node DIR [--site S]
@@ -23,6 +24,10 @@
 # order. Failure timings are demo-friendly: probes every 500 ms, a dead node
 # is out (its partitions re-replicated) 10 s after it went down
 # (--down-to-out), repair rounds every 2 s, a scrubber pass every 60 s.
+# The router also serves DICOMweb over HTTP on 127.0.0.1:H (default 8042;
+# 0 turns it off) with authentication: user "admin" with a random password
+# written to DIR/http.password, a token key in DIR/token.key; --viewer-dir
+# serves a web viewer's built site at /viewer/.
 #
 # --tls makes a local CA, a router certificate and a client certificate
 # (openssl, EC P-256, under DIR/tls/; kept when present), serves DICOM TLS
@@ -230,8 +235,11 @@ cmd_up() {
   local dir=$1; shift
   local nodes=3 port=11112 replicas=3 quorum=2 dests=() sites="" down_to_out=10s rate=50M
   local tls=0 tls_port=2762
+  local http_port=8042 viewer_dir=""
   while [[ $# -gt 0 ]]; do
     case $1 in
+      --http-port) http_port=$2; shift 2 ;;
+      --viewer-dir) viewer_dir=$(cd "$2" && pwd); shift 2 ;;
       --nodes) nodes=$2; shift 2 ;;
       --port) port=$2; shift 2 ;;
       --replicas) replicas=$2; shift 2 ;;
@@ -335,11 +343,27 @@ ca = tls/ca.pem
 verify_peer = true
 CONF
     fi
+    if [[ $http_port != 0 ]]; then
+      cat <<CONF
+[http]
+port = $http_port
+bind = 127.0.0.1
+users = users
+token_key = token.key
+viewer_dir = $viewer_dir
+CONF
+    fi
     echo "[destinations]"
     for d in "${dests[@]+"${dests[@]}"}"; do
       echo "${d%%=*} = ${d#*=}"
     done
   } >"$dir/router.conf"
+  if [[ $http_port != 0 && ! -f "$dir/users" ]]; then
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$dir/http.password")
+    SHARDPACS_PASSWORD=$(cat "$dir/http.password") \
+      "$bin/shardpacs-router" user add "$dir/users" admin >/dev/null
+  fi
+  [[ $http_port == 0 || -f "$dir/token.key" ]] || "$bin/shardpacs-router" token-key "$dir/token.key" >/dev/null
 
   nohup "$bin/shardpacs-router" --config "$dir/router.conf" >>"$dir/router.log" 2>&1 &
   echo $! >"$dir/router.pid"
@@ -390,6 +414,11 @@ EOT
   Admin CLI: $bin/shardpacs status --connect $(cat "$dir/n1/ready") --server-key $dir/n1/node.pub --key $dir/admin.key
   A dead node is out (re-replicated) $DOWN_TO_OUT after it went down.
 EOT
+  if [[ $http_port != 0 ]]; then
+    cat <<EOT
+  DICOMweb:  curl -u admin:\$(cat $dir/http.password) http://127.0.0.1:$http_port/dicom-web/studies
+EOT
+  fi
 }
 
 stop_pidfile() {

@@ -162,6 +162,14 @@ typedef struct {
 void dicom_store_take(const dicom_store_t *req, uint8_t **dataset,
                       void (**release)(void *owner, void *unused), void **owner);
 
+/* Parses a data set's indexed attributes exactly as a received C-STORE's
+ * are (names converted to UTF-8 from its Specific Character Set, the
+ * transfer syntax added), for objects that arrive another way (STOW-RS).
+ * The data set must have passed the pre-scan (common/dsscan.h) first. Any
+ * thread. Returns 0, or SP_EINVAL with the reason in err. */
+int dicom_parse_attrs(const uint8_t *dataset, size_t len, const char *transfer_syntax_uid,
+                      attrs_t *out, char *err, size_t errlen);
+
 typedef struct dicom_find dicom_find_t;
 typedef struct dicom_retrieve dicom_retrieve_t;
 

@@ -554,6 +554,26 @@ static int parse_attrs_internal(const uint8_t *dataset, size_t len, const char *
     return 0;
 }
 
+extern "C" int dicom_parse_attrs(const uint8_t *dataset, size_t len,
+                                 const char *transfer_syntax_uid, attrs_t *out, char *err,
+                                 size_t errlen)
+{
+    try {
+        DcmDataset ds;
+        unsigned flags = 0;
+        std::string why;
+        int rc = parse_attrs_internal(dataset, len, transfer_syntax_uid, ds, out, &flags, why);
+        if (rc != 0)
+            snprintf(err, errlen, "%s", why.c_str());
+        return rc;
+    } catch (const std::exception &ex) {
+        snprintf(err, errlen, "cannot parse: %s", ex.what());
+    } catch (...) {
+        snprintf(err, errlen, "cannot parse: unknown exception");
+    }
+    return SP_EINVAL;
+}
+
 /* The query/retrieve information model of a request's SOP class. */
 typedef enum { DICOM_MODEL_PATIENT_ROOT, DICOM_MODEL_STUDY_ROOT } dicom_model_t;
 

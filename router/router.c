@@ -18,8 +18,11 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "access.h"
+#include "auth.h"
 #include "backend.h"
 #include "dicom.h"
+#include "dicomweb.h"
+#include "http.h"
 #include "scp.h"
 
 #include <errno.h>
@@ -80,6 +83,25 @@ typedef struct {
     char *tls_ciphers;
     char *access_rules;
     audit_settings_t audit;
+    /* [http]: the HTTP front door (DICOMweb, the viewer) */
+    struct {
+        char *bind;
+        int port;
+        int workers;
+        size_t max_body;
+        char *cors_origins;
+        char *public_root;
+        char *root;
+        char *viewer_dir;
+        char *tls_cert;
+        char *tls_key;
+        bool auth;
+        char *users;
+        char *token_key;
+        int token_ttl;
+        int timeout;
+        size_t metadata_cache;
+    } http;
     /* [destinations] entries, "AE = host:port [tls]" */
     scp_destination_t dests[ROUTER_MAX_DESTS];
     size_t ndests;
@@ -225,6 +247,42 @@ static const config_option_t router_options[] = {
         "and C-MOVE destinations allowed, re-read when it changes; empty: everyone may do "
         "everything"),
     AUDIT_OPTIONS(router_settings_t, audit),
+    OPT("http", "port", CONFIG_INT, http.port, "0", 0, 65535,
+        "HTTP(S) port of DICOMweb and the viewer (0: no HTTP front door)"),
+    OPT("http", "bind", CONFIG_STRING, http.bind, "0.0.0.0", 0, 0,
+        "Address the HTTP port listens on (numeric IPv4 or IPv6)"),
+    OPT("http", "workers", CONFIG_INT, http.workers, "16", 1, 1024,
+        "HTTP threads; a request being computed (a cluster call) holds one"),
+    OPT("http", "max_body", CONFIG_SIZE, http.max_body, "4G", 1024, 1LL << 44,
+        "Largest request body (STOW-RS); larger ones are refused with 413"),
+    OPT("http", "cors_origins", CONFIG_STRING, http.cors_origins, "*", 0, 0,
+        "Origins allowed to call from a browser: * (any), a comma-separated list, or empty "
+        "(no CORS headers)"),
+    OPT("http", "public_root", CONFIG_STRING, http.public_root, "", 0, 0,
+        "Base URL clients reach this router at behind a proxy, e.g. https://pacs.example.org "
+        "(empty: from the Host / Forwarded headers); used in BulkDataURIs and RetrieveURLs"),
+    OPT("http", "root", CONFIG_STRING, http.root, "/dicom-web", 0, 0,
+        "Path DICOMweb is served under"),
+    OPT("http", "viewer_dir", CONFIG_PATH, http.viewer_dir, "", 0, 0,
+        "Static directory served at /viewer/ (a web viewer's built site; unknown paths without "
+        "an extension get its index.html); empty: none"),
+    OPT("http", "tls_cert", CONFIG_PATH, http.tls_cert, "", 0, 0,
+        "PEM certificate (chain) for HTTPS; empty: plain HTTP"),
+    OPT("http", "tls_key", CONFIG_PATH, http.tls_key, "", 0, 0, "PEM private key for HTTPS"),
+    OPT("http", "auth", CONFIG_BOOL, http.auth, "on", 0, 0,
+        "Require authentication (HTTP Basic against the users file, or a bearer token); off "
+        "only for tests and trusted networks"),
+    OPT("http", "users", CONFIG_PATH, http.users, "users", 0, 0,
+        "Users file: NAME:argon2id-hash lines (shardpacs-router user add FILE NAME)"),
+    OPT("http", "token_key", CONFIG_PATH, http.token_key, "", 0, 0,
+        "Key file shared by the routers to sign bearer tokens (shardpacs-router token-key FILE); "
+        "empty: no tokens"),
+    OPT("http", "token_ttl", CONFIG_MS, http.token_ttl, "1h", 1000, 30LL * 86400000,
+        "How long a token from POST /auth/token is valid"),
+    OPT("http", "timeout", CONFIG_MS, http.timeout, "60s", 1000, 3600000,
+        "An HTTP connection idle this long is closed"),
+    OPT("http", "metadata_cache", CONFIG_SIZE, http.metadata_cache, "256M", 0, 1LL << 40,
+        "Instance metadata (DICOM JSON) kept in memory, by object digest"),
     {"destinations", "*", CONFIG_ENTRIES, 0, "VIEWER = 192.0.2.10:104", 0, 0,
      "C-MOVE destinations: AE title = host:port, with ' tls' for DICOM TLS", parse_destination},
 };
@@ -290,6 +348,15 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
     }
     if (s->tls && s->plain && s->tls_port == s->port && s->port != 0) {
         sp_fmt(err, errlen, "%s: [tls] port and [dicom] port are both %d", path, s->port);
+        return SP_ECONFIG;
+    }
+    if ((s->http.tls_cert[0] != '\0') != (s->http.tls_key[0] != '\0')) {
+        sp_fmt(err, errlen, "%s: [http] tls_cert and tls_key go together", path);
+        return SP_ECONFIG;
+    }
+    if (s->http.root[0] != '/' || strchr(s->http.root, '?')) {
+        sp_fmt(err, errlen, "%s: [http] root '%s' must be a path starting with /", path,
+               s->http.root);
         return SP_ECONFIG;
     }
     return 0;
@@ -370,6 +437,56 @@ static void audit_rules_reload(void *ctx, bool applied, const char *what)
     audit_record(&r, false);
 }
 
+/* Starts the HTTP front door ([http] port > 0): users and token key when
+ * authentication is on, the DICOMweb handlers over the same backend as the
+ * DICOM side. Returns 0 or an error (logged). */
+static int http_start(router_settings_t *s, const scp_t *scp, dicomweb_t **dw, auth_t **auth,
+                      http_server_t **web)
+{
+    char err[512];
+    if (s->http.auth) {
+        *auth =
+            auth_new(s->http.users, s->http.token_key, s->http.token_ttl / 1000, err, sizeof err);
+        if (*auth == NULL) {
+            log_error("[http] auth: %s (create users with 'shardpacs-router user add FILE NAME', "
+                      "or set [http] auth = off)",
+                      err);
+            return SP_ECONFIG;
+        }
+    } else {
+        log_warn("[http] auth = off: DICOMweb is open to anyone who reaches port %d", s->http.port);
+    }
+    dicomweb_config_t dc = {.backend = scp->backend,
+                            .max_results = scp->max_results,
+                            .max_object_size = s->max_object_size,
+                            .max_depth = s->max_depth,
+                            .metadata_cache = s->http.metadata_cache};
+    *dw = dicomweb_new(&dc);
+    http_config_t hc = {.bind = s->http.bind,
+                        .port = s->http.port,
+                        .workers = s->http.workers,
+                        .max_body = s->http.max_body,
+                        .cors_origins = s->http.cors_origins,
+                        .public_root = s->http.public_root,
+                        .root = s->http.root,
+                        .viewer_dir = s->http.viewer_dir,
+                        .tls_cert = s->http.tls_cert,
+                        .tls_key = s->http.tls_key,
+                        .timeout_s = (s->http.timeout + 999) / 1000,
+                        .auth = *auth};
+    http_handlers_t h = dicomweb_handlers(*dw);
+    int rc = http_server_start(&hc, &h, web, err, sizeof err);
+    if (rc != 0) {
+        log_error("cannot start HTTP on %s:%d: %s", s->http.bind, s->http.port, err);
+        return rc;
+    }
+    log_info("http listening on %s:%d (%s, auth %s, DICOMweb at %s%s%s)", s->http.bind,
+             s->http.port, s->http.tls_cert[0] ? "https" : "http", s->http.auth ? "on" : "off",
+             s->http.root, s->http.viewer_dir[0] ? ", viewer at /viewer/ from " : "",
+             s->http.viewer_dir);
+    return 0;
+}
+
 static int router_run(router_settings_t *s)
 {
     char err[512];
@@ -378,6 +495,9 @@ static int router_run(router_settings_t *s)
     backend_t *backend = NULL;
     dicom_server_t *server = NULL;
     transport_server_t *srv = NULL;
+    http_server_t *web = NULL;
+    dicomweb_t *dw = NULL;
+    auth_t *auth = NULL;
     membership_t *m = NULL;
     router_t router;
     atomic_init(&router.membership, NULL);
@@ -507,10 +627,18 @@ static int router_run(router_settings_t *s)
              s->ae_title, s->bind,
              s->plain ? dicom_server_port(server) : dicom_server_tls_port(server), tls_text,
              backend_placed_count(backend), s->replicas, s->write_quorum, s->ndests, s->ntls_dests);
+    if (s->http.port > 0) {
+        rc = http_start(s, &scp, &dw, &auth, &web);
+        if (rc != 0)
+            goto out;
+    }
 
     sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
 out:
+    http_server_stop(&web);
+    dicomweb_destroy(&dw);
+    auth_destroy(&auth);
     dicom_server_stop(&server);
     transport_server_destroy(&srv); /* no handler uses membership after this */
     membership_stop(&m);
@@ -528,7 +656,48 @@ out:
 static void usage(FILE *f)
 {
     fprintf(f, "usage: shardpacs-router --config FILE\n"
-               "       shardpacs-router --help-config   (print every option with its default)\n");
+               "       shardpacs-router --help-config   (print every option with its default)\n"
+               "       shardpacs-router user add USERS_FILE NAME   (password from "
+               "SHARDPACS_PASSWORD or the first line of standard input)\n"
+               "       shardpacs-router token-key FILE   (a new key to sign bearer tokens)\n");
+}
+
+/* The subcommands that manage the HTTP front door's users and token key. */
+static int admin_command(int argc, char **argv)
+{
+    char err[512];
+    if (argc == 5 && strcmp(argv[1], "user") == 0 && strcmp(argv[2], "add") == 0) {
+        char line[1024];
+        const char *pw = getenv("SHARDPACS_PASSWORD");
+        if (pw == NULL) {
+            if (fgets(line, sizeof line, stdin) == NULL) {
+                fprintf(stderr, "shardpacs-router: no password on standard input\n");
+                return 1;
+            }
+            line[strcspn(line, "\r\n")] = '\0';
+            pw = line;
+        }
+        if (strlen(pw) < 8) {
+            fprintf(stderr, "shardpacs-router: the password must have at least 8 characters\n");
+            return 1;
+        }
+        if (auth_user_add(argv[3], argv[4], pw, err, sizeof err) != 0) {
+            fprintf(stderr, "shardpacs-router: %s\n", err);
+            return 1;
+        }
+        printf("user %s written to %s\n", argv[4], argv[3]);
+        return 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "token-key") == 0) {
+        if (auth_token_key_new(argv[2], err, sizeof err) != 0) {
+            fprintf(stderr, "shardpacs-router: %s\n", err);
+            return 1;
+        }
+        printf("token key written to %s (copy it to every router)\n", argv[2]);
+        return 0;
+    }
+    usage(stderr);
+    return 2;
 }
 
 int main(int argc, char **argv)
@@ -537,6 +706,8 @@ int main(int argc, char **argv)
                                              {"help-config", no_argument, NULL, 'H'},
                                              {"help", no_argument, NULL, 'h'},
                                              {NULL, 0, NULL, 0}};
+    if (argc > 1 && (strcmp(argv[1], "user") == 0 || strcmp(argv[1], "token-key") == 0))
+        return admin_command(argc, argv);
     const char *config_path = NULL;
     int opt;
     while ((opt = getopt_long(argc, argv, "c:h", longopts, NULL)) != -1) {

@@ -32,7 +32,7 @@ target_compile_options(sp_part10 PRIVATE ${SP_C_WARNINGS})
 target_link_libraries(sp_part10 PUBLIC sp_common)
 
 add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_server.cc
-  ${CMAKE_SOURCE_DIR}/router/dicom_services.cc)
+  ${CMAKE_SOURCE_DIR}/router/dicom_services.cc ${CMAKE_SOURCE_DIR}/router/dicom_json.cc)
 target_include_directories(sp_dicom PUBLIC ${CMAKE_SOURCE_DIR}/router)
 target_compile_options(sp_dicom PRIVATE -Wall -Wextra -Wshadow -Wno-unused-parameter
   $<$<BOOL:${SP_WERROR}>:-Werror>)
@@ -48,6 +48,15 @@ add_library(sp_router STATIC ${CMAKE_SOURCE_DIR}/router/scp.c
 target_compile_options(sp_router PRIVATE ${SP_C_WARNINGS})
 target_link_libraries(sp_router PUBLIC sp_dicom sp_part10 sp_access sp_common)
 
+# The HTTP front door (libmicrohttpd, GnuTLS for HTTPS), its users and
+# tokens (libsodium), and the DICOMweb handlers over the same backend.
+pkg_check_modules(MHD REQUIRED IMPORTED_TARGET libmicrohttpd)
+add_library(sp_web STATIC ${CMAKE_SOURCE_DIR}/router/http.c ${CMAKE_SOURCE_DIR}/router/auth.c
+  ${CMAKE_SOURCE_DIR}/router/dicomweb.c)
+target_compile_options(sp_web PRIVATE ${SP_C_WARNINGS})
+target_link_libraries(sp_web PUBLIC sp_router sp_dicom sp_common PkgConfig::MHD
+  PkgConfig::JANSSON z)
+
 # Test harness: a C program that serves the adapter from memory. The pytest
 # script tests/cluster/test_dicom_adapter.py drives it with DCMTK's tools; it
 # is registered as cluster.test_dicom_adapter by the glob in CMakeLists.txt.
@@ -59,7 +68,7 @@ set_target_properties(dicom_harness PROPERTIES LINKER_LANGUAGE CXX)
 # The router: configuration and start-up over the handlers and the adapter.
 add_executable(shardpacs-router ${CMAKE_SOURCE_DIR}/router/router.c)
 target_compile_options(shardpacs-router PRIVATE ${SP_C_WARNINGS})
-target_link_libraries(shardpacs-router PRIVATE sp_router sp_dicom sp_common)
+target_link_libraries(shardpacs-router PRIVATE sp_web sp_router sp_dicom sp_common)
 set_target_properties(shardpacs-router PROPERTIES LINKER_LANGUAGE CXX)
 
 # tests/unit/test_part10.c is built by the unit-test glob in CMakeLists.txt
