@@ -17,6 +17,7 @@ packages=(
   clang-format                                    # format check (tests/check-format.sh)
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
+  iproute2 iptables                               # network namespaces (test_partitions.py)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
 )
 
