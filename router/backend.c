@@ -298,11 +298,13 @@ static bool is_avoided(const member_t *m)
            m->incarnation <= atomic_load(&m->avoid->incarnation);
 }
 
-/* Whether the member failed a call and has not answered one since, and
- * gossip has not seen it come back either (see avoid_rec_t). */
+/* Whether the member failed a call and has not answered one since (see
+ * avoid_rec_t). Unlike avoidance, a higher incarnation does not end it: a
+ * member this router alone cannot reach is suspected by it, refutes
+ * through the others and so comes "back" again and again. */
 static bool is_doubted(const member_t *m)
 {
-    return atomic_load(&m->avoid->doubted) && m->incarnation <= atomic_load(&m->avoid->incarnation);
+    return atomic_load(&m->avoid->doubted);
 }
 
 /* Records that the member answered a call: it is no longer doubted. */
