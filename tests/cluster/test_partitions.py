@@ -123,7 +123,7 @@ class Sim:
     own host on its site, and one client host per site."""
 
     def __init__(self, root: Path, node_sites, router_sites, replicas=3, quorum=2,
-                 down_to_out="10m"):
+                 down_to_out="10m", gossip=None):
         self.net = netns.Net()
         try:
             self.clients = {}
@@ -133,7 +133,8 @@ class Sim:
             def hosts(name, site):
                 h = self.net.add_host(name, site)
                 return h.prefix, h.addr
-            gossip = sc.merge_ini(GOSSIP, {"gossip": {"down_to_out": down_to_out}})
+            gossip = sc.merge_ini(GOSSIP, {"gossip": {"down_to_out": down_to_out,
+                                                      **(gossip or {})}})
             self.c = sc.Cluster(root, nodes=len(node_sites), replicas=replicas, quorum=quorum,
                                 routers=len(router_sites), sites=list(node_sites),
                                 router_sites=list(router_sites), hosts=hosts,
@@ -426,8 +427,13 @@ def test_flapping_link(make, data, tmp_path, say):
 
 
 def test_wan_latency_and_loss(make, data, tmp_path, say):
-    """40 ms +- 10 ms and 1 % loss between two sites during ingest at both."""
-    sim = make(["A", "A", "B", "B"], ["A", "B"])
+    """40 ms +- 10 ms and 1 % loss between two sites during ingest at both.
+    Probes must wait longer than the sites' round trip (80 ms +- 20 ms, and
+    a lost packet's retransmission): with the 100 ms probe timeout of the
+    other scenarios each site soon has the other down and the cluster
+    stays split for as long as the WAN is that slow (found by this test)."""
+    sim = make(["A", "A", "B", "B"], ["A", "B"],
+               gossip={"probe_interval": "1s", "probe_timeout": "500ms"})
     sim.net.wan("A", "B", delay_ms=40, jitter_ms=10, loss=0.01)
     ws = run_writers(sim, data, [("A", PER_SCENARIO // 2), ("B", PER_SCENARIO // 2)])
     for w in ws:
