@@ -19,6 +19,7 @@ packages=(
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
   python3-requests openssl                        # DICOMweb tests (HTTP client, test certificates)
+  iproute2 iptables                               # network namespaces (test_partitions.py)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
   python3-cryptography openssl                    # TLS test certificates, local CA (deploy)
 )

@@ -30,13 +30,19 @@
 
 /* What this router saw of one member at one endpoint: a call to it failed
  * (timeout, unreachable), so requests avoid it until `until`, unless gossip
- * has since seen it come back with a higher incarnation. Shared by every
- * snapshot listing the member there; freed with the backend. */
+ * has since seen it come back with a higher incarnation. After `until` the
+ * member stays doubted until it answers a call: a write still goes to it,
+ * but with a stand-in beside it, because gossip can call a member alive
+ * (others reach it) while this router cannot (a partition between the two
+ * alone), and a write counting on it would wait out the store timeout and
+ * fail. Shared by every snapshot listing the member there; freed with the
+ * backend. */
 typedef struct avoid_rec {
     char id[GOSSIP_ID_MAX];
     char endpoint[GOSSIP_ENDPOINT_MAX];
     _Atomic int64_t until;        /* sp_now_ms() */
     _Atomic uint64_t incarnation; /* the member's incarnation when marked */
+    _Atomic bool doubted;         /* failed a call and has not answered one since */
     struct avoid_rec *next;
 } avoid_rec_t;
 
@@ -292,12 +298,30 @@ static bool is_avoided(const member_t *m)
            m->incarnation <= atomic_load(&m->avoid->incarnation);
 }
 
+/* Whether the member failed a call and has not answered one since (see
+ * avoid_rec_t). Unlike avoidance, a higher incarnation does not end it: a
+ * member this router alone cannot reach is suspected by it, refutes
+ * through the others and so comes "back" again and again. */
+static bool is_doubted(const member_t *m)
+{
+    return atomic_load(&m->avoid->doubted);
+}
+
+/* Records that the member answered a call: it is no longer doubted. */
+static void avoid_answered(const member_t *m)
+{
+    if (atomic_load(&m->avoid->doubted) && atomic_exchange(&m->avoid->doubted, false))
+        log_info("node %s (%s) answers again", m->id, m->endpoint);
+}
+
 /* Records that a call to the member failed with rc: requests avoid it for
- * avoid_failed_ms unless gossip sees it come back. */
+ * avoid_failed_ms unless gossip sees it come back, and writes doubt it
+ * until it answers. */
 static void avoid_failed(backend_t *b, const member_t *m, int rc)
 {
     int64_t now = sp_now_ms();
     atomic_store(&m->avoid->incarnation, m->incarnation);
+    atomic_store(&m->avoid->doubted, true);
     if (atomic_exchange(&m->avoid->until, now + b->cfg.avoid_failed_ms) < now)
         log_warn("node %s (%s) did not answer: %s; requests skip it for %d ms unless gossip "
                  "sees it back",
@@ -314,16 +338,17 @@ static bool contains(const size_t *set, size_t n, size_t x)
 
 /* A partition's write plan: the owners that get the put themselves, and a
  * stand-in for each owner that is unreachable (DOWN, or not in this
- * router's keys) or avoided, taken from the extended preference list
- * (placement_preference) among members that are reachable, not avoided and
- * not owners themselves. */
+ * router's keys), avoided or doubted, taken from the extended preference
+ * list (placement_preference) among members that are reachable, neither
+ * avoided nor doubted, and not owners themselves. A doubted owner is a
+ * target too: the put does not wait for it once W others answered. */
 typedef struct {
     size_t owners[RING_MAX_REPLICAS];
     size_t nowners;
-    size_t targets[RING_MAX_REPLICAS]; /* owners first, then stand-ins */
+    size_t targets[2 * RING_MAX_REPLICAS]; /* owners first, then stand-ins */
     size_t ntargets;
     size_t nstand_ins;
-    size_t missing[RING_MAX_REPLICAS]; /* owners without a target of their own */
+    size_t missing[RING_MAX_REPLICAS]; /* owners without a target of their own, or doubted */
     size_t nmissing;
 } plan_t;
 
@@ -341,9 +366,13 @@ static void plan_partition(const view_t *v, uint32_t partition, const char *stud
             p->missing[p->nmissing++] = p->owners[i];
     }
     /* Owners only this router saw fail come last: when stand-ins are too
-     * few, those are the ones a put may still try (backend_put). */
+     * few, those are the ones a put may still try (backend_put). Doubted
+     * owners, targets already, get a stand-in only after all of them. */
     for (size_t i = 0; i < p->nowners; i++)
         if (failed[i])
+            p->missing[p->nmissing++] = p->owners[i];
+    for (size_t i = 0; i < p->nowners; i++)
+        if (reachable(&v->m[p->owners[i]]) && !failed[i] && is_doubted(&v->m[p->owners[i]]))
             p->missing[p->nmissing++] = p->owners[i];
     if (p->nmissing == 0)
         return;
@@ -352,7 +381,7 @@ static void plan_partition(const view_t *v, uint32_t partition, const char *stud
     for (size_t i = 0; i < k && p->nstand_ins < p->nmissing; i++) {
         size_t c = ext[i];
         const member_t *m = &v->m[c];
-        if (!reachable(m) || is_avoided(m) || contains(p->owners, p->nowners, c))
+        if (!reachable(m) || is_avoided(m) || is_doubted(m) || contains(p->owners, p->nowners, c))
             continue;
         if (study)
             log_debug("study %s partition %u: %s stands in for %s", study, partition, m->id,
@@ -426,10 +455,12 @@ static void tally_put(backend_t *b, const member_t *m, transport_call_t *call, b
         res->pending++;
         return;
     }
-    if (rc == 0)
+    if (rc == 0) {
+        avoid_answered(m);
         rc = wire_decode_reply(call->resp.head, call->resp.head_len, &rep, err, sizeof err);
-    else
+    } else {
         sp_fmt(err, sizeof err, "%s", sp_strerror(rc));
+    }
     if (rc == 0 && rep.status == 0 && rep.outcome != WIRE_CONFLICT &&
         rep.outcome != WIRE_CONFLICT_LIMIT) {
         res->acknowledged++;
@@ -527,7 +558,7 @@ int backend_put(backend_t *b, const attrs_t *attrs, transport_body_t *object,
     wire_encode_request(&req, &head, &head_len);
 
     size_t n = p.ntargets;
-    transport_call_t calls[RING_MAX_REPLICAS];
+    transport_call_t calls[2 * RING_MAX_REPLICAS];
     for (size_t i = 0; i < n; i++)
         calls[i] = (transport_call_t){.client = client_for(b, &v->m[p.targets[i]]),
                                       .head = head,
@@ -655,6 +686,7 @@ static int find_gather(backend_t *b, const view_t *v, level_t level, const attrs
         wire_reply_t *rep = &replies[which[i]];
         rc = calls[i].rc;
         if (rc == 0) {
+            avoid_answered(m);
             rc = wire_decode_response(&calls[i].resp, rep, err, sizeof err);
             transport_response_free(&calls[i].resp);
             if (rc == 0 && rep->status != 0) {
@@ -1088,6 +1120,7 @@ static int fetch_from(backend_t *b, const member_t *m, const uint8_t *head, size
         avoid_failed(b, m, rc);
         return rc;
     }
+    avoid_answered(m);
     wire_reply_t rep;
     char err[256];
     rc = wire_decode_reply(resp.head, resp.head_len, &rep, err, sizeof err);

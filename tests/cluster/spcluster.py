@@ -33,10 +33,11 @@ DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 DCMTK_TIMEOUT = 60
 
 
-def run_cli(*args, check=True, timeout=60, env=None):
-    """Runs the shardpacs CLI; returns the CompletedProcess."""
+def run_cli(*args, check=True, timeout=60, env=None, prefix=None):
+    """Runs the shardpacs CLI (after the command prefix `prefix`, e.g.
+    ["ip", "netns", "exec", NS]); returns the CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.run([str(CLI_BIN), *map(str, args)], capture_output=True,
+    proc = subprocess.run([*(prefix or []), str(CLI_BIN), *map(str, args)], capture_output=True,
                           timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"shardpacs {' '.join(map(str, args))} failed "
@@ -120,9 +121,13 @@ def member_states(log_text: str) -> dict:
 
 
 class Node:
-    """One shardpacs-node process with its own folder, keys and config."""
+    """One shardpacs-node process with its own folder, keys and config. It
+    listens on `addr` (a free port) and its process, like every CLI call to
+    it, starts after the command prefix `prefix` (e.g. ["ip", "netns",
+    "exec", NS] to run it in a network namespace; tests/cluster/netns.py)."""
 
-    def __init__(self, root: Path, name: str, cluster_keys: Path, extra: str = ""):
+    def __init__(self, root: Path, name: str, cluster_keys: Path, extra: str = "",
+                 prefix=None, addr="127.0.0.1"):
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -130,9 +135,10 @@ class Node:
         self.pub = self.dir / "node.pub"
         self.public = keygen(self.key, self.pub)
         self.cluster_keys = cluster_keys
+        self.prefix, self.addr = list(prefix or []), addr
         self.config = self.dir / "node.conf"
         self.config.write_text(
-            f"[node]\nid = {name}\nlisten = tcp://127.0.0.1:*\ndata_dir = data\n"
+            f"[node]\nid = {name}\nlisten = tcp://{addr}:*\ndata_dir = data\n"
             f"[keys]\nkey_pair = node.key\ncluster_keys = {cluster_keys}\n"
             f"[log]\nlevel = info\n{extra}")
         self.ready = self.dir / "ready"
@@ -152,7 +158,7 @@ class Node:
             self.ready.unlink()
         self.log_offset = self.log.stat().st_size if self.log.exists() else 0
         logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([str(NODE_BIN), "--config", str(self.config),
+        self.proc = subprocess.Popen([*self.prefix, str(NODE_BIN), "--config", str(self.config),
                                       "--ready-file", str(self.ready)],
                                      stdout=logf, stderr=logf)
         logf.close()
@@ -246,7 +252,8 @@ class Node:
     def cli(self, key: Path, *args, check=True, timeout=60, env=None):
         """Runs `shardpacs node ... ARGS` against this node with key pair `key`."""
         return run_cli("node", "--connect", self.endpoint, "--server-key", self.pub,
-                       "--key", key, *args, check=check, timeout=timeout, env=env)
+                       "--key", key, *args, check=check, timeout=timeout, env=env,
+                       prefix=self.prefix)
 
 
 # ---- DCMTK tools -------------------------------------------------------------------
@@ -366,10 +373,12 @@ class Router:
     naming the C-MOVE destinations, and a DICOM port chosen here (retried
     when taken). `cluster_opts` are [cluster] options and `extra` any other
     options (INI text or {section: {key: value}}); both replace the defaults
-    written here key by key."""
+    written here key by key. The router binds gossip and DICOM to `addr`
+    and starts after the command prefix `prefix` (as for Node)."""
 
     def __init__(self, root: Path, name: str, cluster_keys: Path, nodes, ae_title="SHARDPACS",
-                 replicas=3, quorum=2, dests=None, cluster_opts=None, extra="", site=None):
+                 replicas=3, quorum=2, dests=None, cluster_opts=None, extra="", site=None,
+                 prefix=None, addr="127.0.0.1"):
         self.dir = Path(root) / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -383,6 +392,7 @@ class Router:
         self.cluster_opts = dict(cluster_opts or {})
         self.extra = extra
         self.site = site
+        self.prefix, self.addr = list(prefix or []), addr
         self.config = self.dir / "router.conf"
         self.log = self.dir / "router.log"
         self.proc = None
@@ -391,8 +401,8 @@ class Router:
 
     def _write_config(self):
         seeds = ",".join(f"{n.name}@{n.endpoint}" for n in self.nodes if n.endpoint)
-        base = {"router": {"id": self.name, "listen": "tcp://127.0.0.1:*"},
-                "dicom": {"ae_title": self.ae, "bind": "127.0.0.1", "port": str(self.port),
+        base = {"router": {"id": self.name, "listen": f"tcp://{self.addr}:*"},
+                "dicom": {"ae_title": self.ae, "bind": self.addr, "port": str(self.port),
                           "acse_timeout": "5s"},
                 "keys": {"key_pair": str(self.key), "cluster_keys": str(self.cluster_keys)},
                 "cluster": {"seeds": seeds, "replicas": str(self.replicas),
@@ -416,10 +426,10 @@ class Router:
             offset = self.log.stat().st_size if self.log.exists() else 0
             self.log_offset = offset
             logf = open(self.log, "ab")
-            self.proc = subprocess.Popen([str(ROUTER_BIN), "--config", str(self.config)],
-                                         stdout=logf, stderr=logf)
+            self.proc = subprocess.Popen([*self.prefix, str(ROUTER_BIN), "--config",
+                                          str(self.config)], stdout=logf, stderr=logf)
             logf.close()
-            ready = f"listening on 127.0.0.1:{self.port};"
+            ready = f"listening on {self.addr}:{self.port};"
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 text = self.log.read_bytes()[offset:].decode(errors="replace")
@@ -497,11 +507,15 @@ class Cluster:
     `node_extra` / `router_extra` (INI text or {section: {key: value}}) are
     merged into every node's / router's configuration, replacing the test
     defaults (TEST_GOSSIP: short probes, down_to_out 10m; TEST_REPAIR for
-    nodes) key by key; `sites` gives node i its [node] site."""
+    nodes) key by key; `sites` gives node i its [node] site and
+    `router_sites` router i its [router] site. `hosts(name, site)`, when
+    given, returns (command prefix, address) for the member of that name
+    and site: where its process runs and what it binds to
+    (tests/cluster/netns.py)."""
 
     def __init__(self, root: Path, nodes=3, replicas=3, quorum=2, dests=None, routers=1,
                  cluster_opts=None, sites=None, node_extra="", router_extra="",
-                 wait_timeout=60):
+                 wait_timeout=60, router_sites=None, hosts=None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keys = self.root / "cluster.keys"
@@ -512,6 +526,8 @@ class Cluster:
         self.dests = dict(dests or {})
         self.cluster_opts = dict(cluster_opts or {})
         self.node_extra, self.router_extra = node_extra, router_extra
+        self.hosts = hosts or (lambda name, site: (None, "127.0.0.1"))
+        self.router_sites = list(router_sites or [])
         self.nodes = []
         for i in range(nodes):
             self._new_node(sites[i] if sites else None)
@@ -532,7 +548,9 @@ class Cluster:
             raise
 
     def _new_node(self, site=None) -> Node:
-        n = Node(self.root, f"n{len(self.nodes) + 1}", self.keys)
+        name = f"n{len(self.nodes) + 1}"
+        prefix, addr = self.hosts(name, site)
+        n = Node(self.root, name, self.keys, prefix=prefix, addr=addr)
         n.site = site
         self.nodes.append(n)
         return n
@@ -559,9 +577,12 @@ class Cluster:
             n.configure({"cluster": {"seeds": others}})
 
     def _new_router(self, name):
+        i = int(name[len("router"):]) - 1
+        site = self.router_sites[i] if i < len(self.router_sites) else None
+        prefix, addr = self.hosts(name, site)
         return Router(self.root, name, self.keys, self.nodes, replicas=self.replicas,
                       quorum=self.quorum, dests=self.dests, cluster_opts=self.cluster_opts,
-                      extra=self.router_extra)
+                      extra=self.router_extra, site=site, prefix=prefix, addr=addr)
 
     def _write_keys(self):
         # Each key with its role (README "Access control and audit").
