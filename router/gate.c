@@ -317,6 +317,11 @@ struct gate {
     uint64_t refused;
     int64_t global_log_ms;                        /* last log of a max_connections refusal */
     uint8_t listen_tag, tls_listen_tag, wake_tag; /* epoll data pointers of the special fds */
+    /* Loop thread only: no held connection's deadline is earlier than this,
+     * so the scan for expired ones (every connection, under mu) runs only
+     * when it is due, not after every wake-up: a busy association wakes the
+     * loop for each message it parks. INT64_MAX: nothing to expire. */
+    int64_t next_expire_ms;
 };
 
 void gate_config_defaults(gate_config_t *cfg)
@@ -532,6 +537,15 @@ static int64_t conn_loop_deadline(const gate_t *g, const gate_conn_t *c)
     return dl;
 }
 
+/* Loop thread: c's deadline was (re)started; the next expiry scan must not
+ * come later than it. */
+static void loop_note_deadline(gate_t *g, const gate_conn_t *c)
+{
+    int64_t dl = conn_loop_deadline(g, c);
+    if (dl < g->next_expire_ms)
+        g->next_expire_ms = dl;
+}
+
 /* Sets the owner's read deadline to what remains of the loop's, so a
  * handed-over unit keeps one budget from its first byte. */
 static void conn_hand_over_deadline(gate_t *g, gate_conn_t *c)
@@ -659,6 +673,7 @@ static void loop_readable(gate_t *g, gate_conn_t *c)
         if (c->state == CONN_PARKED && !c->msg_started) {
             c->msg_started = true;
             c->since_ms = sp_now_ms();
+            loop_note_deadline(g, c);
         }
         int rc = gate_tracker_feed(&c->tr, c->buf + c->len, (size_t)r, NULL);
         c->len += (size_t)r;
@@ -684,6 +699,7 @@ static void loop_take_parked(gate_t *g, gate_conn_t *c)
     gate_tracker_init(&c->tr, GATE_EXPECT_MESSAGE, g->cfg.max_pdu, g->cfg.handoff_bytes);
     c->since_ms = sp_now_ms();
     c->msg_started = c->len > c->off;
+    loop_note_deadline(g, c);
     int rc = gate_tracker_feed(&c->tr, c->buf + c->off, c->len - c->off, NULL);
     if (rc != GATE_MORE) {
         pthread_mutex_lock(&g->mu);
@@ -784,6 +800,7 @@ static int gate_admit(gate_t *g, int fd, const char *peer, SSL *ssl)
     sp_strlcpy(c->peer, peer, sizeof(c->peer));
     c->state = CONN_PENDING;
     c->since_ms = sp_now_ms();
+    loop_note_deadline(g, c);
     gate_tracker_init(&c->tr, GATE_EXPECT_ASSOC_RQ, g->cfg.max_pdu, 0);
     c->next = g->conns;
     if (g->conns)
@@ -961,7 +978,14 @@ static void *loop_main(void *arg)
             c->ret_next = NULL;
             loop_take_parked(g, c);
         }
-        timeout = loop_expire(g);
+        int64_t now = sp_now_ms();
+        if (now >= g->next_expire_ms) {
+            int next = loop_expire(g);
+            g->next_expire_ms = next < 0 ? INT64_MAX : now + next;
+        }
+        timeout = g->next_expire_ms == INT64_MAX ? -1
+                  : g->next_expire_ms > now      ? (int)(g->next_expire_ms - now)
+                                                 : 0;
     }
     return NULL;
 }

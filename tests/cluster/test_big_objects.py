@@ -78,6 +78,29 @@ def make_files(d, study):
     return files, uids
 
 
+def store_all(port, files, rounds=6):
+    """Stores every file with one storescu each, all at once. A store that
+    finds no receive memory within receive_wait is told to retry later
+    (0xA700), as a modality would be, and sends again; any other failure
+    fails the test. Returns how many sends were retried."""
+    env = dict(os.environ, TCP_NODELAY="1")
+    pending, retries = list(files), 0
+    for _ in range(rounds):
+        if not pending:
+            break
+        procs = [subprocess.Popen(["storescu", "-d", "-aec", "SHARDPACS", "127.0.0.1", str(port),
+                                   str(f)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for f in pending]
+        outs = [p.communicate(timeout=900)[0] for p in procs]
+        statuses = [spcluster.dimse_statuses(o) for o in outs]
+        bad = [o for o, st in zip(outs, statuses) if st not in ([0], [0xA700])]
+        assert not bad, (statuses, bad[0][-1500:])
+        pending = [f for f, st in zip(pending, statuses) if st == [0xA700]]
+        retries += len(pending)
+    assert not pending, f"{len(pending)} stores still refused after {rounds} rounds"
+    return retries
+
+
 def test_concurrent_large_stores_keep_the_router_within_its_receive_memory(tmp_path):
     d = tmp_path / "data"
     d.mkdir()
@@ -93,23 +116,8 @@ def test_concurrent_large_stores_keep_the_router_within_its_receive_memory(tmp_p
     with spcluster.cluster(tmp_path, nodes=1, replicas=1, quorum=1,
                            router_extra=router_extra) as c:
         r = c.routers[0]
-        env = dict(os.environ, TCP_NODELAY="1")
         start = time.monotonic()
-        # A store that finds no receive memory within receive_wait is told
-        # to retry later (0xA700), as a modality would be; it sends again.
-        pending, retries, rounds = list(files), 0, 0
-        while pending and rounds < 6:
-            rounds += 1
-            procs = [subprocess.Popen(["storescu", "-d", "-aec", "SHARDPACS", "127.0.0.1",
-                                       str(r.port), str(f)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True) for f in pending]
-            outs = [p.communicate(timeout=900)[0] for p in procs]
-            statuses = [spcluster.dimse_statuses(o) for o in outs]
-            bad = [o for o, st in zip(outs, statuses) if st not in ([0], [0xA700])]
-            assert not bad, (statuses, bad[0][-1500:])
-            pending = [f for f, st in zip(pending, statuses) if st == [0xA700]]
-            retries += len(pending)
-        assert not pending, f"{len(pending)} stores still refused after {rounds} rounds"
+        retries = store_all(r.port, files)
         took = time.monotonic() - start
         router_peak = peak_rss(r.proc.pid)
         node_peak = peak_rss(c.nodes[0].proc.pid)
