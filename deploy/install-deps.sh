@@ -19,7 +19,8 @@ packages=(
   python3-pytest python3-pydicom python3-numpy    # process and cluster tests
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
   python3-requests openssl                        # DICOMweb tests (HTTP client, test certificates)
-  orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
+  orthanc orthanc-dicomweb curl                   # benchmark anchors (tests/bench/ingest.sh, dicomweb.py)
+  chromium                                        # browser test of the viewer (tests/cluster/test_viewer.py)
   python3-cryptography openssl                    # TLS test certificates, local CA (deploy)
 )
 
