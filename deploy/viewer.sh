@@ -41,7 +41,8 @@ mkdir -p "$cache"
 tgz="$cache/ohif-app-$OHIF_VERSION.tgz"
 if [[ ! -s $tgz ]]; then
   echo "viewer: fetching @ohif/app@$OHIF_VERSION from the npm registry (about 50 MB)" >&2
-  (cd "$cache" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null) ||
+  (cd "$cache" && npm pack --silent --fetch-retries=1 --fetch-retry-mintimeout=2000 \
+    --fetch-retry-maxtimeout=5000 "@ohif/app@$OHIF_VERSION" >/dev/null) ||
     die "npm pack @ohif/app@$OHIF_VERSION failed"
   [[ -s $tgz ]] || die "npm pack did not produce $tgz"
 fi
