@@ -140,6 +140,7 @@ def test_viewer_study_list_and_image(site):
         assert vp["imageOk"], (vp["name"], vp["canvas"], vp["viewerText"][:800],
                                res["failedRequests"][:20], res["consoleErrors"][:20])
         assert vp["canvas"]["distinct"] >= 16 and vp["canvas"]["max"] > vp["canvas"]["min"]
+        assert vp["canvas"]["width"] > 200, vp["canvas"]
     # Every DICOMweb request the page made was answered (authentication
     # included: the page sent the demo credentials).
     assert not failed, failed[:20]

@@ -84,7 +84,7 @@ function canvasStats() {
       const listed = t => page.waitForFunction(
         want => want.every(w => document.body && document.body.innerText.includes(w)),
         { timeout: t }, vp.expectText || cfg.expectText).then(() => true, () => false);
-      r.listOk = await listed(vp.mobile ? timeout / 4 : timeout);
+      r.listOk = await listed(vp.mobile ? 5000 : timeout);
       if (!r.listOk && vp.mobile) {
         // OHIF 3.13's study list keeps its preview panel open beside the
         // table, which leaves the table's columns no width on a phone: close it.
@@ -113,8 +113,26 @@ function canvasStats() {
         r.imageOk = false;
       }
       r.imageMs = Date.now() - t0;
-      // (On a phone OHIF 3.13 keeps its series panel open beside the
-      // viewport, which gets about 65 px of the width: the image is drawn, small.)
+      if (vp.mobile) {
+        // On a phone OHIF 3.13 opens its series panel beside a viewport of
+        // about 65 px: do as a user would, skip the first-visit tour and tap
+        // the panel's collapse icon, and wait for the image at the new size.
+        r.narrowCanvas = await page.evaluate(canvasStats);
+        await page.evaluate(() => {
+          const b = [...document.querySelectorAll('button,a')].find(x => /skip all/i.test(x.innerText));
+          if (b) b.click();
+        });
+        await new Promise(res => setTimeout(res, 500));
+        const left = await page.$('[data-cy="side-panel-header-left"]');
+        const box = left && await left.boundingBox();
+        if (box) {
+          await page.touchscreen.tap(box.x + box.width / 2, box.y + box.height / 2);
+          r.collapsedSeriesPanel = true;
+          r.imageOk = r.imageOk && await page.waitForFunction(
+            `(() => { const s = (${canvasStats.toString()})(); return !!s && s.width > 200 && s.distinct >= 16; })()`,
+            { timeout: 15000, polling: 500 }).then(() => true, () => false);
+        }
+      }
       await new Promise(res => setTimeout(res, 1500)); // let thumbnails settle for the picture
       r.canvas = await page.evaluate(canvasStats);
       r.viewerText = (await page.evaluate(() => document.body.innerText)).slice(0, 2000);
