@@ -47,6 +47,7 @@ if [[ ! -s $tgz ]]; then
   [[ -s $tgz ]] || die "npm pack did not produce $tgz"
 fi
 
+mkdir -p "$(dirname "$site")"
 tmp=$(mktemp -d "${site%/}.tmp.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 tar xzf "$tgz" -C "$tmp" package/dist
@@ -142,6 +143,5 @@ window.config = {
 JS
 
 rm -rf "$site"
-mkdir -p "$(dirname "$site")"
 mv "$dist" "$site"
 echo "viewer: OHIF $OHIF_VERSION installed in $site (serve it as [http] viewer_dir, at /viewer/)" >&2
