@@ -20,8 +20,9 @@ packages=(
   python3-zmq                                     # (a raw ZeroMQ peer in the tests)
   python3-requests openssl                        # DICOMweb tests (HTTP client, test certificates)
   iproute2 iptables                               # network namespaces (test_partitions.py)
-  orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
-  python3-cryptography openssl                    # TLS test certificates, local CA (deploy)
+  orthanc orthanc-dicomweb curl                   # benchmark anchors (tests/bench/ingest.sh, dicomweb.py)
+  chromium                                        # browser test of the viewer (tests/cluster/test_viewer.py)
+  python3-cryptography                            # TLS test certificates (tests/cluster/tlscerts.py)
 )
 
 missing=()

@@ -6,7 +6,7 @@
 #                           [--sites A,A,B] [--down-to-out DURATION]
 #                           [--repair-rate RATE] [--move-dest 'AE=HOST:PORT [tls]']...
 #                           [--tls [--tls-port P]]
-#                           [--http-port H] [--viewer-dir DIR]
+#                           [--http-port H] [--viewer-dir DIR | --viewer | --no-viewer]
 #   local-cluster.sh down DIR
 #   local-cluster.sh status DIR [--json]
 #   local-cluster.sh add-node DIR [--site S]
@@ -27,7 +27,14 @@
 # The router also serves DICOMweb over HTTP on 127.0.0.1:H (default 8042;
 # 0 turns it off) with authentication: user "admin" with a random password
 # written to DIR/http.password, a token key in DIR/token.key; --viewer-dir
-# serves a web viewer's built site at /viewer/.
+# serves a web viewer's built site at /viewer/. Without --viewer-dir, and
+# when npm is installed, `up` installs the OHIF Viewer (deploy/viewer.sh:
+# @ohif/app from the npm registry, cached in DIR/viewer-npm/) into
+# DIR/viewer and serves it; a failed download is a warning (--viewer makes
+# it an error, --no-viewer skips it). The viewer's page sends a demo user's
+# credentials (user "viewer", password in DIR/viewer.password) with its
+# DICOMweb requests: for a local demo only (anyone reaching the port can
+# read them from /viewer/app-config.js).
 #
 # --tls makes a local CA, a router certificate and a client certificate
 # (openssl, EC P-256, under DIR/tls/; kept when present), serves DICOM TLS
@@ -37,7 +44,9 @@
 # `status` prints the process table and `shardpacs status` as the first node
 # that answers sees the cluster; with --json that command's JSON, plus a
 # "dicom" object naming the DICOM ports, and with TLS the CA, client
-# certificate and client key files.
+# certificate and client key files, and an "http" object: the DICOMweb base
+# URL, the viewer URL (null without a viewer), the CA file (null: plain
+# HTTP) and the users' credentials.
 # `add-node` makes the next free nK (key appended to DIR/cluster.keys, which
 # running members re-read), starts it with every node as seed and waits until
 # the others see it; it announces itself alive after its first repair round.
@@ -235,11 +244,13 @@ cmd_up() {
   local dir=$1; shift
   local nodes=3 port=11112 replicas=3 quorum=2 dests=() sites="" down_to_out=10s rate=50M
   local tls=0 tls_port=2762
-  local http_port=8042 viewer_dir=""
+  local http_port=8042 viewer_dir="" viewer=auto
   while [[ $# -gt 0 ]]; do
     case $1 in
       --http-port) http_port=$2; shift 2 ;;
-      --viewer-dir) viewer_dir=$(cd "$2" && pwd); shift 2 ;;
+      --viewer-dir) viewer_dir=$(cd "$2" && pwd); viewer=dir; shift 2 ;;
+      --viewer) viewer=yes; shift ;;
+      --no-viewer) viewer=no; shift ;;
       --nodes) nodes=$2; shift 2 ;;
       --port) port=$2; shift 2 ;;
       --replicas) replicas=$2; shift 2 ;;
@@ -279,8 +290,33 @@ REPAIR_RATE=$rate
 SCRUB_INTERVAL=60s
 TLS=$tls
 TLS_PORT=$tls_port
+HTTP_PORT=$http_port
 ENV
   ((tls)) && make_tls_files "$dir"
+
+  # HTTP users (admin; viewer, whose credentials the demo viewer page sends),
+  # the token key, and the viewer's site.
+  if [[ $http_port != 0 && ! -f "$dir/users" ]]; then
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$dir/http.password")
+    SHARDPACS_PASSWORD=$(cat "$dir/http.password") \
+      "$bin/shardpacs-router" user add "$dir/users" admin >/dev/null
+  fi
+  if [[ $http_port != 0 && -f "$dir/users" ]] && ! grep -q '^viewer:' "$dir/users"; then
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$dir/viewer.password")
+    SHARDPACS_PASSWORD=$(cat "$dir/viewer.password") \
+      "$bin/shardpacs-router" user add "$dir/users" viewer >/dev/null
+  fi
+  [[ $http_port == 0 || -f "$dir/token.key" ]] || "$bin/shardpacs-router" token-key "$dir/token.key" >/dev/null
+  if [[ $http_port != 0 && ( $viewer == yes || ( $viewer == auto && -n $(command -v npm) ) ) ]]; then
+    if "$root/deploy/viewer.sh" "$dir/viewer" --cache "$dir/viewer-npm" \
+      --basic viewer "$dir/viewer.password"; then
+      viewer_dir=$dir/viewer
+    elif [[ $viewer == yes ]]; then
+      die "installing the viewer failed (deploy/viewer.sh)"
+    else
+      echo "local-cluster: warning: the OHIF Viewer could not be installed; DICOMweb only (--no-viewer skips it)" >&2
+    fi
+  fi
 
   # Keys: one pair per member plus an operator key; all listed in cluster.keys,
   # each with its role (node, router, admin: what it may ask of a node).
@@ -358,12 +394,6 @@ CONF
       echo "${d%%=*} = ${d#*=}"
     done
   } >"$dir/router.conf"
-  if [[ $http_port != 0 && ! -f "$dir/users" ]]; then
-    (umask 077 && head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$dir/http.password")
-    SHARDPACS_PASSWORD=$(cat "$dir/http.password") \
-      "$bin/shardpacs-router" user add "$dir/users" admin >/dev/null
-  fi
-  [[ $http_port == 0 || -f "$dir/token.key" ]] || "$bin/shardpacs-router" token-key "$dir/token.key" >/dev/null
 
   nohup "$bin/shardpacs-router" --config "$dir/router.conf" >>"$dir/router.log" 2>&1 &
   echo $! >"$dir/router.pid"
@@ -418,6 +448,7 @@ EOT
     cat <<EOT
   DICOMweb:  curl -u admin:\$(cat $dir/http.password) http://127.0.0.1:$http_port/dicom-web/studies
 EOT
+    [[ -z $viewer_dir ]] || echo "  Viewer:    http://127.0.0.1:$http_port/viewer/   (OHIF; study list, then double-click a study)"
   fi
 }
 
@@ -450,19 +481,37 @@ cmd_status() {
     local out
     out=$(cluster_status "$dir" --json) || die "no node of $dir answers"
     # The DICOM side, which the nodes do not know: ports and TLS files.
-    local PORT=11112 TLS=0 TLS_PORT=2762
+    local PORT=11112 TLS=0 TLS_PORT=2762 HTTP_PORT=8042
     # shellcheck disable=SC1091
     [[ -f $dir/cluster.env ]] && source "$dir/cluster.env"
     "$PY" -c '
-import json, sys
+import json, os, re, sys
 s = json.loads(sys.stdin.read())
 d, tls, port, tls_port = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+http_port = int(sys.argv[5])
 s["dicom"] = {"ae_title": "SHARDPACS", "host": "127.0.0.1", "port": port}
 if tls:
     s["dicom"]["tls"] = {"port": tls_port, "ca": f"{d}/tls/ca.pem",
                          "client_certificate": f"{d}/tls/client.pem",
                          "client_key": f"{d}/tls/client.key", "verify_peer": True}
-print(json.dumps(s, indent=2))' "$(cd "$dir" && pwd)" "$TLS" "$PORT" "$TLS_PORT" <<<"$out"
+def read(name):
+    try:
+        with open(os.path.join(d, name)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+conf = read("router.conf") or ""
+if http_port and re.search(r"^\[http\]", conf, re.M):
+    cert = re.search(r"^tls_cert *= *(\S+)", conf, re.M)
+    scheme = "https" if cert else "http"
+    origin = f"{scheme}://127.0.0.1:{http_port}"
+    viewer = re.search(r"^viewer_dir *= *(\S+)", conf, re.M)
+    users = [{"user": u, "password": read(f"{f}.password")}
+             for u, f in (("admin", "http"), ("viewer", "viewer")) if read(f"{f}.password")]
+    s["http"] = {"port": http_port, "dicomweb": f"{origin}/dicom-web",
+                 "viewer": f"{origin}/viewer/" if viewer else None,
+                 "ca": None, "users": users}
+print(json.dumps(s, indent=2))' "$(cd "$dir" && pwd)" "$TLS" "$PORT" "$TLS_PORT" "$HTTP_PORT" <<<"$out"
     return 0
   fi
   if running "$dir/router.pid"; then

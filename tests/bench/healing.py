@@ -164,7 +164,7 @@ def main():
         if a.repair_rate:
             opts += ["--repair-rate", a.repair_rate]
         say("starting the cluster (deploy/local-cluster.sh up)")
-        cluster("up", cdir, *opts)
+        cluster("up", cdir, "--no-viewer", *opts)
         up = True
         env = dict(l.split("=", 1) for l in (cdir / "cluster.env").read_text().split())
 

@@ -531,7 +531,7 @@ start_shardpacs() {  # start_shardpacs DIR -> SCP_PORT
   for _ in 1 2 3; do
     port=$(free_port)
     rm -rf "$dir"
-    if "$cluster_sh" up "$dir" --nodes 3 --port "$port" --replicas 3 \
+    if "$cluster_sh" up "$dir" --no-viewer --nodes 3 --port "$port" --replicas 3 \
          --move-dest "BENCHDEST=127.0.0.1:$DEST_PORT" >>"$work/shardpacs.log" 2>&1; then
       CLUSTERS[$dir]=1
       if wait_echo SHARDPACS "$port" "" 10; then SCP_PORT=$port; return 0; fi
