@@ -1,10 +1,11 @@
 /* part10.c - Part-10 framing of stored instances (part10.h). Kept apart from
  * the DCMTK adapter because it is a storage format, not protocol: the bytes
  * it writes live on the storage nodes for years, and it can be tested for
- * bit-exactness without a DICOM stack. */
+ * bit-exactness without a DICOM stack. In common/ because storage nodes
+ * also read it: they cut an instance's metadata out of the stored object. */
 #include "part10.h"
 
-#include "../common/base.h"
+#include "base.h"
 
 #include <stdbool.h>
 #include <stdlib.h>
