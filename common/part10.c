@@ -6,6 +6,7 @@
 #include "part10.h"
 
 #include "base.h"
+#include "dsscan.h"
 
 #include <stdbool.h>
 #include <stdlib.h>
@@ -230,5 +231,52 @@ int part10_split(const uint8_t *p, size_t len, part10_meta_t *meta)
     if (meta->ts[0] == '\0')
         return SP_EINVAL;
     meta->dataset_offset = end;
+    return 0;
+}
+
+int part10_metadata(const uint8_t *obj, size_t len, uint8_t **out, size_t *out_len)
+{
+    part10_meta_t meta;
+    *out = NULL;
+    *out_len = 0;
+    if (part10_split(obj, len, &meta) != 0)
+        return SP_EINVAL;
+    dsscan_syntax_t syntax = dsscan_syntax_of(meta.ts);
+    if (syntax == DSSCAN_DEFLATED_LE)
+        return SP_ENOTFOUND; /* the offsets would be of the inflated bytes */
+    /* The object was checked with the router's limits before it was stored;
+     * here only its structure matters, so size and element count are not
+     * bounded (the depth still is: it sizes the scanner's stack). */
+    dsscan_limits_t lim = dsscan_limits_default();
+    lim.max_bytes = 0;
+    lim.max_elements = UINT64_MAX;
+    lim.max_depth = 4096;
+    dsscan_t *sc = dsscan_new(syntax, &lim);
+    const uint8_t *ds = obj + meta.dataset_offset;
+    size_t dslen = len - meta.dataset_offset;
+    int rc = dsscan_feed(sc, ds, dslen);
+    if (rc == 0)
+        rc = dsscan_finish(sc, NULL, NULL, 0);
+    dsscan_span_t px;
+    if (rc == 0)
+        rc = dsscan_pixel_data(sc, &px);
+    dsscan_destroy(&sc);
+    if (rc != 0)
+        return rc == SP_ENOTFOUND ? SP_ENOTFOUND : SP_EINVAL;
+    size_t hl = (size_t)(px.value - px.header);
+    SP_ASSERT(hl == 8 || hl == 12);
+    SP_ASSERT(px.end <= dslen && px.value <= px.end);
+    size_t head = meta.dataset_offset + (size_t)px.header;
+    size_t tail = dslen - (size_t)px.end;
+    uint8_t *m = sp_malloc(head + hl + tail + 1);
+    memcpy(m, obj, head + hl);
+    /* The length field is the header's last four bytes (implicit VR, and
+     * explicit VR with a 4-byte length) or last two (a 2-byte-length VR,
+     * which Pixel Data never has in a valid object): zero says "no value". */
+    size_t lenbytes = hl == 12 || syntax == DSSCAN_IMPLICIT_LE ? 4 : 2;
+    memset(m + head + hl - lenbytes, 0, lenbytes);
+    memcpy(m + head + hl, ds + px.end, tail);
+    *out = m;
+    *out_len = head + hl + tail;
     return 0;
 }
