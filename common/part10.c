@@ -268,15 +268,26 @@ int part10_metadata(const uint8_t *obj, size_t len, uint8_t **out, size_t *out_l
     SP_ASSERT(px.end <= dslen && px.value <= px.end);
     size_t head = meta.dataset_offset + (size_t)px.header;
     size_t tail = dslen - (size_t)px.end;
-    uint8_t *m = sp_malloc(head + hl + tail + 1);
-    memcpy(m, obj, head + hl);
     /* The length field is the header's last four bytes (implicit VR, and
      * explicit VR with a 4-byte length) or last two (a 2-byte-length VR,
-     * which Pixel Data never has in a valid object): zero says "no value". */
+     * which Pixel Data never has in a valid object). */
     size_t lenbytes = hl == 12 || syntax == DSSCAN_IMPLICIT_LE ? 4 : 2;
-    memset(m + head + hl - lenbytes, 0, lenbytes);
-    memcpy(m + head + hl, ds + px.end, tail);
+    bool encapsulated = lenbytes == 4 && memcmp(obj + head + hl - 4, "\xFF\xFF\xFF\xFF", 4) == 0;
+    /* Encapsulated Pixel Data keeps its form, emptied: an empty Basic
+     * Offset Table item and the sequence delimiter (DCMTK refuses a
+     * defined-length Pixel Data in a compressed syntax). Native Pixel Data
+     * gets length 0. */
+    static const uint8_t empty_frags[16] = {0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0,
+                                            0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0};
+    size_t mid = encapsulated ? sizeof empty_frags : 0;
+    uint8_t *m = sp_malloc(head + hl + mid + tail + 1);
+    memcpy(m, obj, head + hl);
+    if (encapsulated)
+        memcpy(m + head + hl, empty_frags, mid);
+    else
+        memset(m + head + hl - lenbytes, 0, lenbytes);
+    memcpy(m + head + hl + mid, ds + px.end, tail);
     *out = m;
-    *out_len = head + hl + tail;
+    *out_len = head + hl + mid + tail;
     return 0;
 }

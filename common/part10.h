@@ -53,8 +53,9 @@ int part10_split(const uint8_t *part10, size_t len, part10_meta_t *meta);
 
 /* An instance's metadata without reading its pixels again: the Part-10
  * bytes with the value of the top-level Pixel Data element (7FE0,0010) left
- * out and its header saying length 0 (an encapsulated one's fragments and
- * delimiter left out too), everything before and after it verbatim. The
+ * out and its header saying length 0 (an encapsulated one keeps its header
+ * with an empty offset table item and the delimiter instead of its
+ * fragments), everything before and after it verbatim. The
  * result parses as the same data set with an empty Pixel Data, so DICOM
  * JSON made from it equals that of the whole object (Pixel Data is a
  * BulkDataURI either way). *out is malloc'd. Returns 0, SP_ENOTFOUND when

@@ -14,8 +14,8 @@
 const char *wire_kind_name(wire_kind_t kind)
 {
     static const char *names[] = {
-        "none",           "put",   "get",    "list",   "find", "partition-digest",
-        "partition-list", "stats", "gossip", "status", "drain"};
+        "none",           "put",   "get",    "list",   "find",  "partition-digest",
+        "partition-list", "stats", "gossip", "status", "drain", "metadata"};
     return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
 }
 
@@ -419,6 +419,7 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     Shardpacs__Request msg = SHARDPACS__REQUEST__INIT;
     Shardpacs__PutRequest put = SHARDPACS__PUT_REQUEST__INIT;
     Shardpacs__GetRequest get = SHARDPACS__GET_REQUEST__INIT;
+    Shardpacs__MetadataRequest meta = SHARDPACS__METADATA_REQUEST__INIT;
     Shardpacs__ListRequest list = SHARDPACS__LIST_REQUEST__INIT;
     Shardpacs__FindRequest find = SHARDPACS__FIND_REQUEST__INIT;
     Shardpacs__PartitionDigestRequest pdig = SHARDPACS__PARTITION_DIGEST_REQUEST__INIT;
@@ -446,6 +447,11 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         get.sop_instance_uid = req->sop_uid ? req->sop_uid : "";
         msg.body_case = SHARDPACS__REQUEST__BODY_GET;
         msg.get = &get;
+        break;
+    case WIRE_METADATA:
+        meta.sop_instance_uid = req->sop_uid ? req->sop_uid : "";
+        msg.body_case = SHARDPACS__REQUEST__BODY_METADATA;
+        msg.metadata = &meta;
         break;
     case WIRE_LIST:
         list.study_instance_uid = req->study_uid ? req->study_uid : "";
@@ -565,6 +571,11 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
         out->kind = WIRE_GET;
         rc = check_uid(m->get->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
         out->sop_uid = rc == 0 ? sp_strdup(m->get->sop_instance_uid) : NULL;
+        return rc;
+    case SHARDPACS__REQUEST__BODY_METADATA:
+        out->kind = WIRE_METADATA;
+        rc = check_uid(m->metadata->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
+        out->sop_uid = rc == 0 ? sp_strdup(m->metadata->sop_instance_uid) : NULL;
         return rc;
     case SHARDPACS__REQUEST__BODY_LIST:
         out->kind = WIRE_LIST;
@@ -821,6 +832,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             msg.put = &put;
             break;
         case WIRE_GET:
+        case WIRE_METADATA:
             get.partition = rep->partition;
             get.n_attrs = attrs_to_pb(&rep->attrs, cells, ptrs);
             get.attrs = ptrs;
@@ -828,8 +840,13 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             get.digest.len = SP_DIGEST_LEN;
             get.version = rep->version;
             get.policy = (Shardpacs__DuplicatePolicy)rep->policy;
-            msg.body_case = SHARDPACS__REPLY__BODY_GET;
-            msg.get = &get;
+            if (rep->kind == WIRE_GET) {
+                msg.body_case = SHARDPACS__REPLY__BODY_GET;
+                msg.get = &get;
+            } else {
+                msg.body_case = SHARDPACS__REPLY__BODY_METADATA;
+                msg.metadata = &get;
+            }
             break;
         case WIRE_LIST:
             scratch_instances(&scratch, rep);
@@ -871,6 +888,8 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             stats.db_size_bytes = rep->stats.db_size_bytes;
             stats.uptime_ms = rep->stats.uptime_ms;
             stats.conflicts_refused = rep->stats.conflicts_refused;
+            stats.object_bytes_read = rep->stats.object_bytes_read;
+            stats.metadata_rebuilt = rep->stats.metadata_rebuilt;
             msg.body_case = SHARDPACS__REPLY__BODY_STATS;
             msg.stats = &stats;
             break;
@@ -1042,15 +1061,19 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->outcome = (wire_outcome_t)m->put->outcome;
         return 0;
     case SHARDPACS__REPLY__BODY_GET:
-        out->kind = WIRE_GET;
-        out->partition = m->get->partition;
-        rc = attrs_from_pb(m->get->attrs, m->get->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
+    case SHARDPACS__REPLY__BODY_METADATA: {
+        const Shardpacs__GetReply *g =
+            m->body_case == SHARDPACS__REPLY__BODY_GET ? m->get : m->metadata;
+        out->kind = m->body_case == SHARDPACS__REPLY__BODY_GET ? WIRE_GET : WIRE_METADATA;
+        out->partition = g->partition;
+        rc = attrs_from_pb(g->attrs, g->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
         if (rc == 0)
-            rc = copy_digest(&m->get->digest, out->digest, err, errlen);
+            rc = copy_digest(&g->digest, out->digest, err, errlen);
         if (rc == 0)
-            rc = version_from_pb(m->get->version, (int)m->get->policy, &out->version, &out->policy,
-                                 err, errlen);
+            rc = version_from_pb(g->version, (int)g->policy, &out->version, &out->policy, err,
+                                 errlen);
         return rc;
+    }
     case SHARDPACS__REPLY__BODY_LIST:
         out->kind = WIRE_LIST;
         out->next_cursor = dup_or_null(m->list->next_cursor);
@@ -1088,6 +1111,8 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->stats.db_size_bytes = m->stats->db_size_bytes;
         out->stats.uptime_ms = m->stats->uptime_ms;
         out->stats.conflicts_refused = m->stats->conflicts_refused;
+        out->stats.object_bytes_read = m->stats->object_bytes_read;
+        out->stats.metadata_rebuilt = m->stats->metadata_rebuilt;
         return 0;
     case SHARDPACS__REPLY__BODY_GOSSIP:
         out->kind = WIRE_GOSSIP;

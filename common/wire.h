@@ -59,6 +59,7 @@ typedef enum {
     WIRE_GOSSIP,
     WIRE_STATUS,
     WIRE_DRAIN,
+    WIRE_METADATA,
 } wire_kind_t;
 
 const char *wire_kind_name(wire_kind_t kind);
@@ -91,7 +92,7 @@ typedef struct {
     uint8_t digest[SP_DIGEST_LEN]; /* PUT */
     uint64_t version;              /* PUT: router receive time, ms since the epoch; 0 = none */
     wire_policy_t policy;          /* PUT: set exactly when version is */
-    char *sop_uid;                 /* GET */
+    char *sop_uid;                 /* GET, METADATA */
     char *study_uid;               /* LIST */
     char *series_uid;              /* LIST, optional (NULL = whole study) */
     level_t level;                 /* FIND */
@@ -141,6 +142,7 @@ typedef struct {
     char *node_id;
     uint64_t instances, bytes, studies, conflicts, corrupt_reads, db_size_bytes, uptime_ms;
     uint64_t conflicts_refused;
+    uint64_t object_bytes_read, metadata_rebuilt;
 } wire_stats_t;
 
 /* A member's status (StatusReply.members; see proto/shardpacs.proto). */
@@ -171,7 +173,7 @@ typedef struct {
     int status;
     char *error;
     wire_outcome_t outcome;        /* PUT */
-    uint32_t partition;            /* GET */
+    uint32_t partition;            /* GET, METADATA (as GET below) */
     attrs_t attrs;                 /* GET */
     uint8_t digest[SP_DIGEST_LEN]; /* GET */
     uint64_t version;              /* GET: as in wire_instance_t */

@@ -155,18 +155,22 @@ static void body_free_store(void *body, void *hint)
     store_buffer_free(body);
 }
 
+/* GET answers the stored object; METADATA the instance's metadata without
+ * its pixels (store_metadata), in the same reply shape. */
 static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
                        transport_reply_t *out)
 {
     store_object_t obj;
-    int rc = store_get(node->store, w->sop_uid, &obj);
+    int rc = w->kind == WIRE_METADATA ? store_metadata(node->store, w->sop_uid, &obj)
+                                      : store_get(node->store, w->sop_uid, &obj);
     repair_t *h = atomic_load(&node->repair);
     if (rc == SP_EDIGEST && h != NULL)
         repair_note_corrupt(h, w->sop_uid); /* repaired from a replica soon */
     if (rc != 0) {
         char text[256];
         wire_reply_error(rep, rc,
-                         sp_fmt(text, sizeof text, "get %s: %s", w->sop_uid, sp_strerror(rc)));
+                         sp_fmt(text, sizeof text, "%s %s: %s", wire_kind_name(w->kind), w->sop_uid,
+                                sp_strerror(rc)));
         return;
     }
     rep->partition = obj.partition;
@@ -335,6 +339,8 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
                                 .conflicts_refused = st.conflicts_refused,
                                 .corrupt_reads = st.corrupt_reads,
                                 .db_size_bytes = st.db_size_bytes,
+                                .object_bytes_read = st.object_bytes_read,
+                                .metadata_rebuilt = st.metadata_rebuilt,
                                 .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
 }
 
@@ -354,7 +360,8 @@ static bool role_allows(keys_role_t role, const wire_request_t *w)
     case WIRE_PUT:
     case WIRE_LIST:
     case WIRE_FIND: return router || admin;
-    case WIRE_GET: return true;
+    case WIRE_GET:
+    case WIRE_METADATA: return true;
     case WIRE_PARTITION_DIGEST:
     case WIRE_PARTITION_LIST: return node || admin;
     case WIRE_STATUS: return admin || (node && !w->cluster);
@@ -389,6 +396,7 @@ static void audit_request(const transport_request_t *req, const wire_request_t *
         r.instances = 1;
         break;
     case WIRE_GET:
+    case WIRE_METADATA:
         r.sop_uid = w->sop_uid;
         r.instances = 1;
         break;
@@ -434,6 +442,7 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
     switch (w->kind) {
     case WIRE_PUT: handle_put(node, req, w, rep); break;
     case WIRE_GET: handle_get(node, w, rep, out); break;
+    case WIRE_METADATA: handle_get(node, w, rep, out); break;
     case WIRE_LIST: handle_list(node, w, rep); break;
     case WIRE_FIND: handle_find(node, w, rep); break;
     case WIRE_PARTITION_DIGEST: handle_partition_digest(node, w, rep); break;

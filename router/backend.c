@@ -1113,8 +1113,10 @@ static int fetch_from(backend_t *b, const member_t *m, const uint8_t *head, size
     return rc;
 }
 
-int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
-                  uint8_t **out, size_t *len)
+/* backend_fetch and backend_fetch_metadata: kind is WIRE_GET or
+ * WIRE_METADATA, asked of the same members in the same order. */
+static int fetch_kind(backend_t *b, wire_kind_t kind, const char *study_uid, const char *sop_uid,
+                      unsigned spread, uint8_t **out, size_t *len)
 {
     view_t *v = view_acquire(b);
     size_t *order = sp_calloc(v->n + 1, sizeof *order);
@@ -1124,7 +1126,7 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
     for (size_t i = 0; i < v->n; i++)
         if (reachable(&v->m[i]) && !contains(order, n, i))
             order[n++] = i;
-    wire_request_t req = {.kind = WIRE_GET, .sop_uid = (char *)sop_uid};
+    wire_request_t req = {.kind = kind, .sop_uid = (char *)sop_uid};
     uint8_t *head;
     size_t head_len;
     wire_encode_request(&req, &head, &head_len);
@@ -1152,6 +1154,18 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
     if (rc != 0)
         rc = all_missing && n > 0 ? SP_ENOTFOUND : SP_EUNAVAIL;
     return rc;
+}
+
+int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
+                  uint8_t **out, size_t *len)
+{
+    return fetch_kind(b, WIRE_GET, study_uid, sop_uid, spread, out, len);
+}
+
+int backend_fetch_metadata(backend_t *b, const char *study_uid, const char *sop_uid,
+                           unsigned spread, uint8_t **out, size_t *len)
+{
+    return fetch_kind(b, WIRE_METADATA, study_uid, sop_uid, spread, out, len);
 }
 
 size_t backend_view_owners(const backend_config_t *cfg, const gossip_member_t *view, size_t n,

@@ -154,6 +154,14 @@ int backend_list(backend_t *b, const char *study_uid, const char *series_uid,
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len);
 
+/* As backend_fetch(), but reads the instance's metadata as its node keeps
+ * it (METADATA: the Part-10 object without its Pixel Data value, or the
+ * whole object when it has none), so no pixel data is read or sent. A node
+ * of an older version refuses the request; the caller may then fall back
+ * to backend_fetch(). Same results and ownership as backend_fetch(). */
+int backend_fetch_metadata(backend_t *b, const char *study_uid, const char *sop_uid,
+                           unsigned spread, uint8_t **out, size_t *len);
+
 /* The owner ids (at most RING_MAX_REPLICAS, copied into owners) a router
  * with cfg's cluster keys and replicas computes for a partition over a
  * membership view (view[0..n), borrowed, as membership_view() returns it):

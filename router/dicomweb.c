@@ -861,9 +861,15 @@ static int work_metadata(void *ctx, size_t i, unsigned spread, uint8_t **out, si
         *out = (uint8_t *)json;
         return 0;
     }
+    /* The nodes keep each instance's metadata without its pixels (read
+     * nothing else); a node of an older version refuses the request, and
+     * then the whole object is read as before. Either bytes make the same
+     * JSON: Pixel Data is a BulkDataURI whatever its value. */
     uint8_t *obj = NULL;
     size_t objlen = 0;
-    int rc = backend_fetch(s->d->cfg.backend, s->study, it->sop, spread, &obj, &objlen);
+    int rc = backend_fetch_metadata(s->d->cfg.backend, s->study, it->sop, spread, &obj, &objlen);
+    if (rc != 0 && rc != SP_ENOTFOUND)
+        rc = backend_fetch(s->d->cfg.backend, s->study, it->sop, spread, &obj, &objlen);
     if (rc == 0) {
         char err[256];
         rc = dicom_json_instance(obj, objlen, url, &json, len, err, sizeof err);

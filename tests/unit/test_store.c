@@ -3289,7 +3289,13 @@ static uint8_t *ct_object(const char *sop, size_t npix, bool encapsulated, size_
     n += 10;
     memcpy(want, ds, n);
     w = n;
-    w += el(want + w, 0x7FE0, 0x0010, encapsulated ? "OB" : "OW", 0);
+    w += el(want + w, 0x7FE0, 0x0010, encapsulated ? "OB" : "OW", encapsulated ? 0xFFFFFFFFu : 0);
+    if (encapsulated) {
+        const uint8_t empty[16] = {0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0,
+                                   0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0};
+        memcpy(want + w, empty, 16);
+        w += 16;
+    }
     uint8_t *pix = make_bytes(npix, 77);
     if (!encapsulated) {
         n += el(ds + n, 0x7FE0, 0x0010, "OW", (uint32_t)npix);
