@@ -14,8 +14,8 @@
 const char *wire_kind_name(wire_kind_t kind)
 {
     static const char *names[] = {
-        "none",           "put",   "get",    "list",   "find",  "partition-digest",
-        "partition-list", "stats", "gossip", "status", "drain", "metadata"};
+        "none",  "put",    "get",    "list",  "find",     "partition-digest", "partition-list",
+        "stats", "gossip", "status", "drain", "metadata", "metadata-list"};
     return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
 }
 
@@ -420,6 +420,7 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     Shardpacs__PutRequest put = SHARDPACS__PUT_REQUEST__INIT;
     Shardpacs__GetRequest get = SHARDPACS__GET_REQUEST__INIT;
     Shardpacs__MetadataRequest meta = SHARDPACS__METADATA_REQUEST__INIT;
+    Shardpacs__MetadataListRequest mlist = SHARDPACS__METADATA_LIST_REQUEST__INIT;
     Shardpacs__ListRequest list = SHARDPACS__LIST_REQUEST__INIT;
     Shardpacs__FindRequest find = SHARDPACS__FIND_REQUEST__INIT;
     Shardpacs__PartitionDigestRequest pdig = SHARDPACS__PARTITION_DIGEST_REQUEST__INIT;
@@ -452,6 +453,14 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         meta.sop_instance_uid = req->sop_uid ? req->sop_uid : "";
         msg.body_case = SHARDPACS__REQUEST__BODY_METADATA;
         msg.metadata = &meta;
+        break;
+    case WIRE_METADATA_LIST:
+        mlist.study_instance_uid = req->study_uid ? req->study_uid : "";
+        mlist.series_instance_uid = req->series_uid ? req->series_uid : "";
+        mlist.cursor = req->cursor ? req->cursor : "";
+        mlist.limit = req->limit;
+        msg.body_case = SHARDPACS__REQUEST__BODY_METADATA_LIST;
+        msg.metadata_list = &mlist;
         break;
     case WIRE_LIST:
         list.study_instance_uid = req->study_uid ? req->study_uid : "";
@@ -572,6 +581,24 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
         rc = check_uid(m->get->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
         out->sop_uid = rc == 0 ? sp_strdup(m->get->sop_instance_uid) : NULL;
         return rc;
+    case SHARDPACS__REQUEST__BODY_METADATA_LIST: {
+        const Shardpacs__MetadataListRequest *l = m->metadata_list;
+        out->kind = WIRE_METADATA_LIST;
+        rc = check_uid(l->study_instance_uid, "StudyInstanceUID", true, err, errlen);
+        if (rc == 0)
+            rc = check_uid(l->series_instance_uid, "SeriesInstanceUID", false, err, errlen);
+        if (rc == 0 && strlen(l->cursor) > 3 * 65) {
+            sp_fmt(err, errlen, "metadata list cursor of %zu bytes", strlen(l->cursor));
+            rc = SP_EPROTO;
+        }
+        if (rc == 0) {
+            out->study_uid = sp_strdup(l->study_instance_uid);
+            out->series_uid = dup_or_null(l->series_instance_uid);
+            out->cursor = dup_or_null(l->cursor);
+            out->limit = l->limit;
+        }
+        return rc;
+    }
     case SHARDPACS__REQUEST__BODY_METADATA:
         out->kind = WIRE_METADATA;
         rc = check_uid(m->metadata->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
@@ -696,6 +723,7 @@ static void instance_to_pb(const wire_instance_t *w, Shardpacs__InstanceRef *p)
     p->digest.len = SP_DIGEST_LEN;
     p->version = w->version;
     p->policy = (Shardpacs__DuplicatePolicy)w->policy;
+    p->metadata_size = w->metadata_size;
 }
 
 /* Scratch space an encoded reply borrows until it is packed. */
@@ -813,6 +841,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
     Shardpacs__FindReply find = SHARDPACS__FIND_REPLY__INIT;
     Shardpacs__PartitionDigestReply pdig = SHARDPACS__PARTITION_DIGEST_REPLY__INIT;
     Shardpacs__PartitionListReply plist = SHARDPACS__PARTITION_LIST_REPLY__INIT;
+    Shardpacs__MetadataListReply mlist = SHARDPACS__METADATA_LIST_REPLY__INIT;
     Shardpacs__StatsReply stats = SHARDPACS__STATS_REPLY__INIT;
     Shardpacs__GossipReply gossip_reply = SHARDPACS__GOSSIP_REPLY__INIT;
     Shardpacs__StatusReply status = SHARDPACS__STATUS_REPLY__INIT;
@@ -863,6 +892,14 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             plist.next_cursor = rep->next_cursor ? rep->next_cursor : "";
             msg.body_case = SHARDPACS__REPLY__BODY_PARTITION_LIST;
             msg.partition_list = &plist;
+            break;
+        case WIRE_METADATA_LIST:
+            scratch_instances(&scratch, rep);
+            mlist.n_instances = rep->ninstances;
+            mlist.instances = scratch.ref_ptrs;
+            mlist.next_cursor = rep->next_cursor ? rep->next_cursor : "";
+            msg.body_case = SHARDPACS__REPLY__BODY_METADATA_LIST;
+            msg.metadata_list = &mlist;
             break;
         case WIRE_FIND:
             /* The matches go in the body (wire_encode_find_body). */
@@ -978,6 +1015,7 @@ static int instance_from_pb(const Shardpacs__InstanceRef *p, wire_instance_t *w,
     w->sop_class_uid = sp_strdup(p->sop_class_uid);
     w->transfer_syntax_uid = sp_strdup(p->transfer_syntax_uid);
     w->size = p->size;
+    w->metadata_size = p->metadata_size;
     return 0;
 }
 
@@ -1078,6 +1116,11 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->kind = WIRE_LIST;
         out->next_cursor = dup_or_null(m->list->next_cursor);
         return instances_from_pb(m->list->instances, m->list->n_instances, out, err, errlen);
+    case SHARDPACS__REPLY__BODY_METADATA_LIST:
+        out->kind = WIRE_METADATA_LIST;
+        out->next_cursor = dup_or_null(m->metadata_list->next_cursor);
+        return instances_from_pb(m->metadata_list->instances, m->metadata_list->n_instances, out,
+                                 err, errlen);
     case SHARDPACS__REPLY__BODY_PARTITION_LIST:
         out->kind = WIRE_PARTITION_LIST;
         out->next_cursor = dup_or_null(m->partition_list->next_cursor);
@@ -1153,6 +1196,20 @@ int wire_decode_response(const transport_response_t *resp, wire_reply_t *out, ch
                          size_t errlen)
 {
     int rc = wire_decode_reply(resp->head, resp->head_len, out, err, errlen);
+    if (rc == 0 && out->status == 0 && out->kind == WIRE_METADATA_LIST) {
+        uint64_t sum = 0;
+        for (size_t i = 0; i < out->ninstances && sum <= resp->body_len; i++)
+            sum += out->instances[i].metadata_size > resp->body_len
+                       ? (uint64_t)resp->body_len + 1
+                       : out->instances[i].metadata_size;
+        if (sum != resp->body_len) {
+            sp_fmt(err, errlen, "metadata list body of %zu bytes, the head announces more or less",
+                   resp->body_len);
+            wire_reply_free(out);
+            return SP_EPROTO;
+        }
+        return 0;
+    }
     if (rc != 0 || out->status != 0 || out->kind != WIRE_FIND)
         return rc;
     if (out->body_matches == 0 && resp->body_len == 0)

@@ -1397,6 +1397,60 @@ static void test_metadata_round_trip(void **state)
     wire_reply_free(&st);
 }
 
+/* METADATA_LIST: a LIST-shaped request, and a page whose body must hold
+ * exactly the metadata bytes its instances announce. */
+static void test_metadata_list_round_trip(void **state)
+{
+    (void)state;
+    char err[256];
+    uint8_t *buf;
+    size_t len;
+    wire_request_t q = {.kind = WIRE_METADATA_LIST,
+                        .study_uid = strdup(STUDY),
+                        .series_uid = strdup(SERIES),
+                        .cursor = strdup(STUDY "/" SERIES "/" SOP),
+                        .limit = 64},
+                   qb;
+    assert_int_equal(wire_encode_request(&q, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &qb, err, sizeof err), 0);
+    assert_int_equal(qb.kind, WIRE_METADATA_LIST);
+    assert_string_equal(qb.series_uid, SERIES);
+    assert_string_equal(qb.cursor, STUDY "/" SERIES "/" SOP);
+    assert_int_equal(qb.limit, 64);
+    free(buf);
+    wire_request_free(&qb);
+    wire_request_free(&q);
+
+    wire_reply_t r = {.kind = WIRE_METADATA_LIST, .next_cursor = strdup("a/b/c")}, rb;
+    for (int i = 0; i < 2; i++) {
+        wire_instance_t *w = wire_reply_add_instance(&r);
+        w->study_uid = strdup(STUDY);
+        w->series_uid = strdup(SERIES);
+        w->sop_uid = strdup(SOP);
+        w->metadata_size = 10 + (uint64_t)i;
+    }
+    uint8_t body[32] = {0};
+    transport_response_t resp = {.body = body, .body_len = 21};
+    wire_encode_reply(&r, &resp.head, &resp.head_len);
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), 0);
+    assert_int_equal(rb.ninstances, 2);
+    assert_int_equal(rb.instances[1].metadata_size, 11);
+    assert_string_equal(rb.next_cursor, "a/b/c");
+    wire_reply_free(&rb);
+    /* A body shorter or longer than announced is refused. */
+    resp.body_len = 20;
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), SP_EPROTO);
+    resp.body_len = 22;
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), SP_EPROTO);
+    r.instances[0].metadata_size = UINT64_MAX - 5; /* no wrap-around to 21 */
+    free(resp.head);
+    wire_encode_reply(&r, &resp.head, &resp.head_len);
+    resp.body_len = 21;
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), SP_EPROTO);
+    free(resp.head);
+    wire_reply_free(&r);
+}
+
 static int decode_versioned_put(uint64_t version, int policy, char *err, size_t errlen)
 {
     wire_request_t in, out;
@@ -1465,6 +1519,7 @@ int main(void)
         cmocka_unit_test(test_versions_round_trip),
         cmocka_unit_test(test_versions_validated),
         cmocka_unit_test(test_metadata_round_trip),
+        cmocka_unit_test(test_metadata_list_round_trip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
