@@ -13,6 +13,7 @@ before (a `Forwarded: host=...` header: the cache is keyed by the instance
 URLs the JSON holds), and each warm one repeats the last. Programs come from
 SP_BUILD_DIR (default: the repository's build/), so the same script measures
 an older build; nodes without the `object_bytes_read` counter report "-".
+`--save FILE` keeps the first answer, to compare the JSON of two builds.
 
 Prints a Markdown table; asserts nothing about speed. Progress on stderr."""
 import argparse
@@ -41,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ct", type=int, default=500, help="512x512 CT instances in the series")
     ap.add_argument("--runs", type=int, default=5, help="cold and warm requests each")
+    ap.add_argument("--save", help="write the first cold answer here (to compare two builds: "
+                    "the data set and URLs are the same in every run)")
     args = ap.parse_args()
     os.environ.setdefault("TCP_NODELAY", "1")
     with tempfile.TemporaryDirectory(prefix="sp-bench-metadata.") as tmp:
@@ -74,6 +77,8 @@ def main():
                 after = object_bytes_read(c)
                 read.append(None if before is None else after - before)
                 size = len(r.content)
+                if args.save and run == 0:
+                    Path(args.save).write_bytes(r.content)
                 t = time.monotonic()
                 r = s.get(url, headers=hdr)
                 warm.append(time.monotonic() - t)
