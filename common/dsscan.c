@@ -70,6 +70,11 @@ struct dsscan {
     enc_t peek_enc; /* STATE_PEEK: encoding of the items, if they are */
     uint64_t elements;
     uint32_t depth, max_seen;
+    /* The first top-level Pixel Data element: where its header and value
+     * start and where it ends (px_end is 0 while its fragments are still
+     * open), for dsscan_pixel_data(). */
+    bool px_seen;
+    uint64_t px_header, px_value, px_end;
     frame_t *stack;
     size_t nframes, cap;
     /* Deflated syntax only. */
@@ -231,6 +236,9 @@ static int push(dsscan_t *s, frame_kind_t kind, enc_t enc, uint64_t vstart, uint
 static void pop(dsscan_t *s)
 {
     SP_ASSERT(s->nframes > 1);
+    if (s->nframes == 2 && top(s)->kind == FRAME_FRAGS && s->px_seen && s->px_end == 0) {
+        s->px_end = s->off; /* the top-level Pixel Data's sequence delimiter was read */
+    }
     if (top(s)->kind != FRAME_LIST) {
         SP_ASSERT(s->depth > 0);
         s->depth--;
@@ -373,6 +381,12 @@ static int header(dsscan_t *s, size_t hl)
     }
 
     uint32_t len = s->len;
+    if (s->nframes == 1 && s->tag == TAG_PIXEL_DATA && !s->px_seen) {
+        s->px_seen = true;
+        s->px_header = s->hoff;
+        s->px_value = vstart;
+        s->px_end = len == UNDEF_LEN ? 0 : vstart + len;
+    }
     if (len == UNDEF_LEN) {
         if (vr == NULL) {
             /* Implicit VR: DCMTK reads any undefined-length element as a
@@ -605,6 +619,17 @@ int dsscan_feed(dsscan_t *s, const uint8_t *p, size_t n)
         return inflate_feed(s, p, n);
     }
     return scan(s, p, n);
+}
+
+int dsscan_pixel_data(const dsscan_t *s, dsscan_span_t *out)
+{
+    if (!s->px_seen || s->px_end == 0 || s->px_end > s->off || s->syntax == DSSCAN_DEFLATED_LE) {
+        return SP_ENOTFOUND;
+    }
+    out->header = s->px_header;
+    out->value = s->px_value;
+    out->end = s->px_end;
+    return 0;
 }
 
 int dsscan_finish(dsscan_t *s, dsscan_stats_t *stats, char *err, size_t errlen)

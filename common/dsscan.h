@@ -96,6 +96,22 @@ int dsscan_feed(dsscan_t *s, const uint8_t *p, size_t n);
  * nothing about its compressed size: the bytes fed. */
 uint64_t dsscan_declared_end(const dsscan_t *s);
 
+/* Where the first top-level Pixel Data element (7FE0,0010) lies in the
+ * data set: the offsets of its header and value, and the offset just past
+ * it (past its sequence delimiter when encapsulated). Lets a storage node
+ * keep an instance's metadata without its pixels (part10_metadata). */
+typedef struct {
+    uint64_t header;
+    uint64_t value;
+    uint64_t end;
+} dsscan_span_t;
+
+/* Returns 0 with *out set once that element has been scanned to its end,
+ * SP_ENOTFOUND when none has (yet), and for the deflated syntax, whose
+ * offsets are of the inflated bytes. Valid after a failure too, for the
+ * bytes scanned before it. */
+int dsscan_pixel_data(const dsscan_t *s, dsscan_span_t *out);
+
 /* Ends the scan: checks that the data ended at an element boundary with
  * every sequence and item closed (and the deflate stream complete). Returns
  * 0 when the data set may be parsed, or the first failure's code with its

@@ -14,8 +14,8 @@
 const char *wire_kind_name(wire_kind_t kind)
 {
     static const char *names[] = {
-        "none",           "put",   "get",    "list",   "find", "partition-digest",
-        "partition-list", "stats", "gossip", "status", "drain"};
+        "none",  "put",    "get",    "list",  "find",     "partition-digest", "partition-list",
+        "stats", "gossip", "status", "drain", "metadata", "metadata-list"};
     return (unsigned)kind < SP_ARRAY_LEN(names) ? names[kind] : "?";
 }
 
@@ -419,6 +419,8 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
     Shardpacs__Request msg = SHARDPACS__REQUEST__INIT;
     Shardpacs__PutRequest put = SHARDPACS__PUT_REQUEST__INIT;
     Shardpacs__GetRequest get = SHARDPACS__GET_REQUEST__INIT;
+    Shardpacs__MetadataRequest meta = SHARDPACS__METADATA_REQUEST__INIT;
+    Shardpacs__MetadataListRequest mlist = SHARDPACS__METADATA_LIST_REQUEST__INIT;
     Shardpacs__ListRequest list = SHARDPACS__LIST_REQUEST__INIT;
     Shardpacs__FindRequest find = SHARDPACS__FIND_REQUEST__INIT;
     Shardpacs__PartitionDigestRequest pdig = SHARDPACS__PARTITION_DIGEST_REQUEST__INIT;
@@ -446,6 +448,19 @@ int wire_encode_request(const wire_request_t *req, uint8_t **out, size_t *len)
         get.sop_instance_uid = req->sop_uid ? req->sop_uid : "";
         msg.body_case = SHARDPACS__REQUEST__BODY_GET;
         msg.get = &get;
+        break;
+    case WIRE_METADATA:
+        meta.sop_instance_uid = req->sop_uid ? req->sop_uid : "";
+        msg.body_case = SHARDPACS__REQUEST__BODY_METADATA;
+        msg.metadata = &meta;
+        break;
+    case WIRE_METADATA_LIST:
+        mlist.study_instance_uid = req->study_uid ? req->study_uid : "";
+        mlist.series_instance_uid = req->series_uid ? req->series_uid : "";
+        mlist.cursor = req->cursor ? req->cursor : "";
+        mlist.limit = req->limit;
+        msg.body_case = SHARDPACS__REQUEST__BODY_METADATA_LIST;
+        msg.metadata_list = &mlist;
         break;
     case WIRE_LIST:
         list.study_instance_uid = req->study_uid ? req->study_uid : "";
@@ -566,6 +581,29 @@ static int decode_request_body(const Shardpacs__Request *m, wire_request_t *out,
         rc = check_uid(m->get->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
         out->sop_uid = rc == 0 ? sp_strdup(m->get->sop_instance_uid) : NULL;
         return rc;
+    case SHARDPACS__REQUEST__BODY_METADATA_LIST: {
+        const Shardpacs__MetadataListRequest *l = m->metadata_list;
+        out->kind = WIRE_METADATA_LIST;
+        rc = check_uid(l->study_instance_uid, "StudyInstanceUID", true, err, errlen);
+        if (rc == 0)
+            rc = check_uid(l->series_instance_uid, "SeriesInstanceUID", false, err, errlen);
+        if (rc == 0 && strlen(l->cursor) > 3 * 65) {
+            sp_fmt(err, errlen, "metadata list cursor of %zu bytes", strlen(l->cursor));
+            rc = SP_EPROTO;
+        }
+        if (rc == 0) {
+            out->study_uid = sp_strdup(l->study_instance_uid);
+            out->series_uid = dup_or_null(l->series_instance_uid);
+            out->cursor = dup_or_null(l->cursor);
+            out->limit = l->limit;
+        }
+        return rc;
+    }
+    case SHARDPACS__REQUEST__BODY_METADATA:
+        out->kind = WIRE_METADATA;
+        rc = check_uid(m->metadata->sop_instance_uid, "SOPInstanceUID", true, err, errlen);
+        out->sop_uid = rc == 0 ? sp_strdup(m->metadata->sop_instance_uid) : NULL;
+        return rc;
     case SHARDPACS__REQUEST__BODY_LIST:
         out->kind = WIRE_LIST;
         rc = check_uid(m->list->study_instance_uid, "StudyInstanceUID", true, err, errlen);
@@ -685,6 +723,7 @@ static void instance_to_pb(const wire_instance_t *w, Shardpacs__InstanceRef *p)
     p->digest.len = SP_DIGEST_LEN;
     p->version = w->version;
     p->policy = (Shardpacs__DuplicatePolicy)w->policy;
+    p->metadata_size = w->metadata_size;
 }
 
 /* Scratch space an encoded reply borrows until it is packed. */
@@ -802,6 +841,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
     Shardpacs__FindReply find = SHARDPACS__FIND_REPLY__INIT;
     Shardpacs__PartitionDigestReply pdig = SHARDPACS__PARTITION_DIGEST_REPLY__INIT;
     Shardpacs__PartitionListReply plist = SHARDPACS__PARTITION_LIST_REPLY__INIT;
+    Shardpacs__MetadataListReply mlist = SHARDPACS__METADATA_LIST_REPLY__INIT;
     Shardpacs__StatsReply stats = SHARDPACS__STATS_REPLY__INIT;
     Shardpacs__GossipReply gossip_reply = SHARDPACS__GOSSIP_REPLY__INIT;
     Shardpacs__StatusReply status = SHARDPACS__STATUS_REPLY__INIT;
@@ -821,6 +861,7 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             msg.put = &put;
             break;
         case WIRE_GET:
+        case WIRE_METADATA:
             get.partition = rep->partition;
             get.n_attrs = attrs_to_pb(&rep->attrs, cells, ptrs);
             get.attrs = ptrs;
@@ -828,8 +869,13 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             get.digest.len = SP_DIGEST_LEN;
             get.version = rep->version;
             get.policy = (Shardpacs__DuplicatePolicy)rep->policy;
-            msg.body_case = SHARDPACS__REPLY__BODY_GET;
-            msg.get = &get;
+            if (rep->kind == WIRE_GET) {
+                msg.body_case = SHARDPACS__REPLY__BODY_GET;
+                msg.get = &get;
+            } else {
+                msg.body_case = SHARDPACS__REPLY__BODY_METADATA;
+                msg.metadata = &get;
+            }
             break;
         case WIRE_LIST:
             scratch_instances(&scratch, rep);
@@ -846,6 +892,14 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             plist.next_cursor = rep->next_cursor ? rep->next_cursor : "";
             msg.body_case = SHARDPACS__REPLY__BODY_PARTITION_LIST;
             msg.partition_list = &plist;
+            break;
+        case WIRE_METADATA_LIST:
+            scratch_instances(&scratch, rep);
+            mlist.n_instances = rep->ninstances;
+            mlist.instances = scratch.ref_ptrs;
+            mlist.next_cursor = rep->next_cursor ? rep->next_cursor : "";
+            msg.body_case = SHARDPACS__REPLY__BODY_METADATA_LIST;
+            msg.metadata_list = &mlist;
             break;
         case WIRE_FIND:
             /* The matches go in the body (wire_encode_find_body). */
@@ -871,6 +925,8 @@ int wire_encode_reply(const wire_reply_t *rep, uint8_t **out, size_t *len)
             stats.db_size_bytes = rep->stats.db_size_bytes;
             stats.uptime_ms = rep->stats.uptime_ms;
             stats.conflicts_refused = rep->stats.conflicts_refused;
+            stats.object_bytes_read = rep->stats.object_bytes_read;
+            stats.metadata_rebuilt = rep->stats.metadata_rebuilt;
             msg.body_case = SHARDPACS__REPLY__BODY_STATS;
             msg.stats = &stats;
             break;
@@ -959,6 +1015,7 @@ static int instance_from_pb(const Shardpacs__InstanceRef *p, wire_instance_t *w,
     w->sop_class_uid = sp_strdup(p->sop_class_uid);
     w->transfer_syntax_uid = sp_strdup(p->transfer_syntax_uid);
     w->size = p->size;
+    w->metadata_size = p->metadata_size;
     return 0;
 }
 
@@ -1042,19 +1099,28 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->outcome = (wire_outcome_t)m->put->outcome;
         return 0;
     case SHARDPACS__REPLY__BODY_GET:
-        out->kind = WIRE_GET;
-        out->partition = m->get->partition;
-        rc = attrs_from_pb(m->get->attrs, m->get->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
+    case SHARDPACS__REPLY__BODY_METADATA: {
+        const Shardpacs__GetReply *g =
+            m->body_case == SHARDPACS__REPLY__BODY_GET ? m->get : m->metadata;
+        out->kind = m->body_case == SHARDPACS__REPLY__BODY_GET ? WIRE_GET : WIRE_METADATA;
+        out->partition = g->partition;
+        rc = attrs_from_pb(g->attrs, g->n_attrs, ATTRS_STORED, &out->attrs, err, errlen);
         if (rc == 0)
-            rc = copy_digest(&m->get->digest, out->digest, err, errlen);
+            rc = copy_digest(&g->digest, out->digest, err, errlen);
         if (rc == 0)
-            rc = version_from_pb(m->get->version, (int)m->get->policy, &out->version, &out->policy,
-                                 err, errlen);
+            rc = version_from_pb(g->version, (int)g->policy, &out->version, &out->policy, err,
+                                 errlen);
         return rc;
+    }
     case SHARDPACS__REPLY__BODY_LIST:
         out->kind = WIRE_LIST;
         out->next_cursor = dup_or_null(m->list->next_cursor);
         return instances_from_pb(m->list->instances, m->list->n_instances, out, err, errlen);
+    case SHARDPACS__REPLY__BODY_METADATA_LIST:
+        out->kind = WIRE_METADATA_LIST;
+        out->next_cursor = dup_or_null(m->metadata_list->next_cursor);
+        return instances_from_pb(m->metadata_list->instances, m->metadata_list->n_instances, out,
+                                 err, errlen);
     case SHARDPACS__REPLY__BODY_PARTITION_LIST:
         out->kind = WIRE_PARTITION_LIST;
         out->next_cursor = dup_or_null(m->partition_list->next_cursor);
@@ -1088,6 +1154,8 @@ static int decode_reply_body(const Shardpacs__Reply *m, wire_reply_t *out, char 
         out->stats.db_size_bytes = m->stats->db_size_bytes;
         out->stats.uptime_ms = m->stats->uptime_ms;
         out->stats.conflicts_refused = m->stats->conflicts_refused;
+        out->stats.object_bytes_read = m->stats->object_bytes_read;
+        out->stats.metadata_rebuilt = m->stats->metadata_rebuilt;
         return 0;
     case SHARDPACS__REPLY__BODY_GOSSIP:
         out->kind = WIRE_GOSSIP;
@@ -1128,6 +1196,20 @@ int wire_decode_response(const transport_response_t *resp, wire_reply_t *out, ch
                          size_t errlen)
 {
     int rc = wire_decode_reply(resp->head, resp->head_len, out, err, errlen);
+    if (rc == 0 && out->status == 0 && out->kind == WIRE_METADATA_LIST) {
+        uint64_t sum = 0;
+        for (size_t i = 0; i < out->ninstances && sum <= resp->body_len; i++)
+            sum += out->instances[i].metadata_size > resp->body_len
+                       ? (uint64_t)resp->body_len + 1
+                       : out->instances[i].metadata_size;
+        if (sum != resp->body_len) {
+            sp_fmt(err, errlen, "metadata list body of %zu bytes, the head announces more or less",
+                   resp->body_len);
+            wire_reply_free(out);
+            return SP_EPROTO;
+        }
+        return 0;
+    }
     if (rc != 0 || out->status != 0 || out->kind != WIRE_FIND)
         return rc;
     if (out->body_matches == 0 && resp->body_len == 0)

@@ -59,6 +59,8 @@ typedef enum {
     WIRE_GOSSIP,
     WIRE_STATUS,
     WIRE_DRAIN,
+    WIRE_METADATA,
+    WIRE_METADATA_LIST,
 } wire_kind_t;
 
 const char *wire_kind_name(wire_kind_t kind);
@@ -91,8 +93,8 @@ typedef struct {
     uint8_t digest[SP_DIGEST_LEN]; /* PUT */
     uint64_t version;              /* PUT: router receive time, ms since the epoch; 0 = none */
     wire_policy_t policy;          /* PUT: set exactly when version is */
-    char *sop_uid;                 /* GET */
-    char *study_uid;               /* LIST */
+    char *sop_uid;                 /* GET, METADATA */
+    char *study_uid;               /* LIST, METADATA_LIST (as LIST below) */
     char *series_uid;              /* LIST, optional (NULL = whole study) */
     level_t level;                 /* FIND */
     bool case_insensitive_names;   /* FIND */
@@ -126,8 +128,9 @@ typedef struct {
     char *transfer_syntax_uid;
     uint64_t size;
     uint8_t digest[SP_DIGEST_LEN];
-    uint64_t version;     /* as put; 0 = none */
-    wire_policy_t policy; /* of the put that made this copy the instance */
+    uint64_t version;       /* as put; 0 = none */
+    wire_policy_t policy;   /* of the put that made this copy the instance */
+    uint64_t metadata_size; /* METADATA_LIST: its metadata's bytes in the reply body */
 } wire_instance_t;
 
 typedef struct {
@@ -141,6 +144,7 @@ typedef struct {
     char *node_id;
     uint64_t instances, bytes, studies, conflicts, corrupt_reads, db_size_bytes, uptime_ms;
     uint64_t conflicts_refused;
+    uint64_t object_bytes_read, metadata_rebuilt;
 } wire_stats_t;
 
 /* A member's status (StatusReply.members; see proto/shardpacs.proto). */
@@ -171,12 +175,12 @@ typedef struct {
     int status;
     char *error;
     wire_outcome_t outcome;        /* PUT */
-    uint32_t partition;            /* GET */
+    uint32_t partition;            /* GET, METADATA (as GET below) */
     attrs_t attrs;                 /* GET */
     uint8_t digest[SP_DIGEST_LEN]; /* GET */
     uint64_t version;              /* GET: as in wire_instance_t */
     wire_policy_t policy;          /* GET */
-    wire_instance_t *instances;    /* LIST, PARTITION_LIST */
+    wire_instance_t *instances;    /* LIST, PARTITION_LIST, METADATA_LIST */
     size_t ninstances;
     char *next_cursor; /* LIST, PARTITION_LIST: NULL when exhausted */
     attrs_t *matches;  /* FIND: carried in the body (wire_decode_response) */
@@ -220,8 +224,9 @@ int wire_decode_reply(const uint8_t *buf, size_t len, wire_reply_t *out, char *e
 
 /* Decodes a whole response: the head as wire_decode_reply, and for a
  * successful FIND reply its matches from the body (exactly body_matches of
- * them, or SP_EPROTO). The response keeps its buffers (the caller frees
- * them); *out is as wire_decode_reply leaves it. */
+ * them, or SP_EPROTO); a METADATA_LIST reply's body must hold exactly the
+ * metadata_size bytes its instances announce (else SP_EPROTO). The response keeps its buffers (the
+ * caller frees them); *out is as wire_decode_reply leaves it. */
 int wire_decode_response(const transport_response_t *resp, wire_reply_t *out, char *err,
                          size_t errlen);
 

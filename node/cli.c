@@ -174,12 +174,14 @@ static void print_stats(const wire_stats_t *s)
 {
     printf("{\"node_id\": \"%s\", \"instances\": %llu, \"bytes\": %llu, \"studies\": %llu, "
            "\"conflicts\": %llu, \"conflicts_refused\": %llu, \"corrupt_reads\": %llu, "
-           "\"db_size_bytes\": %llu, \"uptime_ms\": %llu}\n",
+           "\"db_size_bytes\": %llu, \"uptime_ms\": %llu, \"object_bytes_read\": %llu, "
+           "\"metadata_rebuilt\": %llu}\n",
            s->node_id ? s->node_id : "", (unsigned long long)s->instances,
            (unsigned long long)s->bytes, (unsigned long long)s->studies,
            (unsigned long long)s->conflicts, (unsigned long long)s->conflicts_refused,
            (unsigned long long)s->corrupt_reads, (unsigned long long)s->db_size_bytes,
-           (unsigned long long)s->uptime_ms);
+           (unsigned long long)s->uptime_ms, (unsigned long long)s->object_bytes_read,
+           (unsigned long long)s->metadata_rebuilt);
 }
 
 /* Parses "put --study UID --series UID --sop UID [--partition P] FILE" into a

@@ -155,18 +155,22 @@ static void body_free_store(void *body, void *hint)
     store_buffer_free(body);
 }
 
+/* GET answers the stored object; METADATA the instance's metadata without
+ * its pixels (store_metadata), in the same reply shape. */
 static void handle_get(node_t *node, const wire_request_t *w, wire_reply_t *rep,
                        transport_reply_t *out)
 {
     store_object_t obj;
-    int rc = store_get(node->store, w->sop_uid, &obj);
+    int rc = w->kind == WIRE_METADATA ? store_metadata(node->store, w->sop_uid, &obj)
+                                      : store_get(node->store, w->sop_uid, &obj);
     repair_t *h = atomic_load(&node->repair);
     if (rc == SP_EDIGEST && h != NULL)
         repair_note_corrupt(h, w->sop_uid); /* repaired from a replica soon */
     if (rc != 0) {
         char text[256];
         wire_reply_error(rep, rc,
-                         sp_fmt(text, sizeof text, "get %s: %s", w->sop_uid, sp_strerror(rc)));
+                         sp_fmt(text, sizeof text, "%s %s: %s", wire_kind_name(w->kind), w->sop_uid,
+                                sp_strerror(rc)));
         return;
     }
     rep->partition = obj.partition;
@@ -222,6 +226,65 @@ static void handle_list(node_t *node, const wire_request_t *w, wire_reply_t *rep
                         &rep->next_cursor);
     if (rc != 0)
         wire_reply_error(rep, rc, sp_strerror(rc));
+}
+
+/* Most metadata bytes one METADATA_LIST page carries in its body: enough
+ * for a few hundred CT headers, small next to a page of objects. */
+#define META_PAGE_BODY (4u << 20)
+
+/* A METADATA_LIST page being filled: the instances as a LIST page, and
+ * their metadata, one after the other, for the reply body. */
+typedef struct {
+    page_t pg;
+    node_t *node;
+    uint8_t *body;
+    size_t len, cap;
+} meta_page_t;
+
+/* store_list callback: adds one instance and its metadata (store_metadata,
+ * no pixels read); stops at the page's head or body budget. An instance
+ * deleted since it was listed is left out; another failure ends the page
+ * with an error, and the router reads those instances one by one. */
+static int add_metadata(void *ctx, const store_entry_t *e)
+{
+    meta_page_t *mp = ctx;
+    store_object_t m;
+    int rc = store_metadata(mp->node->store, e->sop_uid, &m);
+    if (rc == SP_ENOTFOUND)
+        return 0;
+    if (rc != 0) {
+        repair_t *h = atomic_load(&mp->node->repair);
+        if (rc == SP_EDIGEST && h != NULL)
+            repair_note_corrupt(h, e->sop_uid);
+        return rc;
+    }
+    int stop = add_entry(&mp->pg, e);
+    mp->pg.rep->instances[mp->pg.rep->ninstances - 1].metadata_size = m.len;
+    if (mp->len + m.len > mp->cap) {
+        mp->cap = 2 * (mp->len + m.len);
+        mp->body = sp_realloc(mp->body, mp->cap);
+    }
+    memcpy(mp->body + mp->len, m.data, m.len);
+    mp->len += m.len;
+    store_object_free(&m);
+    return stop || mp->len >= META_PAGE_BODY ? 1 : 0;
+}
+
+/* A page of a study's or series' instance metadata (METADATA_LIST). */
+static void handle_metadata_list(node_t *node, const wire_request_t *w, wire_reply_t *rep,
+                                 transport_reply_t *out)
+{
+    size_t limit = w->limit == 0 || w->limit > PAGE_MAX ? PAGE_MAX : w->limit;
+    meta_page_t mp = {.pg = {.rep = rep, .budget = node->page_bytes}, .node = node};
+    int rc = store_list(node->store, w->study_uid, w->series_uid, w->cursor, limit, add_metadata,
+                        &mp, &rep->next_cursor);
+    if (rc != 0) {
+        free(mp.body);
+        wire_reply_error(rep, rc, sp_strerror(rc));
+        return;
+    }
+    out->body = mp.body; /* freed by the transport with free() */
+    out->body_len = mp.len;
 }
 
 static int add_match(void *ctx, const attrs_t *result)
@@ -335,6 +398,8 @@ static void handle_stats(node_t *node, wire_reply_t *rep)
                                 .conflicts_refused = st.conflicts_refused,
                                 .corrupt_reads = st.corrupt_reads,
                                 .db_size_bytes = st.db_size_bytes,
+                                .object_bytes_read = st.object_bytes_read,
+                                .metadata_rebuilt = st.metadata_rebuilt,
                                 .uptime_ms = (uint64_t)(sp_now_ms() - node->started_ms)};
 }
 
@@ -353,8 +418,10 @@ static bool role_allows(keys_role_t role, const wire_request_t *w)
     case WIRE_GOSSIP: return node || router;
     case WIRE_PUT:
     case WIRE_LIST:
+    case WIRE_METADATA_LIST:
     case WIRE_FIND: return router || admin;
-    case WIRE_GET: return true;
+    case WIRE_GET:
+    case WIRE_METADATA: return true;
     case WIRE_PARTITION_DIGEST:
     case WIRE_PARTITION_LIST: return node || admin;
     case WIRE_STATUS: return admin || (node && !w->cluster);
@@ -389,10 +456,12 @@ static void audit_request(const transport_request_t *req, const wire_request_t *
         r.instances = 1;
         break;
     case WIRE_GET:
+    case WIRE_METADATA:
         r.sop_uid = w->sop_uid;
         r.instances = 1;
         break;
-    case WIRE_LIST: r.study = w->study_uid; break;
+    case WIRE_LIST:
+    case WIRE_METADATA_LIST: r.study = w->study_uid; break;
     case WIRE_FIND: r.study = attrs_get(&w->attrs, ATTR_STUDY_INSTANCE_UID); break;
     case WIRE_GOSSIP: r.event = AUDIT_RESTRICTED; break;
     default: break;
@@ -434,6 +503,8 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
     switch (w->kind) {
     case WIRE_PUT: handle_put(node, req, w, rep); break;
     case WIRE_GET: handle_get(node, w, rep, out); break;
+    case WIRE_METADATA: handle_get(node, w, rep, out); break;
+    case WIRE_METADATA_LIST: handle_metadata_list(node, w, rep, out); break;
     case WIRE_LIST: handle_list(node, w, rep); break;
     case WIRE_FIND: handle_find(node, w, rep); break;
     case WIRE_PARTITION_DIGEST: handle_partition_digest(node, w, rep); break;

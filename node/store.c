@@ -32,6 +32,7 @@
 
 #include "../common/log.h"
 #include "../common/match.h"
+#include "../common/part10.h"
 
 #include <rocksdb/c.h>
 #include <sodium.h>
@@ -113,7 +114,9 @@ struct store {
     _Atomic uint64_t conflicts;
     _Atomic uint64_t conflicts_refused;
     _Atomic uint64_t corrupt_reads;
-    int max_conflicts; /* store_config_t.max_conflicts, read-only after open */
+    _Atomic uint64_t object_bytes_read; /* object bytes read from the objects family */
+    _Atomic uint64_t metadata_rebuilt;  /* 'M' records derived at read time */
+    int max_conflicts;                  /* store_config_t.max_conflicts, read-only after open */
 };
 
 /* The secondary indexes on study attributes: type byte and attribute. */
@@ -1004,6 +1007,7 @@ static int object_read(store_t *s, const rocksdb_readoptions_t *ro, const loc_t 
         log_error("store: SOP %s of study %s has an index record but no object", sop, loc->study);
         return SP_ENOTFOUND;
     }
+    atomic_fetch_add(&s->object_bytes_read, *len);
     sp_digest(*data, *len, got);
     if (*len == size && memcmp(got, digest, SP_DIGEST_LEN) == 0)
         return 0;
@@ -1089,6 +1093,48 @@ static int object_repair(store_t *s, const store_put_t *in, const char *sop, con
              (unsigned)loc->part, in->len);
     *outcome = STORE_STORED;
     return 0;
+}
+
+/* ---- instance metadata ('M' records) ---------------------------------- */
+
+/* An 'M' record: format byte, kind, the object's digest, then for META_CUT
+ * the object without its Pixel Data value (part10_metadata). META_WHOLE
+ * says the object itself is its metadata (no top-level Pixel Data, or a
+ * deflated or unscannable data set): nothing is copied, a read serves the
+ * object. The digest ties the record to one version of the object, so a
+ * record left stale (e.g. by an older binary replacing the object) is seen
+ * and rebuilt, never served. */
+#define META_FORMAT 1
+#define META_CUT 0
+#define META_WHOLE 1
+#define META_HEAD (2 + SP_DIGEST_LEN)
+
+/* Derives the 'M' value of an object into v: cheap, one pass over the
+ * element headers (values are skipped, not read). */
+static void meta_value(buf_t *v, const uint8_t *data, size_t len, const uint8_t *digest)
+{
+    uint8_t *cut = NULL;
+    size_t cutlen = 0;
+    int rc = part10_metadata(data, len, &cut, &cutlen);
+    v->len = 0;
+    buf_byte(v, META_FORMAT);
+    buf_byte(v, rc == 0 ? META_CUT : META_WHOLE);
+    buf_add(v, digest, SP_DIGEST_LEN);
+    if (rc == 0)
+        buf_add(v, cut, cutlen);
+    free(cut);
+}
+
+/* Adds the 'M' record of an instance's object to a batch. */
+static void batch_meta(rocksdb_writebatch_t *wb, store_t *s, const store_put_t *in,
+                       const loc_t *loc, const char *sop)
+{
+    buf_t k = {0}, v = {0};
+    key_loc(&k, 'M', loc->part, loc->study, loc->series, sop, false);
+    meta_value(&v, in->data, in->len, in->digest);
+    rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
+    buf_free(&k);
+    buf_free(&v);
 }
 
 /* The key of a version of sop kept aside: sop\0hex(digest). */
@@ -1186,6 +1232,7 @@ static int replace_instance(store_t *s, const store_put_t *in, const char *sop, 
     key_loc(&k, 'I', loc->part, loc->study, loc->series, sop, false);
     rec_encode(&v, 'I', in->attrs, in->len, in->digest, in->version, in->policy);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
+    batch_meta(wb, s, in, loc, sop);
     rocksdb_write(s->db, s->wo_sync, wb, &err);
     part_touched(s, loc->part);
     if (err) {
@@ -1461,6 +1508,11 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     key_uid(&k, 'U', sop);
     key_loc(&v, 0, in->partition, study, series, NULL, false);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_SECONDARY], k.p, k.len, v.p, v.len);
+    /* The metadata is derived here, from the verified bytes, rather than
+     * carried in the put: a repair copy (store_put/store_repair from
+     * node/repair.c) then brings it along without knowing about it. */
+    loc_t at = {.part = in->partition, .study = study, .series = series};
+    batch_meta(wb, s, in, &at, sop);
 
     char *err = NULL;
     rocksdb_write(s->db, s->wo_sync, wb, &err);
@@ -1536,6 +1588,103 @@ int store_get(store_t *s, const char *sop_uid, store_object_t *out)
     out->data = (uint8_t *)data;
     out->len = len;
     return 0;
+}
+
+/* Rebuilds a missing or stale 'M' record from the verified object (an
+ * instance stored before records were kept, or replaced by a binary that
+ * did not keep them). The record is a cache of the object, so the write is
+ * not synced. Returns 0 with *obj (the object, rocksdb_free) and v set. */
+static int meta_rebuild(store_t *s, const loc_t *loc, const char *sop, const stored_t *st,
+                        char **obj, size_t *objlen, buf_t *v)
+{
+    int rc = object_read(s, s->ro_object, loc, sop, st->size, st->digest, obj, objlen);
+    if (rc != 0)
+        return rc == SP_ENOTFOUND ? SP_EDB : rc;
+    meta_value(v, (const uint8_t *)*obj, *objlen, st->digest);
+    buf_t k = {0};
+    char *err = NULL;
+    key_loc(&k, 'M', loc->part, loc->study, loc->series, sop, false);
+    rocksdb_writeoptions_t *wo = rocksdb_writeoptions_create();
+    rocksdb_put_cf(s->db, wo, s->cf[CF_INDEX], k.p, k.len, v->p, v->len, &err);
+    rocksdb_writeoptions_destroy(wo);
+    buf_free(&k);
+    if (err) {
+        /* Served all the same; the next read tries again. */
+        log_warn("store: cannot keep the metadata of SOP %s: %s", sop, err);
+        rocksdb_free(err);
+    }
+    atomic_fetch_add(&s->metadata_rebuilt, 1);
+    return 0;
+}
+
+int store_metadata(store_t *s, const char *sop_uid, store_object_t *out)
+{
+    if (!s || !out)
+        return SP_EINVAL;
+    memset(out, 0, sizeof *out);
+    if (!sp_uid_valid(sop_uid))
+        return SP_EINVAL;
+    loc_t loc;
+    stored_t st;
+    uint64_t size = 0;
+    char *val = NULL, *obj = NULL;
+    size_t vlen = 0, objlen = 0;
+    buf_t k = {0}, v = {0};
+    int rc = sop_locate(s, s->ro, sop_uid, &loc);
+    if (rc)
+        return rc;
+    rc = stored_load(s, sop_uid, &loc, &st);
+    if (rc)
+        return rc;
+    if (rec_decode(st.rec, st.reclen, 'I', &out->attrs, &size, out->digest) != 0) {
+        rc = SP_EDB; /* stored_load() validated it: cannot happen */
+        goto out;
+    }
+    out->version = st.version;
+    out->policy = st.policy;
+    out->partition = loc.part;
+    key_loc(&k, 'M', loc.part, loc.study, loc.series, sop_uid, false);
+    rc = db_get(s, s->ro, CF_INDEX, &k, &val, &vlen, sop_uid);
+    if (rc != 0 && rc != SP_ENOTFOUND)
+        goto out;
+    bool usable = rc == 0 && vlen >= META_HEAD && (uint8_t)val[0] == META_FORMAT &&
+                  ((uint8_t)val[1] == META_CUT || (uint8_t)val[1] == META_WHOLE) &&
+                  memcmp(val + 2, st.digest, SP_DIGEST_LEN) == 0;
+    rc = 0;
+    if (usable && (uint8_t)val[1] == META_CUT) {
+        /* The record's own buffer, its head dropped. */
+        memmove(val, val + META_HEAD, vlen - META_HEAD);
+        out->data = (uint8_t *)val;
+        out->len = vlen - META_HEAD;
+        val = NULL;
+        goto out;
+    }
+    if (usable) {
+        rc = object_read(s, s->ro_object, &loc, sop_uid, st.size, st.digest, &obj, &objlen);
+        if (rc == SP_ENOTFOUND)
+            rc = SP_EDB;
+    } else {
+        rc = meta_rebuild(s, &loc, sop_uid, &st, &obj, &objlen, &v);
+        if (rc == 0 && v.p[1] == META_CUT) {
+            out->data = sp_memdup(v.p + META_HEAD, v.len - META_HEAD);
+            out->len = v.len - META_HEAD;
+            goto out;
+        }
+    }
+    if (rc == 0) {
+        out->data = (uint8_t *)obj;
+        out->len = objlen;
+        obj = NULL;
+    }
+out:
+    rocksdb_free(st.rec);
+    rocksdb_free(val);
+    rocksdb_free(obj);
+    buf_free(&k);
+    buf_free(&v);
+    if (rc)
+        store_object_free(out);
+    return rc;
 }
 
 void store_object_free(store_object_t *o)
@@ -2808,6 +2957,8 @@ int store_stats(store_t *s, store_stats_t *out)
     out->conflicts = atomic_load(&s->conflicts);
     out->corrupt_reads = atomic_load(&s->corrupt_reads);
     out->conflicts_refused = atomic_load(&s->conflicts_refused);
+    out->object_bytes_read = atomic_load(&s->object_bytes_read);
+    out->metadata_rebuilt = atomic_load(&s->metadata_rebuilt);
     for (int i = 0; i < CF_COUNT; i++) {
         uint64_t v = 0;
         if (rocksdb_property_int_cf(s->db, s->cf[i], "rocksdb.total-sst-files-size", &v) == 0)
@@ -3016,6 +3167,8 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
     key_loc(&k, 'R', part, study, NULL, NULL, true);
     batch_delete_prefix(wb, s, CF_INDEX, &k);
     key_loc(&k, 'I', part, study, NULL, NULL, true);
+    batch_delete_prefix(wb, s, CF_INDEX, &k);
+    key_loc(&k, 'M', part, study, NULL, NULL, true);
     batch_delete_prefix(wb, s, CF_INDEX, &k);
     key_loc(&k, 0, part, study, NULL, NULL, true);
     batch_delete_prefix(wb, s, CF_OBJECTS, &k);

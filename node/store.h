@@ -11,6 +11,13 @@
  *             'R'|P|study\0series         -> series record
  *             'I'|P|study\0series\0sop    -> instance record (all of the
  *                                            instance's attrs, digest, size)
+ *             'M'|P|study\0series\0sop    -> the instance's metadata: format,
+ *                                            kind, object digest, and the
+ *                                            object without its Pixel Data
+ *                                            value (part10_metadata), or
+ *                                            nothing when the object itself
+ *                                            is its metadata; derived from
+ *                                            the object in the put's batch
  *   secondary 'U'|sop -> P|study\0series (locate an instance by SOP UID)
  *             'S'|study -> P             (locate a study)
  *             'p'|PatientID\0study, 'n'|folded PatientName\0study,
@@ -196,6 +203,19 @@ typedef struct {
  * corrupt_reads, no bytes returned) or SP_EDB. *out is zeroed on failure. */
 int store_get(store_t *s, const char *sop_uid, store_object_t *out);
 void store_object_free(store_object_t *o);
+
+/* Reads an instance's metadata by SOP Instance UID, without its pixels:
+ * out->data is Part-10 bytes that parse as the instance's data set with an
+ * empty Pixel Data (part10_metadata), or the whole object when it has no
+ * top-level Pixel Data (or is deflated); attrs, digest, version, policy and
+ * partition as store_get(). Served from the 'M' record written with the
+ * object; an instance stored before such records existed, or whose record
+ * does not match its object's digest, gets it rebuilt from the verified
+ * object (counted in metadata_rebuilt, written unsynced: it is derived).
+ * Returns 0, SP_ENOTFOUND, SP_EINVAL (malformed UID), SP_EDIGEST (the
+ * object had to be read and is corrupt) or SP_EDB. *out is zeroed on
+ * failure; release it with store_object_free(). */
+int store_metadata(store_t *s, const char *sop_uid, store_object_t *out);
 /* Frees a buffer the store allocated (RocksDB's allocator, not necessarily
  * malloc), e.g. a store_object_t's data taken over by the caller; NULL
  * accepted. Thread-safe. */
@@ -423,6 +443,10 @@ typedef struct {
     uint64_t conflicts_refused; /* puts refused since start: max_conflicts reached */
     uint64_t db_size_bytes;     /* SST + blob file size on disk, from RocksDB;
                                  * data still only in the WAL is not counted */
+    uint64_t object_bytes_read; /* object bytes read from the objects family
+                                 * since start (gets, scrubs, repairs,
+                                 * metadata rebuilds) */
+    uint64_t metadata_rebuilt;  /* metadata records derived at read time */
 } store_stats_t;
 
 /* instances, bytes and studies count what store_put() stored (maintained

@@ -1146,8 +1146,10 @@ static int fetch_from(backend_t *b, const member_t *m, const uint8_t *head, size
     return rc;
 }
 
-int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
-                  uint8_t **out, size_t *len)
+/* backend_fetch and backend_fetch_metadata: kind is WIRE_GET or
+ * WIRE_METADATA, asked of the same members in the same order. */
+static int fetch_kind(backend_t *b, wire_kind_t kind, const char *study_uid, const char *sop_uid,
+                      unsigned spread, uint8_t **out, size_t *len)
 {
     view_t *v = view_acquire(b);
     size_t *order = sp_calloc(v->n + 1, sizeof *order);
@@ -1157,7 +1159,7 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
     for (size_t i = 0; i < v->n; i++)
         if (reachable(&v->m[i]) && !contains(order, n, i))
             order[n++] = i;
-    wire_request_t req = {.kind = WIRE_GET, .sop_uid = (char *)sop_uid};
+    wire_request_t req = {.kind = kind, .sop_uid = (char *)sop_uid};
     uint8_t *head;
     size_t head_len;
     wire_encode_request(&req, &head, &head_len);
@@ -1185,6 +1187,62 @@ int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsi
     if (rc != 0)
         rc = all_missing && n > 0 ? SP_ENOTFOUND : SP_EUNAVAIL;
     return rc;
+}
+
+int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
+                  uint8_t **out, size_t *len)
+{
+    return fetch_kind(b, WIRE_GET, study_uid, sop_uid, spread, out, len);
+}
+
+int backend_fetch_metadata(backend_t *b, const char *study_uid, const char *sop_uid,
+                           unsigned spread, uint8_t **out, size_t *len)
+{
+    return fetch_kind(b, WIRE_METADATA, study_uid, sop_uid, spread, out, len);
+}
+
+int backend_metadata_page(backend_t *b, const char *study_uid, const char *series_uid,
+                          const char *cursor, size_t limit, unsigned spread, wire_reply_t *rep,
+                          uint8_t **body, size_t *body_len)
+{
+    view_t *v = view_acquire(b);
+    size_t *order = sp_calloc(v->n + 1, sizeof *order);
+    size_t n = read_candidates(v, ring_partition(study_uid), spread, order);
+    wire_request_t req = {.kind = WIRE_METADATA_LIST,
+                          .study_uid = (char *)study_uid,
+                          .series_uid = (char *)series_uid,
+                          .cursor = (char *)cursor,
+                          .limit = (uint32_t)limit};
+    int rc = SP_EUNAVAIL;
+    for (size_t k = 0; k < n && rc != 0; k++) {
+        const member_t *m = &v->m[order[k]];
+        if (is_avoided(m) || m->state == GOSSIP_SUSPECT)
+            continue;
+        transport_response_t raw;
+        char err[256];
+        rc = wire_call(client_for(b, m), &req, NULL, 0, b->cfg.query_timeout_ms, rep, &raw, err,
+                       sizeof err);
+        if (rc == 0 && rep->kind != WIRE_METADATA_LIST) {
+            wire_reply_free(rep);
+            transport_response_free(&raw);
+            rc = SP_EPROTO;
+        }
+        if (rc != 0) {
+            /* An older node does not know the request: not a failure of
+             * the member, and the caller reads instance by instance. */
+            log_debug("metadata of study %s from node %s: %s", study_uid, m->id, err);
+            if (member_failure(rc))
+                avoid_failed(b, m, rc);
+            continue;
+        }
+        *body = raw.body; /* taken over from the response */
+        *body_len = raw.body_len;
+        raw.body = NULL;
+        transport_response_free(&raw);
+    }
+    free(order);
+    view_release(v);
+    return rc == 0 ? 0 : SP_EUNAVAIL;
 }
 
 size_t backend_view_owners(const backend_config_t *cfg, const gossip_member_t *view, size_t n,

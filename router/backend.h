@@ -154,6 +154,28 @@ int backend_list(backend_t *b, const char *study_uid, const char *series_uid,
 int backend_fetch(backend_t *b, const char *study_uid, const char *sop_uid, unsigned spread,
                   uint8_t **out, size_t *len);
 
+/* As backend_fetch(), but reads the instance's metadata as its node keeps
+ * it (METADATA: the Part-10 object without its Pixel Data value, or the
+ * whole object when it has none), so no pixel data is read or sent. A node
+ * of an older version refuses the request; the caller may then fall back
+ * to backend_fetch(). Same results and ownership as backend_fetch(). */
+int backend_fetch_metadata(backend_t *b, const char *study_uid, const char *sop_uid,
+                           unsigned spread, uint8_t **out, size_t *len);
+
+/* One page of a study's (series_uid NULL) or series' instance metadata
+ * (METADATA_LIST), from the first read candidate of the study's partition
+ * that answers, owners rotated by spread: *rep lists the instances in key
+ * order after cursor ("study/series/sop", NULL or "" = from the start; at
+ * most limit, 0 = the node's cap) with their metadata_size, and *body
+ * (malloc'd, *body_len bytes) holds their metadata one after the other, as
+ * backend_fetch_metadata() returns each. It is one replica's view: an
+ * instance that replica lacks is not in it. Returns 0 (the caller frees
+ * *rep with wire_reply_free and *body), or SP_EUNAVAIL when no candidate
+ * answered (older nodes refuse the request). */
+int backend_metadata_page(backend_t *b, const char *study_uid, const char *series_uid,
+                          const char *cursor, size_t limit, unsigned spread, wire_reply_t *rep,
+                          uint8_t **body, size_t *body_len);
+
 /* The owner ids (at most RING_MAX_REPLICAS, copied into owners) a router
  * with cfg's cluster keys and replicas computes for a partition over a
  * membership view (view[0..n), borrowed, as membership_view() returns it):

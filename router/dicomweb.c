@@ -838,7 +838,98 @@ typedef struct {
     int first_rc;   /* result of the first item, fetched before answering */
     uint8_t *first; /* ... and its bytes */
     size_t first_len;
+    /* Metadata pages (backend_metadata_page), shared by the fetchers: the
+     * instances of the last page fetched not yet taken. */
+    char *series; /* the series asked for, NULL for a study */
+    pthread_mutex_t page_lock;
+    struct held {
+        char *sop;
+        uint8_t digest[SP_DIGEST_LEN];
+        uint8_t *data;
+        size_t len;
+    } * held;
+    size_t nheld;
 } dw_stream_t;
+
+/* Instances asked for per metadata page: the fetchers take them in order,
+ * and a page not used up is dropped when the next one comes. */
+#define META_PAGE 64
+
+static void held_clear(dw_stream_t *s)
+{
+    for (size_t i = 0; i < s->nheld; i++) {
+        free(s->held[i].sop);
+        free(s->held[i].data);
+    }
+    free(s->held);
+    s->held = NULL;
+    s->nheld = 0;
+}
+
+/* Takes item i's metadata out of the pages held (under page_lock). */
+static bool held_take(dw_stream_t *s, const dw_item_t *it, uint8_t **out, size_t *len)
+{
+    for (size_t k = 0; k < s->nheld; k++) {
+        struct held *h = &s->held[k];
+        if (h->data != NULL && strcmp(h->sop, it->sop) == 0 &&
+            memcmp(h->digest, it->digest, SP_DIGEST_LEN) == 0) {
+            *out = h->data;
+            *len = h->len;
+            h->data = NULL;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Item i's metadata from a page of the series' (or study's) metadata: one
+ * request brings the metadata of the next META_PAGE instances from one
+ * replica, so a series costs a request per page rather than per instance,
+ * and no pixel data is read anywhere. Returns 0 with *out (malloc'd), or
+ * SP_ENOTFOUND when the replica that answered lacks this version of the
+ * instance or none answered: the caller then reads it on its own. */
+static int page_take(dw_stream_t *s, size_t i, unsigned spread, uint8_t **out, size_t *len)
+{
+    const dw_item_t *it = &s->list.items[i];
+    pthread_mutex_lock(&s->page_lock);
+    if (held_take(s, it, out, len)) {
+        pthread_mutex_unlock(&s->page_lock);
+        return 0;
+    }
+    /* The page starts right after the item before this one, in the key
+     * order the listing and the nodes share. */
+    char *cursor = NULL;
+    if (i > 0) {
+        const dw_item_t *p = &s->list.items[i - 1];
+        cursor = sp_malloc(strlen(s->study) + strlen(p->series) + strlen(p->sop) + 3);
+        sprintf(cursor, "%s/%s/%s", s->study, p->series, p->sop);
+    }
+    wire_reply_t rep;
+    uint8_t *body = NULL;
+    size_t body_len = 0;
+    int rc = backend_metadata_page(s->d->cfg.backend, s->study, s->series, cursor, META_PAGE,
+                                   spread, &rep, &body, &body_len);
+    free(cursor);
+    if (rc == 0) {
+        held_clear(s);
+        s->held = sp_calloc(rep.ninstances + 1, sizeof *s->held);
+        size_t at = 0;
+        for (size_t k = 0; k < rep.ninstances; k++) {
+            const wire_instance_t *w = &rep.instances[k];
+            struct held *h = &s->held[s->nheld++];
+            h->sop = sp_strdup(w->sop_uid);
+            memcpy(h->digest, w->digest, SP_DIGEST_LEN);
+            h->data = sp_memdup(body + at, w->metadata_size ? w->metadata_size : 1);
+            h->len = w->metadata_size;
+            at += w->metadata_size;
+        }
+        wire_reply_free(&rep);
+        free(body);
+        rc = held_take(s, it, out, len) ? 0 : SP_ENOTFOUND;
+    }
+    pthread_mutex_unlock(&s->page_lock);
+    return rc == 0 ? 0 : SP_ENOTFOUND;
+}
 
 static int work_fetch(void *ctx, size_t i, unsigned spread, uint8_t **out, size_t *len)
 {
@@ -861,9 +952,18 @@ static int work_metadata(void *ctx, size_t i, unsigned spread, uint8_t **out, si
         *out = (uint8_t *)json;
         return 0;
     }
+    /* The nodes keep each instance's metadata without its pixels (read
+     * nothing else): a page of the series' metadata, else this instance's
+     * alone; a node of an older version refuses both, and then the whole
+     * object is read as before. Either bytes make the same JSON: Pixel
+     * Data is a BulkDataURI whatever its value. */
     uint8_t *obj = NULL;
     size_t objlen = 0;
-    int rc = backend_fetch(s->d->cfg.backend, s->study, it->sop, spread, &obj, &objlen);
+    int rc = s->list.n > 1 ? page_take(s, i, spread, &obj, &objlen) : SP_ENOTFOUND;
+    if (rc != 0)
+        rc = backend_fetch_metadata(s->d->cfg.backend, s->study, it->sop, spread, &obj, &objlen);
+    if (rc != 0 && rc != SP_ENOTFOUND)
+        rc = backend_fetch(s->d->cfg.backend, s->study, it->sop, spread, &obj, &objlen);
     if (rc == 0) {
         char err[256];
         rc = dicom_json_instance(obj, objlen, url, &json, len, err, sizeof err);
@@ -883,6 +983,9 @@ static void stream_free(void *ctx)
     dw_stream_t *s = ctx;
     pipe_stop(&s->pipe);
     list_free(&s->list);
+    held_clear(s);
+    pthread_mutex_destroy(&s->page_lock);
+    free(s->series);
     free(s->study);
     free(s->base);
     free(s->cur);
@@ -989,6 +1092,8 @@ static void stream_respond(dicomweb_t *d, http_req_t *r, dw_req_t *w, dw_list_t 
     s->d = d;
     s->kind = kind;
     s->study = sp_strdup(w->study);
+    s->series = w->series ? sp_strdup(w->series) : NULL;
+    pthread_mutex_init(&s->page_lock, NULL);
     s->list = *list;
     memset(list, 0, sizeof *list);
     s->base = sp_strdup(http_req_base(r));

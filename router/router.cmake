@@ -1,6 +1,6 @@
 # router/router.cmake - build rules of the DICOM front door, included by the
 # top-level CMakeLists.txt. All DCMTK (C++) code lives in sp_dicom; the
-# Part-10 framing (sp_part10) and the service handlers with the cluster
+# Part-10 framing (sp_part10, in sp_common) and the service handlers with the cluster
 # backend (sp_router) are C.
 find_package(DCMTK CONFIG REQUIRED)
 find_package(OpenSSL 3 REQUIRED)
@@ -25,11 +25,10 @@ if(TARGET test_access)
   target_link_libraries(test_access PRIVATE sp_access)
 endif()
 
-# Part-10 framing of stored instances: C, no DCMTK, unit-tested on its own.
-add_library(sp_part10 STATIC ${CMAKE_SOURCE_DIR}/router/part10.c)
-target_include_directories(sp_part10 PUBLIC ${CMAKE_SOURCE_DIR}/router)
-target_compile_options(sp_part10 PRIVATE ${SP_C_WARNINGS})
-target_link_libraries(sp_part10 PUBLIC sp_common)
+# Part-10 framing of stored instances lives in sp_common (common/part10.c):
+# nodes cut an object's metadata out of it too. sp_part10 names it here.
+add_library(sp_part10 INTERFACE)
+target_link_libraries(sp_part10 INTERFACE sp_common)
 
 add_library(sp_dicom STATIC ${CMAKE_SOURCE_DIR}/router/dicom_server.cc
   ${CMAKE_SOURCE_DIR}/router/dicom_services.cc ${CMAKE_SOURCE_DIR}/router/dicom_json.cc)

@@ -416,6 +416,37 @@ def test_series_metadata(web):
     assert len(r.json()) == sum(1 for x in web.ds.records if x["StudyInstanceUID"] == st)
 
 
+def test_series_metadata_reads_no_pixels(web):
+    """Nodes keep each instance's metadata at ingest: serving a series'
+    metadata (uncached: a router-side cache hit would prove nothing, so the
+    request asks under a base URL not seen before) reads no object bytes on
+    any node, and gives the same JSON as before."""
+    rec = next(r for r in web.ds.records if r["Modality"] == "CT")
+    st, se = rec["StudyInstanceUID"], rec["SeriesInstanceUID"]
+    url = web.url(f"/studies/{st}/series/{se}/metadata")
+    key = web.cluster.admin_key
+
+    def read_bytes():
+        return sum(n.stats(key)["object_bytes_read"] for n in web.cluster.nodes)
+
+    before = read_bytes()
+    r = web.s.get(url, headers={"Forwarded": "host=meta-test.example;proto=https"})
+    assert r.status_code == 200
+    meta = r.json()
+    assert read_bytes() == before
+    assert all(n.stats(key)["metadata_rebuilt"] == 0 for n in web.cluster.nodes)
+    members = [x for x in web.ds.records if x["SeriesInstanceUID"] == se]
+    assert len(meta) == len(members)
+    for m in meta:
+        sop = values(m, "00080018")[0]
+        ref = pydicom.dcmread(str(web.paths[sop]))
+        assert values(m, "00280010") == [ref.Rows]
+        assert m["7FE00010"]["BulkDataURI"].endswith(f"/instances/{sop}/bulkdata/7FE00010")
+        for elem in ref:
+            if elem.tag.element != 0:
+                assert f"{elem.tag:08X}" in m, (sop, elem.tag)
+
+
 def instance_path(web, sop):
     ds = pydicom.dcmread(str(web.paths[sop]), stop_before_pixels=True)
     return f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{sop}"

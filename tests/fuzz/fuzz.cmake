@@ -36,9 +36,6 @@ if(CMAKE_C_COMPILER_ID STREQUAL "Clang")
     target_link_options(${name} PRIVATE -fsanitize=fuzzer,address,undefined)
     target_link_libraries(${name} PRIVATE sp_common_fuzz)
   endforeach()
-  # The Part-10 framing lives with the router but needs no DCMTK.
-  target_sources(fuzz_part10 PRIVATE ${CMAKE_SOURCE_DIR}/router/part10.c)
-  target_include_directories(fuzz_part10 PRIVATE ${CMAKE_SOURCE_DIR}/router)
 
   # Writes the wire seed corpus (tests/fuzz/corpus/fuzz_wire) from real
   # encodings; run by hand when the messages change.

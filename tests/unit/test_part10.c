@@ -430,6 +430,82 @@ static void test_make_refuses(void **state)
     free(out);
 }
 
+/* Implicit VR little endian: tag, then a 4-byte length. */
+static size_t implicit_el(uint8_t *p, uint16_t g, uint16_t e, uint32_t len)
+{
+    const uint8_t h[8] = {(uint8_t)g,           (uint8_t)(g >> 8),   (uint8_t)e,
+                          (uint8_t)(e >> 8),    (uint8_t)len,        (uint8_t)(len >> 8),
+                          (uint8_t)(len >> 16), (uint8_t)(len >> 24)};
+    memcpy(p, h, 8);
+    return 8;
+}
+
+/* part10_metadata in implicit VR: Pixel Data of defined length keeps its
+ * header with length 0, an element after it stays; a nested sequence of
+ * undefined length before it (whose items hold a "Pixel Data" tag of their
+ * own) is passed over, not cut; no top-level Pixel Data, a deflated data
+ * set or garbage are not cut at all. */
+static void test_metadata_cut(void **state)
+{
+    (void)state;
+    uint8_t ds[4096], want[4096];
+    size_t n = 0, w = 0;
+    n += implicit_el(ds + n, 0x0008, 0x0018, 6);
+    memcpy(ds + n, "1.2.3", 6);
+    n += 6;
+    /* (0008,1115) sequence, undefined length, one item holding 7FE0,0010. */
+    n += implicit_el(ds + n, 0x0008, 0x1115, 0xFFFFFFFFu);
+    n += implicit_el(ds + n, 0xFFFE, 0xE000, 0xFFFFFFFFu);
+    n += implicit_el(ds + n, 0x7FE0, 0x0010, 4);
+    memcpy(ds + n, "\1\2\3\4", 4);
+    n += 4;
+    n += implicit_el(ds + n, 0xFFFE, 0xE00D, 0);
+    n += implicit_el(ds + n, 0xFFFE, 0xE0DD, 0);
+    memcpy(want, ds, n);
+    w = n;
+    n += implicit_el(ds + n, 0x7FE0, 0x0010, 1000);
+    memset(ds + n, 0x5A, 1000);
+    n += 1000;
+    w += implicit_el(want + w, 0x7FE0, 0x0010, 0);
+    n += implicit_el(ds + n, 0xFFFC, 0xFFFC, 2);
+    memset(ds + n, 0, 2);
+    n += 2;
+    memcpy(want + w, ds + n - 10, 10);
+    w += 10;
+
+    uint8_t *obj, *exp, *cut;
+    size_t olen, elen, clen;
+    assert_int_equal(
+        part10_make(ds, n, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2", &obj, &olen),
+        0);
+    assert_int_equal(part10_make(want, w, "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2",
+                                 &exp, &elen),
+                     0);
+    assert_int_equal(part10_metadata(obj, olen, &cut, &clen), 0);
+    assert_int_equal(clen, elen);
+    assert_memory_equal(cut, exp, elen);
+    free(cut);
+    free(obj);
+
+    /* Without its top-level Pixel Data: nothing to cut. */
+    assert_int_equal(part10_metadata(exp, elen - 18, &cut, &clen), SP_ENOTFOUND);
+    assert_null(cut);
+    free(exp);
+    assert_int_equal(part10_make(want, 14, "1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                                 "1.2.840.10008.1.2", &exp, &elen),
+                     0);
+    assert_int_equal(part10_metadata(exp, elen, &cut, &clen), SP_ENOTFOUND);
+    free(exp);
+    /* Deflated: the scanner's offsets are not the stored bytes'. */
+    assert_int_equal(part10_make(ds, n, "1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                                 "1.2.840.10008.1.2.1.99", &obj, &olen),
+                     0);
+    assert_int_equal(part10_metadata(obj, olen, &cut, &clen), SP_ENOTFOUND);
+    free(obj);
+    const uint8_t junk[200] = {1, 2, 3};
+    assert_int_equal(part10_metadata(junk, sizeof junk, &cut, &clen), SP_EINVAL);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -437,7 +513,7 @@ int main(void)
         cmocka_unit_test(test_dcmtk_file),     cmocka_unit_test(test_truncated_prefixes),
         cmocka_unit_test(test_garbled),        cmocka_unit_test(test_single_byte_corruption),
         cmocka_unit_test(test_make_refuses),   cmocka_unit_test(test_frame_in_place),
-        cmocka_unit_test(test_uid_characters),
+        cmocka_unit_test(test_uid_characters), cmocka_unit_test(test_metadata_cut),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

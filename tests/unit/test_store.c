@@ -10,6 +10,7 @@
 #include <cmocka.h>
 
 #include "../../common/log.h"
+#include "../../common/part10.h"
 #include "../../node/store.h"
 
 #include <rocksdb/c.h>
@@ -3241,6 +3242,236 @@ static void test_conflict_limit_race(void **state)
     assert_int_equal(stats(fx->s).conflicts, 8);
 }
 
+/* ---- instance metadata ------------------------------------------------ */
+
+/* Appends an explicit VR little endian element header. */
+static size_t el(uint8_t *p, uint16_t g, uint16_t e, const char *vr, uint32_t len)
+{
+    size_t n = 0;
+    p[n++] = (uint8_t)g;
+    p[n++] = (uint8_t)(g >> 8);
+    p[n++] = (uint8_t)e;
+    p[n++] = (uint8_t)(e >> 8);
+    p[n++] = (uint8_t)vr[0];
+    p[n++] = (uint8_t)vr[1];
+    bool longvr = strcmp(vr, "OB") == 0 || strcmp(vr, "OW") == 0 || strcmp(vr, "SQ") == 0;
+    if (longvr) {
+        p[n++] = 0;
+        p[n++] = 0;
+        for (int i = 0; i < 4; i++)
+            p[n++] = (uint8_t)(len >> (8 * i));
+    } else {
+        p[n++] = (uint8_t)len;
+        p[n++] = (uint8_t)(len >> 8);
+    }
+    return n;
+}
+
+/* A Part-10 CT object with npix bytes of native (or, encapsulated, one
+ * fragment of) Pixel Data and a trailing padding element after it; *cut
+ * gets what part10_metadata must make of it (malloc'd). */
+static uint8_t *ct_object(const char *sop, size_t npix, bool encapsulated, size_t *len,
+                          uint8_t **cut, size_t *cutlen)
+{
+    size_t cap = npix + 1024;
+    uint8_t *ds = calloc(1, cap), *want = calloc(1, 1024);
+    size_t n = 0, w = 0;
+    size_t ul = strlen(sop) + (strlen(sop) % 2);
+    n += el(ds + n, 0x0008, 0x0016, "UI", 26);
+    memcpy(ds + n, CT_IMAGE "\0", 26);
+    n += 26;
+    n += el(ds + n, 0x0008, 0x0018, "UI", (uint32_t)ul);
+    memset(ds + n, 0, ul);
+    memcpy(ds + n, sop, strlen(sop));
+    n += ul;
+    n += el(ds + n, 0x0010, 0x0010, "PN", 10);
+    memcpy(ds + n, "Smith^John", 10);
+    n += 10;
+    memcpy(want, ds, n);
+    w = n;
+    w += el(want + w, 0x7FE0, 0x0010, encapsulated ? "OB" : "OW", encapsulated ? 0xFFFFFFFFu : 0);
+    if (encapsulated) {
+        const uint8_t empty[16] = {0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0,
+                                   0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0};
+        memcpy(want + w, empty, 16);
+        w += 16;
+    }
+    uint8_t *pix = make_bytes(npix, 77);
+    if (!encapsulated) {
+        n += el(ds + n, 0x7FE0, 0x0010, "OW", (uint32_t)npix);
+    } else {
+        n += el(ds + n, 0x7FE0, 0x0010, "OB", 0xFFFFFFFFu);
+        const uint8_t items[] = {0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0}; /* empty offset table */
+        memcpy(ds + n, items, 8);
+        n += 8;
+        uint8_t frag[8] = {0xFE, 0xFF, 0x00, 0xE0};
+        for (int i = 0; i < 4; i++)
+            frag[4 + i] = (uint8_t)(npix >> (8 * i));
+        memcpy(ds + n, frag, 8);
+        n += 8;
+    }
+    memcpy(ds + n, pix, npix);
+    n += npix;
+    if (encapsulated) {
+        const uint8_t end[] = {0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0};
+        memcpy(ds + n, end, 8);
+        n += 8;
+    }
+    size_t t = el(ds + n, 0xFFFC, 0xFFFC, "OB", 4);
+    memcpy(ds + n + t, "\0\0\0\0", 4);
+    memcpy(want + w, ds + n, t + 4);
+    n += t + 4;
+    w += t + 4;
+    free(pix);
+    uint8_t *obj = NULL, *wobj = NULL;
+    const char *ts = encapsulated ? "1.2.840.10008.1.2.4.50" : EXPLICIT_LE;
+    assert_int_equal(part10_make(ds, n, CT_IMAGE, sop, ts, &obj, len), 0);
+    assert_int_equal(part10_make(want, w, CT_IMAGE, sop, ts, &wobj, cutlen), 0);
+    *cut = wobj;
+    free(ds);
+    free(want);
+    return obj;
+}
+
+static int put_object(store_t *s, const inst_t *in, const uint8_t *obj, size_t len, bool repair)
+{
+    attrs_t a;
+    inst_attrs(in, &a);
+    store_put_t p = {.partition = in->part, .attrs = &a, .data = obj, .len = len};
+    sp_digest(obj, len, p.digest);
+    store_outcome_t out;
+    int rc = repair ? store_repair(s, &p, &out) : store_put(s, &p, &out);
+    attrs_clear(&a);
+    assert_int_equal(out, STORE_STORED);
+    return rc;
+}
+
+static void check_metadata(store_t *s, const char *sop, const uint8_t *want, size_t wlen)
+{
+    store_object_t m;
+    assert_int_equal(store_metadata(s, sop, &m), 0);
+    assert_int_equal(m.len, wlen);
+    assert_memory_equal(m.data, want, wlen);
+    assert_string_equal(attrs_str(&m.attrs, ATTR_SOP_INSTANCE_UID), sop);
+    store_object_free(&m);
+}
+
+static void test_metadata_kept_with_object(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t a = simple(9, "1.9", "1.9.1", "1.9.1.1"), b = simple(9, "1.9", "1.9.1", "1.9.1.2");
+    inst_t c = simple(9, "1.9", "1.9.1", "1.9.1.3");
+    size_t alen, blen, acut, bcut;
+    uint8_t *awant, *bwant;
+    uint8_t *aobj = ct_object(a.sop, 300000, false, &alen, &awant, &acut);
+    uint8_t *bobj = ct_object(b.sop, 50001, true, &blen, &bwant, &bcut);
+    assert_int_equal(put_object(fx->s, &a, aobj, alen, false), 0);
+    assert_int_equal(put_object(fx->s, &b, bobj, blen, false), 0);
+    put_ok(fx->s, &c, 5000, 5);            /* not Part-10: the object is its own metadata */
+    assert_true(acut < 600 && bcut < 600); /* the Part-10 header and three elements */
+    check_metadata(fx->s, a.sop, awant, acut);
+    check_metadata(fx->s, b.sop, bwant, bcut);
+    /* Served without reading a single object byte. */
+    assert_int_equal(stats(fx->s).object_bytes_read, 0);
+    reopen(fx);
+    check_metadata(fx->s, a.sop, awant, acut);
+    check_metadata(fx->s, b.sop, bwant, bcut);
+    assert_int_equal(stats(fx->s).object_bytes_read, 0);
+    uint8_t *cdata = make_bytes(5000, 5);
+    check_metadata(fx->s, c.sop, cdata, 5000);
+    assert_int_equal(stats(fx->s).object_bytes_read, 5000);
+    assert_int_equal(stats(fx->s).metadata_rebuilt, 0);
+    /* The stored objects stay bit-exact. */
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, a.sop, &o), 0);
+    assert_int_equal(o.len, alen);
+    assert_memory_equal(o.data, aobj, alen);
+    store_object_free(&o);
+    /* Deleted with the study. */
+    assert_int_equal(store_delete_partition(fx->s, 9, NULL), 0);
+    store_object_t m;
+    assert_int_equal(store_metadata(fx->s, a.sop, &m), SP_ENOTFOUND);
+    free(cdata);
+    free(aobj);
+    free(bobj);
+    free(awant);
+    free(bwant);
+}
+
+static void test_metadata_follows_repair(void **state)
+{
+    fixture_t *fx = *state;
+    char dir2[64];
+    strcpy(dir2, "/tmp/test_store.XXXXXX");
+    assert_non_null(mkdtemp(dir2));
+    store_t *peer = open_at(dir2);
+    inst_t a = simple(11, "1.11", "1.11.1", "1.11.1.1"),
+           b = simple(11, "1.11", "1.11.1", "1.11.1.2");
+    size_t alen, blen, acut, bcut;
+    uint8_t *awant, *bwant;
+    uint8_t *aobj = ct_object(a.sop, 100000, false, &alen, &awant, &acut);
+    uint8_t *bobj = ct_object(b.sop, 100000, true, &blen, &bwant, &bcut);
+    assert_int_equal(put_object(fx->s, &a, aobj, alen, false), 0);
+    assert_int_equal(put_object(fx->s, &b, bobj, blen, false), 0);
+    /* What node/repair.c does: read the peer's object, put or repair it here. */
+    store_object_t o;
+    assert_int_equal(store_get(fx->s, a.sop, &o), 0);
+    assert_int_equal(put_object(peer, &a, o.data, o.len, false), 0);
+    store_object_free(&o);
+    assert_int_equal(store_get(fx->s, b.sop, &o), 0);
+    assert_int_equal(put_object(peer, &b, o.data, o.len, true), 0);
+    store_object_free(&o);
+    check_metadata(peer, a.sop, awant, acut);
+    check_metadata(peer, b.sop, bwant, bcut);
+    assert_int_equal(stats(peer).object_bytes_read, 0);
+    store_close(&peer);
+    rm_tree(dir2);
+    free(aobj);
+    free(bobj);
+    free(awant);
+    free(bwant);
+}
+
+/* An instance stored before 'M' records existed (its record removed behind
+ * the store's back) gets its metadata rebuilt from the object once. */
+static void test_metadata_rebuilt_for_old_objects(void **state)
+{
+    fixture_t *fx = *state;
+    inst_t a = simple(12, "1.12", "1.12.1", "1.12.1.1");
+    size_t alen, acut;
+    uint8_t *awant;
+    uint8_t *aobj = ct_object(a.sop, 200000, false, &alen, &awant, &acut);
+    assert_int_equal(put_object(fx->s, &a, aobj, alen, false), 0);
+    store_close(&fx->s);
+    raw_db_t r;
+    raw_open(&r, fx->dir);
+    char key[256], *err = NULL;
+    key[0] = 'M';
+    size_t kn = 1 + object_key(&a, key + 1), vn = 0;
+    rocksdb_readoptions_t *ro = rocksdb_readoptions_create();
+    rocksdb_writeoptions_t *wo = rocksdb_writeoptions_create();
+    char *v = rocksdb_get_cf(r.db, ro, raw_cf(&r, "index"), key, kn, &vn, &err);
+    assert_null(err);
+    assert_non_null(v); /* written with the object */
+    rocksdb_free(v);
+    rocksdb_delete_cf(r.db, wo, raw_cf(&r, "index"), key, kn, &err);
+    assert_null(err);
+    rocksdb_readoptions_destroy(ro);
+    rocksdb_writeoptions_destroy(wo);
+    raw_close(&r);
+    fx->s = open_at(fx->dir);
+    check_metadata(fx->s, a.sop, awant, acut);
+    assert_int_equal(stats(fx->s).metadata_rebuilt, 1);
+    assert_int_equal(stats(fx->s).object_bytes_read, alen);
+    check_metadata(fx->s, a.sop, awant, acut);
+    reopen(fx);
+    check_metadata(fx->s, a.sop, awant, acut);
+    assert_int_equal(stats(fx->s).metadata_rebuilt, 0);
+    assert_int_equal(stats(fx->s).object_bytes_read, 0);
+    free(aobj);
+    free(awant);
+}
+
 int main(void)
 {
     log_init("test_store", getenv("SP_TEST_LOG") ? LOG_DEBUG : LOG_OFF);
@@ -3286,6 +3517,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_policy_order_independent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_keep_newest_repair_converges, setup, teardown),
         cmocka_unit_test_setup_teardown(test_conflict_limit_race, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_metadata_kept_with_object, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_metadata_follows_repair, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_metadata_rebuilt_for_old_objects, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

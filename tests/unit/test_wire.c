@@ -1340,6 +1340,117 @@ static void test_versions_round_trip(void **state)
     assert_string_equal(wire_policy_name(WIRE_POLICY_KEEP_FIRST), "keep-first");
 }
 
+/* METADATA: a SOP UID in the request (validated like GET's), a GetReply-shaped
+ * answer that comes back as WIRE_METADATA, and the stats counters that show
+ * whether pixels were read. */
+static void test_metadata_round_trip(void **state)
+{
+    (void)state;
+    char err[256];
+    uint8_t *buf;
+    size_t len;
+    wire_request_t q = {.kind = WIRE_METADATA, .sop_uid = strdup(SOP)}, qb;
+    assert_int_equal(wire_encode_request(&q, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &qb, err, sizeof err), 0);
+    assert_int_equal(qb.kind, WIRE_METADATA);
+    assert_string_equal(qb.sop_uid, SOP);
+    assert_string_equal(wire_kind_name(qb.kind), "metadata");
+    free(buf);
+    wire_request_free(&qb);
+    free(q.sop_uid);
+    q.sop_uid = strdup("1.2.bad uid");
+    wire_encode_request(&q, &buf, &len);
+    assert_int_equal(wire_decode_request(buf, len, &qb, err, sizeof err), SP_EPROTO);
+    assert_non_null(strstr(err, "SOPInstanceUID"));
+    free(buf);
+    free(q.sop_uid);
+
+    wire_reply_t r = {.kind = WIRE_METADATA,
+                      .partition = 77,
+                      .version = 5,
+                      .policy = WIRE_POLICY_KEEP_NEWEST},
+                 rb;
+    attrs_set(&r.attrs, ATTR_SOP_INSTANCE_UID, SOP);
+    memset(r.digest, 0xAB, SP_DIGEST_LEN);
+    wire_encode_reply(&r, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &rb, err, sizeof err), 0);
+    assert_int_equal(rb.kind, WIRE_METADATA);
+    assert_int_equal(rb.partition, 77);
+    assert_int_equal(rb.policy, WIRE_POLICY_KEEP_NEWEST);
+    assert_memory_equal(rb.digest, r.digest, SP_DIGEST_LEN);
+    assert_string_equal(attrs_get(&rb.attrs, ATTR_SOP_INSTANCE_UID), SOP);
+    free(buf);
+    wire_reply_free(&rb);
+    wire_reply_free(&r);
+
+    wire_reply_t st = {.kind = WIRE_STATS,
+                       .stats = {.node_id = strdup("n1"),
+                                 .object_bytes_read = 1ull << 40,
+                                 .metadata_rebuilt = 3}},
+                 sb;
+    wire_encode_reply(&st, &buf, &len);
+    assert_int_equal(wire_decode_reply(buf, len, &sb, err, sizeof err), 0);
+    assert_int_equal(sb.stats.object_bytes_read, 1ull << 40);
+    assert_int_equal(sb.stats.metadata_rebuilt, 3);
+    free(buf);
+    wire_reply_free(&sb);
+    wire_reply_free(&st);
+}
+
+/* METADATA_LIST: a LIST-shaped request, and a page whose body must hold
+ * exactly the metadata bytes its instances announce. */
+static void test_metadata_list_round_trip(void **state)
+{
+    (void)state;
+    char err[256];
+    uint8_t *buf;
+    size_t len;
+    wire_request_t q = {.kind = WIRE_METADATA_LIST,
+                        .study_uid = strdup(STUDY),
+                        .series_uid = strdup(SERIES),
+                        .cursor = strdup(STUDY "/" SERIES "/" SOP),
+                        .limit = 64},
+                   qb;
+    assert_int_equal(wire_encode_request(&q, &buf, &len), 0);
+    assert_int_equal(wire_decode_request(buf, len, &qb, err, sizeof err), 0);
+    assert_int_equal(qb.kind, WIRE_METADATA_LIST);
+    assert_string_equal(qb.series_uid, SERIES);
+    assert_string_equal(qb.cursor, STUDY "/" SERIES "/" SOP);
+    assert_int_equal(qb.limit, 64);
+    free(buf);
+    wire_request_free(&qb);
+    wire_request_free(&q);
+
+    wire_reply_t r = {.kind = WIRE_METADATA_LIST, .next_cursor = strdup("a/b/c")}, rb;
+    for (int i = 0; i < 2; i++) {
+        wire_instance_t *w = wire_reply_add_instance(&r);
+        w->study_uid = strdup(STUDY);
+        w->series_uid = strdup(SERIES);
+        w->sop_uid = strdup(SOP);
+        w->metadata_size = 10 + (uint64_t)i;
+    }
+    uint8_t body[32] = {0};
+    transport_response_t resp = {.body = body, .body_len = 21};
+    wire_encode_reply(&r, &resp.head, &resp.head_len);
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), 0);
+    assert_int_equal(rb.ninstances, 2);
+    assert_int_equal(rb.instances[1].metadata_size, 11);
+    assert_string_equal(rb.next_cursor, "a/b/c");
+    wire_reply_free(&rb);
+    /* A body shorter or longer than announced is refused. */
+    resp.body_len = 20;
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), SP_EPROTO);
+    resp.body_len = 22;
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), SP_EPROTO);
+    r.instances[0].metadata_size = UINT64_MAX - 5; /* no wrap-around to 21 */
+    free(resp.head);
+    wire_encode_reply(&r, &resp.head, &resp.head_len);
+    resp.body_len = 21;
+    assert_int_equal(wire_decode_response(&resp, &rb, err, sizeof err), SP_EPROTO);
+    free(resp.head);
+    wire_reply_free(&r);
+}
+
 static int decode_versioned_put(uint64_t version, int policy, char *err, size_t errlen)
 {
     wire_request_t in, out;
@@ -1407,6 +1518,8 @@ int main(void)
         cmocka_unit_test(test_status_and_drain_round_trip),
         cmocka_unit_test(test_versions_round_trip),
         cmocka_unit_test(test_versions_validated),
+        cmocka_unit_test(test_metadata_round_trip),
+        cmocka_unit_test(test_metadata_list_round_trip),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

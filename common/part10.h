@@ -51,4 +51,17 @@ int part10_frame_in_place(uint8_t *dataset, size_t headroom, const char *sop_cla
  * 0 with *meta filled, or SP_EINVAL (truncated, garbled, or not Part-10). */
 int part10_split(const uint8_t *part10, size_t len, part10_meta_t *meta);
 
+/* An instance's metadata without reading its pixels again: the Part-10
+ * bytes with the value of the top-level Pixel Data element (7FE0,0010) left
+ * out and its header saying length 0 (an encapsulated one keeps its header
+ * with an empty offset table item and the delimiter instead of its
+ * fragments), everything before and after it verbatim. The
+ * result parses as the same data set with an empty Pixel Data, so DICOM
+ * JSON made from it equals that of the whole object (Pixel Data is a
+ * BulkDataURI either way). *out is malloc'd. Returns 0, SP_ENOTFOUND when
+ * there is no top-level Pixel Data or the data set is deflated (the whole
+ * object is its metadata), or SP_EINVAL (not Part-10, or a data set the
+ * scanner refuses). */
+int part10_metadata(const uint8_t *obj, size_t len, uint8_t **out, size_t *out_len);
+
 #endif

@@ -1,10 +1,12 @@
 /* part10.c - Part-10 framing of stored instances (part10.h). Kept apart from
  * the DCMTK adapter because it is a storage format, not protocol: the bytes
  * it writes live on the storage nodes for years, and it can be tested for
- * bit-exactness without a DICOM stack. */
+ * bit-exactness without a DICOM stack. In common/ because storage nodes
+ * also read it: they cut an instance's metadata out of the stored object. */
 #include "part10.h"
 
-#include "../common/base.h"
+#include "base.h"
+#include "dsscan.h"
 
 #include <stdbool.h>
 #include <stdlib.h>
@@ -229,5 +231,63 @@ int part10_split(const uint8_t *p, size_t len, part10_meta_t *meta)
     if (meta->ts[0] == '\0')
         return SP_EINVAL;
     meta->dataset_offset = end;
+    return 0;
+}
+
+int part10_metadata(const uint8_t *obj, size_t len, uint8_t **out, size_t *out_len)
+{
+    part10_meta_t meta;
+    *out = NULL;
+    *out_len = 0;
+    if (part10_split(obj, len, &meta) != 0)
+        return SP_EINVAL;
+    dsscan_syntax_t syntax = dsscan_syntax_of(meta.ts);
+    if (syntax == DSSCAN_DEFLATED_LE)
+        return SP_ENOTFOUND; /* the offsets would be of the inflated bytes */
+    /* The object was checked with the router's limits before it was stored;
+     * here only its structure matters, so size and element count are not
+     * bounded (the depth still is: it sizes the scanner's stack). */
+    dsscan_limits_t lim = dsscan_limits_default();
+    lim.max_bytes = 0;
+    lim.max_elements = UINT64_MAX;
+    lim.max_depth = 4096;
+    dsscan_t *sc = dsscan_new(syntax, &lim);
+    const uint8_t *ds = obj + meta.dataset_offset;
+    size_t dslen = len - meta.dataset_offset;
+    int rc = dsscan_feed(sc, ds, dslen);
+    if (rc == 0)
+        rc = dsscan_finish(sc, NULL, NULL, 0);
+    dsscan_span_t px;
+    if (rc == 0)
+        rc = dsscan_pixel_data(sc, &px);
+    dsscan_destroy(&sc);
+    if (rc != 0)
+        return rc == SP_ENOTFOUND ? SP_ENOTFOUND : SP_EINVAL;
+    size_t hl = (size_t)(px.value - px.header);
+    SP_ASSERT(hl == 8 || hl == 12);
+    SP_ASSERT(px.end <= dslen && px.value <= px.end);
+    size_t head = meta.dataset_offset + (size_t)px.header;
+    size_t tail = dslen - (size_t)px.end;
+    /* The length field is the header's last four bytes (implicit VR, and
+     * explicit VR with a 4-byte length) or last two (a 2-byte-length VR,
+     * which Pixel Data never has in a valid object). */
+    size_t lenbytes = hl == 12 || syntax == DSSCAN_IMPLICIT_LE ? 4 : 2;
+    bool encapsulated = lenbytes == 4 && memcmp(obj + head + hl - 4, "\xFF\xFF\xFF\xFF", 4) == 0;
+    /* Encapsulated Pixel Data keeps its form, emptied: an empty Basic
+     * Offset Table item and the sequence delimiter (DCMTK refuses a
+     * defined-length Pixel Data in a compressed syntax). Native Pixel Data
+     * gets length 0. */
+    static const uint8_t empty_frags[16] = {0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0,
+                                            0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0};
+    size_t mid = encapsulated ? sizeof empty_frags : 0;
+    uint8_t *m = sp_malloc(head + hl + mid + tail + 1);
+    memcpy(m, obj, head + hl);
+    if (encapsulated)
+        memcpy(m + head + hl, empty_frags, mid);
+    else
+        memset(m + head + hl - lenbytes, 0, lenbytes);
+    memcpy(m + head + hl + mid, ds + px.end, tail);
+    *out = m;
+    *out_len = head + hl + mid + tail;
     return 0;
 }
