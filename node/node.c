@@ -9,6 +9,7 @@
  * transport's worker threads run node_handle() concurrently, which is safe
  * because the store and membership are thread-safe and everything else here
  * is read-only after start-up; membership runs one thread of its own. */
+#include "../common/admin.h"
 #include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/config.h"
@@ -23,6 +24,8 @@
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
+#include <sys/statvfs.h>
+#include <time.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +58,7 @@ typedef struct {
     int scrub_interval_ms;
     size_t scrub_rate;
     audit_settings_t audit;
+    admin_settings_t admin;
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                              \
@@ -110,6 +114,7 @@ static const config_option_t node_options[] = {
     OPT("repair", "scrub_rate", CONFIG_SIZE, scrub_rate, "20M", 0, 1LL << 40,
         "Scrubber reads: bytes per second (0 = unlimited)"),
     AUDIT_OPTIONS(node_settings_t, audit),
+    ADMIN_OPTIONS(node_settings_t, admin),
 };
 
 typedef struct {
@@ -414,6 +419,115 @@ static void audit_request(const transport_request_t *req, const wire_request_t *
     audit_record(&r, false);
 }
 
+/* ---- metrics (admin.h) ---------------------------------------------------- */
+
+#define KIND_COUNT (WIRE_DRAIN + 1)
+
+/* The series node_dispatch updates, registered by metrics_register()
+ * before the transport starts, so the hot path only adds. */
+static struct {
+    admin_counter_t *requests[KIND_COUNT][2]; /* [kind][failed] */
+    admin_hist_t *seconds[KIND_COUNT];
+    admin_counter_t *bytes_in, *bytes_out;
+} node_metrics;
+
+static void metrics_register(void)
+{
+    for (int k = WIRE_PUT; k < KIND_COUNT; k++) {
+        char labels[96];
+        const char *name = wire_kind_name((wire_kind_t)k);
+        for (int f = 0; f < 2; f++)
+            node_metrics.requests[k][f] = admin_counter(
+                "shardpacs_node_requests_total", "Cluster requests answered, by kind and result",
+                sp_fmt(labels, sizeof labels, "kind=\"%s\",result=\"%s\"", name,
+                       f ? "error" : "ok"));
+        node_metrics.seconds[k] =
+            admin_histogram("shardpacs_node_request_duration_seconds",
+                            "Time to answer one cluster request (a put includes its synced write)",
+                            sp_fmt(labels, sizeof labels, "kind=\"%s\"", name));
+    }
+    node_metrics.bytes_in = admin_counter("shardpacs_node_received_bytes_total",
+                                          "Request body bytes received (objects put)", "");
+    node_metrics.bytes_out = admin_counter("shardpacs_node_sent_bytes_total",
+                                           "Reply body bytes sent (objects read, lists)", "");
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Disk space of the data folder and RocksDB's own figures, read at each
+ * scrape (a statvfs and a few property reads). */
+static void node_collect(void *ctx, admin_out_t *o)
+{
+    node_t *node = ctx;
+    struct statvfs vfs;
+    if (statvfs(node->settings->data_dir, &vfs) == 0) {
+        double size = (double)vfs.f_blocks * (double)vfs.f_frsize;
+        double avail = (double)vfs.f_bavail * (double)vfs.f_frsize;
+        double used = size - (double)vfs.f_bfree * (double)vfs.f_frsize;
+        admin_out_family(o, "shardpacs_disk_size_bytes", "Size of the data folder's file system",
+                         "gauge");
+        admin_out_sample(o, "shardpacs_disk_size_bytes", "", size);
+        admin_out_family(o, "shardpacs_disk_used_bytes", "Used space of that file system", "gauge");
+        admin_out_sample(o, "shardpacs_disk_used_bytes", "", used);
+        admin_out_family(o, "shardpacs_disk_free_bytes",
+                         "Space of that file system available to this process", "gauge");
+        admin_out_sample(o, "shardpacs_disk_free_bytes", "", avail);
+    }
+    store_stats_t st;
+    if (store_stats(node->store, &st) == 0) {
+        admin_out_family(o, "shardpacs_store_instances", "Instances stored on this node", "gauge");
+        admin_out_sample(o, "shardpacs_store_instances", "", (double)st.instances);
+        admin_out_family(o, "shardpacs_store_object_bytes", "Bytes of the stored objects", "gauge");
+        admin_out_sample(o, "shardpacs_store_object_bytes", "", (double)st.bytes);
+        admin_out_family(o, "shardpacs_store_db_bytes", "RocksDB SST and blob files on disk",
+                         "gauge");
+        admin_out_sample(o, "shardpacs_store_db_bytes", "", (double)st.db_size_bytes);
+        admin_out_family(o, "shardpacs_store_corrupt_reads_total",
+                         "Corrupt objects seen by reads, scrubs and repairs", "counter");
+        admin_out_sample(o, "shardpacs_store_corrupt_reads_total", "", (double)st.corrupt_reads);
+    }
+    admin_out_family(o, "shardpacs_rocksdb_pending_compaction_bytes",
+                     "RocksDB's estimate of bytes compaction still has to rewrite", "gauge");
+    admin_out_sample(
+        o, "shardpacs_rocksdb_pending_compaction_bytes", "",
+        (double)store_property_sum(node->store, "rocksdb.estimate-pending-compaction-bytes"));
+    admin_out_family(o, "shardpacs_rocksdb_write_stopped",
+                     "1 while RocksDB stops writes (a write stall), else 0", "gauge");
+    admin_out_sample(o, "shardpacs_rocksdb_write_stopped", "",
+                     store_property_sum(node->store, "rocksdb.is-write-stopped") > 0 ? 1.0 : 0.0);
+    admin_out_family(o, "shardpacs_rocksdb_delayed_write_rate_bytes",
+                     "Write rate RocksDB slows writers to while stalling (0 = not delayed)",
+                     "gauge");
+    admin_out_sample(o, "shardpacs_rocksdb_delayed_write_rate_bytes", "",
+                     (double)store_property_sum(node->store, "rocksdb.actual-delayed-write-rate"));
+    admin_out_family(o, "shardpacs_rocksdb_running_compactions", "Compactions running now",
+                     "gauge");
+    admin_out_sample(o, "shardpacs_rocksdb_running_compactions", "",
+                     (double)store_property_sum(node->store, "rocksdb.num-running-compactions"));
+}
+
+/* /readyz: ready once the node has joined (announced alive after its first
+ * complete repair round) and while it is not draining. */
+static bool node_ready(void *ctx, char *why, size_t whylen)
+{
+    node_t *node = ctx;
+    membership_t *m = atomic_load(&node->membership);
+    if (m == NULL || atomic_load(&node->repair) == NULL) {
+        sp_fmt(why, whylen, "not ready: starting up");
+        return false;
+    }
+    gossip_state_t st = membership_self_state(m);
+    if (st == GOSSIP_ALIVE)
+        return true;
+    sp_fmt(why, whylen, "not ready: this node is %s", gossip_state_name(st));
+    return false;
+}
+
 /* Runs one valid request (wire_serve decoded it) on a worker thread. */
 static void node_dispatch(void *ctx, const transport_request_t *req, const wire_request_t *w,
                           wire_reply_t *rep, transport_reply_t *out)
@@ -431,6 +545,7 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
         audit_request(req, w, rep, true);
         return;
     }
+    int64_t start = mono_us();
     switch (w->kind) {
     case WIRE_PUT: handle_put(node, req, w, rep); break;
     case WIRE_GET: handle_get(node, w, rep, out); break;
@@ -444,12 +559,18 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
     case WIRE_GOSSIP: membership_handle(atomic_load(&node->membership), req, w, rep); break;
     default: wire_reply_error(rep, SP_EUNKNOWN, "unknown request"); break;
     }
+    if (w->kind > WIRE_NONE && w->kind < KIND_COUNT) {
+        admin_add(node_metrics.requests[w->kind][rep->status != 0], 1);
+        admin_observe(node_metrics.seconds[w->kind], (double)(mono_us() - start) / 1e6);
+    }
     audit_request(req, w, rep, false);
 }
 
 static void node_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
 {
+    admin_add(node_metrics.bytes_in, req->body_len);
     wire_serve(req, out, node_dispatch, ctx);
+    admin_add(node_metrics.bytes_out, out->body_len);
 }
 
 static void usage(FILE *f)
@@ -529,6 +650,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     tc.max_frame_bytes = s->chunk_size + 65536;
     tc.max_body_bytes = s->max_object_size;
     tc.sndhwm = tc.rcvhwm = s->hwm;
+    metrics_register();
     srv = transport_server_new(&tc, &self, allowed, node_handle, &node);
     char bound[256];
     rc = transport_server_start(srv, s->listen, bound, sizeof bound);
@@ -567,6 +689,14 @@ static int node_run(const node_settings_t *s, const char *ready_file)
         goto out;
     }
     atomic_store(&node.repair, h);
+    admin_add_collector(membership_collect, m);
+    admin_add_collector(repair_collect, h);
+    admin_add_collector(node_collect, &node);
+    rc = admin_start(s->admin.listen, "node", node_ready, &node, err, sizeof err);
+    if (rc != 0) {
+        log_error("%s", err);
+        goto out;
+    }
     if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
@@ -575,6 +705,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     int sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
 out:
+    admin_stop();                   /* its collectors read the store, repair and membership */
     transport_server_destroy(&srv); /* no handler uses membership after this */
     repair_stop(&h);
     membership_stop(&m);

@@ -82,4 +82,9 @@ int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen);
  * it from another member soon. */
 void repair_note_corrupt(repair_t *h, const char *sop_uid);
 
+/* An admin.h collector (ctx: the repair_t): under-replicated partitions at
+ * the last round, hints pending, repair and scrub bytes and errors. */
+struct admin_out;
+void repair_collect(void *ctx, struct admin_out *o);
+
 #endif
