@@ -21,6 +21,7 @@ packages=(
   python3-requests openssl                        # DICOMweb tests (HTTP client, test certificates)
   orthanc curl                                    # benchmark anchor (tests/bench/ingest.sh)
   python3-cryptography openssl                    # TLS test certificates, local CA (deploy)
+  prometheus                                      # promtool and a scraper (tests/cluster/test_admin.py)
 )
 
 missing=()
