@@ -50,6 +50,7 @@ typedef struct {
     int hwm;
     int max_find_results;
     char *log_level;
+    char *log_format;
     int replicas;
     membership_settings_t cluster;
     int repair_interval_ms;
@@ -100,6 +101,9 @@ static const config_option_t node_options[] = {
     OPT("query", "max_results", CONFIG_INT, max_find_results, "10000", 1, 10000000,
         "Most matches one find request returns"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("log", "format", CONFIG_STRING, log_format, "text", 0, 0,
+        "text (one timestamped line per event) or json (one JSON object per line: ts, level, "
+        "component, msg; for log shippers)"),
     OPT("cluster", "replicas", CONFIG_INT, replicas, "3", 1, 16,
         "Copies of every study (N); the same value on every node and router"),
     MEMBERSHIP_OPTIONS(node_settings_t, cluster, "1"),
@@ -756,12 +760,19 @@ int main(int argc, char **argv)
                config_path, s.log_level);
         rc = SP_ECONFIG;
     }
+    log_format_t format = LOG_FORMAT_TEXT;
+    if (rc == 0 && log_parse_format(s.log_format, &format) != 0) {
+        sp_fmt(err, sizeof err, "%s: [log] format '%s' is not text or json", config_path,
+               s.log_format);
+        rc = SP_ECONFIG;
+    }
     if (rc != 0) {
         fprintf(stderr, "shardpacs-node: %s\n", err);
         config_free(node_options, SP_ARRAY_LEN(node_options), &s);
         return 1;
     }
     char component[96];
+    log_set_format(format);
     log_init(sp_fmt(component, sizeof component, "node[%s]", s.id), level);
     rc = node_run(&s, ready_file);
     config_free(node_options, SP_ARRAY_LEN(node_options), &s);

@@ -74,6 +74,7 @@ typedef struct {
     int max_results;
     bool case_insensitive_names;
     char *log_level;
+    char *log_format;
     bool plain;
     bool tls;
     int tls_port;
@@ -244,6 +245,9 @@ static const config_option_t router_options[] = {
     OPT("query", "case_insensitive_names", CONFIG_BOOL, case_insensitive_names, "true", 0, 0,
         "Person names match regardless of case"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("log", "format", CONFIG_STRING, log_format, "text", 0, 0,
+        "text (one timestamped line per event) or json (one JSON object per line: ts, level, "
+        "component, msg; for log shippers)"),
     OPT("access", "rules", CONFIG_PATH, access_rules, "", 0, 0,
         "DICOM access rules file: per calling AE (address, certificate subject) the operations "
         "and C-MOVE destinations allowed, re-read when it changes; empty: everyone may do "
@@ -304,6 +308,11 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
     if (log_parse_level(s->log_level, &level) != 0) {
         sp_fmt(err, errlen, "%s: [log] level '%s' is not debug, info, warn or error", path,
                s->log_level);
+        return SP_ECONFIG;
+    }
+    log_format_t format;
+    if (log_parse_format(s->log_format, &format) != 0) {
+        sp_fmt(err, errlen, "%s: [log] format '%s' is not text or json", path, s->log_format);
         return SP_ECONFIG;
     }
     if (wire_policy_parse(s->duplicates, &s->duplicates_policy) != 0) {
@@ -885,6 +894,9 @@ int main(int argc, char **argv)
     }
     log_level_t level = LOG_INFO;
     log_parse_level(s->log_level, &level);
+    log_format_t format = LOG_FORMAT_TEXT;
+    log_parse_format(s->log_format, &format);
+    log_set_format(format);
     log_init("router", level);
     rc = router_run(s);
     settings_free(s);

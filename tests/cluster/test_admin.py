@@ -5,6 +5,7 @@ Prometheus (started here on loopback with its own data folder and a short
 scrape interval) that scrapes a local cluster and answers a query for
 under-replicated partitions after a node is killed. Every process asks for
 port 0 and logs the port it got."""
+import json
 import re
 import shutil
 import subprocess
@@ -141,10 +142,26 @@ def test_metrics_health_and_traffic(cluster, tmp_path):
         assert out.returncode == 0, (name, out.stdout.decode() + out.stderr.decode())
 
 
-def test_admin_off_by_default(tmp_path):
-    with sc.cluster(tmp_path / "c", nodes=1, replicas=1, quorum=1) as c:
-        assert "metrics on http" not in c.nodes[0].log_text()
-        assert "metrics on http" not in c.router.log_text()
+def test_admin_off_by_default_and_json_logs(tmp_path):
+    """No admin port unless asked; [log] format = json gives one JSON object
+    per line (ts, level, component, msg) on a node and a router."""
+    log = {"log": {"format": "json"}}
+    with sc.cluster(tmp_path / "c", nodes=1, replicas=1, quorum=1, node_extra=log,
+                    router_extra=log) as c:
+        sc.dcmtk(["echoscu", "-aec", AE, "127.0.0.1", c.router.port])
+        for p, component, first in ((c.nodes[0], "node[n1]", "node n1 "),
+                                    (c.router, "router", "member n1 ")):
+            text = p.log_text()
+            assert "metrics on http" not in text
+            lines = text.splitlines()
+            assert len(lines) >= 3
+            for line in lines:
+                rec = json.loads(line)
+                assert set(rec) == {"ts", "level", "component", "msg"}, line
+                assert rec["component"] == component
+                assert rec["level"] in ("debug", "info", "warn", "error")
+                assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["ts"])
+            assert any(json.loads(x)["msg"].startswith(first) for x in lines)
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed")
