@@ -44,6 +44,7 @@ typedef struct {
     size_t block_cache;
     int background_jobs;
     int max_conflicts;
+    size_t reserve;
     int workers;
     size_t max_object_size;
     size_t chunk_size;
@@ -90,6 +91,10 @@ static const config_option_t node_options[] = {
     OPT("store", "max_conflicts", CONFIG_INT, max_conflicts, "4", 0, 1000,
         "Versions of one SOP Instance UID kept aside besides the stored one (different bytes "
         "sent again); a put needing more is refused, answered 0x0111"),
+    OPT("store", "reserve", CONFIG_SIZE, reserve, "1G", 0, 1LL << 50,
+        "Free space kept on the data folder's file system: below it new objects are refused "
+        "(SP_ENOSPACE, the router answers 0xA700 naming this node) while reads, repair and "
+        "hand-off go on; 0 = no reserve"),
     OPT("transport", "workers", CONFIG_INT, workers, "8", 1, 256,
         "Threads answering requests; concurrent puts share fsyncs"),
     OPT("transport", "max_object_size", CONFIG_SIZE, max_object_size, "1G", 1024, 1LL << 34,
@@ -128,11 +133,50 @@ typedef struct {
     size_t page_bytes;                  /* byte budget of a LIST / PARTITION_LIST page (wire.h) */
     _Atomic(membership_t *) membership; /* set once serving; NULL before */
     _Atomic(repair_t *) repair;         /* likewise */
+    atomic_bool refusing;               /* free space below [store] reserve at the last put */
 } node_t;
+
+/* Whether new objects must be refused: the data folder's file system has
+ * less free space than [store] reserve. Repair copies do not come here
+ * (they call store_put directly), so a full node still receives what it
+ * must hold and hands off what it stood in for. Logs each change of state
+ * once. avail gets the free bytes (0 when statvfs fails: then the put is
+ * tried, and RocksDB reports a real disk-full). */
+static bool below_reserve(node_t *node, uint64_t *avail)
+{
+    struct statvfs vfs;
+    *avail = 0;
+    if (node->settings->reserve == 0 || statvfs(node->settings->data_dir, &vfs) != 0)
+        return false;
+    *avail = (uint64_t)vfs.f_bavail * vfs.f_frsize;
+    bool below = *avail < node->settings->reserve;
+    if (atomic_exchange(&node->refusing, below) != below) {
+        if (below)
+            log_warn("free space %llu MiB on %s is below the reserve of %zu MiB: refusing new "
+                     "objects (reads and repair go on)",
+                     (unsigned long long)(*avail >> 20), node->settings->data_dir,
+                     node->settings->reserve >> 20);
+        else
+            log_info("free space %llu MiB on %s is above the reserve again: accepting new objects",
+                     (unsigned long long)(*avail >> 20), node->settings->data_dir);
+    }
+    return below;
+}
 
 static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
                        wire_reply_t *rep)
 {
+    uint64_t avail;
+    if (below_reserve(node, &avail)) {
+        char text[320];
+        wire_reply_error(rep, SP_ENOSPACE,
+                         sp_fmt(text, sizeof text,
+                                "node %s refuses new objects: %llu MiB free on its data disk, "
+                                "below its [store] reserve of %zu MiB",
+                                node->settings->id, (unsigned long long)(avail >> 20),
+                                node->settings->reserve >> 20));
+        return;
+    }
     store_put_t put = {
         .partition = w->partition, .attrs = &w->attrs, .data = req->body, .len = req->body_len};
     memcpy(put.digest, w->digest, SP_DIGEST_LEN);
@@ -495,6 +539,14 @@ static void node_collect(void *ctx, admin_out_t *o)
                          "Corrupt objects seen by reads, scrubs and repairs", "counter");
         admin_out_sample(o, "shardpacs_store_corrupt_reads_total", "", (double)st.corrupt_reads);
     }
+    admin_out_family(o, "shardpacs_disk_reserve_bytes",
+                     "[store] reserve: free space below which new objects are refused", "gauge");
+    admin_out_sample(o, "shardpacs_disk_reserve_bytes", "", (double)node->settings->reserve);
+    uint64_t avail;
+    admin_out_family(o, "shardpacs_node_refusing_puts",
+                     "1 while free space is below the reserve and new objects are refused",
+                     "gauge");
+    admin_out_sample(o, "shardpacs_node_refusing_puts", "", below_reserve(node, &avail) ? 1 : 0);
     admin_out_family(o, "shardpacs_rocksdb_pending_compaction_bytes",
                      "RocksDB's estimate of bytes compaction still has to rewrite", "gauge");
     admin_out_sample(
@@ -615,6 +667,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
                    .page_bytes = frame / 2 < WIRE_PAGE_BYTES ? frame / 2 : WIRE_PAGE_BYTES};
     atomic_init(&node.membership, NULL);
     atomic_init(&node.repair, NULL);
+    atomic_init(&node.refusing, false);
     int rc = audit_start_settings(&s->audit, s->id, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);

@@ -214,3 +214,37 @@ def test_prometheus_scrapes_cluster(cluster, tmp_path):
         prom.terminate()
         prom.wait(timeout=30)
         log.close()
+
+
+def test_disk_reserve(cluster, tmp_path):
+    """A node whose free space is below [store] reserve refuses new objects
+    with a reason naming it and the reserve, still takes repair copies, and
+    shows the state in its metrics; with too few accepting nodes the router
+    answers 0xA700 with that reason."""
+    n1, n3 = cluster.nodes[0], cluster.nodes[2]
+    n3.stop()
+    n3.configure({"store": {"reserve": "1048576G"}})  # 1 PiB: more than any disk here
+    n3.start()
+    cluster.wait_alive(timeout=60)
+    study = f"{ROOT}.30"
+    files = [make_instance(tmp_path / "r" / f"{i}.dcm", study, i) for i in range(2)]
+    p = sc.dcmtk(["storescu", "-d", "-aec", AE, "127.0.0.1", cluster.router.port, *files])
+    assert [st for _, st in sc.store_responses(p.out)] == [0, 0]  # W = 2 on n1, n2
+
+    text = scrape(admin_port(n3))
+    assert sample(text, "shardpacs_node_refusing_puts") == 1
+    assert sample(text, "shardpacs_disk_reserve_bytes") == 2 ** 50
+    assert sample(text, "shardpacs_node_requests_total", 'kind="put",result="error"') >= 2
+    assert "below the reserve" in n3.log_text(this_run=True)
+    assert sample(scrape(admin_port(n1)), "shardpacs_node_refusing_puts") == 0
+    # Repair copies are not new objects: n3 still receives what it owns.
+    sc.wait_until(lambda: len(n3.list_study(cluster.admin_key, study)) == 2, 60,
+                  "n3 filled by repair despite its reserve")
+
+    n1.kill9()
+    cluster.wait_member("n1", ("down", "out"), observers=[cluster.router])
+    late = make_instance(tmp_path / "r" / "late.dcm", study, 9)
+    p = sc.dcmtk(["storescu", "-d", "-aec", AE, "127.0.0.1", cluster.router.port, late],
+                 check=False)
+    assert [st for _, st in sc.store_responses(p.out)] == [0xA700], p.out[-3000:]
+    assert "node n3 refuses new objects" in p.out and "reserve" in p.out, p.out[-3000:]
