@@ -18,6 +18,7 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../common/membership.h"
+#include "../common/notify.h"
 #include "repair.h"
 #include "store.h"
 
@@ -758,9 +759,13 @@ static int node_run(const node_settings_t *s, const char *ready_file)
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
     }
+    /* Type=notify units: systemctl start returns now that requests are
+     * answered (the node may still be joining: /readyz says when it is). */
+    notify_send("READY=1\nSTATUS=serving");
 
     int sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
+    notify_send("STOPPING=1");
 out:
     admin_stop();                   /* its collectors read the store, repair and membership */
     transport_server_destroy(&srv); /* no handler uses membership after this */

@@ -16,6 +16,7 @@
 #include "../common/keys.h"
 #include "../common/log.h"
 #include "../common/membership.h"
+#include "../common/notify.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "access.h"
@@ -786,8 +787,12 @@ static int router_run(router_settings_t *s)
             goto out;
     }
 
+    /* Type=notify units: systemctl start returns once DICOM (and HTTP)
+     * are served. */
+    notify_send("READY=1\nSTATUS=serving");
     sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
+    notify_send("STOPPING=1");
 out:
     admin_stop(); /* before the backend and membership its collectors read */
     http_server_stop(&web);
