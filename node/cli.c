@@ -11,6 +11,8 @@
  *   shardpacs status CONNECTION [--json]    the cluster, as one member sees it
  *   shardpacs locate CONNECTION STUDY_UID [--json]
  *   shardpacs drain CONNECTION NODE_ID
+ *   shardpacs bootstrap --out DIR --node NAME=HOST:PORT[@SITE] ... --router ...
+ *                                            a new cluster's files (bootstrap.c)
  * where CONNECTION is --connect ENDPOINT --server-key FILE --key FILE: any
  * member (its public key file) and the operator's key pair, which must be
  * listed in the cluster keys.
@@ -27,6 +29,7 @@
 #include "../common/ring.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
+#include "bootstrap.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -46,6 +49,7 @@ static void usage(void)
             "       shardpacs status CONNECTION [--json]\n"
             "       shardpacs locate CONNECTION STUDY_UID [--json]\n"
             "       shardpacs drain CONNECTION NODE_ID\n"
+            "       shardpacs bootstrap --out DIR --node NAME=HOST:PORT[@SITE] ... --router ...\n"
             "  CONNECTION: --connect ENDPOINT --server-key FILE --key FILE\n");
 }
 
@@ -671,6 +675,8 @@ static int cmd_cluster(const char *cmd, int argc, char **argv)
 int main(int argc, char **argv)
 {
     log_init("shardpacs", LOG_WARN);
+    if (argc >= 2 && strcmp(argv[1], "bootstrap") == 0)
+        return bootstrap_main(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "keygen") == 0)
         return cmd_keygen(argc - 2, argv + 2);
     if (argc >= 3 && strcmp(argv[1], "node") == 0)
