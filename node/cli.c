@@ -410,6 +410,8 @@ static json_t *member_json(const wire_member_status_t *m)
     json_object_set_new(o, "instances", json_integer((json_int_t)m->instances));
     json_object_set_new(o, "bytes", json_integer((json_int_t)m->bytes));
     json_object_set_new(o, "disk_bytes", json_integer((json_int_t)m->disk_bytes));
+    json_object_set_new(o, "disk_free", json_integer((json_int_t)m->disk_free));
+    json_object_set_new(o, "refusing_puts", json_boolean(m->refusing_puts));
     json_object_set_new(o, "hints_pending", json_integer((json_int_t)m->hints_pending));
     json_object_set_new(o, "repair_bytes_done", json_integer((json_int_t)m->repair_bytes_done));
     json_object_set_new(o, "repair_bytes_pending",
@@ -499,7 +501,10 @@ static void print_status_text(const wire_status_t *st)
                    "storage", gossip_state_name(m->member.state), m->member.site,
                    m->partitions_owned, m->partitions_held, (unsigned long long)m->instances,
                    m->reachable ? data : "-", m->reachable ? disk : "-",
-                   (unsigned long long)m->hints_pending, m->reachable ? "" : "  (no answer)");
+                   (unsigned long long)m->hints_pending,
+                   !m->reachable      ? "  (no answer)"
+                   : m->refusing_puts ? "  (disk below reserve: refusing new objects)"
+                                      : "");
     }
     printf("partitions with data: %u, under-replicated: %u, hints pending: %llu\n",
            st->partitions_with_data, st->under_replicated_partitions, (unsigned long long)t.hints);

@@ -164,6 +164,12 @@ static bool below_reserve(node_t *node, uint64_t *avail)
     return below;
 }
 
+/* repair_config_t.disk_state: the reserve check, for the status. */
+static bool disk_state(void *ctx, uint64_t *free_bytes)
+{
+    return below_reserve(ctx, free_bytes);
+}
+
 static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
                        wire_reply_t *rep)
 {
@@ -735,7 +741,9 @@ static int node_run(const node_settings_t *s, const char *ready_file)
                           .scrub_interval_ms = s->scrub_interval_ms,
                           .scrub_rate_bytes = s->scrub_rate,
                           .call_timeout_ms = 10000,
-                          .expect_peers = s->cluster.seeds[0] != '\0'};
+                          .expect_peers = s->cluster.seeds[0] != '\0',
+                          .disk_state = disk_state,
+                          .disk_ctx = &node};
     transport_config_defaults(&hc.transport);
     hc.transport.chunk_bytes = s->chunk_size;
     hc.transport.max_frame_bytes = s->chunk_size + 65536;

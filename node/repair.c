@@ -929,6 +929,8 @@ static void own_figures(repair_t *h, const psum_t *mine, wire_member_status_t *o
     out->scrub_checked = atomic_load(&h->scrub_checked);
     out->scrub_corrupt = atomic_load(&h->scrub_corrupt);
     out->repaired = atomic_load(&h->repaired);
+    if (h->cfg.disk_state)
+        out->refusing_puts = h->cfg.disk_state(h->cfg.disk_ctx, &out->disk_free);
 }
 
 void repair_member_status(repair_t *h, wire_member_status_t *out)

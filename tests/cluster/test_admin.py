@@ -237,6 +237,16 @@ def test_disk_reserve(cluster, tmp_path):
     assert sample(text, "shardpacs_node_requests_total", 'kind="put",result="error"') >= 2
     assert "below the reserve" in n3.log_text(this_run=True)
     assert sample(scrape(admin_port(n1)), "shardpacs_node_refusing_puts") == 0
+    # The operator's status shows it too (n1 answers for the whole cluster).
+    st = json.loads(sc.run_cli("status", "--connect", n1.endpoint, "--server-key", n1.pub,
+                               "--key", cluster.admin_key, "--json").stdout)
+    by_id = {m["id"]: m for m in st["members"]}
+    assert by_id["n3"]["refusing_puts"] is True and by_id["n1"]["refusing_puts"] is False
+    assert by_id["n1"]["disk_free"] > 0
+    text_status = sc.run_cli("status", "--connect", n1.endpoint, "--server-key", n1.pub,
+                             "--key", cluster.admin_key).stdout.decode()
+    assert re.search(r"^n3 .*disk below reserve: refusing new objects", text_status, re.M), \
+        text_status
     # Repair copies are not new objects: n3 still receives what it owns.
     sc.wait_until(lambda: len(n3.list_study(cluster.admin_key, study)) == 2, 60,
                   "n3 filled by repair despite its reserve")
