@@ -1,5 +1,7 @@
 /* log.h - one line per event on stderr:
  *   2026-11-28T12:00:00.123Z INFO  node[n1] message
+ * or, with the JSON format (for log shippers), one JSON object per line:
+ *   {"ts":"2026-11-28T12:00:00.123Z","level":"info","component":"node[n1]","msg":"message"}
  * Thread-safe: each line is written with a single locked stdio call, so lines
  * from different threads never interleave. The level and component are
  * process-wide and set once at start-up by log_init(). */
@@ -11,6 +13,12 @@ typedef enum { LOG_DEBUG = 0, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_OFF } log_level
 /* Sets the component label (e.g. "node[n1]") and the minimum level. */
 void log_init(const char *component, log_level_t level);
 void log_set_level(log_level_t level);
+
+typedef enum { LOG_FORMAT_TEXT = 0, LOG_FORMAT_JSON } log_format_t;
+/* Chooses the line format; set once at start-up, before threads log. */
+void log_set_format(log_format_t format);
+/* Parses "text" or "json"; returns 0 or SP_EINVAL. */
+int log_parse_format(const char *text, log_format_t *out);
 log_level_t log_get_level(void);
 
 /* Parses "debug", "info", "warn", "error", "off"; returns 0 or SP_EINVAL. */

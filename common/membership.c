@@ -12,6 +12,7 @@
  * clients. Borrows the key pair and the allow-list from the node. */
 #include "membership.h"
 
+#include "admin.h"
 #include "audit.h"
 #include "base.h"
 #include "log.h"
@@ -525,4 +526,29 @@ int membership_set_self_state(membership_t *m, gossip_state_t state)
     if (rc == 0)
         log_info("membership: %s announces itself %s", m->self_id, gossip_state_name(state));
     return rc;
+}
+
+void membership_collect(void *ctx, admin_out_t *o)
+{
+    membership_t *m = ctx;
+    gossip_member_t *view = NULL;
+    size_t n = membership_view(m, &view);
+    size_t count[2][GOSSIP_STATE_COUNT] = {{0}};
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned)view[i].role < 2 && (unsigned)view[i].state < GOSSIP_STATE_COUNT)
+            count[view[i].role][view[i].state]++;
+    free(view);
+    /* Every role and state, zeros too, so a query sees a state empty out. */
+    admin_out_family(o, "shardpacs_gossip_members",
+                     "Members in this process's gossip view by role and state", "gauge");
+    for (int r = 0; r < 2; r++)
+        for (int st = 0; st < GOSSIP_STATE_COUNT; st++) {
+            char labels[96];
+            sp_fmt(labels, sizeof labels, "role=\"%s\",state=\"%s\"",
+                   r == GOSSIP_STORAGE ? "storage" : "router", gossip_state_name(st));
+            admin_out_sample(o, "shardpacs_gossip_members", labels, (double)count[r][st]);
+        }
+    admin_out_family(o, "shardpacs_gossip_view_version",
+                     "Version of this process's gossip view (rises at each change)", "gauge");
+    admin_out_sample(o, "shardpacs_gossip_view_version", "", (double)membership_view_version(m));
 }

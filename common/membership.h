@@ -127,4 +127,10 @@ int membership_set_self_state(membership_t *m, gossip_state_t state);
  * returns the count. */
 size_t membership_view(membership_t *m, gossip_member_t **out);
 
+/* An admin.h collector (ctx: the membership_t): the members of this
+ * member's view by role and state, shardpacs_gossip_members. Registered by
+ * nodes and routers alike. */
+struct admin_out;
+void membership_collect(void *ctx, struct admin_out *o);
+
 #endif

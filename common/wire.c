@@ -806,6 +806,8 @@ static void scratch_status(reply_scratch_t *s, const wire_status_t *st, Shardpac
         c->scrub_checked = w->scrub_checked;
         c->scrub_corrupt = w->scrub_corrupt;
         c->repaired = w->repaired;
+        c->disk_free = w->disk_free;
+        c->refusing_puts = w->refusing_puts;
         s->mstat_ptrs[i] = c;
     }
     p->from_id = st->from_id ? st->from_id : "";
@@ -1075,6 +1077,8 @@ static int status_from_pb(const Shardpacs__StatusReply *p, wire_status_t *st, ch
         w->repair_rate = c->repair_rate;
         w->scrub_checked = c->scrub_checked;
         w->scrub_corrupt = c->scrub_corrupt;
+        w->disk_free = c->disk_free;
+        w->refusing_puts = c->refusing_puts;
         w->repaired = c->repaired;
     }
     return 0;

@@ -156,6 +156,8 @@ typedef struct {
     uint64_t repair_bytes_done, repair_bytes_pending;
     double repair_rate;
     uint64_t scrub_checked, scrub_corrupt, repaired;
+    uint64_t disk_free;
+    bool refusing_puts; /* free space below the node's [store] reserve */
 } wire_member_status_t;
 
 typedef struct {

@@ -23,6 +23,7 @@ packages=(
   orthanc orthanc-dicomweb curl                   # benchmark anchors (tests/bench/ingest.sh, dicomweb.py)
   chromium                                        # browser test of the viewer (tests/cluster/test_viewer.py)
   python3-cryptography                            # TLS test certificates (tests/cluster/tlscerts.py)
+  prometheus                                      # promtool and a scraper (tests/cluster/test_admin.py)
 )
 
 missing=()

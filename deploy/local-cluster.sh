@@ -46,7 +46,10 @@
 # "dicom" object naming the DICOM ports, and with TLS the CA, client
 # certificate and client key files, and an "http" object: the DICOMweb base
 # URL, the viewer URL (null without a viewer), the CA file (null: plain
-# HTTP) and the users' credentials.
+# HTTP) and the users' credentials, and a "processes" list with each
+# process's metrics, healthz and readyz URLs (every process serves its
+# admin port on a loopback port picked at up and kept in DIR/nK/admin.port,
+# DIR/router.admin.port).
 # `add-node` makes the next free nK (key appended to DIR/cluster.keys, which
 # running members re-read), starts it with every node as seed and waits until
 # the others see it; it announces itself alive after its first repair round.
@@ -104,6 +107,16 @@ node_names() {
   done | sort -V
 }
 
+# Prints the admin (metrics, health) port kept in FILE, picking a free
+# loopback port the first time so restarts keep the same one.
+admin_port() {
+  local file=$1
+  if [[ ! -s $file ]]; then
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' >"$file"
+  fi
+  cat "$file"
+}
+
 # Writes DIR/nK/node.conf from the settings in DIR/cluster.env.
 # write_node_conf DIR K SITE SEEDS [LISTEN]
 write_node_conf() {
@@ -127,6 +140,8 @@ write_node_conf() {
     echo "interval = $REPAIR_INTERVAL"
     echo "rate = $REPAIR_RATE"
     echo "scrub_interval = $SCRUB_INTERVAL"
+    echo "[admin]"
+    echo "listen = 127.0.0.1:$(admin_port "$dir/n$k/admin.port")"
   } >"$dir/n$k/node.conf"
 }
 
@@ -368,6 +383,8 @@ CONF
     for i in $(seq 1 "$nodes"); do all+="${all:+,}n$i@$(cat "$dir/n$i/ready")"; done
     echo "seeds = $all"
     gossip_conf
+    echo "[admin]"
+    echo "listen = 127.0.0.1:$(admin_port "$dir/router.admin.port")"
     if ((tls)); then
       cat <<CONF
 [tls]
@@ -490,6 +507,18 @@ s = json.loads(sys.stdin.read())
 d, tls, port, tls_port = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 http_port = int(sys.argv[5])
 s["dicom"] = {"ae_title": "SHARDPACS", "host": "127.0.0.1", "port": port}
+# The admin port (metrics and health) of every process, as written at up.
+import os
+procs = []
+for name in ["router"] + sorted(n for n in os.listdir(d) if os.path.isfile(f"{d}/{n}/node.conf")):
+    pf = f"{d}/router.admin.port" if name == "router" else f"{d}/{name}/admin.port"
+    if not os.path.isfile(pf):
+        continue
+    base = f"http://127.0.0.1:{open(pf).read().strip()}"
+    procs.append({"name": name, "kind": "router" if name == "router" else "node",
+                  "metrics": f"{base}/metrics", "healthz": f"{base}/healthz",
+                  "readyz": f"{base}/readyz"})
+s["processes"] = procs
 if tls:
     s["dicom"]["tls"] = {"port": tls_port, "ca": f"{d}/tls/ca.pem",
                          "client_certificate": f"{d}/tls/client.pem",

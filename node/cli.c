@@ -11,6 +11,8 @@
  *   shardpacs status CONNECTION [--json]    the cluster, as one member sees it
  *   shardpacs locate CONNECTION STUDY_UID [--json]
  *   shardpacs drain CONNECTION NODE_ID
+ *   shardpacs bootstrap --out DIR --node NAME=HOST:PORT[@SITE] ... --router ...
+ *                                            a new cluster's files (bootstrap.c)
  * where CONNECTION is --connect ENDPOINT --server-key FILE --key FILE: any
  * member (its public key file) and the operator's key pair, which must be
  * listed in the cluster keys.
@@ -27,6 +29,7 @@
 #include "../common/ring.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
+#include "bootstrap.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -46,6 +49,7 @@ static void usage(void)
             "       shardpacs status CONNECTION [--json]\n"
             "       shardpacs locate CONNECTION STUDY_UID [--json]\n"
             "       shardpacs drain CONNECTION NODE_ID\n"
+            "       shardpacs bootstrap --out DIR --node NAME=HOST:PORT[@SITE] ... --router ...\n"
             "  CONNECTION: --connect ENDPOINT --server-key FILE --key FILE\n");
 }
 
@@ -408,6 +412,8 @@ static json_t *member_json(const wire_member_status_t *m)
     json_object_set_new(o, "instances", json_integer((json_int_t)m->instances));
     json_object_set_new(o, "bytes", json_integer((json_int_t)m->bytes));
     json_object_set_new(o, "disk_bytes", json_integer((json_int_t)m->disk_bytes));
+    json_object_set_new(o, "disk_free", json_integer((json_int_t)m->disk_free));
+    json_object_set_new(o, "refusing_puts", json_boolean(m->refusing_puts));
     json_object_set_new(o, "hints_pending", json_integer((json_int_t)m->hints_pending));
     json_object_set_new(o, "repair_bytes_done", json_integer((json_int_t)m->repair_bytes_done));
     json_object_set_new(o, "repair_bytes_pending",
@@ -497,7 +503,10 @@ static void print_status_text(const wire_status_t *st)
                    "storage", gossip_state_name(m->member.state), m->member.site,
                    m->partitions_owned, m->partitions_held, (unsigned long long)m->instances,
                    m->reachable ? data : "-", m->reachable ? disk : "-",
-                   (unsigned long long)m->hints_pending, m->reachable ? "" : "  (no answer)");
+                   (unsigned long long)m->hints_pending,
+                   !m->reachable      ? "  (no answer)"
+                   : m->refusing_puts ? "  (disk below reserve: refusing new objects)"
+                                      : "");
     }
     printf("partitions with data: %u, under-replicated: %u, hints pending: %llu\n",
            st->partitions_with_data, st->under_replicated_partitions, (unsigned long long)t.hints);
@@ -673,6 +682,8 @@ static int cmd_cluster(const char *cmd, int argc, char **argv)
 int main(int argc, char **argv)
 {
     log_init("shardpacs", LOG_WARN);
+    if (argc >= 2 && strcmp(argv[1], "bootstrap") == 0)
+        return bootstrap_main(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "keygen") == 0)
         return cmd_keygen(argc - 2, argv + 2);
     if (argc >= 3 && strcmp(argv[1], "node") == 0)

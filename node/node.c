@@ -9,6 +9,7 @@
  * transport's worker threads run node_handle() concurrently, which is safe
  * because the store and membership are thread-safe and everything else here
  * is read-only after start-up; membership runs one thread of its own. */
+#include "../common/admin.h"
 #include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/config.h"
@@ -17,12 +18,15 @@
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "../common/membership.h"
+#include "../common/notify.h"
 #include "repair.h"
 #include "store.h"
 
 #include <errno.h>
 #include <getopt.h>
 #include <math.h>
+#include <sys/statvfs.h>
+#include <time.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,12 +45,14 @@ typedef struct {
     size_t block_cache;
     int background_jobs;
     int max_conflicts;
+    size_t reserve;
     int workers;
     size_t max_object_size;
     size_t chunk_size;
     int hwm;
     int max_find_results;
     char *log_level;
+    char *log_format;
     int replicas;
     membership_settings_t cluster;
     int repair_interval_ms;
@@ -55,6 +61,7 @@ typedef struct {
     int scrub_interval_ms;
     size_t scrub_rate;
     audit_settings_t audit;
+    admin_settings_t admin;
 } node_settings_t;
 
 #define OPT(sec, key, type, field, def, lo, hi, help)                                              \
@@ -85,6 +92,10 @@ static const config_option_t node_options[] = {
     OPT("store", "max_conflicts", CONFIG_INT, max_conflicts, "4", 0, 1000,
         "Versions of one SOP Instance UID kept aside besides the stored one (different bytes "
         "sent again); a put needing more is refused, answered 0x0111"),
+    OPT("store", "reserve", CONFIG_SIZE, reserve, "1G", 0, 1LL << 50,
+        "Free space kept on the data folder's file system: below it new objects are refused "
+        "(SP_ENOSPACE, the router answers 0xA700 naming this node) while reads, repair and "
+        "hand-off go on; 0 = no reserve"),
     OPT("transport", "workers", CONFIG_INT, workers, "8", 1, 256,
         "Threads answering requests; concurrent puts share fsyncs"),
     OPT("transport", "max_object_size", CONFIG_SIZE, max_object_size, "1G", 1024, 1LL << 34,
@@ -96,6 +107,9 @@ static const config_option_t node_options[] = {
     OPT("query", "max_results", CONFIG_INT, max_find_results, "10000", 1, 10000000,
         "Most matches one find request returns"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("log", "format", CONFIG_STRING, log_format, "text", 0, 0,
+        "text (one timestamped line per event) or json (one JSON object per line: ts, level, "
+        "component, msg; for log shippers)"),
     OPT("cluster", "replicas", CONFIG_INT, replicas, "3", 1, 16,
         "Copies of every study (N); the same value on every node and router"),
     MEMBERSHIP_OPTIONS(node_settings_t, cluster, "1"),
@@ -110,6 +124,7 @@ static const config_option_t node_options[] = {
     OPT("repair", "scrub_rate", CONFIG_SIZE, scrub_rate, "20M", 0, 1LL << 40,
         "Scrubber reads: bytes per second (0 = unlimited)"),
     AUDIT_OPTIONS(node_settings_t, audit),
+    ADMIN_OPTIONS(node_settings_t, admin),
 };
 
 typedef struct {
@@ -119,11 +134,56 @@ typedef struct {
     size_t page_bytes;                  /* byte budget of a LIST / PARTITION_LIST page (wire.h) */
     _Atomic(membership_t *) membership; /* set once serving; NULL before */
     _Atomic(repair_t *) repair;         /* likewise */
+    atomic_bool refusing;               /* free space below [store] reserve at the last put */
 } node_t;
+
+/* Whether new objects must be refused: the data folder's file system has
+ * less free space than [store] reserve. Repair copies do not come here
+ * (they call store_put directly), so a full node still receives what it
+ * must hold and hands off what it stood in for. Logs each change of state
+ * once. avail gets the free bytes (0 when statvfs fails: then the put is
+ * tried, and RocksDB reports a real disk-full). */
+static bool below_reserve(node_t *node, uint64_t *avail)
+{
+    struct statvfs vfs;
+    *avail = 0;
+    if (node->settings->reserve == 0 || statvfs(node->settings->data_dir, &vfs) != 0)
+        return false;
+    *avail = (uint64_t)vfs.f_bavail * vfs.f_frsize;
+    bool below = *avail < node->settings->reserve;
+    if (atomic_exchange(&node->refusing, below) != below) {
+        if (below)
+            log_warn("free space %llu MiB on %s is below the reserve of %zu MiB: refusing new "
+                     "objects (reads and repair go on)",
+                     (unsigned long long)(*avail >> 20), node->settings->data_dir,
+                     node->settings->reserve >> 20);
+        else
+            log_info("free space %llu MiB on %s is above the reserve again: accepting new objects",
+                     (unsigned long long)(*avail >> 20), node->settings->data_dir);
+    }
+    return below;
+}
+
+/* repair_config_t.disk_state: the reserve check, for the status. */
+static bool disk_state(void *ctx, uint64_t *free_bytes)
+{
+    return below_reserve(ctx, free_bytes);
+}
 
 static void handle_put(node_t *node, const transport_request_t *req, const wire_request_t *w,
                        wire_reply_t *rep)
 {
+    uint64_t avail;
+    if (below_reserve(node, &avail)) {
+        char text[320];
+        wire_reply_error(rep, SP_ENOSPACE,
+                         sp_fmt(text, sizeof text,
+                                "node %s refuses new objects: %llu MiB free on its data disk, "
+                                "below its [store] reserve of %zu MiB",
+                                node->settings->id, (unsigned long long)(avail >> 20),
+                                node->settings->reserve >> 20));
+        return;
+    }
     store_put_t put = {
         .partition = w->partition, .attrs = &w->attrs, .data = req->body, .len = req->body_len};
     memcpy(put.digest, w->digest, SP_DIGEST_LEN);
@@ -483,6 +543,123 @@ static void audit_request(const transport_request_t *req, const wire_request_t *
     audit_record(&r, false);
 }
 
+/* ---- metrics (admin.h) ---------------------------------------------------- */
+
+#define KIND_COUNT (WIRE_DRAIN + 1)
+
+/* The series node_dispatch updates, registered by metrics_register()
+ * before the transport starts, so the hot path only adds. */
+static struct {
+    admin_counter_t *requests[KIND_COUNT][2]; /* [kind][failed] */
+    admin_hist_t *seconds[KIND_COUNT];
+    admin_counter_t *bytes_in, *bytes_out;
+} node_metrics;
+
+static void metrics_register(void)
+{
+    for (int k = WIRE_PUT; k < KIND_COUNT; k++) {
+        char labels[96];
+        const char *name = wire_kind_name((wire_kind_t)k);
+        for (int f = 0; f < 2; f++)
+            node_metrics.requests[k][f] = admin_counter(
+                "shardpacs_node_requests_total", "Cluster requests answered, by kind and result",
+                sp_fmt(labels, sizeof labels, "kind=\"%s\",result=\"%s\"", name,
+                       f ? "error" : "ok"));
+        node_metrics.seconds[k] =
+            admin_histogram("shardpacs_node_request_duration_seconds",
+                            "Time to answer one cluster request (a put includes its synced write)",
+                            sp_fmt(labels, sizeof labels, "kind=\"%s\"", name));
+    }
+    node_metrics.bytes_in = admin_counter("shardpacs_node_received_bytes_total",
+                                          "Request body bytes received (objects put)", "");
+    node_metrics.bytes_out = admin_counter("shardpacs_node_sent_bytes_total",
+                                           "Reply body bytes sent (objects read, lists)", "");
+}
+
+static int64_t mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Disk space of the data folder and RocksDB's own figures, read at each
+ * scrape (a statvfs and a few property reads). */
+static void node_collect(void *ctx, admin_out_t *o)
+{
+    node_t *node = ctx;
+    struct statvfs vfs;
+    if (statvfs(node->settings->data_dir, &vfs) == 0) {
+        double size = (double)vfs.f_blocks * (double)vfs.f_frsize;
+        double avail = (double)vfs.f_bavail * (double)vfs.f_frsize;
+        double used = size - (double)vfs.f_bfree * (double)vfs.f_frsize;
+        admin_out_family(o, "shardpacs_disk_size_bytes", "Size of the data folder's file system",
+                         "gauge");
+        admin_out_sample(o, "shardpacs_disk_size_bytes", "", size);
+        admin_out_family(o, "shardpacs_disk_used_bytes", "Used space of that file system", "gauge");
+        admin_out_sample(o, "shardpacs_disk_used_bytes", "", used);
+        admin_out_family(o, "shardpacs_disk_free_bytes",
+                         "Space of that file system available to this process", "gauge");
+        admin_out_sample(o, "shardpacs_disk_free_bytes", "", avail);
+    }
+    store_stats_t st;
+    if (store_stats(node->store, &st) == 0) {
+        admin_out_family(o, "shardpacs_store_instances", "Instances stored on this node", "gauge");
+        admin_out_sample(o, "shardpacs_store_instances", "", (double)st.instances);
+        admin_out_family(o, "shardpacs_store_object_bytes", "Bytes of the stored objects", "gauge");
+        admin_out_sample(o, "shardpacs_store_object_bytes", "", (double)st.bytes);
+        admin_out_family(o, "shardpacs_store_db_bytes", "RocksDB SST and blob files on disk",
+                         "gauge");
+        admin_out_sample(o, "shardpacs_store_db_bytes", "", (double)st.db_size_bytes);
+        admin_out_family(o, "shardpacs_store_corrupt_reads_total",
+                         "Corrupt objects seen by reads, scrubs and repairs", "counter");
+        admin_out_sample(o, "shardpacs_store_corrupt_reads_total", "", (double)st.corrupt_reads);
+    }
+    admin_out_family(o, "shardpacs_disk_reserve_bytes",
+                     "[store] reserve: free space below which new objects are refused", "gauge");
+    admin_out_sample(o, "shardpacs_disk_reserve_bytes", "", (double)node->settings->reserve);
+    uint64_t avail;
+    admin_out_family(o, "shardpacs_node_refusing_puts",
+                     "1 while free space is below the reserve and new objects are refused",
+                     "gauge");
+    admin_out_sample(o, "shardpacs_node_refusing_puts", "", below_reserve(node, &avail) ? 1 : 0);
+    admin_out_family(o, "shardpacs_rocksdb_pending_compaction_bytes",
+                     "RocksDB's estimate of bytes compaction still has to rewrite", "gauge");
+    admin_out_sample(
+        o, "shardpacs_rocksdb_pending_compaction_bytes", "",
+        (double)store_property_sum(node->store, "rocksdb.estimate-pending-compaction-bytes"));
+    admin_out_family(o, "shardpacs_rocksdb_write_stopped",
+                     "1 while RocksDB stops writes (a write stall), else 0", "gauge");
+    admin_out_sample(o, "shardpacs_rocksdb_write_stopped", "",
+                     store_property_sum(node->store, "rocksdb.is-write-stopped") > 0 ? 1.0 : 0.0);
+    admin_out_family(o, "shardpacs_rocksdb_delayed_write_rate_bytes",
+                     "Write rate RocksDB slows writers to while stalling (0 = not delayed)",
+                     "gauge");
+    admin_out_sample(o, "shardpacs_rocksdb_delayed_write_rate_bytes", "",
+                     (double)store_property_sum(node->store, "rocksdb.actual-delayed-write-rate"));
+    admin_out_family(o, "shardpacs_rocksdb_running_compactions", "Compactions running now",
+                     "gauge");
+    admin_out_sample(o, "shardpacs_rocksdb_running_compactions", "",
+                     (double)store_property_sum(node->store, "rocksdb.num-running-compactions"));
+}
+
+/* /readyz: ready once the node has joined (announced alive after its first
+ * complete repair round) and while it is not draining. */
+static bool node_ready(void *ctx, char *why, size_t whylen)
+{
+    node_t *node = ctx;
+    membership_t *m = atomic_load(&node->membership);
+    if (m == NULL || atomic_load(&node->repair) == NULL) {
+        sp_fmt(why, whylen, "not ready: starting up");
+        return false;
+    }
+    gossip_state_t st = membership_self_state(m);
+    if (st == GOSSIP_ALIVE)
+        return true;
+    sp_fmt(why, whylen, "not ready: this node is %s", gossip_state_name(st));
+    return false;
+}
+
 /* Runs one valid request (wire_serve decoded it) on a worker thread. */
 static void node_dispatch(void *ctx, const transport_request_t *req, const wire_request_t *w,
                           wire_reply_t *rep, transport_reply_t *out)
@@ -500,6 +677,7 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
         audit_request(req, w, rep, true);
         return;
     }
+    int64_t start = mono_us();
     switch (w->kind) {
     case WIRE_PUT: handle_put(node, req, w, rep); break;
     case WIRE_GET: handle_get(node, w, rep, out); break;
@@ -515,12 +693,18 @@ static void node_dispatch(void *ctx, const transport_request_t *req, const wire_
     case WIRE_GOSSIP: membership_handle(atomic_load(&node->membership), req, w, rep); break;
     default: wire_reply_error(rep, SP_EUNKNOWN, "unknown request"); break;
     }
+    if (w->kind > WIRE_NONE && w->kind < KIND_COUNT) {
+        admin_add(node_metrics.requests[w->kind][rep->status != 0], 1);
+        admin_observe(node_metrics.seconds[w->kind], (double)(mono_us() - start) / 1e6);
+    }
     audit_request(req, w, rep, false);
 }
 
 static void node_handle(void *ctx, const transport_request_t *req, transport_reply_t *out)
 {
+    admin_add(node_metrics.bytes_in, req->body_len);
     wire_serve(req, out, node_dispatch, ctx);
+    admin_add(node_metrics.bytes_out, out->body_len);
 }
 
 static void usage(FILE *f)
@@ -561,6 +745,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
                    .page_bytes = frame / 2 < WIRE_PAGE_BYTES ? frame / 2 : WIRE_PAGE_BYTES};
     atomic_init(&node.membership, NULL);
     atomic_init(&node.repair, NULL);
+    atomic_init(&node.refusing, false);
     int rc = audit_start_settings(&s->audit, s->id, err, sizeof err);
     if (rc != 0) {
         log_error("%s", err);
@@ -600,6 +785,7 @@ static int node_run(const node_settings_t *s, const char *ready_file)
     tc.max_frame_bytes = s->chunk_size + 65536;
     tc.max_body_bytes = s->max_object_size;
     tc.sndhwm = tc.rcvhwm = s->hwm;
+    metrics_register();
     srv = transport_server_new(&tc, &self, allowed, node_handle, &node);
     char bound[256];
     rc = transport_server_start(srv, s->listen, bound, sizeof bound);
@@ -626,7 +812,9 @@ static int node_run(const node_settings_t *s, const char *ready_file)
                           .scrub_interval_ms = s->scrub_interval_ms,
                           .scrub_rate_bytes = s->scrub_rate,
                           .call_timeout_ms = 10000,
-                          .expect_peers = s->cluster.seeds[0] != '\0'};
+                          .expect_peers = s->cluster.seeds[0] != '\0',
+                          .disk_state = disk_state,
+                          .disk_ctx = &node};
     transport_config_defaults(&hc.transport);
     hc.transport.chunk_bytes = s->chunk_size;
     hc.transport.max_frame_bytes = s->chunk_size + 65536;
@@ -638,14 +826,27 @@ static int node_run(const node_settings_t *s, const char *ready_file)
         goto out;
     }
     atomic_store(&node.repair, h);
+    admin_add_collector(membership_collect, m);
+    admin_add_collector(repair_collect, h);
+    admin_add_collector(node_collect, &node);
+    rc = admin_start(s->admin.listen, "node", node_ready, &node, err, sizeof err);
+    if (rc != 0) {
+        log_error("%s", err);
+        goto out;
+    }
     if (ready_file && (rc = write_ready_file(ready_file, bound)) != 0) {
         log_error("cannot write %s: %s", ready_file, sp_strerror(rc));
         goto out;
     }
+    /* Type=notify units: systemctl start returns now that requests are
+     * answered (the node may still be joining: /readyz says when it is). */
+    notify_send("READY=1\nSTATUS=serving");
 
     int sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
+    notify_send("STOPPING=1");
 out:
+    admin_stop();                   /* its collectors read the store, repair and membership */
     transport_server_destroy(&srv); /* no handler uses membership after this */
     repair_stop(&h);
     membership_stop(&m);
@@ -696,12 +897,19 @@ int main(int argc, char **argv)
                config_path, s.log_level);
         rc = SP_ECONFIG;
     }
+    log_format_t format = LOG_FORMAT_TEXT;
+    if (rc == 0 && log_parse_format(s.log_format, &format) != 0) {
+        sp_fmt(err, sizeof err, "%s: [log] format '%s' is not text or json", config_path,
+               s.log_format);
+        rc = SP_ECONFIG;
+    }
     if (rc != 0) {
         fprintf(stderr, "shardpacs-node: %s\n", err);
         config_free(node_options, SP_ARRAY_LEN(node_options), &s);
         return 1;
     }
     char component[96];
+    log_set_format(format);
     log_init(sp_fmt(component, sizeof component, "node[%s]", s.id), level);
     rc = node_run(&s, ready_file);
     config_free(node_options, SP_ARRAY_LEN(node_options), &s);

@@ -10,6 +10,7 @@
  * the membership, the key pair and the allow-list from the node. */
 #include "repair.h"
 
+#include "../common/admin.h"
 #include "../common/base.h"
 #include "../common/log.h"
 #include "../common/placement.h"
@@ -56,6 +57,8 @@ struct repair {
 
     _Atomic uint64_t bytes_done, bytes_pending, hints_pending;
     _Atomic uint64_t scrub_checked, scrub_corrupt, repaired;
+    _Atomic uint64_t copy_errors, scrub_bytes;               /* since start, for the metrics */
+    _Atomic uint32_t under_replicated, partitions_with_data; /* at the last round's gather */
     _Atomic uint32_t partitions_owned;
     _Atomic double rate; /* bytes/s of the copy streams, last window */
     pthread_mutex_t rate_lock;
@@ -697,6 +700,8 @@ static void round_transitions(repair_t *h, const round_t *r, bool complete, size
     }
 }
 
+static void count_under_replicated(const round_t *r, wire_status_t *out);
+
 static void round_run(repair_t *h)
 {
     round_t r = {0};
@@ -704,7 +709,14 @@ static void round_run(repair_t *h)
     transport_client_t **clients = sp_calloc(r.nview ? r.nview : 1, sizeof *clients);
     size_t missing = round_gather(h, &r, clients);
     round_figures(h, &r);
+    /* The cluster-wide figure the status command computes, from the
+     * digests this round gathered anyway: the metrics read it for free. */
+    wire_status_t counted = {.replicas = (uint32_t)h->cfg.replicas};
+    count_under_replicated(&r, &counted);
+    atomic_store(&h->under_replicated, counted.under_replicated_partitions);
+    atomic_store(&h->partitions_with_data, counted.partitions_with_data);
     size_t failed = round_pull(h, &r);
+    atomic_fetch_add(&h->copy_errors, failed);
     size_t still = round_handoff(h, &r, clients);
     round_transitions(h, &r, missing == 0 && failed == 0, still);
     for (size_t i = 0; i < r.npeers; i++)
@@ -819,6 +831,7 @@ static void *scrub_main(void *arg)
         free(cursor);
         cursor = next;
         atomic_fetch_add(&h->scrub_checked, checked);
+        atomic_fetch_add(&h->scrub_bytes, bytes);
         if (rc != 0)
             log_error("scrub: %s", sp_strerror(rc));
         throttle_take(h, &h->scrub_throttle, bytes);
@@ -916,6 +929,8 @@ static void own_figures(repair_t *h, const psum_t *mine, wire_member_status_t *o
     out->scrub_checked = atomic_load(&h->scrub_checked);
     out->scrub_corrupt = atomic_load(&h->scrub_corrupt);
     out->repaired = atomic_load(&h->repaired);
+    if (h->cfg.disk_state)
+        out->refusing_puts = h->cfg.disk_state(h->cfg.disk_ctx, &out->disk_free);
 }
 
 void repair_member_status(repair_t *h, wire_member_status_t *out)
@@ -1039,4 +1054,44 @@ int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen)
     }
     log_info("drain: %s starts draining to %zu other members", h->self_id, others);
     return membership_set_self_state(h->m, GOSSIP_DRAINING);
+}
+
+/* ---- metrics ------------------------------------------------------------ */
+
+/* One gauge or counter family of a single sample. */
+static void one(admin_out_t *o, const char *name, const char *help, const char *type, double v)
+{
+    admin_out_family(o, name, help, type);
+    admin_out_sample(o, name, "", v);
+}
+
+void repair_collect(void *ctx, admin_out_t *o)
+{
+    repair_t *h = ctx;
+    one(o, "shardpacs_under_replicated_partitions",
+        "Partitions with data whose owners do not all hold it with one digest (cluster-wide, "
+        "at this node's last repair round)",
+        "gauge", atomic_load(&h->under_replicated));
+    one(o, "shardpacs_partitions_with_data", "Partitions holding data anywhere (last round)",
+        "gauge", atomic_load(&h->partitions_with_data));
+    one(o, "shardpacs_node_partitions_owned", "Partitions this node owns in the current view",
+        "gauge", atomic_load(&h->partitions_owned));
+    one(o, "shardpacs_node_hints_pending",
+        "Instances this node holds for partitions it does not own (stand-in copies to hand off)",
+        "gauge", (double)atomic_load(&h->hints_pending));
+    one(o, "shardpacs_repair_copied_bytes_total",
+        "Bytes copied by re-replication, hand-off and anti-entropy", "counter",
+        (double)atomic_load(&h->bytes_done));
+    one(o, "shardpacs_repair_pending_bytes", "Bytes the current repair round still has to copy",
+        "gauge", (double)atomic_load(&h->bytes_pending));
+    one(o, "shardpacs_repair_errors_total", "Partition pulls that failed in a repair round",
+        "counter", (double)atomic_load(&h->copy_errors));
+    one(o, "shardpacs_repair_repaired_total", "Corrupt copies replaced from a replica", "counter",
+        (double)atomic_load(&h->repaired));
+    one(o, "shardpacs_scrub_checked_total", "Objects the scrubber re-read", "counter",
+        (double)atomic_load(&h->scrub_checked));
+    one(o, "shardpacs_scrub_read_bytes_total", "Bytes the scrubber re-read", "counter",
+        (double)atomic_load(&h->scrub_bytes));
+    one(o, "shardpacs_scrub_corrupt_total", "Objects the scrubber found failing their digest",
+        "counter", (double)atomic_load(&h->scrub_corrupt));
 }

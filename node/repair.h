@@ -47,14 +47,18 @@
 
 typedef struct {
     const char *self_id;
-    int replicas;                 /* N */
-    int interval_ms;              /* anti-entropy round period */
-    uint64_t rate_bytes;          /* copy streams, bytes/s in total */
-    int streams;                  /* parallel copy streams */
-    int scrub_interval_ms;        /* pause between scrubber passes */
-    uint64_t scrub_rate_bytes;    /* scrubber reads, bytes/s */
-    int call_timeout_ms;          /* one RPC to a member */
-    bool expect_peers;            /* seeds configured: a joiner waits to learn the cluster */
+    int replicas;              /* N */
+    int interval_ms;           /* anti-entropy round period */
+    uint64_t rate_bytes;       /* copy streams, bytes/s in total */
+    int streams;               /* parallel copy streams */
+    int scrub_interval_ms;     /* pause between scrubber passes */
+    uint64_t scrub_rate_bytes; /* scrubber reads, bytes/s */
+    int call_timeout_ms;       /* one RPC to a member */
+    bool expect_peers;         /* seeds configured: a joiner waits to learn the cluster */
+    /* Optional: whether the node refuses new objects for want of disk
+     * space, and the free bytes, for the status (node.c below_reserve). */
+    bool (*disk_state)(void *ctx, uint64_t *free_bytes);
+    void *disk_ctx;
     transport_config_t transport; /* for the clients */
 } repair_config_t;
 
@@ -81,5 +85,10 @@ int repair_drain(repair_t *h, const char *node_id, char *why, size_t whylen);
 /* A read found this SOP's stored copy corrupt: the scrubber thread repairs
  * it from another member soon. */
 void repair_note_corrupt(repair_t *h, const char *sop_uid);
+
+/* An admin.h collector (ctx: the repair_t): under-replicated partitions at
+ * the last round, hints pending, repair and scrub bytes and errors. */
+struct admin_out;
+void repair_collect(void *ctx, struct admin_out *o);
 
 #endif

@@ -2970,6 +2970,17 @@ int store_stats(store_t *s, store_stats_t *out)
     return 0;
 }
 
+uint64_t store_property_sum(store_t *s, const char *name)
+{
+    uint64_t sum = 0;
+    for (int i = 0; i < CF_COUNT; i++) {
+        uint64_t v = 0;
+        if (rocksdb_property_int_cf(s->db, s->cf[i], name, &v) == 0)
+            sum += v;
+    }
+    return sum;
+}
+
 /* ---- partition deletion --------------------------------------------- */
 
 /* Adds a delete of [lo, lo's prefix end) in one column family to a batch. */

@@ -453,6 +453,11 @@ typedef struct {
  * since open); conflicts counts distinct conflicting copies kept. */
 int store_stats(store_t *s, store_stats_t *out);
 
+/* An integer RocksDB property (rocksdb_property_int_cf, e.g.
+ * "rocksdb.estimate-pending-compaction-bytes") summed over the column
+ * families; a property RocksDB does not know counts 0. For the metrics. */
+uint64_t store_property_sum(store_t *s, const char *name);
+
 /* Orders two versions of one SOP as every replica does: by version, then by
  * digest bytewise. Returns <0, 0 or >0. */
 int store_version_cmp(uint64_t va, const uint8_t *da, uint64_t vb, const uint8_t *db);

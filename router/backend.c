@@ -12,6 +12,7 @@
  * the key allow-list. */
 #include "backend.h"
 
+#include "../common/admin.h"
 #include "../common/base.h"
 #include "../common/log.h"
 #include "../common/placement.h"
@@ -78,6 +79,9 @@ struct backend {
     uint64_t warned_version; /* members without a key were logged at this version */
     pthread_key_t conn_key;
 };
+
+/* Metrics (admin.h): process-wide series, registered by backend_new(). */
+static admin_counter_t *backend_shortfalls, *backend_stand_ins;
 
 /* ---- per-thread clients ------------------------------------------------- */
 
@@ -247,6 +251,12 @@ backend_t *backend_new(const backend_config_t *cfg)
     b->cfg.transport.retries = 0;
     pthread_mutex_init(&b->view_mu, NULL);
     pthread_key_create(&b->conn_key, conn_destroy);
+    /* Process-wide series: a second backend (tests) gets the same ones. */
+    backend_shortfalls =
+        admin_counter("shardpacs_router_quorum_shortfalls_total",
+                      "Cluster puts that ended with fewer than W durable acknowledgements", "");
+    backend_stand_ins = admin_counter("shardpacs_router_stand_ins_total",
+                                      "Put copies sent to a stand-in for an unreachable owner", "");
     return b;
 }
 
@@ -289,6 +299,15 @@ size_t backend_placed_count(backend_t *b)
 static bool reachable(const member_t *m)
 {
     return m->keyed && gossip_state_reachable(m->state);
+}
+size_t backend_reachable_storage(backend_t *b)
+{
+    view_t *v = view_acquire(b);
+    size_t n = 0;
+    for (size_t i = 0; i < v->n; i++)
+        n += reachable(&v->m[i]);
+    view_release(v);
+    return n;
 }
 
 /* Whether this router saw the member fail lately (see avoid_rec_t). */
@@ -541,8 +560,10 @@ int backend_put(backend_t *b, const attrs_t *attrs, transport_body_t *object,
         if (reachable(&v->m[p.missing[i]]) && !contains(p.targets, p.ntargets, p.missing[i]))
             p.targets[p.ntargets++] = p.missing[i];
     res->stand_ins = (int)p.nstand_ins;
+    admin_add(backend_stand_ins, p.nstand_ins);
     if (p.ntargets < (size_t)b->cfg.write_quorum) {
         /* W cannot be reached: nothing is written, the modality retries. */
+        admin_add(backend_shortfalls, 1);
         describe_shortage(v, &p, res);
         view_release(v);
         return SP_EUNAVAIL;
@@ -578,6 +599,7 @@ int backend_put(backend_t *b, const attrs_t *attrs, transport_body_t *object,
         return SP_ECONFLICT;
     if (res->acknowledged >= b->cfg.write_quorum)
         return 0;
+    admin_add(backend_shortfalls, 1);
     return res->permanent > 0 && res->permanent == res->failed ? SP_EINVAL : SP_EUNAVAIL;
 }
 

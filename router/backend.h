@@ -81,6 +81,9 @@ void backend_destroy(backend_t **bp);
 /* The number of storage members placed in the current view (those that own
  * partitions). */
 size_t backend_placed_count(backend_t *b);
+/* Storage members this router can send to now (gossip says reachable and
+ * the cluster keys list them): readiness needs at least W. */
+size_t backend_reachable_storage(backend_t *b);
 
 typedef struct {
     int acknowledged; /* replicas that hold the instance durably (stored or duplicate) */

@@ -9,12 +9,14 @@
  * then for SIGINT/SIGTERM; the DICOM worker threads call the handlers, the
  * transport's workers answer gossip, membership runs a thread of its own.
  * Settings are read-only after start-up. */
+#include "../common/admin.h"
 #include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/config.h"
 #include "../common/keys.h"
 #include "../common/log.h"
 #include "../common/membership.h"
+#include "../common/notify.h"
 #include "../common/transport.h"
 #include "../common/wire.h"
 #include "access.h"
@@ -73,6 +75,7 @@ typedef struct {
     int max_results;
     bool case_insensitive_names;
     char *log_level;
+    char *log_format;
     bool plain;
     bool tls;
     int tls_port;
@@ -83,6 +86,7 @@ typedef struct {
     char *tls_ciphers;
     char *access_rules;
     audit_settings_t audit;
+    admin_settings_t admin;
     /* [http]: the HTTP front door (DICOMweb, the viewer) */
     struct {
         char *bind;
@@ -242,11 +246,15 @@ static const config_option_t router_options[] = {
     OPT("query", "case_insensitive_names", CONFIG_BOOL, case_insensitive_names, "true", 0, 0,
         "Person names match regardless of case"),
     OPT("log", "level", CONFIG_STRING, log_level, "info", 0, 0, "debug, info, warn or error"),
+    OPT("log", "format", CONFIG_STRING, log_format, "text", 0, 0,
+        "text (one timestamped line per event) or json (one JSON object per line: ts, level, "
+        "component, msg; for log shippers)"),
     OPT("access", "rules", CONFIG_PATH, access_rules, "", 0, 0,
         "DICOM access rules file: per calling AE (address, certificate subject) the operations "
         "and C-MOVE destinations allowed, re-read when it changes; empty: everyone may do "
         "everything"),
     AUDIT_OPTIONS(router_settings_t, audit),
+    ADMIN_OPTIONS(router_settings_t, admin),
     OPT("http", "port", CONFIG_INT, http.port, "0", 0, 65535,
         "HTTP(S) port of DICOMweb and the viewer (0: no HTTP front door)"),
     OPT("http", "bind", CONFIG_STRING, http.bind, "0.0.0.0", 0, 0,
@@ -301,6 +309,11 @@ static int settings_check(router_settings_t *s, const char *path, char *err, siz
     if (log_parse_level(s->log_level, &level) != 0) {
         sp_fmt(err, errlen, "%s: [log] level '%s' is not debug, info, warn or error", path,
                s->log_level);
+        return SP_ECONFIG;
+    }
+    log_format_t format;
+    if (log_parse_format(s->log_format, &format) != 0) {
+        sp_fmt(err, errlen, "%s: [log] format '%s' is not text or json", path, s->log_format);
         return SP_ECONFIG;
     }
     if (wire_policy_parse(s->duplicates, &s->duplicates_policy) != 0) {
@@ -487,6 +500,134 @@ static int http_start(router_settings_t *s, const scp_t *scp, dicomweb_t **dw, a
     return 0;
 }
 
+/* ---- metrics (admin.h) ---------------------------------------------------- */
+
+/* The DIMSE services, in the order of router_ops. */
+enum { OP_ECHO, OP_STORE, OP_FIND, OP_MOVE, OP_GET, OP_COUNT };
+static const char *const router_op_names[OP_COUNT] = {"echo", "store", "find", "move", "get"};
+
+/* A final DIMSE status's class (PS3.7 C.4): a bounded label, where the raw
+ * codes would be as many series as peers can provoke. */
+enum { CLASS_SUCCESS, CLASS_WARNING, CLASS_FAILURE, CLASS_CANCEL, CLASS_COUNT };
+static const char *const router_class_names[CLASS_COUNT] = {"success", "warning", "failure",
+                                                            "cancel"};
+
+/* Every series the DIMSE wrappers touch, registered before the first
+ * association so the hot path only adds. */
+typedef struct {
+    admin_counter_t *ops[OP_COUNT][CLASS_COUNT];
+    admin_hist_t *seconds[OP_COUNT];
+    admin_counter_t *bytes_in;
+} router_metrics_t;
+
+static router_metrics_t router_metrics;
+
+static void metrics_register(void)
+{
+    for (int op = 0; op < OP_COUNT; op++) {
+        char labels[96];
+        for (int c = 0; c < CLASS_COUNT; c++)
+            router_metrics.ops[op][c] =
+                admin_counter("shardpacs_router_dimse_operations_total",
+                              "DIMSE operations answered, by service and final status class",
+                              sp_fmt(labels, sizeof labels, "op=\"%s\",status=\"%s\"",
+                                     router_op_names[op], router_class_names[c]));
+        router_metrics.seconds[op] =
+            admin_histogram("shardpacs_router_dimse_duration_seconds",
+                            "Time from a DIMSE request to its final response, by service",
+                            sp_fmt(labels, sizeof labels, "op=\"%s\"", router_op_names[op]));
+    }
+    router_metrics.bytes_in = admin_counter("shardpacs_router_received_bytes_total",
+                                            "C-STORE data set bytes received", "");
+}
+
+static int status_class(uint16_t status)
+{
+    if (status == DICOM_SUCCESS)
+        return CLASS_SUCCESS;
+    if (status == DICOM_CANCEL)
+        return CLASS_CANCEL;
+    if (status == 0x0001 || status == 0x0107 || status == 0x0116 || (status & 0xF000) == 0xB000)
+        return CLASS_WARNING;
+    return CLASS_FAILURE;
+}
+
+static int64_t metrics_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Counts one answered operation and its latency; returns its status. */
+static uint16_t metrics_done(int op, int64_t start_us, uint16_t status)
+{
+    admin_add(router_metrics.ops[op][status_class(status)], 1);
+    admin_observe(router_metrics.seconds[op], (double)(metrics_now_us() - start_us) / 1e6);
+    return status;
+}
+
+static uint16_t metered_echo(void *ctx, const dicom_peer_t *peer)
+{
+    int64_t t = metrics_now_us();
+    return metrics_done(OP_ECHO, t, scp_echo(ctx, peer));
+}
+
+static uint16_t metered_store(void *ctx, const dicom_store_t *req, char *comment,
+                              size_t comment_len)
+{
+    int64_t t = metrics_now_us();
+    admin_add(router_metrics.bytes_in, req->dataset_len);
+    return metrics_done(OP_STORE, t, scp_store(ctx, req, comment, comment_len));
+}
+
+static uint16_t metered_find(void *ctx, dicom_find_t *q, char *comment, size_t comment_len)
+{
+    int64_t t = metrics_now_us();
+    return metrics_done(OP_FIND, t, scp_find(ctx, q, comment, comment_len));
+}
+
+static uint16_t metered_move(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len)
+{
+    int64_t t = metrics_now_us();
+    return metrics_done(OP_MOVE, t, scp_move(ctx, r, comment, comment_len));
+}
+
+static uint16_t metered_get(void *ctx, dicom_retrieve_t *r, char *comment, size_t comment_len)
+{
+    int64_t t = metrics_now_us();
+    return metrics_done(OP_GET, t, scp_get(ctx, r, comment, comment_len));
+}
+
+/* What readiness and the router's collector look at. */
+typedef struct {
+    _Atomic(backend_t *) backend; /* NULL until built */
+    int write_quorum;
+} router_health_t;
+
+/* /readyz: ready once W storage members are reachable (a C-STORE can
+ * succeed). */
+static bool router_ready(void *ctx, char *why, size_t whylen)
+{
+    router_health_t *h = ctx;
+    backend_t *b = atomic_load(&h->backend);
+    size_t n = b ? backend_reachable_storage(b) : 0;
+    if (n >= (size_t)h->write_quorum)
+        return true;
+    sp_fmt(why, whylen, "not ready: %zu reachable storage members, W = %d", n, h->write_quorum);
+    return false;
+}
+
+static void router_collect(void *ctx, admin_out_t *o)
+{
+    router_health_t *h = ctx;
+    backend_t *b = atomic_load(&h->backend);
+    admin_out_family(o, "shardpacs_router_storage_members_reachable",
+                     "Storage members this router can write to now", "gauge");
+    admin_out_sample(o, "shardpacs_router_storage_members_reachable", "",
+                     b ? (double)backend_reachable_storage(b) : 0);
+}
+
 static int router_run(router_settings_t *s)
 {
     char err[512];
@@ -501,6 +642,8 @@ static int router_run(router_settings_t *s)
     membership_t *m = NULL;
     router_t router;
     atomic_init(&router.membership, NULL);
+    router_health_t health = {.write_quorum = s->write_quorum};
+    atomic_init(&health.backend, NULL);
     backend_config_t bc = {.replicas = s->replicas,
                            .write_quorum = s->write_quorum,
                            .store_timeout_ms = s->store_timeout,
@@ -560,6 +703,16 @@ static int router_run(router_settings_t *s)
     bc.keys = keys;
     transport_config_defaults(&bc.transport);
     backend = backend_new(&bc);
+    atomic_store(&health.backend, backend);
+    /* The admin port comes up before storage is found, so /healthz answers
+     * and /readyz says what the router still waits for. */
+    admin_add_collector(membership_collect, m);
+    admin_add_collector(router_collect, &health);
+    rc = admin_start(s->admin.listen, "router", router_ready, &health, err, sizeof err);
+    if (rc != 0) {
+        log_error("%s", err);
+        goto out;
+    }
     int sig = wait_for_storage(backend, s->join_timeout);
     if (sig != 0) {
         log_info("signal %d: shutting down", sig);
@@ -572,14 +725,15 @@ static int router_run(router_settings_t *s)
                  .ndests = s->ndests,
                  .max_results = (size_t)s->max_results,
                  .access = access};
+    metrics_register();
     dicom_handlers_t handlers = {.ctx = &scp,
-                                 .store = scp_store,
-                                 .find = scp_find,
-                                 .move = scp_move,
-                                 .get = scp_get,
+                                 .store = metered_store,
+                                 .find = metered_find,
+                                 .move = metered_move,
+                                 .get = metered_get,
                                  .admit = scp_admit,
                                  .associated = scp_associated,
-                                 .echo = scp_echo};
+                                 .echo = metered_echo};
     dicom_config_t dc;
     dicom_config_defaults(&dc);
     dc.ae_title = s->ae_title;
@@ -633,9 +787,14 @@ static int router_run(router_settings_t *s)
             goto out;
     }
 
+    /* Type=notify units: systemctl start returns once DICOM (and HTTP)
+     * are served. */
+    notify_send("READY=1\nSTATUS=serving");
     sig = sp_signals_wait();
     log_info("signal %d: shutting down", sig);
+    notify_send("STOPPING=1");
 out:
+    admin_stop(); /* before the backend and membership its collectors read */
     http_server_stop(&web);
     dicomweb_destroy(&dw);
     auth_destroy(&auth);
@@ -740,6 +899,9 @@ int main(int argc, char **argv)
     }
     log_level_t level = LOG_INFO;
     log_parse_level(s->log_level, &level);
+    log_format_t format = LOG_FORMAT_TEXT;
+    log_parse_format(s->log_format, &format);
+    log_set_format(format);
     log_init("router", level);
     rc = router_run(s);
     settings_free(s);

@@ -49,7 +49,6 @@ target_link_libraries(sp_router PUBLIC sp_dicom sp_part10 sp_access sp_common)
 
 # The HTTP front door (libmicrohttpd, GnuTLS for HTTPS), its users and
 # tokens (libsodium), and the DICOMweb handlers over the same backend.
-pkg_check_modules(MHD REQUIRED IMPORTED_TARGET libmicrohttpd)
 add_library(sp_web STATIC ${CMAKE_SOURCE_DIR}/router/http.c ${CMAKE_SOURCE_DIR}/router/auth.c
   ${CMAKE_SOURCE_DIR}/router/dicomweb.c)
 target_compile_options(sp_web PRIVATE ${SP_C_WARNINGS})

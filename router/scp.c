@@ -7,6 +7,7 @@
 
 #include "part10.h"
 
+#include "../common/admin.h"
 #include "../common/audit.h"
 #include "../common/base.h"
 #include "../common/log.h"
@@ -570,8 +571,21 @@ static void prefetch_finish(prefetch_t *p)
 /* Sends every listed instance, each fetched from the first replica that has
  * a good copy. Returns DICOM_SUCCESS, or DICOM_CANCEL when the requester
  * cancelled or the association failed. */
+/* Retrieval throughput is rate() of these (admin.h); registered once. */
+static admin_counter_t *scp_bytes_out, *scp_objects_out;
+static pthread_once_t scp_metrics_once = PTHREAD_ONCE_INIT;
+
+static void scp_metrics_init(void)
+{
+    scp_bytes_out = admin_counter("shardpacs_router_retrieve_bytes_total",
+                                  "Object bytes sent by C-MOVE and C-GET sub-operations", "");
+    scp_objects_out = admin_counter("shardpacs_router_retrieve_instances_total",
+                                    "Instances sent by C-MOVE and C-GET sub-operations", "");
+}
+
 static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t *list, size_t *sent)
 {
+    pthread_once(&scp_metrics_once, scp_metrics_init);
     const char *calling = dicom_retrieve_peer(r)->calling_ae;
     prefetch_t p;
     prefetch_start(&p, scp, list, calling);
@@ -586,8 +600,11 @@ static uint16_t send_all(scp_t *scp, dicom_retrieve_t *r, const retrieve_list_t 
         }
         int rc = dicom_retrieve_send(r, f.data, f.len);
         free(f.data);
-        if (rc == 0)
+        if (rc == 0) {
             (*sent)++;
+            admin_add(scp_bytes_out, f.len);
+            admin_add(scp_objects_out, 1);
+        }
         if (rc < 0) {
             status = DICOM_CANCEL;
             break;

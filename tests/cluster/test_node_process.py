@@ -201,7 +201,9 @@ def test_full_disk_refuses_clearly_and_keeps_what_was_acknowledged(small_disk):
     admin_key = small_disk / "admin.key"
     admin_pub = keygen(admin_key)
     keys.write_text("")
-    node = Node(small_disk, "n1", keys, extra="[store]\nwrite_buffer = 4M\n")
+    # reserve = 0: this test is about RocksDB meeting a really full disk,
+    # not the reserve that would refuse puts long before (test_admin.py).
+    node = Node(small_disk, "n1", keys, extra="[store]\nwrite_buffer = 4M\nreserve = 0\n")
     keys.write_text(f"{node.public} n1\n{admin_pub} admin\n")
     node.start()
     try:
