@@ -212,13 +212,19 @@ def test_full_disk_refuses_clearly_and_keeps_what_was_acknowledged(small_disk):
         for i in range(40):
             obj.write_bytes(os.urandom(600_000))
             sop = f"{SERIES}.{500 + i}"
-            res = put(node, admin_key, sop, obj, check=False)
+            # A node meeting ENOSPC mid-flush can take longer than the
+            # CLI's default 10 s to answer on a loaded machine: wait for the
+            # answer itself, which must name the full disk.
+            res = put(node, admin_key, sop, obj, check=False,
+                      env={"SHARDPACS_TIMEOUT_MS": "60000"}, timeout=180)
             if res.returncode == 0:
                 assert refused == 0, "a put succeeded after the disk was full"
                 stored[sop] = obj.read_bytes()
             else:
                 refused += 1
-                assert b"no space left on device" in res.stderr, res.stderr
+                alive = node.proc.poll() is None
+                assert b"no space left on device" in res.stderr, (
+                    res.stderr, "node alive" if alive else f"node exited {node.proc.returncode}")
         assert stored and refused, (len(stored), refused)
         assert "No space left on device" in node.log.read_text()
         # Everything acknowledged is intact, before and after a restart.

@@ -17,6 +17,8 @@ import pytest
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dataset  # noqa: E402
+import pydicom  # noqa: E402
 import spcluster as sc  # noqa: E402
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -128,6 +130,21 @@ def test_started_as_the_units_do(root, tmp_path):
         msg = sock.recv(4096).decode()
         assert "READY=1" in msg
         sc.dcmtk(["echoscu", "-aec", "SHARDPACS", "127.0.0.1", port])
+        # A working single-machine archive: store, find, get (bit-exact).
+        bulk = dataset.make_bulk_set(tmp_path / "data", small=6, ct=0, studies=2, seed=31)
+        sc.dcmtk(["storescu", "-aec", "SHARDPACS", "127.0.0.1", port, *bulk.small_paths])
+        found = sc.dcmtk(["findscu", "-S", "-aec", "SHARDPACS", "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", "StudyInstanceUID", "127.0.0.1", port])
+        assert all(uid in found.out for uid in bulk.study_uids), found.out
+        got = tmp_path / "got"
+        got.mkdir()
+        sc.dcmtk(["getscu", "-S", "-aec", "SHARDPACS", "-k", "QueryRetrieveLevel=STUDY", "-k",
+                  f"StudyInstanceUID={bulk.study_uids[0]}", "-od", got, "127.0.0.1", port])
+        sent = {pydicom.dcmread(str(f)).SOPInstanceUID: pydicom.dcmread(str(f)).PixelData
+                for f in bulk.small_paths}
+        back = {pydicom.dcmread(str(f)).SOPInstanceUID: pydicom.dcmread(str(f)).PixelData
+                for f in got.iterdir()}
+        assert back and all(sent[uid] == px for uid, px in back.items())
         router.terminate()
         assert "STOPPING=1" in sock.recv(4096).decode()
         assert router.wait(timeout=30) == 0
