@@ -80,6 +80,10 @@ typedef struct {
     socklen_t syslog_len;
     bool commit;
     int sync_interval_ms;
+    /* Guards fd against a reopen or close while a record is written:
+     * writers (the batch, and waiting callers writing their own record)
+     * share it, a reopen or the final close takes it alone. */
+    pthread_rwlock_t fd_lock;
 } trail_t;
 
 static trail_t trail = {.mu = PTHREAD_MUTEX_INITIALIZER,
@@ -87,7 +91,8 @@ static trail_t trail = {.mu = PTHREAD_MUTEX_INITIALIZER,
                         .room = PTHREAD_COND_INITIALIZER,
                         .done = PTHREAD_COND_INITIALIZER,
                         .fd = -1,
-                        .udp = -1};
+                        .udp = -1,
+                        .fd_lock = PTHREAD_RWLOCK_INITIALIZER};
 
 /* ---- formatting ---------------------------------------------------------- */
 
@@ -272,11 +277,13 @@ static void maybe_reopen(trail_t *t)
         log_error("audit: cannot reopen %s: %s", t->path, sp_strerror(fd));
         return;
     }
+    pthread_rwlock_wrlock(&t->fd_lock);
     if (t->fd >= 0) {
         fdatasync(t->fd);
         close(t->fd);
     }
     t->fd = fd;
+    pthread_rwlock_unlock(&t->fd_lock);
     log_info("audit: %s reopened (rotated)", t->path);
 }
 
@@ -332,11 +339,13 @@ static void flush_locked(trail_t *t)
     for (size_t i = 0; i < n; i++)
         sb_put(&all, batch[i], strlen(batch[i]));
     int rc = 0;
+    pthread_rwlock_rdlock(&t->fd_lock);
     if (t->fd >= 0 && n > 0) {
         rc = write_all(t->fd, all.p, all.n);
         if (rc == 0 && t->commit)
             rc = fdatasync(t->fd) == 0 ? 0 : -errno;
     }
+    pthread_rwlock_unlock(&t->fd_lock);
     if (t->udp >= 0)
         for (size_t i = 0; i < n; i++)
             send_syslog(t, batch[i], strlen(batch[i]));
@@ -523,6 +532,7 @@ void audit_stop(void)
     pthread_cond_broadcast(&t->room);
     pthread_cond_broadcast(&t->done);
     pthread_mutex_unlock(&t->mu);
+    pthread_rwlock_wrlock(&t->fd_lock); /* a waiting caller may still be writing */
     if (t->fd >= 0) {
         fdatasync(t->fd);
         close(t->fd);
@@ -530,6 +540,7 @@ void audit_stop(void)
     if (t->udp >= 0)
         close(t->udp);
     t->fd = t->udp = -1;
+    pthread_rwlock_unlock(&t->fd_lock);
     free(t->ring);
     free(t->path);
     free(t->source);
@@ -545,6 +556,34 @@ bool audit_enabled(void)
     return on;
 }
 
+/* sync = write, file only: a caller that waits for its record writes it
+ * itself, one O_APPEND write of the whole line (lines never interleave),
+ * instead of queueing it and waiting for the writer thread's batch: the
+ * guarantee is the same (the record is in the kernel before the caller
+ * answers, so it survives the process being killed), without the thread
+ * hand-overs that a DIMSE response would otherwise wait for. The writer
+ * thread still syncs the file every sync_interval. Such a record may land
+ * before queued ones made just earlier; each carries its time. */
+static int write_own(trail_t *t, char *line)
+{
+    pthread_rwlock_rdlock(&t->fd_lock);
+    int rc = t->fd >= 0 ? write_all(t->fd, line, strlen(line)) : 0;
+    pthread_rwlock_unlock(&t->fd_lock);
+    free(line);
+    pthread_mutex_lock(&t->mu);
+    if (rc != 0 && !t->error_logged)
+        log_error("audit: cannot write a record to %s: %s", t->path, sp_strerror(rc));
+    else if (rc == 0 && t->error_logged)
+        log_info("audit: writing to %s again", t->path);
+    t->error_logged = rc != 0;
+    if (rc == 0 && t->sync_due == 0) {
+        t->sync_due = sp_now_ms() + t->sync_interval_ms;
+        pthread_cond_signal(&t->work); /* the writer thread schedules the fdatasync */
+    }
+    pthread_mutex_unlock(&t->mu);
+    return rc != 0 ? SP_EUNAVAIL : 0;
+}
+
 int audit_record(const audit_record_t *r, bool wait)
 {
     trail_t *t = &trail;
@@ -555,6 +594,8 @@ int audit_record(const audit_record_t *r, bool wait)
         return 0;
     /* source is set before running and never changes while it is. */
     char *line = format_record(r, t->source);
+    if (wait && !t->commit && t->udp < 0)
+        return write_own(t, line);
     pthread_mutex_lock(&t->mu);
     /* A full queue means the disk is far behind: the caller waits for room
      * rather than lose the record of what it is doing. */

@@ -15,12 +15,14 @@
  * never wait on the disk, except a caller that asks to wait for its record
  * (a C-STORE waits before answering Success) and callers of a full queue.
  *
- * Durability: a waiting caller returns once its batch was written to the
- * file (sync = write; the kernel holds it, so it survives the process being
- * killed, and it reaches the disk with the next fdatasync, at most
- * sync_interval later) or once its batch was written and fdatasync'd
- * (sync = commit; it survives a machine crash too). Either way many
- * concurrent callers share one write and one fdatasync (group commit).
+ * Durability: with sync = write, a waiting caller writes its own record
+ * (one O_APPEND write, when no syslog copy is configured; otherwise it
+ * waits for its batch) and returns once the kernel holds it: it survives
+ * the process being killed, and reaches the disk with the next fdatasync,
+ * at most sync_interval later. With sync = commit it returns once its
+ * batch was written and fdatasync'd (it survives a machine crash too);
+ * many concurrent callers share one write and one fdatasync (group
+ * commit).
  *
  * A record that cannot be written (disk full, I/O error) is logged; it
  * never changes the outcome of the operation it describes. The file is
