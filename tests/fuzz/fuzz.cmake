@@ -27,8 +27,13 @@ if(CMAKE_C_COMPILER_ID STREQUAL "Clang")
   add_library(sp_common_fuzz STATIC ${SP_FUZZ_EXCLUDE} ${SP_COMMON_SOURCES})
   target_include_directories(sp_common_fuzz PUBLIC ${CMAKE_SOURCE_DIR}/common)
   target_compile_options(sp_common_fuzz PRIVATE ${SP_FUZZ_FLAGS})
-  target_link_libraries(sp_common_fuzz PUBLIC PkgConfig::ZMQ PkgConfig::SODIUM PkgConfig::INIH
-    Threads::Threads m z PRIVATE sp_proto)
+  # The same definitions and libraries as sp_common itself.
+  get_target_property(SP_COMMON_DEFS sp_common COMPILE_DEFINITIONS)
+  if(SP_COMMON_DEFS)
+    target_compile_definitions(sp_common_fuzz PRIVATE ${SP_COMMON_DEFS})
+  endif()
+  get_target_property(SP_COMMON_LIBS sp_common LINK_LIBRARIES)
+  target_link_libraries(sp_common_fuzz PUBLIC ${SP_COMMON_LIBS})
 
   foreach(name fuzz_dsscan fuzz_wire fuzz_match fuzz_part10)
     add_executable(${name} ${SP_FUZZ_EXCLUDE} ${CMAKE_SOURCE_DIR}/tests/fuzz/${name}.c)
