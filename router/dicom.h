@@ -5,7 +5,7 @@
  * data set parsing). Nothing else in ShardPACS sees C++ or DCMTK types. Every
  * exception is caught at this boundary and turned into an error code and a
  * message in a caller buffer. The Part-10 framing of stored instances needs
- * no DCMTK and lives in router/part10.h.
+ * no DCMTK and lives in common/part10.h.
  *
  * Server model: dicom_server_start() listens on a TCP port (Nagle off, no
  * reverse DNS). The gate (router/gate.h, one event loop) holds every

@@ -1,4 +1,4 @@
-/* fuzz_part10.c - libFuzzer target for the Part-10 framing (router/part10.h).
+/* fuzz_part10.c - libFuzzer target for the Part-10 framing (common/part10.h).
  *
  * Every input is split as if it were a stored object: part10_split() must
  * either refuse it or name a data set inside the input and a transfer
