@@ -198,3 +198,34 @@ int sp_signals_wait(void)
     sigwait(&set, &sig);
     return sig;
 }
+
+sp_file_id_t sp_file_id_of(const struct stat *st)
+{
+    sp_file_id_t id;
+    memset(&id, 0, sizeof id);
+    id.dev = st->st_dev;
+    id.ino = st->st_ino;
+    id.size = st->st_size;
+    id.mtim = st->st_mtim;
+    return id;
+}
+
+sp_file_id_t sp_file_id_stat(const char *path)
+{
+    struct stat st;
+    if (path != NULL && stat(path, &st) == 0)
+        return sp_file_id_of(&st);
+    sp_file_id_t id;
+    memset(&id, 0, sizeof id);
+    id.missing = true;
+    id.err = path != NULL ? errno : ENOENT;
+    return id;
+}
+
+bool sp_file_id_equal(const sp_file_id_t *a, const sp_file_id_t *b)
+{
+    if (a->missing || b->missing)
+        return a->missing == b->missing && a->err == b->err;
+    return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
+           a->mtim.tv_sec == b->mtim.tv_sec && a->mtim.tv_nsec == b->mtim.tv_nsec;
+}

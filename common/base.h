@@ -14,6 +14,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
+#include <time.h>
 
 enum {
     SP_OK = 0,
@@ -61,6 +63,25 @@ void sp_strlcpy(char *dst, const char *src, size_t dst_size);
 /* Formats into a caller buffer, always terminated; returns the buffer. A
  * NULL buffer or a size of 0 formats nothing (optional error buffers). */
 char *sp_fmt(char *buf, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* What tells one version of a file from another (files re-read when they
+ * change: cluster.keys, access rules, TLS certificates). A path that could
+ * not be stat'ed has missing set and the errno in err. */
+typedef struct {
+    bool missing;
+    int err;
+    dev_t dev;
+    ino_t ino;
+    off_t size;
+    struct timespec mtim;
+} sp_file_id_t;
+
+/* The identity of what st describes, or of what path names now. */
+sp_file_id_t sp_file_id_of(const struct stat *st);
+sp_file_id_t sp_file_id_stat(const char *path);
+/* Same version: same device, inode, size and modification time (two
+ * missing files: the same errno). */
+bool sp_file_id_equal(const sp_file_id_t *a, const sp_file_id_t *b);
 
 /* Lower-case hex of n bytes into out (2n+1 bytes). */
 void sp_hex(const uint8_t *in, size_t n, char *out);

@@ -430,17 +430,6 @@ typedef struct {
     size_t cap;
 } entries_t;
 
-/* What tells one version of the file from another. A path that could not be
- * stat'ed has missing set and the errno in err. */
-typedef struct {
-    bool missing;
-    int err;
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    struct timespec mtim;
-} file_id_t;
-
 struct keys_allowlist {
     /* Guards cur: read-locked by every lookup, write-locked only for the
      * moment a reload or keys_allowlist_add() changes it. */
@@ -452,12 +441,12 @@ struct keys_allowlist {
      * lookup only try-locks it, so it never waits for another reload to
      * finish reading the file. */
     pthread_mutex_t reload_mu;
-    char *path;           /* NULL for a list built in code: never reloads */
-    file_id_t applied;    /* the version cur was read from */
-    bool refused;         /* a later version was refused: */
-    file_id_t refused_id; /*   which one (logged once per version) */
-    int refused_rc;       /*   and what refresh returns while it stays */
-    char **names;         /* interned member names, freed with the list */
+    char *path;              /* NULL for a list built in code: never reloads */
+    sp_file_id_t applied;    /* the version cur was read from */
+    bool refused;            /* a later version was refused: */
+    sp_file_id_t refused_id; /*   which one (logged once per version) */
+    int refused_rc;          /*   and what refresh returns while it stays */
+    char **names;            /* interned member names, freed with the list */
     size_t nnames;
     size_t names_cap;
     _Atomic int64_t next_check_ms; /* sp_now_ms() of the next file check */
@@ -670,23 +659,6 @@ static int allowlist_parse_line(entries_t *es, const char *path, unsigned lineno
     return 0;
 }
 
-static void file_id_of(const struct stat *st, file_id_t *id)
-{
-    memset(id, 0, sizeof *id);
-    id->dev = st->st_dev;
-    id->ino = st->st_ino;
-    id->size = st->st_size;
-    id->mtim = st->st_mtim;
-}
-
-static bool file_id_equal(const file_id_t *a, const file_id_t *b)
-{
-    if (a->missing || b->missing)
-        return a->missing == b->missing && a->err == b->err;
-    return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
-           a->mtim.tv_sec == b->mtim.tv_sec && a->mtim.tv_nsec == b->mtim.tv_nsec;
-}
-
 /* A file that changes while it is read is read again, up to this many times
  * in a row, before the attempt is given up until the next check. */
 #define ALLOWLIST_READ_TRIES 3
@@ -699,7 +671,7 @@ static bool file_id_equal(const file_id_t *a, const file_id_t *b)
  * false, when the file kept changing while being read. Comments: only a '#'
  * at the start of a line begins one, since '#' is also a Z85 character (never
  * the first of a valid key, as no valid 5-character group starts with it). */
-static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool *id_known,
+static int allowlist_read(const char *path, entries_t *out, sp_file_id_t *id, bool *id_known,
                           char *err, size_t errlen)
 {
     static const file_rule_t rule = {.what = "allow-list",
@@ -722,7 +694,7 @@ static int allowlist_read(const char *path, entries_t *out, file_id_t *id, bool 
         struct stat st;
         rc = read_checked(path, &rule, &st, id_known, &text, &len, err, errlen);
         if (*id_known)
-            file_id_of(&st, id);
+            *id = sp_file_id_of(&st);
         if (rc != 0)
             goto out;
         if ((off_t)len == st.st_size)
@@ -757,7 +729,7 @@ out:
 keys_allowlist_t *keys_allowlist_load(const char *path, char *err, size_t errlen)
 {
     entries_t es;
-    file_id_t id;
+    sp_file_id_t id;
     bool id_known;
     if (allowlist_read(path, &es, &id, &id_known, err, errlen) != 0)
         return NULL;
@@ -805,9 +777,9 @@ static size_t entries_diff(const entries_t *a, const entries_t *b, char *buf, si
 /* Records a refused version and logs it unless this version was already
  * refused (a bad file stays bad until someone edits it again). Called with
  * reload_mu held. Returns rc. */
-static int allowlist_refuse(keys_allowlist_t *al, const file_id_t *id, int rc, const char *err)
+static int allowlist_refuse(keys_allowlist_t *al, const sp_file_id_t *id, int rc, const char *err)
 {
-    if (!al->refused || !file_id_equal(id, &al->refused_id)) {
+    if (!al->refused || !sp_file_id_equal(id, &al->refused_id)) {
         /* cur.n is only changed under reload_mu, which we hold. */
         log_error("cluster keys %s; keeping the previous %zu keys", err, al->cur.n);
     }
@@ -819,7 +791,7 @@ static int allowlist_refuse(keys_allowlist_t *al, const file_id_t *id, int rc, c
 
 /* Swaps in a freshly read version (names interned, old array freed) and
  * logs what changed. Called with reload_mu held. */
-static void allowlist_apply(keys_allowlist_t *al, entries_t *es, const file_id_t *id)
+static void allowlist_apply(keys_allowlist_t *al, entries_t *es, const sp_file_id_t *id)
 {
     for (size_t i = 0; i < es->n; i++) {
         char *owned = es->v[i].name;
@@ -849,20 +821,12 @@ static void allowlist_apply(keys_allowlist_t *al, entries_t *es, const file_id_t
 static int allowlist_check(keys_allowlist_t *al)
 {
     char err[512];
-    struct stat st;
-    file_id_t now;
-    if (stat(al->path, &st) == 0) {
-        file_id_of(&st, &now);
-    } else {
-        memset(&now, 0, sizeof now);
-        now.missing = true;
-        now.err = errno;
-    }
-    if (file_id_equal(&now, &al->applied)) {
+    sp_file_id_t now = sp_file_id_stat(al->path);
+    if (sp_file_id_equal(&now, &al->applied)) {
         al->refused = false; /* e.g. a bad version was renamed away again */
         return 0;
     }
-    if (al->refused && file_id_equal(&now, &al->refused_id))
+    if (al->refused && sp_file_id_equal(&now, &al->refused_id))
         return al->refused_rc;
     if (now.missing) {
         snprintf(err, sizeof err, "%s: cannot stat allow-list: %s", al->path, strerror(now.err));
@@ -870,7 +834,7 @@ static int allowlist_check(keys_allowlist_t *al)
     }
 
     entries_t es;
-    file_id_t id;
+    sp_file_id_t id;
     bool id_known;
     int rc = allowlist_read(al->path, &es, &id, &id_known, err, sizeof err);
     if (rc == -EAGAIN)
@@ -886,7 +850,7 @@ static int allowlist_check(keys_allowlist_t *al)
     }
     if (rc != 0)
         return allowlist_refuse(al, id_known ? &id : &now, rc, err);
-    if (file_id_equal(&id, &al->applied)) {
+    if (sp_file_id_equal(&id, &al->applied)) {
         entries_free_owned(&es); /* replaced by itself between stat and open */
         return 0;
     }

@@ -38,23 +38,14 @@ typedef struct {
     size_t n;
 } ruleset_t;
 
-/* What tells one version of the file from another. */
-typedef struct {
-    bool missing;
-    dev_t dev;
-    ino_t ino;
-    off_t size;
-    struct timespec mtim;
-} file_id_t;
-
 struct access_rules {
     pthread_rwlock_t lock;
     ruleset_t *cur;
     pthread_mutex_t reload_mu;
     char *path;
-    file_id_t applied;
+    sp_file_id_t applied;
     bool refused;
-    file_id_t refused_id;
+    sp_file_id_t refused_id;
     _Atomic int64_t next_check_ms;
     void (*on_reload)(void *ctx, bool applied, const char *what);
     void *on_reload_ctx;
@@ -267,26 +258,9 @@ static int parse_rule(char *line, unsigned lineno, rule_t *r, char *err, size_t 
     return 0;
 }
 
-static void file_id_of(const struct stat *st, file_id_t *id)
-{
-    memset(id, 0, sizeof *id);
-    id->dev = st->st_dev;
-    id->ino = st->st_ino;
-    id->size = st->st_size;
-    id->mtim = st->st_mtim;
-}
-
-static bool file_id_equal(const file_id_t *a, const file_id_t *b)
-{
-    if (a->missing || b->missing)
-        return a->missing == b->missing;
-    return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
-           a->mtim.tv_sec == b->mtim.tv_sec && a->mtim.tv_nsec == b->mtim.tv_nsec;
-}
-
 /* Reads and validates the whole file. Returns the rules (caller frees) and
  * the file's identity from before the read, or NULL with err. */
-static ruleset_t *rules_read(const char *path, file_id_t *id, char *err, size_t errlen)
+static ruleset_t *rules_read(const char *path, sp_file_id_t *id, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
     if (f == NULL) {
@@ -299,7 +273,7 @@ static ruleset_t *rules_read(const char *path, file_id_t *id, char *err, size_t 
         fclose(f);
         return NULL;
     }
-    file_id_of(&st, id);
+    *id = sp_file_id_of(&st);
     ruleset_t *rs = sp_calloc(1, sizeof *rs);
     char line[4096];
     unsigned lineno = 0;
@@ -339,7 +313,7 @@ fail:
 
 access_rules_t *access_rules_load(const char *path, char *err, size_t errlen)
 {
-    file_id_t id;
+    sp_file_id_t id;
     ruleset_t *rs = rules_read(path, &id, err, errlen);
     if (rs == NULL)
         return NULL;
@@ -377,21 +351,15 @@ void access_rules_on_reload(access_rules_t *rules,
  * Called with reload_mu held. */
 static int rules_check(access_rules_t *ar)
 {
-    struct stat st;
-    file_id_t now;
-    memset(&now, 0, sizeof now);
-    if (stat(ar->path, &st) == 0)
-        file_id_of(&st, &now);
-    else
-        now.missing = true;
-    if (file_id_equal(&now, &ar->applied)) {
+    sp_file_id_t now = sp_file_id_stat(ar->path);
+    if (sp_file_id_equal(&now, &ar->applied)) {
         ar->refused = false;
         return 0;
     }
-    if (ar->refused && file_id_equal(&now, &ar->refused_id))
+    if (ar->refused && sp_file_id_equal(&now, &ar->refused_id))
         return SP_ECONFIG;
     char err[512];
-    file_id_t id = now;
+    sp_file_id_t id = now;
     ruleset_t *rs = now.missing ? NULL : rules_read(ar->path, &id, err, sizeof err);
     if (now.missing)
         sp_fmt(err, sizeof err, "%s: access rules file missing", ar->path);

@@ -21,15 +21,6 @@
 #include <string.h>
 #include <sys/stat.h>
 
-/* What says a file changed: its modification time, size and inode (an
- * editor or `mv` replaces the inode; `cp` over it keeps it). */
-typedef struct {
-    int64_t mtime_ns;
-    int64_t size;
-    uint64_t ino;
-    bool present;
-} file_sig_t;
-
 enum { F_CERT, F_KEY, F_CA, F_COUNT };
 
 struct tls {
@@ -37,9 +28,10 @@ struct tls {
     char *paths[F_COUNT]; /* NULL when not configured (only the CA may be) */
     bool verify_peer;
     char *ciphers;
-    SSL_CTX *ctx; /* the current context */
-    file_sig_t sig[F_COUNT];
-    int64_t checked_ms; /* last look at the files */
+    SSL_CTX *ctx;              /* the current context */
+    sp_file_id_t sig[F_COUNT]; /* the versions ctx was built from (base.h: an
+                                  editor or `mv` replaces the inode, `cp` keeps it) */
+    int64_t checked_ms;        /* last look at the files */
     unsigned reloads, failures;
 };
 
@@ -58,25 +50,6 @@ void tls_error_text(char *buf, size_t len)
     }
     if (buf[0] == 0)
         sp_strlcpy(buf, "unknown OpenSSL error", len);
-}
-
-static file_sig_t file_sig(const char *path)
-{
-    file_sig_t s = {0};
-    struct stat st;
-    if (path && stat(path, &st) == 0) {
-        s.present = true;
-        s.mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
-        s.size = (int64_t)st.st_size;
-        s.ino = (uint64_t)st.st_ino;
-    }
-    return s;
-}
-
-static bool sig_equal(const file_sig_t *a, const file_sig_t *b)
-{
-    return a->present == b->present && a->mtime_ns == b->mtime_ns && a->size == b->size &&
-           a->ino == b->ino;
 }
 
 /* Builds a server context from the files. Returns it, or NULL with the
@@ -162,7 +135,7 @@ int tls_new(const tls_config_t *cfg, tls_t **out, char *err, size_t errlen)
     t->verify_peer = cfg->verify_peer;
     t->ciphers = sp_strdup(cfg->ciphers && cfg->ciphers[0] ? cfg->ciphers : TLS_BCP195_CIPHERS);
     for (int i = 0; i < F_COUNT; i++)
-        t->sig[i] = file_sig(t->paths[i]);
+        t->sig[i] = sp_file_id_stat(t->paths[i]);
     t->ctx = build_ctx(t, err, errlen);
     if (t->ctx == NULL) {
         tls_destroy(&t);
@@ -190,11 +163,11 @@ void tls_destroy(tls_t **tp)
 /* Reloads when a file changed since the last look. t->mu held. */
 static void maybe_reload(tls_t *t)
 {
-    file_sig_t now[F_COUNT];
+    sp_file_id_t now[F_COUNT];
     bool changed = false;
     for (int i = 0; i < F_COUNT; i++) {
-        now[i] = file_sig(t->paths[i]);
-        changed = changed || !sig_equal(&now[i], &t->sig[i]);
+        now[i] = sp_file_id_stat(t->paths[i]);
+        changed = changed || !sp_file_id_equal(&now[i], &t->sig[i]);
     }
     if (!changed)
         return;
