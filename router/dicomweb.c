@@ -1125,6 +1125,26 @@ static void stream_respond(dicomweb_t *d, http_req_t *r, dw_req_t *w, dw_list_t 
 
 /* ---- WADO-RS -------------------------------------------------------------------------- */
 
+/* Lists a WADO-RS resource into list; on failure answers 503 (listing
+ * failed) or 404 (nothing there) and returns false. */
+static bool list_or_respond(dicomweb_t *d, http_req_t *r, const dw_req_t *w, dw_list_t *list)
+{
+    int rc = list_resource(d, w, list);
+    if (rc != 0) {
+        http_respond_error(r, 503, "cannot list the instances: %s", sp_strerror(rc));
+        return false;
+    }
+    if (list->n == 0) {
+        list_free(list);
+        http_respond_error(r, 404, "no such %s",
+                           w->sop      ? "instance"
+                           : w->series ? "series"
+                                       : "study");
+        return false;
+    }
+    return true;
+}
+
 static void do_retrieve(dicomweb_t *d, http_req_t *r, dw_req_t *w)
 {
     char ts[80];
@@ -1135,19 +1155,8 @@ static void do_retrieve(dicomweb_t *d, http_req_t *r, dw_req_t *w)
         return;
     }
     dw_list_t list = {0};
-    int rc = list_resource(d, w, &list);
-    if (rc != 0) {
-        http_respond_error(r, 503, "cannot list the instances: %s", sp_strerror(rc));
+    if (!list_or_respond(d, r, w, &list))
         return;
-    }
-    if (list.n == 0) {
-        list_free(&list);
-        http_respond_error(r, 404, "no such %s",
-                           w->sop      ? "instance"
-                           : w->series ? "series"
-                                       : "study");
-        return;
-    }
     if (strcmp(ts, "*") != 0)
         for (size_t i = 0; i < list.n; i++)
             if (strcmp(list.items[i].ts, ts) != 0) {
@@ -1164,19 +1173,8 @@ static void do_retrieve(dicomweb_t *d, http_req_t *r, dw_req_t *w)
 static void do_metadata(dicomweb_t *d, http_req_t *r, dw_req_t *w)
 {
     dw_list_t list = {0};
-    int rc = list_resource(d, w, &list);
-    if (rc != 0) {
-        http_respond_error(r, 503, "cannot list the instances: %s", sp_strerror(rc));
+    if (!list_or_respond(d, r, w, &list))
         return;
-    }
-    if (list.n == 0) {
-        list_free(&list);
-        http_respond_error(r, 404, "no such %s",
-                           w->sop      ? "instance"
-                           : w->series ? "series"
-                                       : "study");
-        return;
-    }
     /* ETag: the digests of what is listed and the base the URIs are built
      * from; the same listing gives the same bytes. */
     crypto_generichash_state st;
