@@ -248,22 +248,6 @@ static int open_file(const char *path)
     return fd < 0 ? -errno : fd;
 }
 
-/* Writes all of buf, going on after short writes. */
-static int write_all(int fd, const char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 /* Reopens the file when its path now names another one (renamed away by a
  * rotation, or deleted): later records go to a file at the path. */
 static void maybe_reopen(trail_t *t)
@@ -341,7 +325,7 @@ static void flush_locked(trail_t *t)
     int rc = 0;
     pthread_rwlock_rdlock(&t->fd_lock);
     if (t->fd >= 0 && n > 0) {
-        rc = write_all(t->fd, all.p, all.n);
+        rc = sp_write_all(t->fd, all.p, all.n);
         if (rc == 0 && t->commit)
             rc = fdatasync(t->fd) == 0 ? 0 : -errno;
     }
@@ -567,7 +551,7 @@ bool audit_enabled(void)
 static int write_own(trail_t *t, char *line)
 {
     pthread_rwlock_rdlock(&t->fd_lock);
-    int rc = t->fd >= 0 ? write_all(t->fd, line, strlen(line)) : 0;
+    int rc = t->fd >= 0 ? sp_write_all(t->fd, line, strlen(line)) : 0;
     pthread_rwlock_unlock(&t->fd_lock);
     free(line);
     pthread_mutex_lock(&t->mu);

@@ -83,6 +83,10 @@ sp_file_id_t sp_file_id_stat(const char *path);
  * missing files: the same errno). */
 bool sp_file_id_equal(const sp_file_id_t *a, const sp_file_id_t *b);
 
+/* Writes all of buf to fd, going on after short writes and EINTR.
+ * Returns 0 or -errno. */
+int sp_write_all(int fd, const void *buf, size_t len);
+
 /* Lower-case hex of n bytes into out (2n+1 bytes). */
 void sp_hex(const uint8_t *in, size_t n, char *out);
 

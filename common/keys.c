@@ -87,21 +87,6 @@ static bool pair_matches(const char *public_z85, const char *secret_z85)
            memcmp(stated_raw, derived_raw, KEYS_RAW_LEN) == 0;
 }
 
-static int write_all(int fd, const char *buf, size_t len)
-{
-    while (len > 0) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 int keys_write_pair(const char *path, const keys_pair_t *kp)
 {
     if (!keys_z85_valid(kp->public_z85) || !pair_matches(kp->public_z85, kp->secret_z85))
@@ -118,7 +103,7 @@ int keys_write_pair(const char *path, const keys_pair_t *kp)
         explicit_bzero(text, sizeof text);
         return -errno;
     }
-    int rc = write_all(fd, text, (size_t)len);
+    int rc = sp_write_all(fd, text, (size_t)len);
     if (rc == 0 && fsync(fd) != 0)
         rc = -errno;
     if (close(fd) != 0 && rc == 0)
@@ -150,7 +135,7 @@ int keys_write_public(const char *path, const char *public_z85)
     if (fchmod(fd, 0644) != 0)
         rc = -errno;
     if (rc == 0)
-        rc = write_all(fd, text, (size_t)len);
+        rc = sp_write_all(fd, text, (size_t)len);
     if (rc == 0 && fsync(fd) != 0)
         rc = -errno;
     if (close(fd) != 0 && rc == 0)
