@@ -836,6 +836,7 @@ static void *scrub_main(void *arg)
             log_error("scrub: %s", sp_strerror(rc));
         throttle_take(h, &h->scrub_throttle, bytes);
         if (cursor == NULL || rc != 0) {
+            store_blob_gc_tune(h->store, false);
             /* End of a pass: rest, but answer reported corruption promptly. */
             int64_t end = sp_now_ms() + h->cfg.scrub_interval_ms;
             while (!atomic_load(&h->stop) && sp_now_ms() < end) {

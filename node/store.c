@@ -28,6 +28,7 @@
  * byte per byte needs objects written once (e.g. object or blob files synced
  * before a WAL record that only references them). Measuring it is a later
  * step. */
+#define _GNU_SOURCE /* O_DIRECT */
 #include "store.h"
 
 #include "../common/log.h"
@@ -37,8 +38,12 @@
 #include <rocksdb/c.h>
 #include <sodium.h>
 
+#include <fcntl.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +122,7 @@ struct store {
     _Atomic uint64_t object_bytes_read; /* object bytes read from the objects family */
     _Atomic uint64_t metadata_rebuilt;  /* 'M' records derived at read time */
     int max_conflicts;                  /* store_config_t.max_conflicts, read-only after open */
+    _Atomic int blob_gc;                /* blob GC of the object families: -1 unknown, 0 off, 1 on */
 };
 
 /* The secondary indexes on study attributes: type byte and attribute. */
@@ -811,6 +817,21 @@ static int check_format(store_t *s, char *err, size_t errlen)
     return rc;
 }
 
+/* Whether files in dir can be opened with O_DIRECT (RocksDB's flush and
+ * compaction writes would fail on a file system that refuses it). */
+static bool direct_io_works(const char *dir)
+{
+    char path[PATH_MAX];
+    (void)mkdir(dir, 0700); /* RocksDB would create it; the probe needs it now */
+    sp_fmt(path, sizeof path, "%s/.direct-io-probe", dir);
+    int fd = open(path, O_CREAT | O_WRONLY | O_TRUNC | O_DIRECT | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return false;
+    close(fd);
+    unlink(path);
+    return true;
+}
+
 int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -888,8 +909,18 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
     rocksdb_options_set_min_blob_size(obj, c.blob_min_bytes);
     rocksdb_options_set_blob_file_size(obj, BLOB_FILE_BYTES);
     rocksdb_options_set_blob_compression_type(obj, rocksdb_no_compression);
-    rocksdb_options_set_enable_blob_gc(obj, 1);
+    /* Off until there is garbage (store_blob_gc_tune). */
+    rocksdb_options_set_enable_blob_gc(obj, 0);
     rocksdb_options_set_blob_gc_age_cutoff(obj, 0.25);
+    /* Flushes and compactions write blob files and SSTs with O_DIRECT: the
+     * bytes were just copied into the page cache once by the WAL write, and
+     * a second buffered copy (plus its writeback) costs CPU on every byte for
+     * pages nobody reads soon. Measured on a CT ingest at N=3: ~10% less CPU.
+     * Probed, because some file systems (tmpfs) refuse O_DIRECT. */
+    if (direct_io_works(c.path))
+        rocksdb_options_set_use_direct_io_for_flush_and_compaction(opt, 1);
+    else
+        log_info("store: %s does not support O_DIRECT; flushes go through the page cache", c.path);
 
     const rocksdb_options_t *cf_opts[CF_COUNT];
     for (int i = 0; i < CF_COUNT; i++)
@@ -909,6 +940,8 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
     rc = check_format(s, err, errlen);
     if (rc)
         goto fail;
+    atomic_store(&s->blob_gc, -1);
+    store_blob_gc_tune(s, false);
     rc = count_at_open(s);
     if (rc) {
         sp_fmt(err, errlen, "%s: counting stored instances failed", c.path);
@@ -924,12 +957,33 @@ fail:
     return rc;
 }
 
+/* A clean close writes the memtables out (blob files and SSTs), so the next
+ * open has no WAL to replay and the disk holds every byte it will ever need
+ * to for what was stored (what the benchmark's disk bytes per byte counts).
+ * A failure only costs the replay at the next open. */
+static void flush_memtables(store_t *s)
+{
+    rocksdb_flushoptions_t *fo = rocksdb_flushoptions_create();
+    rocksdb_flushoptions_set_wait(fo, 1);
+    for (int i = 0; i < CF_COUNT; i++) {
+        char *err = NULL;
+        if (s->cf[i])
+            rocksdb_flush_cf(s->db, fo, s->cf[i], &err);
+        if (err) {
+            log_warn("store: flush at close: %s (the WAL is replayed at the next open)", err);
+            rocksdb_free(err);
+        }
+    }
+    rocksdb_flushoptions_destroy(fo);
+}
+
 void store_close(store_t **sp)
 {
     if (!sp || !*sp)
         return;
     store_t *s = *sp;
     if (s->db) {
+        flush_memtables(s);
         for (int i = 0; i < CF_COUNT; i++)
             if (s->cf[i])
                 rocksdb_column_family_handle_destroy(s->cf[i]);
@@ -1493,8 +1547,6 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
     }
 
     wb = rocksdb_writebatch_create();
-    key_loc(&k, 0, in->partition, study, series, sop, false);
-    rocksdb_writebatch_put_cf(wb, s->cf[CF_OBJECTS], k.p, k.len, (const char *)in->data, in->len);
     key_loc(&k, 'I', in->partition, study, series, sop, false);
     rec_encode(&v, 'I', in->attrs, in->len, digest, in->version, in->policy);
     rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
@@ -1513,6 +1565,10 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
      * node/repair.c) then brings it along without knowing about it. */
     loc_t at = {.part = in->partition, .study = study, .series = series};
     batch_meta(wb, s, in, &at, sop);
+    /* The object goes in last: the batch's buffer grows once to hold it
+     * instead of being copied again by every later, smaller put. */
+    key_loc(&k, 0, in->partition, study, series, sop, false);
+    rocksdb_writebatch_put_cf(wb, s->cf[CF_OBJECTS], k.p, k.len, (const char *)in->data, in->len);
 
     char *err = NULL;
     rocksdb_write(s->db, s->wo_sync, wb, &err);
@@ -2944,6 +3000,65 @@ int store_scrub(store_t *s, const char *cursor, size_t max_objects, store_entry_
     return rc;
 }
 
+/* ---- blob garbage collection ---------------------------------------- */
+
+/* Blob GC rewrites the still-valid blobs of the oldest blob files whenever
+ * compaction reaches their references. While nothing is deleted that is
+ * pure cost: on a CT ingest it added ~15% to the disk bytes written per
+ * byte stored (2.2 instead of 1.93) and CPU for nothing. Deleted objects
+ * (studies deleted, partitions handed to other nodes) leave garbage inside
+ * blob files that only GC reclaims. So GC runs while the object families'
+ * live blob files hold BLOB_GC_ON or more garbage (or just after a delete,
+ * before compaction has counted it) and stops below BLOB_GC_OFF. */
+#define BLOB_GC_ON 0.20
+#define BLOB_GC_OFF 0.05
+
+static void blob_gc_set(store_t *s, int on)
+{
+    if (atomic_exchange(&s->blob_gc, on) == on)
+        return;
+    const char *const keys[] = {"enable_blob_garbage_collection"};
+    const char *const values[] = {on ? "true" : "false"};
+    int fams[] = {CF_OBJECTS, CF_CONFLICTS};
+    for (size_t i = 0; i < SP_ARRAY_LEN(fams); i++) {
+        char *err = NULL;
+        rocksdb_set_options_cf(s->db, s->cf[fams[i]], 1, keys, values, &err);
+        if (err) {
+            log_warn("store: blob garbage collection %s: %s", on ? "on" : "off", err);
+            rocksdb_free(err);
+            atomic_store(&s->blob_gc, -1); /* try again at the next call */
+        }
+    }
+    log_info("store: blob garbage collection %s", on ? "on" : "off");
+}
+
+void store_blob_gc_tune(store_t *s, bool deleted)
+{
+    if (!s)
+        return;
+    if (deleted) {
+        blob_gc_set(s, 1);
+        return;
+    }
+    uint64_t live = 0, garbage = 0;
+    int fams[] = {CF_OBJECTS, CF_CONFLICTS};
+    for (size_t i = 0; i < SP_ARRAY_LEN(fams); i++) {
+        uint64_t v = 0;
+        if (rocksdb_property_int_cf(s->db, s->cf[fams[i]], "rocksdb.live-blob-file-size", &v) == 0)
+            live += v;
+        v = 0;
+        if (rocksdb_property_int_cf(s->db, s->cf[fams[i]], "rocksdb.live-blob-file-garbage-size",
+                                    &v) == 0)
+            garbage += v;
+    }
+    double ratio = live ? (double)garbage / (double)live : 0.0;
+    int now = atomic_load(&s->blob_gc);
+    if (ratio >= BLOB_GC_ON)
+        blob_gc_set(s, 1);
+    else if (ratio < BLOB_GC_OFF || now < 0)
+        blob_gc_set(s, 0);
+}
+
 /* ---- stats ---------------------------------------------------------- */
 
 int store_stats(store_t *s, store_stats_t *out)
@@ -3196,6 +3311,8 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
     counter_sub(&s->studies, nstudy);
     counter_sub(&s->conflicts, nconf);
     *ninst = n;
+    if (bytes > 0)
+        store_blob_gc_tune(s, true);
 out:
     rocksdb_writebatch_destroy(wb);
     rocksdb_free(val);

@@ -451,6 +451,13 @@ typedef struct {
 
 /* instances, bytes and studies count what store_put() stored (maintained
  * since open); conflicts counts distinct conflicting copies kept. */
+/* Turns blob garbage collection of the objects on while their blob files
+ * hold garbage (deleted is true right after a delete, before compaction has
+ * counted it) and off again once it is reclaimed: GC rewrites valid blobs,
+ * pure cost while nothing is deleted. Called at open, after deletes, and
+ * periodically (the scrub's passes). */
+void store_blob_gc_tune(store_t *s, bool deleted);
+
 int store_stats(store_t *s, store_stats_t *out);
 
 /* An integer RocksDB property (rocksdb_property_int_cf, e.g.
