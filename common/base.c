@@ -3,6 +3,7 @@
 #include "base.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -189,6 +190,12 @@ void sp_signals_block(void)
     shutdown_signals(&set);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+}
+
+void sp_malloc_tune(void)
+{
+    mallopt(M_MMAP_THRESHOLD, (int)SP_MALLOC_MMAP_BYTES);
+    mallopt(M_TRIM_THRESHOLD, (int)SP_MALLOC_TRIM_BYTES);
 }
 
 int sp_signals_wait(void)

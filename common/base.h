@@ -108,6 +108,17 @@ void sp_assert_fail(const char *cond, const char *file, int line, const char *fu
 void sp_signals_block(void);
 int sp_signals_wait(void);
 
+/* Daemon memory policy, called once in main() before any thread starts.
+ * Objects of up to a few MiB are allocated and freed per request (received
+ * data sets, ZeroMQ's CURVE buffers, joined bodies): with glibc's defaults
+ * each is a fresh mmap or a heap grown and trimmed again, i.e. page faults
+ * and page clearing on every byte of every object. Keeping them in the heap
+ * (mmap only from SP_MALLOC_MMAP_BYTES, trim only past SP_MALLOC_TRIM_BYTES
+ * of free top) lets the next request reuse the same pages. */
+#define SP_MALLOC_MMAP_BYTES (32u << 20)
+#define SP_MALLOC_TRIM_BYTES (128u << 20)
+void sp_malloc_tune(void);
+
 /* BLAKE2b-256 (libsodium crypto_generichash), the digest every stored object
  * carries. Thread-safe; initialises libsodium on first use. */
 #define SP_DIGEST_LEN 32

@@ -885,6 +885,7 @@ int main(int argc, char **argv)
         return 2;
     }
     sp_signals_block(); /* before any thread starts */
+    sp_malloc_tune();
 
     node_settings_t s;
     memset(&s, 0, sizeof s);

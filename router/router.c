@@ -884,6 +884,7 @@ int main(int argc, char **argv)
         return 2;
     }
     sp_signals_block(); /* before any thread starts */
+    sp_malloc_tune();
 
     router_settings_t *s = sp_calloc(1, sizeof *s);
     char err[512];
