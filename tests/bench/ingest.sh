@@ -57,7 +57,8 @@
 #   instances: two stores can land in one file name); its CT ingest is
 #   shown for reference.
 # - ShardPACS: deploy/local-cluster.sh up DIR --nodes 3 --port P
-#   --replicas 3 --move-dest BENCHDEST=127.0.0.1:PORT; skipped with a note
+#   --replicas 3 --http-port H --move-dest BENCHDEST=127.0.0.1:PORT (P and
+#   H free ports, DICOMweb unused but on as by default); skipped with a note
 #   when that script is missing. It runs last so its background work never
 #   overlaps another server's ingest.
 # - C-FIND: the archives left populated by the last CT ingest run plus
@@ -527,11 +528,12 @@ EOF
 
 # --- ShardPACS ----------------------------------------------------------------
 start_shardpacs() {  # start_shardpacs DIR -> SCP_PORT
-  local dir=$1 port
+  local dir=$1 port http
   for _ in 1 2 3; do
-    port=$(free_port)
+    read -r port http < <(py ports 2)
     rm -rf "$dir"
     if "$cluster_sh" up "$dir" --no-viewer --nodes 3 --port "$port" --replicas 3 \
+         --http-port "$http" \
          --move-dest "BENCHDEST=127.0.0.1:$DEST_PORT" >>"$work/shardpacs.log" 2>&1; then
       CLUSTERS[$dir]=1
       if wait_echo SHARDPACS "$port" "" 10; then SCP_PORT=$port; return 0; fi
