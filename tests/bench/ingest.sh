@@ -21,8 +21,9 @@
 #   --retrieve MODE   list: one request with every CT study UID (default);
 #                     per-study: one getscu/movescu process per study
 #   --quick           smoke run: --small 200 --ct 100 --find-runs 5 --repeat 1
-#   --only LIST       comma list of shardpacs,storescp,orthanc,dcmqrscp
-#                     (default all four)
+#   --only LIST       comma list of shardpacs (3 nodes, N=3), shardpacs1
+#                     (1 node, N=1: one copy, the same work as Orthanc),
+#                     storescp, orthanc, dcmqrscp (default all five)
 #   --keep            keep the work folder (data, logs, server state)
 #
 # Prints Markdown tables (numbers only; it asserts nothing about speed) and a
@@ -57,10 +58,14 @@
 #   instances: two stores can land in one file name); its CT ingest is
 #   shown for reference.
 # - ShardPACS: deploy/local-cluster.sh up DIR --nodes 3 --port P
-#   --replicas 3 --http-port H --move-dest BENCHDEST=127.0.0.1:PORT (P and
-#   H free ports, DICOMweb unused but on as by default); skipped with a note
-#   when that script is missing. It runs last so its background work never
-#   overlaps another server's ingest.
+#   --replicas 3 --quorum 2 --http-port H --move-dest
+#   BENCHDEST=127.0.0.1:PORT (P and H free ports, DICOMweb unused but on as
+#   by default); skipped with a note when that script is missing.
+#   shardpacs1 (the "N=1" rows): the same with --nodes 1 --replicas 1
+#   --quorum 1, one copy of every instance like the anchors; ingest only
+#   (C-FIND and retrieval use the N=3 cluster). ShardPACS runs last, N=1
+#   before N=3, so a cluster's background work never overlaps another
+#   server's ingest.
 # - C-FIND: the archives left populated by the last CT ingest run plus
 #   --find-studies extra studies, all running at once; study-level queries
 #   (Study Root), one findscu process per query, interleaved run by run
@@ -83,7 +88,7 @@ PY=/usr/bin/python3
 
 n_small=2000 n_ct=1000 n_studies=20 n_find=100 repeat=3 find_runs=20 keep=0
 retrieve_mode=list
-only=shardpacs,storescp,orthanc,dcmqrscp
+only=shardpacs,shardpacs1,storescp,orthanc,dcmqrscp
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 need_num() { [[ ${2:-} =~ ^[0-9]+$ ]] || { echo "ingest.sh: $1 needs a number" >&2; exit 2; }; }
@@ -109,6 +114,10 @@ done
   { echo "ingest.sh: counts must be positive" >&2; exit 2; }
 
 want() { [[ ,$only, == *,$1,* ]]; }
+for name in ${only//,/ }; do
+  [[ $name =~ ^(shardpacs|shardpacs1|storescp|orthanc|dcmqrscp)$ ]] ||
+    { echo "ingest.sh: --only: unknown server $name (try --help)" >&2; exit 2; }
+done
 say() { printf 'bench [%3ds]: %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'bench: ERROR: %s\n' "$*" >&2; exit 1; }
 now_us() { local t=$EPOCHREALTIME; echo "${t/./}"; }
@@ -270,8 +279,11 @@ def _read(results):
         rows.append(line.rstrip("\n").split("\t"))
     return rows
 
-NAMES = {"shardpacs": "ShardPACS", "storescp": "storescp", "orthanc": "Orthanc",
-         "dcmqrscp": "dcmqrscp"}
+NAMES = {"shardpacs": "ShardPACS", "shardpacs1": "ShardPACS N=1", "storescp": "storescp",
+         "orthanc": "Orthanc", "dcmqrscp": "dcmqrscp"}
+# Rows of the ingest table, in order, with their labels there.
+INGEST_ROWS = (("shardpacs", "ShardPACS N=3"), ("shardpacs1", "ShardPACS N=1"),
+               ("storescp", "storescp (floor)"), ("orthanc", "Orthanc"), ("dcmqrscp", "dcmqrscp"))
 
 def _rate(n, nbytes, us):
     s = us / 1e6
@@ -295,15 +307,18 @@ def table_ingest(results, metafile):
         xs = cells.get((srv, kind, conc))
         if not xs: return None
         return _rate(int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"]), _med(xs))
-    print("### Ingest (C-STORE, storescu): instances/s (MiB/s)\n")
-    print("| data | assoc. | ShardPACS | storescp (floor) | Orthanc | dcmqrscp | ShardPACS/Orthanc | ShardPACS/storescp |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("### Ingest (C-STORE, storescu): instances/s (MiB/s); ratios are this ÷ Orthanc\n")
+    print("| data | assoc. | server | instances/s (MiB/s) | ÷ Orthanc |")
+    print("|---|---|---|---|---|")
     for kind in ("small", "ct"):
         n, b = int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"])
         label = f"{kind} ({n:,} × {b / n / 1024:,.0f} KiB)"
         for conc in ("1", "4"):
-            sp, fl, orr, qr = (get(s, kind, conc) for s in ("shardpacs", "storescp", "orthanc", "dcmqrscp"))
-            print(f"| {label} | {conc} | {_cell(sp)} | {_cell(fl)} | {_cell(orr)} | {_cell(qr)} | {_ratio(sp, orr)} | {_ratio(sp, fl)} |")
+            orr = get("orthanc", kind, conc)
+            for srv, name in INGEST_ROWS:
+                v = get(srv, kind, conc)
+                if v is None: continue
+                print(f"| {label} | {conc} | {name} | {_cell(v)} | {_ratio(v, orr)} |")
     print()
 
 def table_find(results, findtsv, metafile):
@@ -527,13 +542,23 @@ EOF
 }
 
 # --- ShardPACS ----------------------------------------------------------------
-start_shardpacs() {  # start_shardpacs DIR -> SCP_PORT
-  local dir=$1 port http
+# sp_shape SERVER: "nodes replicas write-quorum" of a ShardPACS row.
+sp_shape() {
+  case $1 in
+    shardpacs) echo "3 3 2" ;;
+    shardpacs1) echo "1 1 1" ;;
+    *) die "sp_shape: $1 is not a ShardPACS row" ;;
+  esac
+}
+
+start_shardpacs() {  # start_shardpacs DIR SERVER -> SCP_PORT
+  local dir=$1 port http nodes replicas quorum
+  read -r nodes replicas quorum < <(sp_shape "$2")
   for _ in 1 2 3; do
     read -r port http < <(py ports 2)
     rm -rf "$dir"
-    if "$cluster_sh" up "$dir" --no-viewer --nodes 3 --port "$port" --replicas 3 \
-         --http-port "$http" \
+    if "$cluster_sh" up "$dir" --no-viewer --nodes "$nodes" --port "$port" \
+         --replicas "$replicas" --quorum "$quorum" --http-port "$http" \
          --move-dest "BENCHDEST=127.0.0.1:$DEST_PORT" >>"$work/shardpacs.log" 2>&1; then
       CLUSTERS[$dir]=1
       if wait_echo SHARDPACS "$port" "" 10; then SCP_PORT=$port; return 0; fi
@@ -630,11 +655,11 @@ run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
       ingest dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$conc"
       verify_find dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$what"
       ((keep_up)) || stop_server dcmqrscp ;;
-    shardpacs)
-      start_shardpacs "$dir"
+    shardpacs|shardpacs1)
+      start_shardpacs "$dir" "$srv"
       ((SP_FAILED == 0)) || return 0
-      ingest shardpacs SHARDPACS "$SCP_PORT" "$kind" "$conc"
-      verify_find shardpacs SHARDPACS "$SCP_PORT" "$kind" "$what"
+      ingest "$srv" SHARDPACS "$SCP_PORT" "$kind" "$conc"
+      verify_find "$srv" SHARDPACS "$SCP_PORT" "$kind" "$what"
       ((keep_up)) || cluster_down "$dir" ;;
   esac
   ((keep_up)) || rm -rf "$dir"
@@ -645,7 +670,7 @@ run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
 say "work folder $work; small=$n_small ct=$n_ct studies=$n_studies repeat=$repeat find-runs=$find_runs"
 
 run_sp=0 SP_FAILED=0 failed=0
-if want shardpacs; then
+if want shardpacs || want shardpacs1; then
   if [[ -x $cluster_sh ]]; then run_sp=1
   else say "ShardPACS: skipped, deploy/local-cluster.sh is missing"; fi
 fi
@@ -663,7 +688,7 @@ echo "ShardPACS ingest/query/retrieve benchmark, $(date -u +%Y-%m-%d), $(nproc) 
   "Data: small $small_n × $((small_bytes / small_n)) B, CT $ct_n × $((ct_bytes / ct_n)) B, $ct_studies studies;" \
   "median of $repeat fresh-state run(s) per cell; TCP_NODELAY=1 everywhere."
 echo
-if want shardpacs && ((!run_sp)); then
+if (want shardpacs || want shardpacs1) && ((!run_sp)); then
   echo "ShardPACS: skipped (deploy/local-cluster.sh is missing)."
   echo
 fi
@@ -675,20 +700,23 @@ start_storescp dest BENCHDEST "$dest_dir"
 DEST_PORT=$SCP_PORT
 
 # Ingest. Servers that C-FIND and retrieval need stay up after their last
-# (CT, 4 associations) run; ShardPACS goes last so its background work never
-# overlaps another server's ingest.
+# (CT, 4 associations) run; ShardPACS goes last (N=1, then N=3, which C-FIND
+# and retrieval use) so its background work never overlaps another server's
+# ingest.
 declare -A SRV_PORT=() SRV_AE=()
 ingest_servers=()
 want storescp && ingest_servers+=(storescp)
 want orthanc && ingest_servers+=(orthanc)
-((run_sp)) && ingest_servers+=(shardpacs)
+((run_sp)) && want shardpacs1 && ingest_servers+=(shardpacs1)
+((run_sp)) && want shardpacs && ingest_servers+=(shardpacs)
 for srv in "${ingest_servers[@]}"; do
   for kind in small ct; do
     for conc in 1 4; do
       for ((rep = 1; rep <= repeat; rep++)); do
-        [[ $srv == shardpacs ]] && ((SP_FAILED)) && break 3
+        [[ $srv == shardpacs* ]] && ((SP_FAILED)) && break 3
         last=0
-        [[ $srv != storescp && $kind == ct && $conc == 4 && $rep == "$repeat" ]] && last=1
+        [[ ($srv == orthanc || $srv == shardpacs) && $kind == ct && $conc == 4 &&
+           $rep == "$repeat" ]] && last=1
         run_ingest_cell "$srv" "$kind" "$conc" "$rep" "$last"
       done
     done
