@@ -46,6 +46,16 @@
 #   (process start included). Every run is then verified by SOP Instance
 #   UID: storescp by reading the files it wrote, the others by an
 #   IMAGE-level C-FIND per series (Orthanc also by REST /statistics).
+# - Server CPU per ingest run: utime + stime + cutime + cstime from
+#   /proc/PID/stat, summed over the server's processes and all their
+#   descendants, live or zombie (so storescp's and dcmqrscp's per-association
+#   children count whether reaped or not), sampled just before the clock
+#   starts and just after it stops. Shown as CPU seconds per GB (10^9 bytes
+#   of data set files), the median of the runs; for ShardPACS also split
+#   into the router and the nodes (sum of all nodes). The clients
+#   (storescu) are NOT counted, nor server work still running when the last
+#   storescu exits (e.g. RocksDB flushes and compactions). Clock-tick
+#   resolution (10 ms per process) makes --quick numbers coarse.
 # - storescp (floor): storescp --fork +B -dhl -od DIR: one process per
 #   association (so 4 associations really run in parallel), bit-preserving
 #   (writes the received data set bytes to a file without parsing or
@@ -298,27 +308,58 @@ def _ratio(a, b):
 
 def table_ingest(results, metafile):
     meta = dict(l.split("=", 1) for l in open(metafile).read().split())
-    cells = {}
+    hz = int(meta["clk_tck"])
+    cells, cpu = {}, {}
     for r in _read(results):
-        if r[0] != "ingest": continue
-        _, srv, kind, conc, us, ok = r
-        cells.setdefault((srv, kind, conc), []).append(int(us))
+        if r[0] == "ingest":
+            _, srv, kind, conc, us, ok = r
+            cells.setdefault((srv, kind, conc), []).append(int(us))
+        elif r[0] == "cpu":   # one row per run and process kind
+            _, srv, kind, conc, rep, part, ticks = r
+            cpu.setdefault((srv, kind, conc), {}).setdefault(rep, {})[part] = int(ticks)
     def get(srv, kind, conc):
         xs = cells.get((srv, kind, conc))
         if not xs: return None
         return _rate(int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"]), _med(xs))
-    print("### Ingest (C-STORE, storescu): instances/s (MiB/s); ratios are this ÷ Orthanc\n")
-    print("| data | assoc. | server | instances/s (MiB/s) | ÷ Orthanc |")
-    print("|---|---|---|---|---|")
+    def cpu_gb(srv, kind, conc, part=None):
+        """Median over runs of the server's CPU seconds per GB (1e9 bytes)
+        of the data set: one process kind, or all of them (None)."""
+        runs = cpu.get((srv, kind, conc), {}).values()
+        xs = [sum(d.values()) if part is None else d[part] for d in runs if part is None or part in d]
+        gb = int(meta[f"{kind}_bytes"]) / 1e9
+        return (_med([x / hz / gb for x in xs]),) if xs else None
+    def cpu_cell(v):
+        return "—" if v is None else f"{v[0]:,.1f}"
+    print("### Ingest (C-STORE, storescu): instances/s (MiB/s), server CPU seconds per GB ingested;"
+          " ratios are this ÷ Orthanc\n")
+    print("| data | assoc. | server | instances/s (MiB/s) | ÷ Orthanc | CPU-s/GB | ÷ Orthanc |")
+    print("|---|---|---|---|---|---|---|")
     for kind in ("small", "ct"):
         n, b = int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"])
         label = f"{kind} ({n:,} × {b / n / 1024:,.0f} KiB)"
         for conc in ("1", "4"):
-            orr = get("orthanc", kind, conc)
+            orr, orr_cpu = get("orthanc", kind, conc), cpu_gb("orthanc", kind, conc)
             for srv, name in INGEST_ROWS:
                 v = get(srv, kind, conc)
                 if v is None: continue
-                print(f"| {label} | {conc} | {name} | {_cell(v)} | {_ratio(v, orr)} |")
+                c = cpu_gb(srv, kind, conc)
+                print(f"| {label} | {conc} | {name} | {_cell(v)} | {_ratio(v, orr)} "
+                      f"| {cpu_cell(c)} | {_ratio(c, orr_cpu)} |")
+    print()
+    sp = [(srv, name) for srv, name in INGEST_ROWS
+          if srv.startswith("shardpacs") and any(k[0] == srv for k in cpu)]
+    if not sp: return
+    print("### ShardPACS: CPU seconds per GB ingested, by process kind "
+          "(each column its own median over runs)\n")
+    print("| data | assoc. | cluster | router | nodes (sum of all) | total |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("small", "ct"):
+        for conc in ("1", "4"):
+            for srv, name in sp:
+                if (srv, kind, conc) not in cpu: continue
+                print(f"| {kind} | {conc} | {name} | "
+                      + " | ".join(cpu_cell(cpu_gb(srv, kind, conc, p)) for p in ("router", "nodes", None))
+                      + " |")
     print()
 
 def table_find(results, findtsv, metafile):
@@ -551,6 +592,13 @@ sp_shape() {
   esac
 }
 
+# sp_node_pids DIR: the pids of the cluster's nodes, comma-separated.
+sp_node_pids() {
+  local f pids=""
+  for f in "$1"/n*/node.pid; do pids+=${pids:+,}$(cat "$f"); done
+  echo "$pids"
+}
+
 start_shardpacs() {  # start_shardpacs DIR SERVER -> SCP_PORT
   local dir=$1 port http nodes replicas quorum
   read -r nodes replicas quorum < <(sp_shape "$2")
@@ -577,13 +625,50 @@ start_shardpacs() {  # start_shardpacs DIR SERVER -> SCP_PORT
 # ---------------------------------------------------------------------------
 # Measurements.
 
-# ingest SERVER AE PORT KIND CONC -> appends to results; checks storescu logs
+# cpu_sample PART=PID[,PID...]...: prints "PART TICKS" for every PART, TICKS
+# being utime + stime + cutime + cstime (clock ticks) summed over the PIDs
+# and all their descendants, live or zombie, from one pass over /proc. A
+# child's times move into its parent's cutime/cstime when it is reaped, so
+# the sum does not change when a child exits between two samples (storescp
+# --fork, dcmqrscp: one child per association).
+cpu_sample() {
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v spec="$*" '
+    {
+      match($0, /.*\) /)   # the command name may hold spaces and parentheses
+      split(substr($0, RLENGTH + 1), f, " ")
+      par[$1] = f[2]; t[$1] = f[12] + f[13] + f[14] + f[15]
+    }
+    END {
+      n = split(spec, parts, " ")
+      for (i = 1; i <= n; i++) {
+        split(parts[i], kv, "="); m = split(kv[2], roots, ",")
+        split("", tree)
+        for (j = 1; j <= m; j++) tree[roots[j]] = 1
+        do {
+          added = 0
+          for (p in par) if (!(p in tree) && (par[p] in tree)) { tree[p] = 1; added = 1 }
+        } while (added)
+        sum = 0
+        for (p in tree) if (p in t) sum += t[p]
+        print kv[1], sum
+      }
+    }'
+}
+
+# ingest SERVER AE PORT KIND CONC [REP PART=PID,...]...: the timed ingest,
+# appended to results; checks storescu logs. With REP, also the server's CPU
+# ticks of every PART from just before the clock starts to just after it
+# stops (cpu records).
 ingest() {
-  local srv=$1 ae=$2 port=$3 kind=$4 conc=$5 i t0 t1 rc=0 errs
-  local -a pids=() files=()
+  local srv=$1 ae=$2 port=$3 kind=$4 conc=$5 rep=${6:-} i t0 t1 rc=0 errs part ticks
+  local -a pids=() files=() parts=("${@:7}")
+  local -A cpu0=()
   local log=$work/storescu.$srv.$kind.$conc.log
   : >"$log"
   sync   # start every timed run with no dirty pages left by the previous one
+  if ((${#parts[@]})); then
+    while read -r part ticks; do cpu0[$part]=$ticks; done < <(cpu_sample "${parts[@]}")
+  fi
   t0=$(now_us)
   if ((conc == 1)); then
     mapfile -t files <"$work/$kind.lst"
@@ -597,6 +682,12 @@ ingest() {
     for i in "${pids[@]}"; do wait "$i" || rc=$?; done
   fi
   t1=$(now_us)
+  if ((${#parts[@]})); then
+    while read -r part ticks; do
+      printf 'cpu\t%s\t%s\t%s\t%s\t%s\t%s\n' "$srv" "$kind" "$conc" "$rep" "$part" \
+        "$((ticks - cpu0[$part]))" >>"$results"
+    done < <(cpu_sample "${parts[@]}")
+  fi
   errs=$(grep -c '^E:' "$log" || true)
   if ((rc != 0 || errs > 0)); then
     echo "STORESCU: ${srv} ${kind} x${conc}: exit status $rc, $errs error lines (first: $(grep -m1 '^E:' "$log" || true))"
@@ -639,12 +730,12 @@ run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
   case $srv in
     storescp)
       start_storescp storescp STORESCP "$dir"
-      ingest storescp STORESCP "$SCP_PORT" "$kind" "$conc"
+      ingest storescp STORESCP "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[storescp]}"
       report_verify "$what" "$(py verify "$dir" "$work/$kind.uids")"
       stop_server storescp ;;
     orthanc)
       start_orthanc "$dir"
-      ingest orthanc ORTHANC "$SCP_PORT" "$kind" "$conc"
+      ingest orthanc ORTHANC "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[orthanc]}"
       verify_find orthanc ORTHANC "$SCP_PORT" "$kind" "$what"
       n=$(orthanc_count || echo "?")
       [[ $n == "$(wc -l <"$work/$kind.uids")" ]] ||
@@ -652,13 +743,14 @@ run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
       ((keep_up)) || stop_server orthanc ;;
     dcmqrscp)
       start_dcmqrscp "$dir"
-      ingest dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$conc"
+      ingest dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[dcmqrscp]}"
       verify_find dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$what"
       ((keep_up)) || stop_server dcmqrscp ;;
     shardpacs|shardpacs1)
       start_shardpacs "$dir" "$srv"
       ((SP_FAILED == 0)) || return 0
-      ingest "$srv" SHARDPACS "$SCP_PORT" "$kind" "$conc"
+      ingest "$srv" SHARDPACS "$SCP_PORT" "$kind" "$conc" "$rep" \
+        "router=$(cat "$dir/router.pid")" "nodes=$(sp_node_pids "$dir")"
       verify_find "$srv" SHARDPACS "$SCP_PORT" "$kind" "$what"
       ((keep_up)) || cluster_down "$dir" ;;
   esac
@@ -681,6 +773,7 @@ py prepare "$root" "$work" "$n_small" "$n_ct" "$n_studies" "$n_find" || die "the
 small_n=0 small_bytes=0 small_studies=0 ct_n=0 ct_bytes=0 ct_studies=0 find_studies=0
 # shellcheck disable=SC1091
 source "$work/meta.sh"   # the counts above, as the data set has them
+echo "clk_tck=$(getconf CLK_TCK)" >>"$work/meta.sh"   # the unit of the cpu records
 cat "$work/small.lst" "$work/ct.lst" | xargs cat >/dev/null   # page cache warm for everyone
 orthanc_version=$(/usr/sbin/Orthanc --version 2>/dev/null | sed -n '1s/.* //p' || true)
 echo "ShardPACS ingest/query/retrieve benchmark, $(date -u +%Y-%m-%d), $(nproc) CPUs;" \
