@@ -45,7 +45,14 @@
 #   runs from starting the first storescu to the exit of the last one
 #   (process start included). Every run is then verified by SOP Instance
 #   UID: storescp by reading the files it wrote, the others by an
-#   IMAGE-level C-FIND per series (Orthanc also by REST /statistics).
+#   IMAGE-level C-FIND per series (Orthanc also by REST /statistics;
+#   the C-FIND responses go to a tmpfs scratch folder when /dev/shm is
+#   one). Then the server is stopped cleanly (SIGTERM; ShardPACS:
+#   local-cluster.sh down) and `sync` runs. The server that C-FIND and
+#   retrieval use is then started again on the state its last CT run left
+#   (Orthanc and dcmqrscp: same folders, new process; ShardPACS:
+#   local-cluster.sh up on the same DIR, i.e. the same keys and node data,
+#   new ports) and verified once more.
 # - Server CPU per ingest run: utime + stime + cutime + cstime from
 #   /proc/PID/stat, summed over the server's processes and all their
 #   descendants, live or zombie (so storescp's and dcmqrscp's per-association
@@ -56,6 +63,21 @@
 #   (storescu) are NOT counted, nor server work still running when the last
 #   storescu exits (e.g. RocksDB flushes and compactions). Clock-tick
 #   resolution (10 ms per process) makes --quick numbers coarse.
+# - Disk bytes per ingest run: sectors written (field 10 of
+#   /proc/diskstats, x 512) of the block device that holds the work folder
+#   (its partition's own row if it is one), from just before the clock
+#   starts (after the `sync`) to after the verification, the server's
+#   clean stop and a `sync`: the server's data, index, journal and log
+#   writes, with the file system's own overhead. The counter is the
+#   device's: anything else writing to that disk meanwhile counts too (run
+#   it on a quiet machine; the first output line gives the rate others
+#   wrote at during 2 idle seconds before the run). Shown per byte of data
+#   set files ingested and, divided by the copies kept (ShardPACS N; the
+#   anchors keep one), per byte stored. ShardPACS nodes that do not flush
+#   their RocksDB memtables at a clean stop leave what was still in them
+#   counted once (WAL) instead of twice (WAL, then SST or blob file). Not
+#   measured (shown as —) when the work folder is on no block device
+#   (tmpfs, overlayfs).
 # - storescp (floor): storescp --fork +B -dhl -od DIR: one process per
 #   association (so 4 associations really run in parallel), bit-preserving
 #   (writes the received data set bytes to a file without parsing or
@@ -76,11 +98,11 @@
 #   (C-FIND and retrieval use the N=3 cluster). ShardPACS runs last, N=1
 #   before N=3, so a cluster's background work never overlaps another
 #   server's ingest.
-# - C-FIND: the archives left populated by the last CT ingest run plus
-#   --find-studies extra studies, all running at once; study-level queries
-#   (Study Root), one findscu process per query, interleaved run by run
-#   across queries and servers, median ms. echoscu (process start +
-#   association + C-ECHO) is the baseline.
+# - C-FIND: the archives left populated by the last CT ingest run
+#   (restarted after it, see Ingest) plus --find-studies extra studies, all
+#   running at once; study-level queries (Study Root), one findscu process
+#   per query, interleaved run by run across queries and servers, median
+#   ms. echoscu (process start + association + C-ECHO) is the baseline.
 # - Retrieval: the whole CT set. Default: ONE association and ONE
 #   STUDY-level request whose Study Instance UID is the list of all CT
 #   studies. --retrieve per-study:
@@ -309,7 +331,7 @@ def _ratio(a, b):
 def table_ingest(results, metafile):
     meta = dict(l.split("=", 1) for l in open(metafile).read().split())
     hz = int(meta["clk_tck"])
-    cells, cpu = {}, {}
+    cells, cpu, disk = {}, {}, {}
     for r in _read(results):
         if r[0] == "ingest":
             _, srv, kind, conc, us, ok = r
@@ -317,6 +339,9 @@ def table_ingest(results, metafile):
         elif r[0] == "cpu":   # one row per run and process kind
             _, srv, kind, conc, rep, part, ticks = r
             cpu.setdefault((srv, kind, conc), {}).setdefault(rep, {})[part] = int(ticks)
+        elif r[0] == "disk":  # one row per run
+            _, srv, kind, conc, rep, nbytes, copies = r
+            disk.setdefault((srv, kind, conc), []).append((int(nbytes), int(copies)))
     def get(srv, kind, conc):
         xs = cells.get((srv, kind, conc))
         if not xs: return None
@@ -330,21 +355,35 @@ def table_ingest(results, metafile):
         return (_med([x / hz / gb for x in xs]),) if xs else None
     def cpu_cell(v):
         return "—" if v is None else f"{v[0]:,.1f}"
-    print("### Ingest (C-STORE, storescu): instances/s (MiB/s), server CPU seconds per GB ingested;"
-          " ratios are this ÷ Orthanc\n")
-    print("| data | assoc. | server | instances/s (MiB/s) | ÷ Orthanc | CPU-s/GB | ÷ Orthanc |")
-    print("|---|---|---|---|---|---|---|")
+    def disk_bb(srv, kind, conc, per_copy=False):
+        """Median over runs of the disk bytes written per byte of the data
+        set, or per byte stored (divided by the number of copies)."""
+        xs = [w / (c if per_copy else 1) / int(meta[f"{kind}_bytes"])
+              for w, c in disk.get((srv, kind, conc), [])]
+        return (_med(xs),) if xs else None
+    def disk_cell(v):
+        return "—" if v is None else f"{v[0]:.2f}"
+    dev = meta.get("disk_name") or None
+    print("### Ingest (C-STORE, storescu): instances/s (MiB/s), server CPU seconds per GB ingested, "
+          f"bytes written to {dev or 'the disk (not found: not measured)'} per byte ingested "
+          "and per byte stored (÷ copies); ratios are this ÷ Orthanc\n")
+    print("| data | assoc. | server | instances/s (MiB/s) | ÷ Orthanc | CPU-s/GB | ÷ Orthanc "
+          "| disk B/B | ÷ Orthanc | disk B/B per copy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in ("small", "ct"):
         n, b = int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"])
         label = f"{kind} ({n:,} × {b / n / 1024:,.0f} KiB)"
         for conc in ("1", "4"):
             orr, orr_cpu = get("orthanc", kind, conc), cpu_gb("orthanc", kind, conc)
+            orr_disk = disk_bb("orthanc", kind, conc)
             for srv, name in INGEST_ROWS:
                 v = get(srv, kind, conc)
                 if v is None: continue
-                c = cpu_gb(srv, kind, conc)
+                c, d = cpu_gb(srv, kind, conc), disk_bb(srv, kind, conc)
                 print(f"| {label} | {conc} | {name} | {_cell(v)} | {_ratio(v, orr)} "
-                      f"| {cpu_cell(c)} | {_ratio(c, orr_cpu)} |")
+                      f"| {cpu_cell(c)} | {_ratio(c, orr_cpu)} "
+                      f"| {disk_cell(d)} | {_ratio(d, orr_disk)} "
+                      f"| {disk_cell(disk_bb(srv, kind, conc, True))} |")
     print()
     sp = [(srv, name) for srv, name in INGEST_ROWS
           if srv.startswith("shardpacs") and any(k[0] == srv for k in cpu)]
@@ -441,6 +480,13 @@ py() { "$PY" -c "$PYHELPER" "$@"; }
 # ---------------------------------------------------------------------------
 # Work folder, process bookkeeping, cleanup.
 work=$(mktemp -d "${TMPDIR:-/tmp}/spbench.XXXXXX")
+# Scratch for the verification C-FINDs' response files: on tmpfs when there
+# is one, so that they are not written to the measured disk.
+if [[ -d /dev/shm && -w /dev/shm && $(stat -f -c %T /dev/shm) == tmpfs ]]; then
+  scratch=$(mktemp -d /dev/shm/spbench.XXXXXX)
+else
+  scratch=$work
+fi
 results=$work/results.tsv
 : >"$results"
 declare -A PIDS=()          # name -> pid of every server started here
@@ -475,6 +521,7 @@ cleanup() {
   trap - EXIT INT TERM
   for dir in "${!CLUSTERS[@]}"; do cluster_down "$dir"; done
   for name in "${!PIDS[@]}"; do stop_server "$name"; done
+  [[ $scratch == "$work" ]] || rm -rf "$scratch"
   if ((keep)); then say "work folder kept: $work"; else rm -rf "$work"; fi
   exit "$rc"
 }
@@ -599,12 +646,16 @@ sp_node_pids() {
   echo "$pids"
 }
 
-start_shardpacs() {  # start_shardpacs DIR SERVER -> SCP_PORT
-  local dir=$1 port http nodes replicas quorum
+# start_shardpacs DIR SERVER [restart] -> SCP_PORT: a new cluster in an
+# empty DIR; with "restart", the stopped cluster of DIR again on its own
+# state (keys, node data), by the same `local-cluster.sh up DIR` on new
+# free ports (the nodes find each other again through gossip).
+start_shardpacs() {
+  local dir=$1 how=${3:-new} port http nodes replicas quorum
   read -r nodes replicas quorum < <(sp_shape "$2")
   for _ in 1 2 3; do
     read -r port http < <(py ports 2)
-    rm -rf "$dir"
+    [[ $how == restart ]] || rm -rf "$dir"
     if "$cluster_sh" up "$dir" --no-viewer --nodes "$nodes" --port "$port" \
          --replicas "$replicas" --quorum "$quorum" --http-port "$http" \
          --move-dest "BENCHDEST=127.0.0.1:$DEST_PORT" >>"$work/shardpacs.log" 2>&1; then
@@ -617,13 +668,52 @@ start_shardpacs() {  # start_shardpacs DIR SERVER -> SCP_PORT
   done
   # Not fatal at once: the anchors' numbers are still printed, then exit 1.
   tail -30 "$work/shardpacs.log" >&2
-  echo "ERROR: ShardPACS (deploy/local-cluster.sh up) did not start; the rest of the run goes on without it"
+  echo "ERROR: ShardPACS (deploy/local-cluster.sh up, $how) did not start; the rest of the run goes on without it"
   echo
   SP_FAILED=1 failed=1
 }
 
 # ---------------------------------------------------------------------------
 # Measurements.
+
+# The block device that holds the work folder (sets DISK_MAJ, DISK_MIN,
+# DISK_NAME; all empty when there is none, e.g. on tmpfs or overlayfs): the
+# file system's own device (a partition has its own /proc/diskstats row),
+# else the block device df names as its source.
+DISK_MAJ='' DISK_MIN='' DISK_NAME=''
+find_disk() {
+  local maj min src
+  read -r maj min < <(stat -c '%Hd %Ld' "$work")
+  if [[ ! -e /sys/dev/block/$maj:$min ]]; then
+    src=$(df -P "$work" | awk 'NR == 2 { print $1 }')
+    [[ -b $src ]] || return 0
+    maj=$((16#$(stat -L -c %t "$src"))) min=$((16#$(stat -L -c %T "$src")))
+    [[ -e /sys/dev/block/$maj:$min ]] || return 0
+  fi
+  DISK_MAJ=$maj DISK_MIN=$min
+  DISK_NAME=$(basename "$(readlink -f "/sys/dev/block/$maj:$min")")
+}
+
+# disk_sectors: sectors (512 bytes) written to DISK_NAME since boot (field
+# 10 of its /proc/diskstats row); empty without a disk.
+disk_sectors() {
+  [[ -n $DISK_NAME ]] || return 0
+  awk -v M="$DISK_MAJ" -v m="$DISK_MIN" '$1 == M && $2 == m { print $10 }' /proc/diskstats
+}
+
+# disk_record SERVER KIND CONC REP COPIES: after the server's clean stop,
+# a sync, then a disk record of the bytes written since ingest sampled
+# DISK0 (before its clock started).
+DISK0=
+disk_record() {
+  local now
+  sync
+  now=$(disk_sectors)
+  [[ -n $now && -n $DISK0 ]] || return 0
+  printf 'disk\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(((now - DISK0) * 512))" "$5" \
+    >>"$results"
+  DISK0=
+}
 
 # cpu_sample PART=PID[,PID...]...: prints "PART TICKS" for every PART, TICKS
 # being utime + stime + cutime + cstime (clock ticks) summed over the PIDs
@@ -658,7 +748,7 @@ cpu_sample() {
 # ingest SERVER AE PORT KIND CONC [REP PART=PID,...]...: the timed ingest,
 # appended to results; checks storescu logs. With REP, also the server's CPU
 # ticks of every PART from just before the clock starts to just after it
-# stops (cpu records).
+# stops (cpu records), and DISK0 for disk_record.
 ingest() {
   local srv=$1 ae=$2 port=$3 kind=$4 conc=$5 rep=${6:-} i t0 t1 rc=0 errs part ticks
   local -a pids=() files=() parts=("${@:7}")
@@ -667,6 +757,7 @@ ingest() {
   : >"$log"
   sync   # start every timed run with no dirty pages left by the previous one
   if ((${#parts[@]})); then
+    DISK0=$(disk_sectors)
     while read -r part ticks; do cpu0[$part]=$ticks; done < <(cpu_sample "${parts[@]}")
   fi
   t0=$(now_us)
@@ -708,7 +799,7 @@ report_verify() {
 
 # verify_find SERVER AE PORT KIND WHAT: IMAGE-level C-FIND per series
 verify_find() {
-  local srv=$1 ae=$2 port=$3 kind=$4 what=$5 d=$work/vf
+  local srv=$1 ae=$2 port=$3 kind=$4 what=$5 d=$scratch/vf
   rm -rf "$d"; mkdir -p "$d"
   findscu -S -X -od "$d" -aet BENCH -aec "$ae" 127.0.0.1 "$port" \
     "$work"/q/verify-"$kind"/*.dcm >>"$work/verify.log" 2>&1 ||
@@ -722,37 +813,66 @@ orthanc_count() {
     "$PY" -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])'
 }
 
-# One fresh-state ingest cell: start, ingest, verify, stop (or keep the last).
+orthanc_verify_count() {  # orthanc_verify_count KIND WHAT
+  local n
+  n=$(orthanc_count || echo "?")
+  [[ $n == "$(wc -l <"$work/$1.uids")" ]] ||
+    echo "LOST: $2: Orthanc /statistics counts $n instances, expected $(wc -l <"$work/$1.uids")"
+}
+
+# One fresh-state ingest cell: start, ingest, verify, stop cleanly, sync,
+# disk record. KEEP_RUNNING (the last run of the servers C-FIND and
+# retrieval use): the server is started again on the state it left and
+# verified once more.
 run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
-  local srv=$1 kind=$2 conc=$3 rep=$4 keep_up=$5 dir=$work/state/$1.$2.$3.$4 n
-  local what="$srv $kind x$conc (run $rep)"
+  local srv=$1 kind=$2 conc=$3 rep=$4 keep_up=$5 dir=$work/state/$1.$2.$3.$4 copies=1
+  local what="$srv $kind x$conc (run $rep)" again="$srv $kind x$conc (run $rep, after a restart)"
+  local nodes replicas quorum
   say "ingest: $what"
   case $srv in
     storescp)
       start_storescp storescp STORESCP "$dir"
       ingest storescp STORESCP "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[storescp]}"
       report_verify "$what" "$(py verify "$dir" "$work/$kind.uids")"
-      stop_server storescp ;;
+      stop_server storescp
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies" ;;
     orthanc)
       start_orthanc "$dir"
       ingest orthanc ORTHANC "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[orthanc]}"
       verify_find orthanc ORTHANC "$SCP_PORT" "$kind" "$what"
-      n=$(orthanc_count || echo "?")
-      [[ $n == "$(wc -l <"$work/$kind.uids")" ]] ||
-        echo "LOST: $what: Orthanc /statistics counts $n instances, expected $(wc -l <"$work/$kind.uids")"
-      ((keep_up)) || stop_server orthanc ;;
+      orthanc_verify_count "$kind" "$what"
+      stop_server orthanc
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies"
+      if ((keep_up)); then
+        start_orthanc "$dir"
+        verify_find orthanc ORTHANC "$SCP_PORT" "$kind" "$again"
+        orthanc_verify_count "$kind" "$again"
+      fi ;;
     dcmqrscp)
       start_dcmqrscp "$dir"
       ingest dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[dcmqrscp]}"
       verify_find dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$what"
-      ((keep_up)) || stop_server dcmqrscp ;;
+      stop_server dcmqrscp
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies"
+      if ((keep_up)); then
+        start_dcmqrscp "$dir"
+        verify_find dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$again"
+      fi ;;
     shardpacs|shardpacs1)
+      read -r nodes replicas quorum < <(sp_shape "$srv")
+      copies=$replicas
       start_shardpacs "$dir" "$srv"
       ((SP_FAILED == 0)) || return 0
       ingest "$srv" SHARDPACS "$SCP_PORT" "$kind" "$conc" "$rep" \
         "router=$(cat "$dir/router.pid")" "nodes=$(sp_node_pids "$dir")"
       verify_find "$srv" SHARDPACS "$SCP_PORT" "$kind" "$what"
-      ((keep_up)) || cluster_down "$dir" ;;
+      cluster_down "$dir"
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies"
+      if ((keep_up)); then
+        start_shardpacs "$dir" "$srv" restart
+        ((SP_FAILED == 0)) || return 0
+        verify_find "$srv" SHARDPACS "$SCP_PORT" "$kind" "$again"
+      fi ;;
   esac
   ((keep_up)) || rm -rf "$dir"
   return 0
@@ -774,12 +894,23 @@ small_n=0 small_bytes=0 small_studies=0 ct_n=0 ct_bytes=0 ct_studies=0 find_stud
 # shellcheck disable=SC1091
 source "$work/meta.sh"   # the counts above, as the data set has them
 echo "clk_tck=$(getconf CLK_TCK)" >>"$work/meta.sh"   # the unit of the cpu records
+find_disk
+echo "disk_name=$DISK_NAME" >>"$work/meta.sh"
 cat "$work/small.lst" "$work/ct.lst" | xargs cat >/dev/null   # page cache warm for everyone
+# The disk counter is the whole device's: what else writes to it while
+# nothing of ours runs (2 s, after a sync) is printed beside the results.
+disk_note="disk: not measured (the work folder is on no block device)"
+if [[ -n $DISK_NAME ]]; then
+  sync
+  s0=$(disk_sectors); sleep 2; s1=$(disk_sectors)
+  disk_note="disk: $DISK_NAME, written by others while idle before the run:"
+  disk_note+=" $(((s1 - s0) * 512 / 2 / 1024)) KiB/s (counted in the disk columns too)"
+fi
 orthanc_version=$(/usr/sbin/Orthanc --version 2>/dev/null | sed -n '1s/.* //p' || true)
 echo "ShardPACS ingest/query/retrieve benchmark, $(date -u +%Y-%m-%d), $(nproc) CPUs;" \
   "DCMTK $(storescu --version | sed -n '1s/.*storescu v\([^ ]*\).*/\1/p'), Orthanc ${orthanc_version:-not installed}." \
   "Data: small $small_n × $((small_bytes / small_n)) B, CT $ct_n × $((ct_bytes / ct_n)) B, $ct_studies studies;" \
-  "median of $repeat fresh-state run(s) per cell; TCP_NODELAY=1 everywhere."
+  "median of $repeat fresh-state run(s) per cell; TCP_NODELAY=1 everywhere; $disk_note."
 echo
 if (want shardpacs || want shardpacs1) && ((!run_sp)); then
   echo "ShardPACS: skipped (deploy/local-cluster.sh is missing)."
