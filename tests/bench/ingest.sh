@@ -21,8 +21,9 @@
 #   --retrieve MODE   list: one request with every CT study UID (default);
 #                     per-study: one getscu/movescu process per study
 #   --quick           smoke run: --small 200 --ct 100 --find-runs 5 --repeat 1
-#   --only LIST       comma list of shardpacs,storescp,orthanc,dcmqrscp
-#                     (default all four)
+#   --only LIST       comma list of shardpacs (3 nodes, N=3), shardpacs1
+#                     (1 node, N=1: one copy, the same work as Orthanc),
+#                     storescp, orthanc, dcmqrscp (default all five)
 #   --keep            keep the work folder (data, logs, server state)
 #
 # Prints Markdown tables (numbers only; it asserts nothing about speed) and a
@@ -44,7 +45,39 @@
 #   runs from starting the first storescu to the exit of the last one
 #   (process start included). Every run is then verified by SOP Instance
 #   UID: storescp by reading the files it wrote, the others by an
-#   IMAGE-level C-FIND per series (Orthanc also by REST /statistics).
+#   IMAGE-level C-FIND per series (Orthanc also by REST /statistics;
+#   the C-FIND responses go to a tmpfs scratch folder when /dev/shm is
+#   one). Then the server is stopped cleanly (SIGTERM; ShardPACS:
+#   local-cluster.sh down) and `sync` runs. The server that C-FIND and
+#   retrieval use is then started again on the state its last CT run left
+#   (Orthanc and dcmqrscp: same folders, new process; ShardPACS:
+#   local-cluster.sh up on the same DIR, i.e. the same keys and node data,
+#   new ports) and verified once more.
+# - Server CPU per ingest run: utime + stime + cutime + cstime from
+#   /proc/PID/stat, summed over the server's processes and all their
+#   descendants, live or zombie (so storescp's and dcmqrscp's per-association
+#   children count whether reaped or not), sampled just before the clock
+#   starts and just after it stops. Shown as CPU seconds per GB (10^9 bytes
+#   of data set files), the median of the runs; for ShardPACS also split
+#   into the router and the nodes (sum of all nodes). The clients
+#   (storescu) are NOT counted, nor server work still running when the last
+#   storescu exits (e.g. RocksDB flushes and compactions). Clock-tick
+#   resolution (10 ms per process) makes --quick numbers coarse.
+# - Disk bytes per ingest run: sectors written (field 10 of
+#   /proc/diskstats, x 512) of the block device that holds the work folder
+#   (its partition's own row if it is one), from just before the clock
+#   starts (after the `sync`) to after the verification, the server's
+#   clean stop and a `sync`: the server's data, index, journal and log
+#   writes, with the file system's own overhead. The counter is the
+#   device's: anything else writing to that disk meanwhile counts too (run
+#   it on a quiet machine; the first output line gives the rate others
+#   wrote at during 2 idle seconds before the run). Shown per byte of data
+#   set files ingested and, divided by the copies kept (ShardPACS N; the
+#   anchors keep one), per byte stored. ShardPACS nodes that do not flush
+#   their RocksDB memtables at a clean stop leave what was still in them
+#   counted once (WAL) instead of twice (WAL, then SST or blob file). Not
+#   measured (shown as —) when the work folder is on no block device
+#   (tmpfs, overlayfs).
 # - storescp (floor): storescp --fork +B -dhl -od DIR: one process per
 #   association (so 4 associations really run in parallel), bit-preserving
 #   (writes the received data set bytes to a file without parsing or
@@ -57,14 +90,19 @@
 #   instances: two stores can land in one file name); its CT ingest is
 #   shown for reference.
 # - ShardPACS: deploy/local-cluster.sh up DIR --nodes 3 --port P
-#   --replicas 3 --move-dest BENCHDEST=127.0.0.1:PORT; skipped with a note
-#   when that script is missing. It runs last so its background work never
-#   overlaps another server's ingest.
-# - C-FIND: the archives left populated by the last CT ingest run plus
-#   --find-studies extra studies, all running at once; study-level queries
-#   (Study Root), one findscu process per query, interleaved run by run
-#   across queries and servers, median ms. echoscu (process start +
-#   association + C-ECHO) is the baseline.
+#   --replicas 3 --quorum 2 --http-port H --move-dest
+#   BENCHDEST=127.0.0.1:PORT (P and H free ports, DICOMweb unused but on as
+#   by default); skipped with a note when that script is missing.
+#   shardpacs1 (the "N=1" rows): the same with --nodes 1 --replicas 1
+#   --quorum 1, one copy of every instance like the anchors; ingest only
+#   (C-FIND and retrieval use the N=3 cluster). ShardPACS runs last, N=1
+#   before N=3, so a cluster's background work never overlaps another
+#   server's ingest.
+# - C-FIND: the archives left populated by the last CT ingest run
+#   (restarted after it, see Ingest) plus --find-studies extra studies, all
+#   running at once; study-level queries (Study Root), one findscu process
+#   per query, interleaved run by run across queries and servers, median
+#   ms. echoscu (process start + association + C-ECHO) is the baseline.
 # - Retrieval: the whole CT set. Default: ONE association and ONE
 #   STUDY-level request whose Study Instance UID is the list of all CT
 #   studies. --retrieve per-study:
@@ -82,7 +120,7 @@ PY=/usr/bin/python3
 
 n_small=2000 n_ct=1000 n_studies=20 n_find=100 repeat=3 find_runs=20 keep=0
 retrieve_mode=list
-only=shardpacs,storescp,orthanc,dcmqrscp
+only=shardpacs,shardpacs1,storescp,orthanc,dcmqrscp
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 need_num() { [[ ${2:-} =~ ^[0-9]+$ ]] || { echo "ingest.sh: $1 needs a number" >&2; exit 2; }; }
@@ -108,6 +146,10 @@ done
   { echo "ingest.sh: counts must be positive" >&2; exit 2; }
 
 want() { [[ ,$only, == *,$1,* ]]; }
+for name in ${only//,/ }; do
+  [[ $name =~ ^(shardpacs|shardpacs1|storescp|orthanc|dcmqrscp)$ ]] ||
+    { echo "ingest.sh: --only: unknown server $name (try --help)" >&2; exit 2; }
+done
 say() { printf 'bench [%3ds]: %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'bench: ERROR: %s\n' "$*" >&2; exit 1; }
 now_us() { local t=$EPOCHREALTIME; echo "${t/./}"; }
@@ -269,8 +311,11 @@ def _read(results):
         rows.append(line.rstrip("\n").split("\t"))
     return rows
 
-NAMES = {"shardpacs": "ShardPACS", "storescp": "storescp", "orthanc": "Orthanc",
-         "dcmqrscp": "dcmqrscp"}
+NAMES = {"shardpacs": "ShardPACS", "shardpacs1": "ShardPACS N=1", "storescp": "storescp",
+         "orthanc": "Orthanc", "dcmqrscp": "dcmqrscp"}
+# Rows of the ingest table, in order, with their labels there.
+INGEST_ROWS = (("shardpacs", "ShardPACS N=3"), ("shardpacs1", "ShardPACS N=1"),
+               ("storescp", "storescp (floor)"), ("orthanc", "Orthanc"), ("dcmqrscp", "dcmqrscp"))
 
 def _rate(n, nbytes, us):
     s = us / 1e6
@@ -285,24 +330,75 @@ def _ratio(a, b):
 
 def table_ingest(results, metafile):
     meta = dict(l.split("=", 1) for l in open(metafile).read().split())
-    cells = {}
+    hz = int(meta["clk_tck"])
+    cells, cpu, disk = {}, {}, {}
     for r in _read(results):
-        if r[0] != "ingest": continue
-        _, srv, kind, conc, us, ok = r
-        cells.setdefault((srv, kind, conc), []).append(int(us))
+        if r[0] == "ingest":
+            _, srv, kind, conc, us, ok = r
+            cells.setdefault((srv, kind, conc), []).append(int(us))
+        elif r[0] == "cpu":   # one row per run and process kind
+            _, srv, kind, conc, rep, part, ticks = r
+            cpu.setdefault((srv, kind, conc), {}).setdefault(rep, {})[part] = int(ticks)
+        elif r[0] == "disk":  # one row per run
+            _, srv, kind, conc, rep, nbytes, copies = r
+            disk.setdefault((srv, kind, conc), []).append((int(nbytes), int(copies)))
     def get(srv, kind, conc):
         xs = cells.get((srv, kind, conc))
         if not xs: return None
         return _rate(int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"]), _med(xs))
-    print("### Ingest (C-STORE, storescu): instances/s (MiB/s)\n")
-    print("| data | assoc. | ShardPACS | storescp (floor) | Orthanc | dcmqrscp | ShardPACS/Orthanc | ShardPACS/storescp |")
-    print("|---|---|---|---|---|---|---|---|")
+    def cpu_gb(srv, kind, conc, part=None):
+        """Median over runs of the server's CPU seconds per GB (1e9 bytes)
+        of the data set: one process kind, or all of them (None)."""
+        runs = cpu.get((srv, kind, conc), {}).values()
+        xs = [sum(d.values()) if part is None else d[part] for d in runs if part is None or part in d]
+        gb = int(meta[f"{kind}_bytes"]) / 1e9
+        return (_med([x / hz / gb for x in xs]),) if xs else None
+    def cpu_cell(v):
+        return "—" if v is None else f"{v[0]:,.1f}"
+    def disk_bb(srv, kind, conc, per_copy=False):
+        """Median over runs of the disk bytes written per byte of the data
+        set, or per byte stored (divided by the number of copies)."""
+        xs = [w / (c if per_copy else 1) / int(meta[f"{kind}_bytes"])
+              for w, c in disk.get((srv, kind, conc), [])]
+        return (_med(xs),) if xs else None
+    def disk_cell(v):
+        return "—" if v is None else f"{v[0]:.2f}"
+    dev = meta.get("disk_name") or None
+    print("### Ingest (C-STORE, storescu): instances/s (MiB/s), server CPU seconds per GB ingested, "
+          f"bytes written to {dev or 'the disk (not found: not measured)'} per byte ingested "
+          "and per byte stored (÷ copies); ratios are this ÷ Orthanc\n")
+    print("| data | assoc. | server | instances/s (MiB/s) | ÷ Orthanc | CPU-s/GB | ÷ Orthanc "
+          "| disk B/B | ÷ Orthanc | disk B/B per copy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in ("small", "ct"):
         n, b = int(meta[f"{kind}_n"]), int(meta[f"{kind}_bytes"])
         label = f"{kind} ({n:,} × {b / n / 1024:,.0f} KiB)"
         for conc in ("1", "4"):
-            sp, fl, orr, qr = (get(s, kind, conc) for s in ("shardpacs", "storescp", "orthanc", "dcmqrscp"))
-            print(f"| {label} | {conc} | {_cell(sp)} | {_cell(fl)} | {_cell(orr)} | {_cell(qr)} | {_ratio(sp, orr)} | {_ratio(sp, fl)} |")
+            orr, orr_cpu = get("orthanc", kind, conc), cpu_gb("orthanc", kind, conc)
+            orr_disk = disk_bb("orthanc", kind, conc)
+            for srv, name in INGEST_ROWS:
+                v = get(srv, kind, conc)
+                if v is None: continue
+                c, d = cpu_gb(srv, kind, conc), disk_bb(srv, kind, conc)
+                print(f"| {label} | {conc} | {name} | {_cell(v)} | {_ratio(v, orr)} "
+                      f"| {cpu_cell(c)} | {_ratio(c, orr_cpu)} "
+                      f"| {disk_cell(d)} | {_ratio(d, orr_disk)} "
+                      f"| {disk_cell(disk_bb(srv, kind, conc, True))} |")
+    print()
+    sp = [(srv, name) for srv, name in INGEST_ROWS
+          if srv.startswith("shardpacs") and any(k[0] == srv for k in cpu)]
+    if not sp: return
+    print("### ShardPACS: CPU seconds per GB ingested, by process kind "
+          "(each column its own median over runs)\n")
+    print("| data | assoc. | cluster | router | nodes (sum of all) | total |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("small", "ct"):
+        for conc in ("1", "4"):
+            for srv, name in sp:
+                if (srv, kind, conc) not in cpu: continue
+                print(f"| {kind} | {conc} | {name} | "
+                      + " | ".join(cpu_cell(cpu_gb(srv, kind, conc, p)) for p in ("router", "nodes", None))
+                      + " |")
     print()
 
 def table_find(results, findtsv, metafile):
@@ -384,6 +480,13 @@ py() { "$PY" -c "$PYHELPER" "$@"; }
 # ---------------------------------------------------------------------------
 # Work folder, process bookkeeping, cleanup.
 work=$(mktemp -d "${TMPDIR:-/tmp}/spbench.XXXXXX")
+# Scratch for the verification C-FINDs' response files: on tmpfs when there
+# is one, so that they are not written to the measured disk.
+if [[ -d /dev/shm && -w /dev/shm && $(stat -f -c %T /dev/shm) == tmpfs ]]; then
+  scratch=$(mktemp -d /dev/shm/spbench.XXXXXX)
+else
+  scratch=$work
+fi
 results=$work/results.tsv
 : >"$results"
 declare -A PIDS=()          # name -> pid of every server started here
@@ -418,6 +521,7 @@ cleanup() {
   trap - EXIT INT TERM
   for dir in "${!CLUSTERS[@]}"; do cluster_down "$dir"; done
   for name in "${!PIDS[@]}"; do stop_server "$name"; done
+  [[ $scratch == "$work" ]] || rm -rf "$scratch"
   if ((keep)); then say "work folder kept: $work"; else rm -rf "$work"; fi
   exit "$rc"
 }
@@ -526,12 +630,34 @@ EOF
 }
 
 # --- ShardPACS ----------------------------------------------------------------
-start_shardpacs() {  # start_shardpacs DIR -> SCP_PORT
-  local dir=$1 port
+# sp_shape SERVER: "nodes replicas write-quorum" of a ShardPACS row.
+sp_shape() {
+  case $1 in
+    shardpacs) echo "3 3 2" ;;
+    shardpacs1) echo "1 1 1" ;;
+    *) die "sp_shape: $1 is not a ShardPACS row" ;;
+  esac
+}
+
+# sp_node_pids DIR: the pids of the cluster's nodes, comma-separated.
+sp_node_pids() {
+  local f pids=""
+  for f in "$1"/n*/node.pid; do pids+=${pids:+,}$(cat "$f"); done
+  echo "$pids"
+}
+
+# start_shardpacs DIR SERVER [restart] -> SCP_PORT: a new cluster in an
+# empty DIR; with "restart", the stopped cluster of DIR again on its own
+# state (keys, node data), by the same `local-cluster.sh up DIR` on new
+# free ports (the nodes find each other again through gossip).
+start_shardpacs() {
+  local dir=$1 how=${3:-new} port http nodes replicas quorum
+  read -r nodes replicas quorum < <(sp_shape "$2")
   for _ in 1 2 3; do
-    port=$(free_port)
-    rm -rf "$dir"
-    if "$cluster_sh" up "$dir" --no-viewer --nodes 3 --port "$port" --replicas 3 \
+    read -r port http < <(py ports 2)
+    [[ $how == restart ]] || rm -rf "$dir"
+    if "$cluster_sh" up "$dir" --no-viewer --nodes "$nodes" --port "$port" \
+         --replicas "$replicas" --quorum "$quorum" --http-port "$http" \
          --move-dest "BENCHDEST=127.0.0.1:$DEST_PORT" >>"$work/shardpacs.log" 2>&1; then
       CLUSTERS[$dir]=1
       if wait_echo SHARDPACS "$port" "" 10; then SCP_PORT=$port; return 0; fi
@@ -542,7 +668,7 @@ start_shardpacs() {  # start_shardpacs DIR -> SCP_PORT
   done
   # Not fatal at once: the anchors' numbers are still printed, then exit 1.
   tail -30 "$work/shardpacs.log" >&2
-  echo "ERROR: ShardPACS (deploy/local-cluster.sh up) did not start; the rest of the run goes on without it"
+  echo "ERROR: ShardPACS (deploy/local-cluster.sh up, $how) did not start; the rest of the run goes on without it"
   echo
   SP_FAILED=1 failed=1
 }
@@ -550,13 +676,90 @@ start_shardpacs() {  # start_shardpacs DIR -> SCP_PORT
 # ---------------------------------------------------------------------------
 # Measurements.
 
-# ingest SERVER AE PORT KIND CONC -> appends to results; checks storescu logs
+# The block device that holds the work folder (sets DISK_MAJ, DISK_MIN,
+# DISK_NAME; all empty when there is none, e.g. on tmpfs or overlayfs): the
+# file system's own device (a partition has its own /proc/diskstats row),
+# else the block device df names as its source.
+DISK_MAJ='' DISK_MIN='' DISK_NAME=''
+find_disk() {
+  local maj min src
+  read -r maj min < <(stat -c '%Hd %Ld' "$work")
+  if [[ ! -e /sys/dev/block/$maj:$min ]]; then
+    src=$(df -P "$work" | awk 'NR == 2 { print $1 }')
+    [[ -b $src ]] || return 0
+    maj=$((16#$(stat -L -c %t "$src"))) min=$((16#$(stat -L -c %T "$src")))
+    [[ -e /sys/dev/block/$maj:$min ]] || return 0
+  fi
+  DISK_MAJ=$maj DISK_MIN=$min
+  DISK_NAME=$(basename "$(readlink -f "/sys/dev/block/$maj:$min")")
+}
+
+# disk_sectors: sectors (512 bytes) written to DISK_NAME since boot (field
+# 10 of its /proc/diskstats row); empty without a disk.
+disk_sectors() {
+  [[ -n $DISK_NAME ]] || return 0
+  awk -v M="$DISK_MAJ" -v m="$DISK_MIN" '$1 == M && $2 == m { print $10 }' /proc/diskstats
+}
+
+# disk_record SERVER KIND CONC REP COPIES: after the server's clean stop,
+# a sync, then a disk record of the bytes written since ingest sampled
+# DISK0 (before its clock started).
+DISK0=
+disk_record() {
+  local now
+  sync
+  now=$(disk_sectors)
+  [[ -n $now && -n $DISK0 ]] || return 0
+  printf 'disk\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(((now - DISK0) * 512))" "$5" \
+    >>"$results"
+  DISK0=
+}
+
+# cpu_sample PART=PID[,PID...]...: prints "PART TICKS" for every PART, TICKS
+# being utime + stime + cutime + cstime (clock ticks) summed over the PIDs
+# and all their descendants, live or zombie, from one pass over /proc. A
+# child's times move into its parent's cutime/cstime when it is reaped, so
+# the sum does not change when a child exits between two samples (storescp
+# --fork, dcmqrscp: one child per association).
+cpu_sample() {
+  { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v spec="$*" '
+    {
+      match($0, /.*\) /)   # the command name may hold spaces and parentheses
+      split(substr($0, RLENGTH + 1), f, " ")
+      par[$1] = f[2]; t[$1] = f[12] + f[13] + f[14] + f[15]
+    }
+    END {
+      n = split(spec, parts, " ")
+      for (i = 1; i <= n; i++) {
+        split(parts[i], kv, "="); m = split(kv[2], roots, ",")
+        split("", tree)
+        for (j = 1; j <= m; j++) tree[roots[j]] = 1
+        do {
+          added = 0
+          for (p in par) if (!(p in tree) && (par[p] in tree)) { tree[p] = 1; added = 1 }
+        } while (added)
+        sum = 0
+        for (p in tree) if (p in t) sum += t[p]
+        print kv[1], sum
+      }
+    }'
+}
+
+# ingest SERVER AE PORT KIND CONC [REP PART=PID,...]...: the timed ingest,
+# appended to results; checks storescu logs. With REP, also the server's CPU
+# ticks of every PART from just before the clock starts to just after it
+# stops (cpu records), and DISK0 for disk_record.
 ingest() {
-  local srv=$1 ae=$2 port=$3 kind=$4 conc=$5 i t0 t1 rc=0 errs
-  local -a pids=() files=()
+  local srv=$1 ae=$2 port=$3 kind=$4 conc=$5 rep=${6:-} i t0 t1 rc=0 errs part ticks
+  local -a pids=() files=() parts=("${@:7}")
+  local -A cpu0=()
   local log=$work/storescu.$srv.$kind.$conc.log
   : >"$log"
   sync   # start every timed run with no dirty pages left by the previous one
+  if ((${#parts[@]})); then
+    DISK0=$(disk_sectors)
+    while read -r part ticks; do cpu0[$part]=$ticks; done < <(cpu_sample "${parts[@]}")
+  fi
   t0=$(now_us)
   if ((conc == 1)); then
     mapfile -t files <"$work/$kind.lst"
@@ -570,6 +773,12 @@ ingest() {
     for i in "${pids[@]}"; do wait "$i" || rc=$?; done
   fi
   t1=$(now_us)
+  if ((${#parts[@]})); then
+    while read -r part ticks; do
+      printf 'cpu\t%s\t%s\t%s\t%s\t%s\t%s\n' "$srv" "$kind" "$conc" "$rep" "$part" \
+        "$((ticks - cpu0[$part]))" >>"$results"
+    done < <(cpu_sample "${parts[@]}")
+  fi
   errs=$(grep -c '^E:' "$log" || true)
   if ((rc != 0 || errs > 0)); then
     echo "STORESCU: ${srv} ${kind} x${conc}: exit status $rc, $errs error lines (first: $(grep -m1 '^E:' "$log" || true))"
@@ -590,7 +799,7 @@ report_verify() {
 
 # verify_find SERVER AE PORT KIND WHAT: IMAGE-level C-FIND per series
 verify_find() {
-  local srv=$1 ae=$2 port=$3 kind=$4 what=$5 d=$work/vf
+  local srv=$1 ae=$2 port=$3 kind=$4 what=$5 d=$scratch/vf
   rm -rf "$d"; mkdir -p "$d"
   findscu -S -X -od "$d" -aet BENCH -aec "$ae" 127.0.0.1 "$port" \
     "$work"/q/verify-"$kind"/*.dcm >>"$work/verify.log" 2>&1 ||
@@ -604,36 +813,66 @@ orthanc_count() {
     "$PY" -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])'
 }
 
-# One fresh-state ingest cell: start, ingest, verify, stop (or keep the last).
+orthanc_verify_count() {  # orthanc_verify_count KIND WHAT
+  local n
+  n=$(orthanc_count || echo "?")
+  [[ $n == "$(wc -l <"$work/$1.uids")" ]] ||
+    echo "LOST: $2: Orthanc /statistics counts $n instances, expected $(wc -l <"$work/$1.uids")"
+}
+
+# One fresh-state ingest cell: start, ingest, verify, stop cleanly, sync,
+# disk record. KEEP_RUNNING (the last run of the servers C-FIND and
+# retrieval use): the server is started again on the state it left and
+# verified once more.
 run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
-  local srv=$1 kind=$2 conc=$3 rep=$4 keep_up=$5 dir=$work/state/$1.$2.$3.$4 n
-  local what="$srv $kind x$conc (run $rep)"
+  local srv=$1 kind=$2 conc=$3 rep=$4 keep_up=$5 dir=$work/state/$1.$2.$3.$4 copies=1
+  local what="$srv $kind x$conc (run $rep)" again="$srv $kind x$conc (run $rep, after a restart)"
+  local nodes replicas quorum
   say "ingest: $what"
   case $srv in
     storescp)
       start_storescp storescp STORESCP "$dir"
-      ingest storescp STORESCP "$SCP_PORT" "$kind" "$conc"
+      ingest storescp STORESCP "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[storescp]}"
       report_verify "$what" "$(py verify "$dir" "$work/$kind.uids")"
-      stop_server storescp ;;
+      stop_server storescp
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies" ;;
     orthanc)
       start_orthanc "$dir"
-      ingest orthanc ORTHANC "$SCP_PORT" "$kind" "$conc"
+      ingest orthanc ORTHANC "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[orthanc]}"
       verify_find orthanc ORTHANC "$SCP_PORT" "$kind" "$what"
-      n=$(orthanc_count || echo "?")
-      [[ $n == "$(wc -l <"$work/$kind.uids")" ]] ||
-        echo "LOST: $what: Orthanc /statistics counts $n instances, expected $(wc -l <"$work/$kind.uids")"
-      ((keep_up)) || stop_server orthanc ;;
+      orthanc_verify_count "$kind" "$what"
+      stop_server orthanc
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies"
+      if ((keep_up)); then
+        start_orthanc "$dir"
+        verify_find orthanc ORTHANC "$SCP_PORT" "$kind" "$again"
+        orthanc_verify_count "$kind" "$again"
+      fi ;;
     dcmqrscp)
       start_dcmqrscp "$dir"
-      ingest dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$conc"
+      ingest dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$conc" "$rep" "server=${PIDS[dcmqrscp]}"
       verify_find dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$what"
-      ((keep_up)) || stop_server dcmqrscp ;;
-    shardpacs)
-      start_shardpacs "$dir"
+      stop_server dcmqrscp
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies"
+      if ((keep_up)); then
+        start_dcmqrscp "$dir"
+        verify_find dcmqrscp DCMQRSCP "$SCP_PORT" "$kind" "$again"
+      fi ;;
+    shardpacs|shardpacs1)
+      read -r nodes replicas quorum < <(sp_shape "$srv")
+      copies=$replicas
+      start_shardpacs "$dir" "$srv"
       ((SP_FAILED == 0)) || return 0
-      ingest shardpacs SHARDPACS "$SCP_PORT" "$kind" "$conc"
-      verify_find shardpacs SHARDPACS "$SCP_PORT" "$kind" "$what"
-      ((keep_up)) || cluster_down "$dir" ;;
+      ingest "$srv" SHARDPACS "$SCP_PORT" "$kind" "$conc" "$rep" \
+        "router=$(cat "$dir/router.pid")" "nodes=$(sp_node_pids "$dir")"
+      verify_find "$srv" SHARDPACS "$SCP_PORT" "$kind" "$what"
+      cluster_down "$dir"
+      disk_record "$srv" "$kind" "$conc" "$rep" "$copies"
+      if ((keep_up)); then
+        start_shardpacs "$dir" "$srv" restart
+        ((SP_FAILED == 0)) || return 0
+        verify_find "$srv" SHARDPACS "$SCP_PORT" "$kind" "$again"
+      fi ;;
   esac
   ((keep_up)) || rm -rf "$dir"
   return 0
@@ -643,7 +882,7 @@ run_ingest_cell() {  # SERVER KIND CONC REP KEEP_RUNNING
 say "work folder $work; small=$n_small ct=$n_ct studies=$n_studies repeat=$repeat find-runs=$find_runs"
 
 run_sp=0 SP_FAILED=0 failed=0
-if want shardpacs; then
+if want shardpacs || want shardpacs1; then
   if [[ -x $cluster_sh ]]; then run_sp=1
   else say "ShardPACS: skipped, deploy/local-cluster.sh is missing"; fi
 fi
@@ -654,14 +893,26 @@ py prepare "$root" "$work" "$n_small" "$n_ct" "$n_studies" "$n_find" || die "the
 small_n=0 small_bytes=0 small_studies=0 ct_n=0 ct_bytes=0 ct_studies=0 find_studies=0
 # shellcheck disable=SC1091
 source "$work/meta.sh"   # the counts above, as the data set has them
+echo "clk_tck=$(getconf CLK_TCK)" >>"$work/meta.sh"   # the unit of the cpu records
+find_disk
+echo "disk_name=$DISK_NAME" >>"$work/meta.sh"
 cat "$work/small.lst" "$work/ct.lst" | xargs cat >/dev/null   # page cache warm for everyone
+# The disk counter is the whole device's: what else writes to it while
+# nothing of ours runs (2 s, after a sync) is printed beside the results.
+disk_note="disk: not measured (the work folder is on no block device)"
+if [[ -n $DISK_NAME ]]; then
+  sync
+  s0=$(disk_sectors); sleep 2; s1=$(disk_sectors)
+  disk_note="disk: $DISK_NAME, written by others while idle before the run:"
+  disk_note+=" $(((s1 - s0) * 512 / 2 / 1024)) KiB/s (counted in the disk columns too)"
+fi
 orthanc_version=$(/usr/sbin/Orthanc --version 2>/dev/null | sed -n '1s/.* //p' || true)
 echo "ShardPACS ingest/query/retrieve benchmark, $(date -u +%Y-%m-%d), $(nproc) CPUs;" \
   "DCMTK $(storescu --version | sed -n '1s/.*storescu v\([^ ]*\).*/\1/p'), Orthanc ${orthanc_version:-not installed}." \
   "Data: small $small_n × $((small_bytes / small_n)) B, CT $ct_n × $((ct_bytes / ct_n)) B, $ct_studies studies;" \
-  "median of $repeat fresh-state run(s) per cell; TCP_NODELAY=1 everywhere."
+  "median of $repeat fresh-state run(s) per cell; TCP_NODELAY=1 everywhere; $disk_note."
 echo
-if want shardpacs && ((!run_sp)); then
+if (want shardpacs || want shardpacs1) && ((!run_sp)); then
   echo "ShardPACS: skipped (deploy/local-cluster.sh is missing)."
   echo
 fi
@@ -673,20 +924,23 @@ start_storescp dest BENCHDEST "$dest_dir"
 DEST_PORT=$SCP_PORT
 
 # Ingest. Servers that C-FIND and retrieval need stay up after their last
-# (CT, 4 associations) run; ShardPACS goes last so its background work never
-# overlaps another server's ingest.
+# (CT, 4 associations) run; ShardPACS goes last (N=1, then N=3, which C-FIND
+# and retrieval use) so its background work never overlaps another server's
+# ingest.
 declare -A SRV_PORT=() SRV_AE=()
 ingest_servers=()
 want storescp && ingest_servers+=(storescp)
 want orthanc && ingest_servers+=(orthanc)
-((run_sp)) && ingest_servers+=(shardpacs)
+((run_sp)) && want shardpacs1 && ingest_servers+=(shardpacs1)
+((run_sp)) && want shardpacs && ingest_servers+=(shardpacs)
 for srv in "${ingest_servers[@]}"; do
   for kind in small ct; do
     for conc in 1 4; do
       for ((rep = 1; rep <= repeat; rep++)); do
-        [[ $srv == shardpacs ]] && ((SP_FAILED)) && break 3
+        [[ $srv == shardpacs* ]] && ((SP_FAILED)) && break 3
         last=0
-        [[ $srv != storescp && $kind == ct && $conc == 4 && $rep == "$repeat" ]] && last=1
+        [[ ($srv == orthanc || $srv == shardpacs) && $kind == ct && $conc == 4 &&
+           $rep == "$repeat" ]] && last=1
         run_ingest_cell "$srv" "$kind" "$conc" "$rep" "$last"
       done
     done
