@@ -639,14 +639,14 @@ static void run_syncs(gossip_t *g, int64_t now_ms)
 {
     if (now_ms >= g->next_sync_ms) {
         g->next_sync_ms = now_ms + g->cfg.sync_interval_ms;
-        size_t pick;
+        size_t pick = 0;
         if (pick_random(g, 1, -1, gossip_state_reachable, &pick) == 1) {
             g->stats.syncs++;
             send_full_state(g, GOSSIP_SYNC_REQ, (long)pick, NULL, NULL);
         }
         /* The reconnect attempt: heals a partition after both sides gave up
          * on each other, and finds a restarted member on its old address. */
-        size_t gone;
+        size_t gone = 0;
         if (pick_random(g, 1, -1, ok_gone, &gone) == 1) {
             g->stats.syncs++;
             send_full_state(g, GOSSIP_SYNC_REQ, (long)gone, NULL, NULL);
