@@ -614,6 +614,14 @@ static void node_collect(void *ctx, admin_out_t *o)
         admin_out_family(o, "shardpacs_store_corrupt_reads_total",
                          "Corrupt objects seen by reads, scrubs and repairs", "counter");
         admin_out_sample(o, "shardpacs_store_corrupt_reads_total", "", (double)st.corrupt_reads);
+        admin_out_family(o, "shardpacs_store_blob_garbage_bytes",
+                         "Deleted object bytes still in blob files (as far as compaction counted)",
+                         "gauge");
+        admin_out_sample(o, "shardpacs_store_blob_garbage_bytes", "",
+                         (double)st.blob_garbage_bytes);
+        admin_out_family(o, "shardpacs_store_blob_gc",
+                         "1 while blob garbage collection runs (after deletes), else 0", "gauge");
+        admin_out_sample(o, "shardpacs_store_blob_gc", "", st.blob_gc ? 1.0 : 0.0);
     }
     admin_out_family(o, "shardpacs_disk_reserve_bytes",
                      "[store] reserve: free space below which new objects are refused", "gauge");

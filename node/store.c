@@ -123,6 +123,7 @@ struct store {
     _Atomic uint64_t metadata_rebuilt;  /* 'M' records derived at read time */
     int max_conflicts;                  /* store_config_t.max_conflicts, read-only after open */
     _Atomic int blob_gc;                /* blob GC of the object families: -1 unknown, 0 off, 1 on */
+    _Atomic int64_t blob_gc_hold_ms;    /* after a delete, GC stays on until then */
 };
 
 /* The secondary indexes on study attributes: type byte and attribute. */
@@ -3012,6 +3013,24 @@ int store_scrub(store_t *s, const char *cursor, size_t max_objects, store_entry_
  * before compaction has counted it) and stops below BLOB_GC_OFF. */
 #define BLOB_GC_ON 0.20
 #define BLOB_GC_OFF 0.05
+/* Compaction counts a delete's garbage only once it reaches the deleted
+ * references; until then the ratio says nothing, so GC stays on this long. */
+#define BLOB_GC_HOLD_MS (3600 * 1000)
+
+/* Live blob file bytes of the object families, and the garbage in them. */
+static void blob_sizes(store_t *s, uint64_t *live, uint64_t *garbage)
+{
+    int fams[] = {CF_OBJECTS, CF_CONFLICTS};
+    for (size_t i = 0; i < SP_ARRAY_LEN(fams); i++) {
+        uint64_t v = 0;
+        if (rocksdb_property_int_cf(s->db, s->cf[fams[i]], "rocksdb.live-blob-file-size", &v) == 0)
+            *live += v;
+        v = 0;
+        if (rocksdb_property_int_cf(s->db, s->cf[fams[i]], "rocksdb.live-blob-file-garbage-size",
+                                    &v) == 0)
+            *garbage += v;
+    }
+}
 
 static void blob_gc_set(store_t *s, int on)
 {
@@ -3037,25 +3056,17 @@ void store_blob_gc_tune(store_t *s, bool deleted)
     if (!s)
         return;
     if (deleted) {
+        atomic_store(&s->blob_gc_hold_ms, sp_now_ms() + BLOB_GC_HOLD_MS);
         blob_gc_set(s, 1);
         return;
     }
     uint64_t live = 0, garbage = 0;
-    int fams[] = {CF_OBJECTS, CF_CONFLICTS};
-    for (size_t i = 0; i < SP_ARRAY_LEN(fams); i++) {
-        uint64_t v = 0;
-        if (rocksdb_property_int_cf(s->db, s->cf[fams[i]], "rocksdb.live-blob-file-size", &v) == 0)
-            live += v;
-        v = 0;
-        if (rocksdb_property_int_cf(s->db, s->cf[fams[i]], "rocksdb.live-blob-file-garbage-size",
-                                    &v) == 0)
-            garbage += v;
-    }
+    blob_sizes(s, &live, &garbage);
     double ratio = live ? (double)garbage / (double)live : 0.0;
     int now = atomic_load(&s->blob_gc);
     if (ratio >= BLOB_GC_ON)
         blob_gc_set(s, 1);
-    else if (ratio < BLOB_GC_OFF || now < 0)
+    else if ((ratio < BLOB_GC_OFF && sp_now_ms() >= atomic_load(&s->blob_gc_hold_ms)) || now < 0)
         blob_gc_set(s, 0);
 }
 
@@ -3074,6 +3085,9 @@ int store_stats(store_t *s, store_stats_t *out)
     out->conflicts_refused = atomic_load(&s->conflicts_refused);
     out->object_bytes_read = atomic_load(&s->object_bytes_read);
     out->metadata_rebuilt = atomic_load(&s->metadata_rebuilt);
+    uint64_t live = 0;
+    blob_sizes(s, &live, &out->blob_garbage_bytes);
+    out->blob_gc = atomic_load(&s->blob_gc) == 1;
     for (int i = 0; i < CF_COUNT; i++) {
         uint64_t v = 0;
         if (rocksdb_property_int_cf(s->db, s->cf[i], "rocksdb.total-sst-files-size", &v) == 0)

@@ -447,6 +447,9 @@ typedef struct {
                                  * since start (gets, scrubs, repairs,
                                  * metadata rebuilds) */
     uint64_t metadata_rebuilt;  /* metadata records derived at read time */
+    uint64_t blob_garbage_bytes; /* deleted or replaced object bytes still in
+                                  * blob files (as far as compaction counted) */
+    bool blob_gc;                /* blob garbage collection on (store_blob_gc_tune) */
 } store_stats_t;
 
 /* instances, bytes and studies count what store_put() stored (maintained

@@ -1729,6 +1729,36 @@ static void check_finds_without_7(store_t *s)
     assert_int_equal(n, 0);
 }
 
+/* Blob GC (which rewrites valid blobs) is off while nothing was deleted,
+ * on right after a delete and held on while compaction has not yet counted
+ * the delete's garbage; the objects left are untouched. */
+static void test_blob_gc_only_with_garbage(void **state)
+{
+    fixture_t *fx = *state;
+    const size_t len = 64u << 10; /* over blob_min_bytes: a blob file value */
+    assert_false(stats(fx->s).blob_gc);
+    char sops[4][32];
+    for (int i = 0; i < 4; i++) {
+        snprintf(sops[i], sizeof sops[i], "1.2.70.1.%d", i + 1);
+        inst_t in = simple(7, "1.2.70", "1.2.70.1", sops[i]);
+        put_ok(fx->s, &in, len, 700 + (uint32_t)i);
+    }
+    inst_t keep = simple(8, "1.2.80", "1.2.80.1", "1.2.80.1.1");
+    put_ok(fx->s, &keep, len, 800);
+    store_blob_gc_tune(fx->s, false);
+    assert_false(stats(fx->s).blob_gc);
+    reopen(fx);
+    assert_false(stats(fx->s).blob_gc);
+
+    uint64_t deleted = 0;
+    assert_int_equal(store_delete_partition(fx->s, 7, &deleted), 0);
+    assert_int_equal(deleted, 4);
+    assert_true(stats(fx->s).blob_gc);
+    store_blob_gc_tune(fx->s, false);
+    assert_true(stats(fx->s).blob_gc);
+    check_get(fx->s, &keep, len, 800);
+}
+
 static void test_delete_partition(void **state)
 {
     fixture_t *fx = *state;
@@ -3498,6 +3528,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_list_paging, setup, teardown),
         cmocka_unit_test_setup_teardown(test_persistence_across_reopen, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_puts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_blob_gc_only_with_garbage, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_partition, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_partition_multivalued, setup, teardown),
         cmocka_unit_test_setup_teardown(test_delete_partition_during_other_puts, setup, teardown),
