@@ -81,7 +81,7 @@ static const config_option_t node_options[] = {
         "This node's CURVE key pair file (mode 0600)"),
     OPT("keys", "cluster_keys", CONFIG_PATH, cluster_keys, "cluster.keys", 0, 0,
         "Allow-list of the public keys of every cluster member"),
-    OPT("store", "blob_min_size", CONFIG_SIZE, blob_min_size, "16K", 0, 1 << 30,
+    OPT("store", "blob_min_size", CONFIG_SIZE, blob_min_size, "2K", 0, 1 << 30,
         "Objects this size or larger go to RocksDB blob files"),
     OPT("store", "write_buffer", CONFIG_SIZE, write_buffer, "64M", 1 << 20, 1LL << 34,
         "RocksDB memtable size per column family"),

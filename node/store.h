@@ -118,7 +118,7 @@ typedef struct store store_t;
 
 typedef struct {
     char *path;                /* database directory (created if missing) */
-    size_t blob_min_bytes;     /* values this size or more go to blob files; default 16 KiB */
+    size_t blob_min_bytes;     /* values this size or more go to blob files; default 2 KiB */
     size_t write_buffer_bytes; /* memtable size per column family; default 64 MiB */
     size_t block_cache_bytes;  /* default 128 MiB */
     int background_jobs;       /* RocksDB flush/compaction threads; default 2 */
