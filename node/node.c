@@ -87,8 +87,8 @@ static const config_option_t node_options[] = {
         "RocksDB memtable size per column family"),
     OPT("store", "block_cache", CONFIG_SIZE, block_cache, "128M", 0, 1LL << 40,
         "RocksDB block cache for index records"),
-    OPT("store", "background_jobs", CONFIG_INT, background_jobs, "2", 1, 64,
-        "RocksDB flush and compaction threads"),
+    OPT("store", "background_jobs", CONFIG_INT, background_jobs, "0", 0, 64,
+        "RocksDB flush and compaction threads; 0: one per core, at least 2"),
     OPT("store", "max_conflicts", CONFIG_INT, max_conflicts, "4", 0, 1000,
         "Versions of one SOP Instance UID kept aside besides the stored one (different bytes "
         "sent again); a put needing more is refused, answered 0x0111"),

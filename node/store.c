@@ -85,10 +85,10 @@ typedef struct {
     bool writer;              /* closed by a deleter */
 } gate_t;
 
-/* The summary of one partition as last computed, at generation gen (0 =
- * nothing cached). */
+/* The summary of one partition, kept current by every write (sum_add); a
+ * partition with an unreadable instance record reports SP_EDB instead. */
 typedef struct {
-    uint64_t gen;
+    bool corrupt;
     store_partition_summary_t sum;
 } sum_cache_t;
 
@@ -106,11 +106,10 @@ struct store {
     /* Puts of a study pass its gate shared; store_delete_partition() closes
      * it (exclusive) while it deletes the study. */
     gate_t study_gates[LOCK_STRIPES];
-    /* Summaries for anti-entropy rounds (store_partition_summaries):
-     * part_gen[p] is bumped after every write that changes partition p's
-     * instances; sums[p] (under sum_lock) is valid while its gen equals
-     * part_gen[p]. A partition known empty is a valid summary of count 0. */
-    _Atomic uint64_t *part_gen;
+    /* Summaries for anti-entropy rounds (store_partition_summaries),
+     * computed once at open and then updated by every write that changes a
+     * partition's instances (under sum_lock), so no round rescans a
+     * partition: that made ingest slower as the archive grew. */
     sum_cache_t *sums;
     pthread_mutex_t sum_lock;
     _Atomic uint64_t instances;
@@ -143,7 +142,7 @@ void store_config_defaults(store_config_t *cfg)
     cfg->blob_min_bytes = 2u << 10;
     cfg->write_buffer_bytes = 64u << 20;
     cfg->block_cache_bytes = 128u << 20;
-    cfg->background_jobs = 2;
+    cfg->background_jobs = 0; /* store_open: one per core, at least 2 */
     cfg->max_conflicts = 4;
 }
 
@@ -721,37 +720,90 @@ static void gate_open(gate_t *g)
     pthread_mutex_unlock(&g->mu);
 }
 
-/* Invalidates a partition's cached summary. Called after a write that
- * changes its instances has committed (or failed): a summary computed from
- * reads begun before the bump is then never taken as current, and one begun
- * after it sees the write. */
-static void part_touched(store_t *s, uint32_t part)
+/* A partition's digest is the sum, lane by lane (four 64-bit lanes, mod
+ * 2^64, little-endian bytes), of BLAKE2b-256(sop \0 digest) over its
+ * instances: independent of order, so a write adds or subtracts its
+ * instance's term instead of rehashing the partition. The per-instance
+ * terms are cryptographic, so two different sets of (SOP, digest) pairs
+ * meet only by a collision nobody can aim at (a replica holds what the
+ * cluster sent it). Empty partition: all zeros. */
+static void digest_term(const char *sop, const uint8_t digest[SP_DIGEST_LEN],
+                        uint64_t term[4])
+{
+    crypto_generichash_state st;
+    uint8_t h[32];
+    crypto_generichash_init(&st, NULL, 0, sizeof h);
+    crypto_generichash_update(&st, (const unsigned char *)sop, strlen(sop) + 1);
+    crypto_generichash_update(&st, digest, SP_DIGEST_LEN);
+    crypto_generichash_final(&st, h, sizeof h);
+    for (int i = 0; i < 4; i++) {
+        term[i] = 0;
+        for (int b = 7; b >= 0; b--)
+            term[i] = term[i] << 8 | h[8 * i + b];
+    }
+}
+
+/* acc (a partition digest) += sign * term. */
+static void digest_apply(uint8_t acc[SP_DIGEST_LEN], const uint64_t term[4], int sign)
+{
+    for (int i = 0; i < 4; i++) {
+        uint64_t v = 0;
+        for (int b = 7; b >= 0; b--)
+            v = v << 8 | acc[8 * i + b];
+        v = sign > 0 ? v + term[i] : v - term[i];
+        for (int b = 0; b < 8; b++)
+            acc[8 * i + b] = (uint8_t)(v >> (8 * b));
+    }
+}
+
+/* Updates a partition's summary after a committed write: sign +1 for an
+ * instance added, -1 for one removed. */
+static void sum_add(store_t *s, uint32_t part, const char *sop,
+                    const uint8_t digest[SP_DIGEST_LEN], uint64_t size, int sign)
 {
     SP_ASSERT(part < PARTITIONS);
-    atomic_fetch_add(&s->part_gen[part], 1);
+    uint64_t term[4];
+    digest_term(sop, digest, term);
+    pthread_mutex_lock(&s->sum_lock);
+    store_partition_summary_t *sum = &s->sums[part].sum;
+    digest_apply(sum->digest, term, sign);
+    sum->count = sign > 0 ? sum->count + 1 : sum->count - 1;
+    sum->bytes = sign > 0 ? sum->bytes + size : sum->bytes - size;
+    pthread_mutex_unlock(&s->sum_lock);
 }
 
 /* ---- open / close ------------------------------------------------- */
 
-/* Starts the summary cache with every partition known empty; count_at_open()
- * then drops the cached summary of each partition it finds an instance in. */
+/* Removes a deleted study's instances from its partition's summary: gone
+ * is the sum of their terms, n and bytes their count and size. */
+static void sum_remove(store_t *s, uint32_t part, const uint8_t gone[SP_DIGEST_LEN], uint64_t n,
+                       uint64_t bytes)
+{
+    uint64_t lanes[4];
+    for (int i = 0; i < 4; i++) {
+        lanes[i] = 0;
+        for (int b = 7; b >= 0; b--)
+            lanes[i] = lanes[i] << 8 | gone[8 * i + b];
+    }
+    pthread_mutex_lock(&s->sum_lock);
+    store_partition_summary_t *sum = &s->sums[part].sum;
+    digest_apply(sum->digest, lanes, -1);
+    sum->count -= n;
+    sum->bytes -= bytes;
+    pthread_mutex_unlock(&s->sum_lock);
+}
+
+/* Starts every partition's summary empty; count_at_open() adds what it finds. */
 static void sums_init(store_t *s)
 {
-    uint8_t none[SP_DIGEST_LEN];
-    sp_digest("", 0, none);
-    s->part_gen = sp_calloc(PARTITIONS, sizeof *s->part_gen);
     s->sums = sp_calloc(PARTITIONS, sizeof *s->sums);
     pthread_mutex_init(&s->sum_lock, NULL);
-    for (uint32_t p = 0; p < PARTITIONS; p++) {
-        atomic_init(&s->part_gen[p], 1);
-        s->sums[p].gen = 1;
+    for (uint32_t p = 0; p < PARTITIONS; p++)
         s->sums[p].sum.partition = p;
-        memcpy(s->sums[p].sum.digest, none, SP_DIGEST_LEN);
-    }
 }
 
 /* Counts instances, bytes, studies and kept conflicts for store_stats(),
- * and notes which partitions hold instances for the summary cache. */
+ * and sums every partition's summary (sum_add). */
 static int count_at_open(store_t *s)
 {
     scan_t sc;
@@ -767,15 +819,19 @@ static int count_at_open(store_t *s)
         size_t kn, vn;
         const char *k = scan_key(&sc, &kn), *v = scan_value(&sc, &vn);
         uint64_t size = 0;
-        if (kn >= 3)
-            s->sums[part_of(k + 1)].gen = 0; /* even if corrupt: summaries report it */
-        if (rec_decode(v, vn, 'I', NULL, &size, NULL) != 0) {
+        uint8_t d[SP_DIGEST_LEN];
+        loc_t loc;
+        if (kn < 3 || loc_parse(k + 1, kn - 1, 3, &loc) != 0 ||
+            rec_decode(v, vn, 'I', NULL, &size, d) != 0) {
             log_error("store: corrupt index record %s (not counted)",
                       key_text(k, kn, text, sizeof text));
+            if (kn >= 3)
+                s->sums[part_of(k + 1)].corrupt = true; /* its summary reports it */
             continue;
         }
         s->instances++;
         s->bytes += size;
+        sum_add(s, loc.part, loc.sop, d, size, +1);
     }
     rc = scan_close(&sc, "instance records");
     if (rc)
@@ -853,8 +909,8 @@ int store_open(const store_config_t *cfg, store_t **out, char *err, size_t errle
         c.write_buffer_bytes = def.write_buffer_bytes;
     if (c.block_cache_bytes == 0)
         c.block_cache_bytes = def.block_cache_bytes;
-    if (c.background_jobs <= 0)
-        c.background_jobs = def.background_jobs;
+    if (c.background_jobs <= 0) /* flushes and compactions of blob files and SSTs */
+        c.background_jobs = sp_cores() < 2 ? 2 : sp_cores();
     if (c.max_conflicts < 0)
         c.max_conflicts = def.max_conflicts;
 
@@ -1013,7 +1069,6 @@ void store_close(store_t **sp)
     if (s->sums)
         pthread_mutex_destroy(&s->sum_lock);
     free(s->sums);
-    free((void *)s->part_gen);
     free(s->path);
     free(s);
     *sp = NULL;
@@ -1147,8 +1202,7 @@ static int object_repair(store_t *s, const store_put_t *in, const char *sop, con
     rocksdb_put_cf(s->db, s->wo_sync, s->cf[CF_OBJECTS], k.p, k.len, (const char *)in->data,
                    in->len, &err);
     buf_free(&k);
-    part_touched(s, loc->part);
-    if (err)
+    if (err) /* the instance record, and so the summary, is unchanged */
         return db_fail(err, "repair of SOP", sop);
     log_info("store: repaired SOP %s of study %s in partition %u (%zu bytes)", sop, loc->study,
              (unsigned)loc->part, in->len);
@@ -1295,10 +1349,11 @@ static int replace_instance(store_t *s, const store_put_t *in, const char *sop, 
     rocksdb_writebatch_put_cf(wb, s->cf[CF_INDEX], k.p, k.len, v.p, v.len);
     batch_meta(wb, s, in, loc, sop);
     rocksdb_write(s->db, s->wo_sync, wb, &err);
-    part_touched(s, loc->part);
     if (err) {
         rc = db_fail(err, "replacement of SOP", sop);
     } else {
+        sum_add(s, loc->part, sop, st->digest, st->size, -1);
+        sum_add(s, loc->part, sop, in->digest, in->len, +1);
         if (!was_aside)
             atomic_fetch_add(&s->conflicts, 1);
         atomic_fetch_add(&s->bytes, in->len);
@@ -1579,13 +1634,13 @@ static int put_one(store_t *s, const store_put_t *in, bool repair, store_outcome
 
     char *err = NULL;
     rocksdb_write(s->db, s->wo_sync, wb, &err);
-    part_touched(s, in->partition);
     if (err) {
         char what[160];
         sp_fmt(what, sizeof what, "%s of study %s", sop, study);
         rc = db_fail(err, "write of SOP", what);
         goto out;
     }
+    sum_add(s, in->partition, sop, digest, in->len, +1);
     atomic_fetch_add(&s->instances, 1);
     atomic_fetch_add(&s->bytes, in->len);
     if (new_study)
@@ -1819,8 +1874,7 @@ static int list_prefix(store_t *s, const buf_t *prefix, store_entry_fn fn, void 
  * so one state of the partition). Returns 0 or SP_EDB. */
 static int partition_summary(store_t *s, uint32_t partition, store_partition_summary_t *out)
 {
-    crypto_generichash_state st;
-    crypto_generichash_init(&st, NULL, 0, SP_DIGEST_LEN);
+    memset(out, 0, sizeof *out);
     uint64_t n = 0, total = 0;
     int rc = 0;
     char prefix[3] = {'I', (char)((partition >> 8) & 0xff), (char)(partition & 0xff)};
@@ -1838,16 +1892,14 @@ static int partition_summary(store_t *s, uint32_t partition, store_partition_sum
             rc = SP_EDB;
             break;
         }
-        /* Each pair is hashed as sop \0 digest: unambiguous, UIDs have no NUL. */
-        crypto_generichash_update(&st, (const unsigned char *)loc.sop, strlen(loc.sop) + 1);
-        crypto_generichash_update(&st, d, SP_DIGEST_LEN);
+        uint64_t term[4];
+        digest_term(loc.sop, d, term);
+        digest_apply(out->digest, term, +1);
         n++;
         total += size;
     }
     int rc2 = scan_close(&sc, "a partition");
     rc = rc ? rc : rc2;
-    memset(out, 0, sizeof *out);
-    crypto_generichash_final(&st, out->digest, SP_DIGEST_LEN);
     out->partition = partition;
     out->count = n;
     out->bytes = total;
@@ -1872,24 +1924,12 @@ int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIG
     return 0;
 }
 
-/* Gets a partition's summary from the cache, or computes it and caches it
- * unless a write touched the partition meanwhile. Called and returns with
- * sum_lock held; drops it while reading the database. Returns 0 or SP_EDB. */
+/* A partition's kept summary (sum_add). Called with sum_lock held. Returns
+ * 0, or SP_EDB for a partition with a corrupt instance record. */
 static int summary_of(store_t *s, uint32_t p, store_partition_summary_t *out)
 {
-    uint64_t gen = atomic_load(&s->part_gen[p]);
-    if (s->sums[p].gen == gen) {
-        *out = s->sums[p].sum;
-        return 0;
-    }
-    pthread_mutex_unlock(&s->sum_lock);
-    int rc = partition_summary(s, p, out);
-    pthread_mutex_lock(&s->sum_lock);
-    if (rc == 0 && atomic_load(&s->part_gen[p]) == gen) {
-        s->sums[p].gen = gen;
-        s->sums[p].sum = *out;
-    }
-    return rc;
+    *out = s->sums[p].sum;
+    return s->sums[p].corrupt ? SP_EDB : 0;
 }
 
 int store_partition_summaries(store_t *s, store_summary_fn fn, void *ctx)
@@ -1903,7 +1943,7 @@ int store_partition_summaries(store_t *s, store_summary_fn fn, void *ctx)
         int r = summary_of(s, p, &sum);
         if (r) {
             if (!skipped)
-                skipped = r; /* partition_summary() logged it */
+                skipped = r; /* count_at_open() logged it */
             continue;
         }
         if (sum.count == 0)
@@ -3203,6 +3243,7 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
     size_t vlen = 0;
     attrs_t t = {0};
     uint64_t n = 0, bytes = 0, nconf = 0, nstudy = 0, nkeys = 0;
+    uint8_t gone[SP_DIGEST_LEN] = {0}; /* summary terms of the instances deleted */
     bool derived = false;
     *ninst = 0;
 
@@ -3227,9 +3268,13 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
             break;
         }
         nkeys++;
-        if (rec_decode(iv, vn, 'I', NULL, &size, NULL) == 0) {
+        uint8_t d[SP_DIGEST_LEN];
+        if (rec_decode(iv, vn, 'I', NULL, &size, d) == 0) {
             n++;
             bytes += size;
+            uint64_t term[4];
+            digest_term(loc.sop, d, term);
+            digest_apply(gone, term, +1);
         } else {
             log_warn("store: deleting corrupt index record %s",
                      key_text(ik, kn, text, sizeof text));
@@ -3321,11 +3366,11 @@ static int delete_study(store_t *s, uint32_t part, const char *study, uint64_t *
 
     char *err = NULL;
     rocksdb_write(s->db, s->wo_sync, wb, &err);
-    part_touched(s, part);
     if (err) {
         rc = db_fail(err, "delete of study", study);
         goto out;
     }
+    sum_remove(s, part, gone, n, bytes);
     counter_sub(&s->instances, n);
     counter_sub(&s->bytes, bytes);
     counter_sub(&s->studies, nstudy);

@@ -288,9 +288,11 @@ typedef int (*store_result_fn)(void *ctx, const attrs_t *result);
  * or SP_EDB (also for a corrupt record). */
 int store_find(store_t *s, const store_query_t *q, store_result_fn fn, void *ctx);
 
-/* Per-partition digest for anti-entropy: BLAKE2b-256 over the (SOP UID,
- * object digest) pairs of the partition in key order, with their count and
- * total size. An empty partition has count 0 and the digest of nothing. */
+/* Per-partition digest for anti-entropy, read from the database: the sum
+ * (four 64-bit little-endian lanes, mod 2^64) of BLAKE2b-256(SOP UID \0
+ * object digest) over the partition's instances, with their count and total
+ * size. Order-independent, so writes keep store_partition_summaries() current
+ * without rescanning. An empty partition has count 0 and digest 0. */
 int store_partition_digest(store_t *s, uint32_t partition, uint8_t digest[SP_DIGEST_LEN],
                            uint64_t *count, uint64_t *bytes);
 
@@ -308,20 +310,14 @@ typedef struct {
 typedef int (*store_summary_fn)(void *ctx, const store_partition_summary_t *p);
 
 /* Calls fn for each non-empty partition, in ascending order, with its
- * store_partition_digest() values. Cheap when nothing changed: summaries
- * are cached in memory per partition (about 5 MiB per store) and a
- * partition is re-read only after a put, repair or deletion touched it
- * (which partitions hold anything is learnt by store_open's count). A
- * partition whose digest cannot be computed is skipped and the walk goes
- * on. Returns 0 (also when fn asked to stop), fn's negative answer, or the
- * first error of a skipped partition (SP_EDB, also for a corrupt record).
- *
- * Concurrency: safe against every other call. Writes bump a per-partition
- * generation after they commit and a computed summary is cached only if
- * the generation did not move while it was computed, so a summary never
- * stays cached once a write it missed has returned. Each partition reflects
- * one state of it; partitions are not read at one instant. fn is called
- * with a store-wide summary lock released, so fn may call into the store. */
+ * store_partition_digest() values, from memory: the summaries (about 5 MiB
+ * per store) are summed once by store_open and then updated by every put,
+ * replacement and deletion, so a call costs the same however large the
+ * archive (rescanning changed partitions made ingest slower as it grew). A
+ * partition with a corrupt instance record (found at open) is skipped and
+ * the walk goes on. Returns 0 (also when fn asked to stop), fn's negative
+ * answer, or SP_EDB when a partition was skipped. Safe against every other
+ * call; a write is in its partition's summary once it has returned. */
 int store_partition_summaries(store_t *s, store_summary_fn fn, void *ctx);
 
 /* Lists a partition's instances in key order, at most limit (0 = all),

@@ -1169,6 +1169,35 @@ static void test_find_limit_and_errors(void **state)
 
 /* ---- partitions ------------------------------------------------------ */
 
+/* Every partition's kept summary (store_partition_summaries, updated by
+ * writes) equals what reading the partition gives (store_partition_digest),
+ * and partitions not reported are empty. */
+typedef struct {
+    store_t *s;
+    int n;
+} sums_check_t;
+
+static int check_summary(void *ctx, const store_partition_summary_t *p)
+{
+    sums_check_t *c = ctx;
+    uint8_t d[SP_DIGEST_LEN];
+    uint64_t count = 0, bytes = 0;
+    assert_int_equal(store_partition_digest(c->s, p->partition, d, &count, &bytes), 0);
+    assert_memory_equal(p->digest, d, SP_DIGEST_LEN);
+    assert_int_equal(p->count, count);
+    assert_int_equal(p->bytes, bytes);
+    assert_true(count > 0);
+    c->n++;
+    return 0;
+}
+
+static int summaries_match_reads(store_t *s)
+{
+    sums_check_t c = {.s = s};
+    assert_int_equal(store_partition_summaries(s, check_summary, &c), 0);
+    return c.n;
+}
+
 static void test_partition_digest(void **state)
 {
     fixture_t *fx = *state;
@@ -1178,7 +1207,7 @@ static void test_partition_digest(void **state)
 
     uint8_t d1[SP_DIGEST_LEN], d2[SP_DIGEST_LEN], empty[SP_DIGEST_LEN];
     uint64_t c1 = 99, c2, b1 = 99, b2;
-    sp_digest("", 0, empty);
+    memset(empty, 0, sizeof empty); /* the digest of no instances */
     assert_int_equal(store_partition_digest(fx->s, 42, d1, &c1, &b1), 0);
     assert_int_equal(c1, 0);
     assert_int_equal(b1, 0);
@@ -1221,6 +1250,12 @@ static void test_partition_digest(void **state)
     assert_int_equal(store_partition_digest(other, 42, d2, &c2, &b2), 0);
     assert_int_equal(c2, 4);
     assert_memory_not_equal(d1, d2, SP_DIGEST_LEN);
+    assert_int_equal(summaries_match_reads(fx->s), 2);
+    assert_int_equal(summaries_match_reads(other), 2);
+    reopen(fx); /* summed again from the database */
+    assert_int_equal(summaries_match_reads(fx->s), 2);
+    assert_int_equal(store_partition_digest(fx->s, 42, d2, NULL, NULL), 0);
+    assert_memory_equal(d1, d2, SP_DIGEST_LEN);
 
     store_close(&other);
     rm_tree(dir2);
@@ -1683,7 +1718,7 @@ static void expect_partition_empty(store_t *s, uint32_t part)
 {
     uint8_t d[SP_DIGEST_LEN], empty[SP_DIGEST_LEN];
     uint64_t c = 99, b = 99;
-    sp_digest("", 0, empty);
+    memset(empty, 0, sizeof empty); /* the digest of no instances */
     assert_int_equal(store_partition_digest(s, part, d, &c, &b), 0);
     assert_int_equal(c, 0);
     assert_int_equal(b, 0);
@@ -1806,6 +1841,7 @@ static void test_delete_partition(void **state)
         assert_int_equal(st.bytes, before.bytes - b7);
         assert_int_equal(st.studies, before.studies - 2);
         assert_int_equal(st.conflicts, 1);
+        assert_true(summaries_match_reads(fx->s) > 0);
         reopen(fx);
     }
     /* Nothing in the database names partition 7 any more; partition 9's
@@ -3060,6 +3096,7 @@ static void test_policy_keep_newest(void **state)
     inst_t moved = simple(7, "1.2.3", "1.2.3.2", "1.2.3.1.9");
     assert_int_equal(vput(fx->s, &moved, 23, 20, P), STORE_KEPT_ASIDE);
     expect_version(fx->s, &old, 21, 10);
+    assert_int_equal(summaries_match_reads(fx->s), 1); /* replacements kept it current */
 
     reopen(fx);
     expect_version(fx->s, &in, 5, 800);
