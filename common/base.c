@@ -192,6 +192,12 @@ void sp_signals_block(void)
     signal(SIGPIPE, SIG_IGN);
 }
 
+int sp_cores(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > 1024 ? 1024 : (int)n;
+}
+
 void sp_malloc_tune(void)
 {
     mallopt(M_MMAP_THRESHOLD, (int)SP_MALLOC_MMAP_BYTES);

@@ -119,6 +119,11 @@ int sp_signals_wait(void);
 #define SP_MALLOC_TRIM_BYTES (128u << 20)
 void sp_malloc_tune(void);
 
+/* Cores this process may run on (at least 1): what thread pools that do
+ * per-byte work (ZeroMQ I/O threads, RocksDB background jobs, retrieval
+ * fetchers) are sized from. */
+int sp_cores(void);
+
 /* BLAKE2b-256 (libsodium crypto_generichash), the digest every stored object
  * carries. Thread-safe; initialises libsodium on first use. */
 #define SP_DIGEST_LEN 32

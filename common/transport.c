@@ -77,14 +77,17 @@
 #define ATTEMPT_TIMED_OUT 1
 #define REPLY_NOT_OURS 2
 
-/* A ZeroMQ context with two I/O threads: the I/O threads do the CURVE
- * encryption of every frame, and with one thread all of a process's traffic
- * (three replicas' worth on a router) is encrypted on a single core. */
+/* A ZeroMQ context with one I/O thread per core, 2 to 4: the I/O threads
+ * do the CURVE encryption of every frame, and with one thread all of a
+ * process's traffic (three replicas' worth on a router) is encrypted on a
+ * single core. Each connection stays on one I/O thread, so more threads
+ * than a process has busy peers (3 replicas) would only idle. */
 static void *transport_context_new(void)
 {
     void *ctx = zmq_ctx_new();
+    int n = sp_cores();
     if (ctx != NULL)
-        zmq_ctx_set(ctx, ZMQ_IO_THREADS, 2);
+        zmq_ctx_set(ctx, ZMQ_IO_THREADS, n < 2 ? 2 : n > 4 ? 4 : n);
     return ctx;
 }
 

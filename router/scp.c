@@ -452,8 +452,16 @@ static int resolve_retrieve(scp_t *scp, dicom_retrieve_t *r, retrieve_list_t *ou
  * claimed rather than assigned, any number of fetchers covers the list: when
  * the system refuses threads the retrieve goes on with those it got, or with
  * none, fetching each instance on the sender's thread. */
-#define PREFETCH_THREADS 3
+#define PREFETCH_THREADS 8 /* at most; prefetch_threads() says how many */
 #define PREFETCH_DEPTH 8
+
+/* Fetchers per retrieve: one per core plus one (a fetch mostly waits on a
+ * node's read, digest check and the CURVE hops), at least 3. */
+static unsigned prefetch_threads(void)
+{
+    int n = sp_cores() + 1;
+    return n < 3 ? 3 : n > PREFETCH_THREADS ? PREFETCH_THREADS : (unsigned)n;
+}
 
 typedef struct {
     uint8_t *data; /* NULL when the fetch failed */
@@ -513,7 +521,7 @@ static void prefetch_start(prefetch_t *p, scp_t *scp, const retrieve_list_t *lis
     p->results = sp_calloc(list->n ? list->n : 1, sizeof *p->results);
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->changed, NULL);
-    unsigned want = list->n < PREFETCH_THREADS ? (unsigned)list->n : PREFETCH_THREADS;
+    unsigned want = list->n < prefetch_threads() ? (unsigned)list->n : prefetch_threads();
     for (unsigned k = 0; k < want; k++) {
         p->fetchers[p->nfetchers] = (fetcher_t){.p = p, .index = k};
         int rc = pthread_create(&p->fetchers[p->nfetchers].thread, NULL, fetcher_main,
