@@ -727,6 +727,14 @@ static void gate_open(gate_t *g)
  * terms are cryptographic, so two different sets of (SOP, digest) pairs
  * meet only by a collision nobody can aim at (a replica holds what the
  * cluster sent it). Empty partition: all zeros. */
+static uint64_t load_le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int b = 7; b >= 0; b--)
+        v = v << 8 | p[b];
+    return v;
+}
+
 static void digest_term(const char *sop, const uint8_t digest[SP_DIGEST_LEN],
                         uint64_t term[4])
 {
@@ -736,20 +744,15 @@ static void digest_term(const char *sop, const uint8_t digest[SP_DIGEST_LEN],
     crypto_generichash_update(&st, (const unsigned char *)sop, strlen(sop) + 1);
     crypto_generichash_update(&st, digest, SP_DIGEST_LEN);
     crypto_generichash_final(&st, h, sizeof h);
-    for (int i = 0; i < 4; i++) {
-        term[i] = 0;
-        for (int b = 7; b >= 0; b--)
-            term[i] = term[i] << 8 | h[8 * i + b];
-    }
+    for (int i = 0; i < 4; i++)
+        term[i] = load_le64(h + 8 * i);
 }
 
 /* acc (a partition digest) += sign * term. */
 static void digest_apply(uint8_t acc[SP_DIGEST_LEN], const uint64_t term[4], int sign)
 {
     for (int i = 0; i < 4; i++) {
-        uint64_t v = 0;
-        for (int b = 7; b >= 0; b--)
-            v = v << 8 | acc[8 * i + b];
+        uint64_t v = load_le64(acc + 8 * i);
         v = sign > 0 ? v + term[i] : v - term[i];
         for (int b = 0; b < 8; b++)
             acc[8 * i + b] = (uint8_t)(v >> (8 * b));
@@ -780,11 +783,8 @@ static void sum_remove(store_t *s, uint32_t part, const uint8_t gone[SP_DIGEST_L
                        uint64_t bytes)
 {
     uint64_t lanes[4];
-    for (int i = 0; i < 4; i++) {
-        lanes[i] = 0;
-        for (int b = 7; b >= 0; b--)
-            lanes[i] = lanes[i] << 8 | gone[8 * i + b];
-    }
+    for (int i = 0; i < 4; i++)
+        lanes[i] = load_le64(gone + 8 * i);
     pthread_mutex_lock(&s->sum_lock);
     store_partition_summary_t *sum = &s->sums[part].sum;
     digest_apply(sum->digest, lanes, -1);
