@@ -2291,10 +2291,14 @@ static void test_partition_summaries_concurrent(void **state)
             w[i] = (sum_writer_t){.s = fx->s, .id = round * THREADS + i, .running = &running};
             assert_int_equal(pthread_create(&t[i], NULL, sum_writer, &w[i]), 0);
         }
-        /* Summarise continuously while they write. */
+        /* Summarise over and over while they write (with a pause: a
+         * reader spinning on the summary lock would starve the writers on
+         * two cores, which no repair round does). */
         static sums_t sm;
-        while (atomic_load(&running) > 0)
+        while (atomic_load(&running) > 0) {
             summaries(fx->s, &sm);
+            nanosleep(&(struct timespec){.tv_nsec = 200000}, NULL);
+        }
         for (int i = 0; i < THREADS; i++) {
             pthread_join(t[i], NULL);
             assert_int_equal(w[i].errors, 0);
