@@ -121,8 +121,8 @@ struct store {
     _Atomic uint64_t object_bytes_read; /* object bytes read from the objects family */
     _Atomic uint64_t metadata_rebuilt;  /* 'M' records derived at read time */
     int max_conflicts;                  /* store_config_t.max_conflicts, read-only after open */
-    _Atomic int blob_gc;                /* blob GC of the object families: -1 unknown, 0 off, 1 on */
-    _Atomic int64_t blob_gc_hold_ms;    /* after a delete, GC stays on until then */
+    _Atomic int blob_gc;             /* blob GC of the object families: -1 unknown, 0 off, 1 on */
+    _Atomic int64_t blob_gc_hold_ms; /* after a delete, GC stays on until then */
 };
 
 /* The secondary indexes on study attributes: type byte and attribute. */
@@ -735,8 +735,7 @@ static uint64_t load_le64(const uint8_t *p)
     return v;
 }
 
-static void digest_term(const char *sop, const uint8_t digest[SP_DIGEST_LEN],
-                        uint64_t term[4])
+static void digest_term(const char *sop, const uint8_t digest[SP_DIGEST_LEN], uint64_t term[4])
 {
     crypto_generichash_state st;
     uint8_t h[32];
@@ -761,8 +760,8 @@ static void digest_apply(uint8_t acc[SP_DIGEST_LEN], const uint64_t term[4], int
 
 /* Updates a partition's summary after a committed write: sign +1 for an
  * instance added, -1 for one removed. */
-static void sum_add(store_t *s, uint32_t part, const char *sop,
-                    const uint8_t digest[SP_DIGEST_LEN], uint64_t size, int sign)
+static void sum_add(store_t *s, uint32_t part, const char *sop, const uint8_t digest[SP_DIGEST_LEN],
+                    uint64_t size, int sign)
 {
     SP_ASSERT(part < PARTITIONS);
     uint64_t term[4];

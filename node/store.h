@@ -434,15 +434,15 @@ typedef struct {
     uint64_t bytes;
     uint64_t studies;
     uint64_t conflicts;
-    uint64_t corrupt_reads;     /* corrupt objects seen since start (reads,
-                                 * scrubs, repairs) */
-    uint64_t conflicts_refused; /* puts refused since start: max_conflicts reached */
-    uint64_t db_size_bytes;     /* SST + blob file size on disk, from RocksDB;
-                                 * data still only in the WAL is not counted */
-    uint64_t object_bytes_read; /* object bytes read from the objects family
-                                 * since start (gets, scrubs, repairs,
-                                 * metadata rebuilds) */
-    uint64_t metadata_rebuilt;  /* metadata records derived at read time */
+    uint64_t corrupt_reads;      /* corrupt objects seen since start (reads,
+                                  * scrubs, repairs) */
+    uint64_t conflicts_refused;  /* puts refused since start: max_conflicts reached */
+    uint64_t db_size_bytes;      /* SST + blob file size on disk, from RocksDB;
+                                  * data still only in the WAL is not counted */
+    uint64_t object_bytes_read;  /* object bytes read from the objects family
+                                  * since start (gets, scrubs, repairs,
+                                  * metadata rebuilds) */
+    uint64_t metadata_rebuilt;   /* metadata records derived at read time */
     uint64_t blob_garbage_bytes; /* deleted or replaced object bytes still in
                                   * blob files (as far as compaction counted) */
     bool blob_gc;                /* blob garbage collection on (store_blob_gc_tune) */
