@@ -75,8 +75,10 @@ struct dsscan {
      * open), for dsscan_pixel_data(). */
     bool px_seen;
     uint64_t px_header, px_value, px_end;
+    /* Grown on demand up to cap (what max_depth allows): a caller's generous
+     * depth limit would otherwise cost a zeroed allocation per scan. */
     frame_t *stack;
-    size_t nframes, cap;
+    size_t nframes, allocated, cap;
     /* Deflated syntax only. */
     z_stream z;
     bool z_open, z_done;
@@ -223,6 +225,11 @@ static int push(dsscan_t *s, frame_kind_t kind, enc_t enc, uint64_t vstart, uint
     /* Two frames per level (a sequence and one of its items) plus the data
      * set itself: the depth check above keeps within the allocation. */
     SP_ASSERT(s->nframes < s->cap);
+    if (s->nframes == s->allocated) {
+        size_t grown = s->allocated * 2 < s->cap ? s->allocated * 2 : s->cap;
+        s->stack = sp_realloc(s->stack, grown * sizeof *s->stack);
+        s->allocated = grown;
+    }
     const frame_t *parent = top(s);
     frame_t *f = &s->stack[s->nframes++];
     f->kind = kind;
@@ -585,7 +592,8 @@ dsscan_t *dsscan_new(dsscan_syntax_t syntax, const dsscan_limits_t *lim)
     }
     s->syntax = syntax;
     s->cap = 2 * (size_t)s->lim.max_depth + 1;
-    s->stack = sp_calloc(s->cap, sizeof *s->stack);
+    s->allocated = s->cap < 16 ? s->cap : 16;
+    s->stack = sp_malloc(s->allocated * sizeof *s->stack);
     frame_t *f = &s->stack[s->nframes++];
     f->kind = FRAME_LIST;
     f->enc = syntax == DSSCAN_IMPLICIT_LE   ? ENC_IMPLICIT_LE
