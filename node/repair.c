@@ -27,6 +27,10 @@
 #define LIST_PAGE 500      /* instances per PARTITION_LIST request */
 #define SCRUB_STEP 32      /* objects per store_scrub call */
 #define CORRUPT_QUEUE 1024 /* SOPs waiting for repair; more are found again by the next pass */
+/* A partition that is being written is not pulled until it has settled (see
+ * partition_settled()), for at most this many rounds: 30 s at the default
+ * 2 s interval. */
+#define SETTLE_MAX_ROUNDS 15
 
 /* One partition's summary as a member reported it. */
 typedef struct {
@@ -64,6 +68,13 @@ struct repair {
     pthread_mutex_t rate_lock;
     int64_t window_start_ms; /* under rate_lock */
     uint64_t window_bytes;   /* under rate_lock */
+
+    /* Round thread only: per partition, a fingerprint of every member's
+     * summary at the last round and for how many rounds it has kept changing
+     * while the copies differed (partition_settled). */
+    uint64_t *seen;
+    uint16_t *busy_rounds;
+    bool seen_valid;
 
     pthread_t round_thread, scrub_thread;
     bool round_started, scrub_started;
@@ -498,17 +509,52 @@ static void *pull_main(void *arg)
     return NULL;
 }
 
-/* Pulls every owned partition whose digest differs at a holder, in
- * parallel streams. Returns the number of failed pulls. */
+/* A fingerprint of partition p's summaries on this node and every peer. */
+static uint64_t partition_fingerprint(const round_t *r, uint32_t p)
+{
+    uint64_t fp = 0;
+    for (size_t k = 0; k <= r->npeers; k++) {
+        const psum_t *s = k == r->npeers ? &r->mine[p] : r->sums[k] ? &r->sums[k][p] : NULL;
+        uint64_t lane = 0;
+        if (s != NULL && s->present)
+            memcpy(&lane, s->digest, sizeof lane);
+        fp = (fp ^ lane ^ (s != NULL && s->present ? s->count : 0)) * 0x100000001b3ull + k;
+    }
+    return fp;
+}
+
+/* Notes every partition's fingerprint for the next round and says whether
+ * partition p, whose copies differ, may be pulled now. Copies that differ
+ * because writes are in flight (W of N acknowledged, the rest arriving) are
+ * the rule during ingest, not damage: pulling them would list the whole
+ * partition on both sides - work that grows with the archive - and copy
+ * instances whose own write is about to land. So a partition is pulled only
+ * when no member's summary of it changed since the last round, or when it
+ * has kept changing for SETTLE_MAX_ROUNDS rounds (written without pause:
+ * pulled anyway, so repair is late by at most that). The first round after a start pulls
+ * whatever differs, as there is no last round to compare with. */
+static bool partition_settled(repair_t *h, const round_t *r, uint32_t p, bool differs)
+{
+    uint64_t fp = partition_fingerprint(r, p);
+    bool changed = h->seen_valid && fp != h->seen[p];
+    h->seen[p] = fp;
+    if (!differs || !changed || ++h->busy_rounds[p] >= SETTLE_MAX_ROUNDS) {
+        h->busy_rounds[p] = 0;
+        return true;
+    }
+    return false;
+}
+
+/* Pulls every owned partition whose digest differs at a holder and has
+ * settled (partition_settled), in parallel streams. Returns the number of
+ * failed pulls. */
 static size_t round_pull(repair_t *h, const round_t *r)
 {
     pull_t *tasks = NULL;
     size_t ntasks = 0, cap = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS; p++) {
-        if (!owns(r, p, r->self_at))
-            continue;
         pull_t t = {.partition = p};
-        for (size_t k = 0; k < r->npeers; k++) {
+        for (size_t k = 0; owns(r, p, r->self_at) && k < r->npeers; k++) {
             const psum_t *s = r->sums[k] ? &r->sums[k][p] : NULL;
             if (s == NULL || !s->present ||
                 (r->mine[p].present && memcmp(s->digest, r->mine[p].digest, SP_DIGEST_LEN) == 0))
@@ -516,14 +562,20 @@ static size_t round_pull(repair_t *h, const round_t *r)
             t.peers = sp_realloc(t.peers, (t.npeers + 1) * sizeof *t.peers);
             t.peers[t.npeers++] = k;
         }
-        if (t.npeers == 0)
+        /* Every partition's fingerprint is noted, owned or not, so one that
+         * becomes this node's (a member went out) and is quiet is pulled at
+         * once. */
+        if (!partition_settled(h, r, p, t.npeers > 0) || t.npeers == 0) {
+            free(t.peers);
             continue;
+        }
         if (ntasks == cap) {
             cap = cap ? 2 * cap : 64;
             tasks = sp_realloc(tasks, cap * sizeof *tasks);
         }
         tasks[ntasks++] = t;
     }
+    h->seen_valid = true;
     if (ntasks == 0)
         return 0;
     pull_run_t run = {.h = h, .r = r, .tasks = tasks, .ntasks = ntasks};
@@ -870,6 +922,8 @@ repair_t *repair_start(const repair_config_t *cfg, store_t *store, membership_t 
     pthread_mutex_init(&h->rate_lock, NULL);
     h->window_start_ms = sp_now_ms();
     h->corrupt = sp_calloc(CORRUPT_QUEUE, sizeof *h->corrupt);
+    h->seen = sp_calloc(RING_PARTITIONS, sizeof *h->seen);
+    h->busy_rounds = sp_calloc(RING_PARTITIONS, sizeof *h->busy_rounds);
     atomic_init(&h->stop, false);
     if (pthread_create(&h->round_thread, NULL, round_main, h) == 0)
         h->round_started = true;
@@ -902,6 +956,8 @@ void repair_stop(repair_t **hp)
     pthread_mutex_destroy(&h->queue_lock);
     pthread_mutex_destroy(&h->rate_lock);
     free(h->corrupt);
+    free(h->seen);
+    free(h->busy_rounds);
     free(h);
     *hp = NULL;
 }

@@ -148,6 +148,29 @@ def test_anti_entropy_fills_every_replica_and_status_agrees(make_nodes, tmp_path
     assert "under-replicated: 0" in text and "n3" in text
 
 
+def test_partition_written_without_pause_is_still_pulled(make_nodes, tmp_path):
+    """Repair leaves a partition alone while its summaries keep changing
+    (writes in flight are not damage), but for at most 15 rounds: one study
+    put into n1 without pause must still reach n2 while the puts go on."""
+    nodes = make_nodes(3, 3)
+    n1, n2, n3 = nodes.nodes
+    study = f"{ROOT}.9.1"
+    objects, reached = [], 0
+    deadline = time.monotonic() + 30  # 15 rounds of 300 ms is 4.5 s
+    while reached == 0 and time.monotonic() < deadline:
+        i = len(objects) + 1
+        path = tmp_path / f"busy-{i}.bin"
+        path.write_bytes(os.urandom(2048 + i))
+        objects.append((study, study + ".1", f"{study}.1.{i}", path, path.read_bytes()))
+        put(nodes, n1, objects[-1:])
+        if i % 4 == 0:
+            reached = count_of(n2, nodes)
+    assert reached > 0, f"n2 pulled nothing during {len(objects)} puts"
+    wait_for(lambda: count_of(n2, nodes) == len(objects) and count_of(n3, nodes) == len(objects),
+             20, "n2 and n3 to hold the study once the puts stop")
+    assert holds_exactly(nodes, n3, objects, tmp_path)
+
+
 def test_restarted_node_joins_catches_up_then_is_alive(make_nodes, tmp_path):
     nodes = make_nodes(3, 3)
     n1, n2, n3 = nodes.nodes
