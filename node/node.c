@@ -893,7 +893,12 @@ int main(int argc, char **argv)
         return 2;
     }
     sp_signals_block(); /* before any thread starts */
-    sp_malloc_tune();
+    /* No sp_malloc_tune() here, unlike the router: a node's heap also holds
+     * RocksDB's block cache and memtables, and with glibc's dynamic mmap
+     * threshold fixed the free lists fragmented as the archive grew
+     * (_int_malloc per put doubled from 100,000 to 400,000 instances in
+     * tests/bench/growth.py). glibc's own dynamic threshold still keeps
+     * repeated object-sized buffers in the heap after the first one. */
 
     node_settings_t s;
     memset(&s, 0, sizeof s);
