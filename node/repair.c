@@ -531,8 +531,9 @@ static uint64_t partition_fingerprint(const round_t *r, uint32_t p)
  * instances whose own write is about to land. So a partition is pulled only
  * when no member's summary of it changed since the last round, or when it
  * has kept changing for SETTLE_MAX_ROUNDS rounds (written without pause:
- * pulled anyway, so repair is late by at most that). The first round after a start pulls
- * whatever differs, as there is no last round to compare with. */
+ * pulled anyway, so repair is late by at most that). The first round after
+ * a start pulls whatever differs, as there is no last round to compare
+ * with. */
 static bool partition_settled(repair_t *h, const round_t *r, uint32_t p, bool differs)
 {
     uint64_t fp = partition_fingerprint(r, p);
@@ -554,7 +555,8 @@ static size_t round_pull(repair_t *h, const round_t *r)
     size_t ntasks = 0, cap = 0;
     for (uint32_t p = 0; p < RING_PARTITIONS; p++) {
         pull_t t = {.partition = p};
-        for (size_t k = 0; owns(r, p, r->self_at) && k < r->npeers; k++) {
+        bool owned = owns(r, p, r->self_at);
+        for (size_t k = 0; owned && k < r->npeers; k++) {
             const psum_t *s = r->sums[k] ? &r->sums[k][p] : NULL;
             if (s == NULL || !s->present ||
                 (r->mine[p].present && memcmp(s->digest, r->mine[p].digest, SP_DIGEST_LEN) == 0))

@@ -159,9 +159,9 @@ def test_partition_written_without_pause_is_still_pulled(make_nodes, tmp_path):
     deadline = time.monotonic() + 30  # 15 rounds of 300 ms is 4.5 s
     while reached == 0 and time.monotonic() < deadline:
         i = len(objects) + 1
-        path = tmp_path / f"busy-{i}.bin"
-        path.write_bytes(os.urandom(2048 + i))
-        objects.append((study, study + ".1", f"{study}.1.{i}", path, path.read_bytes()))
+        path, data = tmp_path / f"busy-{i}.bin", os.urandom(2048 + i)
+        path.write_bytes(data)
+        objects.append((study, study + ".1", f"{study}.1.{i}", path, data))
         put(nodes, n1, objects[-1:])
         if i % 4 == 0:
             reached = count_of(n2, nodes)
