@@ -223,7 +223,7 @@ static int push(dsscan_t *s, frame_kind_t kind, enc_t enc, uint64_t vstart, uint
         }
     }
     /* Two frames per level (a sequence and one of its items) plus the data
-     * set itself: the depth check above keeps within the allocation. */
+     * set itself: the depth check above keeps within cap. */
     SP_ASSERT(s->nframes < s->cap);
     if (s->nframes == s->allocated) {
         size_t grown = s->allocated * 2 < s->cap ? s->allocated * 2 : s->cap;
